@@ -1,0 +1,176 @@
+"""``fixed_point``: an implicit layer's machinery as a function."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .gradients import JFB, GradientEstimator
+from .solvers import Anderson, Solver, SolverResult
+from .solvers._base import check_solve_args
+
+__all__ = ["DEQOutput", "fixed_point"]
+
+
+@dataclass
+class DEQOutput:
+    """The output of an implicit layer.
+
+    Attributes
+    ----------
+    z : Tensor
+        The fixed point, attached to autograd by the gradient estimator when a gradient is needed.
+    stats : SolverResult
+        Statistics of the forward solve: residual, converged, nfe, trace, nonfinite.
+    """
+
+    z: Tensor
+    stats: SolverResult
+
+
+def _needs_grad(f: Callable[..., Tensor], x: Tensor, f_kwargs: Mapping[str, Any]) -> bool:
+    """Whether autograd will want a gradient out of the solution.
+
+    For an ``nn.Module`` we can look at its parameters; for any other callable we cannot see what it
+    closes over, so we assume it may need one whenever grad mode is on.
+    """
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad or any(isinstance(v, Tensor) and v.requires_grad for v in f_kwargs.values()):
+        return True
+    if isinstance(f, nn.Module):
+        return any(p.requires_grad for p in f.parameters())
+    return True
+
+
+def _checked_map(f: Callable[..., Tensor], x: Tensor, z0: Tensor, f_kwargs: Mapping[str, Any]):
+    """``z -> f(z, x, **f_kwargs)`` that checks the output's shape, dtype and device against ``z0``."""
+    name = getattr(f, "__name__", type(f).__name__)
+
+    def f_x(z: Tensor) -> Tensor:
+        out = f(z, x, **f_kwargs)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"f ({name}) must return a Tensor, got {type(out).__name__}")
+        if out.shape != z0.shape or out.dtype != z0.dtype or out.device != z0.device:
+            raise ValueError(
+                f"f ({name}) must return a tensor like z: shape {tuple(z0.shape)}, dtype {z0.dtype}, "
+                f"device {z0.device}; got shape {tuple(out.shape)}, dtype {out.dtype}, device "
+                f"{out.device}. If the state is not shaped like x, pass z0."
+            )
+        return out
+
+    return f_x
+
+
+def _check_parts(solver: object, grad: object) -> None:
+    if not callable(solver):
+        raise TypeError(f"solver must be callable like a Solver, got {type(solver).__name__}")
+    if not (callable(getattr(grad, "forward_budget", None)) and callable(getattr(grad, "attach", None))):
+        raise TypeError(
+            f"grad must be a gradient estimator with forward_budget() and attach(), got {type(grad).__name__}"
+        )
+
+
+def _initial_state(x: Tensor, z0: Tensor | None) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must have shape (B, ...) with B >= 1, got {tuple(x.shape)}")
+    if z0 is None:
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x has dtype {x.dtype}; pass a floating-point z0 to start from")
+        return torch.zeros_like(x, memory_format=torch.contiguous_format)
+    if not isinstance(z0, Tensor):
+        raise TypeError(f"z0 must be a Tensor or None, got {type(z0).__name__}")
+    if z0.dim() < 1 or z0.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"z0 must have the batch size of x ({x.shape[0]}) in its first dimension, got shape "
+            f"{tuple(z0.shape)}"
+        )
+    if not z0.dtype.is_floating_point:
+        raise TypeError(f"z0 must have a floating-point dtype, got {z0.dtype}")
+    if z0.device != x.device:
+        raise ValueError(f"z0 is on {z0.device} but x is on {x.device}")
+    return z0.detach()
+
+
+def fixed_point(
+    f: Callable[..., Tensor],
+    x: Tensor,
+    z0: Tensor | None = None,
+    *,
+    solver: Solver | None = None,
+    grad: GradientEstimator | None = None,
+    max_iter: int = 30,
+    tol: float = 1e-4,
+    stop_mode: str = "abs",
+    training: bool = False,
+    raise_on_nonfinite: bool = False,
+    f_kwargs: Mapping[str, Any] | None = None,
+) -> DEQOutput:
+    r"""Solve :math:`z^\star = f(z^\star, x)` and attach it to autograd.
+
+    The solve runs without grad; when autograd needs a gradient (grad mode on and ``x``, a tensor
+    in ``f_kwargs`` or a parameter of ``f`` requires grad), ``grad.attach`` builds the graph of the
+    chosen estimator. Otherwise the plain solution is returned and nothing else runs.
+
+    Parameters
+    ----------
+    f : callable
+        ``f(z, x, **f_kwargs) -> z``, an ``nn.Module`` or any function; batched over dim 0.
+    x : Tensor
+        Input injection, shape ``(B, ...)``.
+    z0 : Tensor, optional
+        Starting point, shape ``(B, ...)``; zeros shaped like ``x`` by default (warm-start by
+        passing a previous solution).
+    solver : Solver, optional
+        Any callable with the :class:`~implicitdiff.solvers.Solver` call; ``Anderson()`` by default.
+    grad : GradientEstimator, optional
+        How gradients pass through the solution; ``JFB()`` by default.
+    max_iter, tol, stop_mode
+        The forward solve's cap on evaluations of ``f``, its tolerance and ``"abs"``/``"rel"``.
+    training : bool
+        Passed to the estimator: only stochastic estimators (S-JFB) behave differently in training.
+    raise_on_nonfinite : bool
+        Raise :class:`FloatingPointError` if ``f`` produced a non-finite value for any sample,
+        instead of only reporting it in ``stats.nonfinite``.
+    f_kwargs : mapping, optional
+        Extra keyword arguments for ``f`` (conditioning, masks).
+
+    Returns
+    -------
+    DEQOutput
+        ``z`` and the forward solve's ``stats``.
+    """
+    solver = Anderson() if solver is None else solver
+    grad = JFB() if grad is None else grad
+    _check_parts(solver, grad)
+    check_solve_args(max_iter, tol, stop_mode)
+    f_kwargs = {} if f_kwargs is None else dict(f_kwargs)
+    z_init = _initial_state(x, z0)
+    f_x = _checked_map(f, x, z_init, f_kwargs)
+
+    budget = grad.forward_budget(max_iter, training=training)
+    with torch.no_grad():
+        stats = solver(f_x, z_init, max_iter=budget, tol=tol, stop_mode=stop_mode)
+    if not isinstance(getattr(stats, "z", None), Tensor):
+        raise TypeError(
+            f"solver {solver!r} must return a SolverResult (with a tensor z), got {type(stats).__name__}"
+        )
+    z_star = stats.z.detach()
+    nonfinite = getattr(stats, "nonfinite", None)
+    if raise_on_nonfinite and nonfinite is not None and bool(nonfinite.any()):
+        bad = torch.nonzero(nonfinite).flatten().tolist()
+        raise FloatingPointError(
+            f"f returned non-finite values during the forward solve for samples {bad[:10]}"
+            + (" ..." if len(bad) > 10 else "")
+        )
+    if _needs_grad(f, x, f_kwargs):
+        z = grad.attach(f_x, z_star, training=training)
+    else:
+        z = z_star
+    return DEQOutput(z=z, stats=stats)

@@ -1,0 +1,125 @@
+"""``DEQLayer``: a deep equilibrium layer as an ``nn.Module``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from .functional import DEQOutput, _check_parts, fixed_point
+from .gradients import JFB, GradientEstimator
+from .solvers import Anderson, Solver
+from .solvers._base import check_solve_args
+
+__all__ = ["DEQLayer"]
+
+
+class DEQLayer(nn.Module):
+    r"""An implicit layer: its output is the fixed point :math:`z^\star = f(z^\star, x)`.
+
+    How :math:`z^\star` is found (the ``solver``) and how gradients pass through it (the ``grad``
+    estimator) are independent choices, swapped by passing other objects.
+
+    Parameters
+    ----------
+    f : nn.Module or callable
+        ``f(z, x, **kwargs) -> z``. If it is a module it is registered as a submodule, so its
+        parameters belong to the layer.
+    solver : Solver, optional
+        Any callable with the :class:`~implicitdiff.solvers.Solver` call; ``Anderson()`` by default.
+    grad : GradientEstimator, optional
+        ``JFB()`` by default.
+    max_iter : int
+        Default cap on evaluations of ``f`` in the forward solve.
+    tol : float
+        Default tolerance of the forward solve.
+    stop_mode : {"abs", "rel"}
+        Absolute or relative residual.
+    raise_on_nonfinite : bool
+        Raise :class:`FloatingPointError` when ``f`` produces a non-finite value.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from implicitdiff import DEQLayer, Anderson, JFB
+    >>> lin = torch.nn.Linear(8, 8)
+    >>> f = lambda z, x: torch.tanh(0.5 * lin(z) + x)
+    >>> deq = DEQLayer(f, solver=Anderson(m=5), grad=JFB(), max_iter=50, tol=1e-6)
+    >>> out = deq(torch.randn(4, 8))
+    >>> out.z.shape, bool(out.stats.converged.all())
+    (torch.Size([4, 8]), True)
+    """
+
+    def __init__(
+        self,
+        f: Callable[..., Tensor],
+        *,
+        solver: Solver | None = None,
+        grad: GradientEstimator | None = None,
+        max_iter: int = 30,
+        tol: float = 1e-4,
+        stop_mode: str = "abs",
+        raise_on_nonfinite: bool = False,
+    ) -> None:
+        super().__init__()
+        if not callable(f):
+            raise TypeError(f"f must be an nn.Module or a callable f(z, x), got {type(f).__name__}")
+        self.f = f
+        self.solver = Anderson() if solver is None else solver
+        self.grad = JFB() if grad is None else grad
+        _check_parts(self.solver, self.grad)
+        check_solve_args(max_iter, tol, stop_mode)
+        self.max_iter = max_iter
+        self.tol = tol
+        self.stop_mode = stop_mode
+        self.raise_on_nonfinite = raise_on_nonfinite
+
+    def extra_repr(self) -> str:
+        return (
+            f"solver={self.solver!r}, grad={self.grad!r}, max_iter={self.max_iter}, tol={self.tol}, "
+            f"stop_mode={self.stop_mode!r}"
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        z0: Tensor | None = None,
+        *,
+        max_iter: int | None = None,
+        tol: float | None = None,
+        solver: Solver | None = None,
+        **f_kwargs: Any,
+    ) -> DEQOutput:
+        """Solve for the fixed point.
+
+        Parameters
+        ----------
+        x : Tensor
+            Input injection ``(B, ...)``.
+        z0 : Tensor, optional
+            Starting point (warm start); zeros shaped like ``x`` by default.
+        max_iter, tol, solver : optional
+            Override the layer's defaults for this call only (a sampler gives each diffusion step
+            its own compute this way).
+        **f_kwargs
+            Passed on to ``f`` as keyword arguments.
+
+        Returns
+        -------
+        DEQOutput
+            ``out.z`` (the solution) and ``out.stats`` (the forward solve's statistics).
+        """
+        return fixed_point(
+            self.f,
+            x,
+            z0,
+            solver=self.solver if solver is None else solver,
+            grad=self.grad,
+            max_iter=self.max_iter if max_iter is None else max_iter,
+            tol=self.tol if tol is None else tol,
+            stop_mode=self.stop_mode,
+            training=self.training,
+            raise_on_nonfinite=self.raise_on_nonfinite,
+            f_kwargs=f_kwargs,
+        )
