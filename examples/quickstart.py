@@ -26,7 +26,7 @@ def main() -> None:
     cell = TanhCell(64)
     x = 0.3 * torch.randn(32, 64)
     target = torch.randn(32, 64)
-    print(f"{"solver":<12} {'nfe':>4} {'max residual':>13} {'converged':>10} {'loss':>8}")
+    print(f"{'solver':<12} {'nfe':>4} {'max residual':>13} {'converged':>10} {'loss':>8}")
     for solver in (Picard(), Anderson(m=5), Broyden(memory=20)):
         deq = DEQLayer(cell, solver=solver, grad=JFB(), max_iter=200, tol=1e-6)
         out = deq(x)
