@@ -98,6 +98,16 @@ def _initial_state(x: Tensor, z0: Tensor | None) -> Tensor:
     return z0.detach()
 
 
+def _unsolved(z0: Tensor) -> SolverResult:
+    batch = z0.shape[0]
+    return SolverResult(
+        z=z0,
+        residual=torch.full((batch,), float("inf"), device=z0.device),
+        converged=torch.zeros(batch, dtype=torch.bool, device=z0.device),
+        nfe=0,
+    )
+
+
 def fixed_point(
     f: Callable[..., Tensor],
     x: Tensor,
@@ -155,8 +165,13 @@ def fixed_point(
     f_x = _checked_map(f, x, z_init, f_kwargs)
 
     budget = grad.forward_budget(max_iter, training=training)
-    with torch.no_grad():
-        stats = solver(f_x, z_init, max_iter=budget, tol=tol, stop_mode=stop_mode)
+    if budget == 0:
+        # An estimator may ask for no forward iterations at all (S-JFB draws 0 sometimes): start
+        # from z0 unsolved; its residual is unknown, so it is reported as not converged.
+        stats = _unsolved(z_init)
+    else:
+        with torch.no_grad():
+            stats = solver(f_x, z_init, max_iter=budget, tol=tol, stop_mode=stop_mode)
     if not isinstance(getattr(stats, "z", None), Tensor):
         raise TypeError(
             f"solver {solver!r} must return a SolverResult (with a tensor z), got {type(stats).__name__}"
