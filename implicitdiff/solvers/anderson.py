@@ -53,7 +53,8 @@ class Anderson:
     The regulariser is *relative* to the scale of the history. An absolute :math:`\lambda` (as in
     torchdeq) dominates :math:`\Delta F^\top \Delta F` once residuals are small and turns the method
     back into slow damped iteration, which is why such solvers stall at tight tolerances.
-    The Gram matrix is kept in float64 and updated one row per step (``O(m n)``, not ``O(m^2 n)``).
+    The Gram matrix is updated one row per step (``O(m n)``, not ``O(m^2 n)``) and the small
+    system is solved in float64.
 
     Parameters
     ----------
@@ -68,7 +69,7 @@ class Anderson:
         history and restarts from its best iterate (> 1; ``float('inf')`` disables it).
     """
 
-    def __init__(self, m: int = 5, lam: float = 1e-8, beta: float = 1.0, restart_factor: float = 1e3) -> None:
+    def __init__(self, m: int = 6, lam: float = 1e-8, beta: float = 1.0, restart_factor: float = 1e3) -> None:
         self.m = _check_memory("m", m)
         if isinstance(lam, bool) or not isinstance(lam, (int, float)):
             raise TypeError(f"lam must be a float >= 0, got {type(lam).__name__} {lam!r}")
@@ -95,9 +96,12 @@ class Anderson:
         batch, n = z.shape
         m, beta = self.m, self.beta
         gdtype = _gram_dtype(z.device)
-        dZ = z.new_zeros(batch, m, n)
+        # History of residual differences dF and of the update directions dG = dZ + beta dF: the
+        # step needs only dG, so keeping it (not dZ) saves one pass over the history per step.
         dF = z.new_zeros(batch, m, n)
+        dG = z.new_zeros(batch, m, n)
         gram = torch.zeros(batch, m, m, dtype=gdtype, device=z.device)
+        rhs = torch.zeros(batch, m, dtype=gdtype, device=z.device)
         eye = torch.eye(m, dtype=gdtype, device=z.device)
 
         f = track.g(z) - z
@@ -108,40 +112,44 @@ class Anderson:
             if used == 0:
                 z_new = z + beta * f
             else:
-                gamma = self._coefficients(gram[:, :used, :used], dF[:, :used], f, eye[:used, :used])
-                step = dZ[:, :used] + beta * dF[:, :used]  # (B, used, n)
-                z_new = z + beta * f - torch.bmm(gamma.to(z.dtype).unsqueeze(1), step).squeeze(1)
+                gamma = self._coefficients(gram[:, :used, :used], rhs[:, :used], eye[:used, :used])
+                correction = torch.bmm(gamma.to(z.dtype).unsqueeze(1), dG[:, :used]).squeeze(1)
+                z_new = z + beta * f - correction
             active = track.active[:, None]
             z_new = torch.where(active, z_new, z)
             fz_new = track.g(z_new)
             f_new = fz_new - z_new
             res = track.record(z_new, fz_new)
             # Frozen samples contribute zero differences, which keeps their rows of the Gram finite.
-            slot = k % m
-            dZ[:, slot] = torch.where(active, z_new - z, 0.0)
-            dF[:, slot] = torch.where(active, f_new - f, 0.0)
-            dF[:, slot] = torch.nan_to_num(dF[:, slot], nan=0.0, posinf=0.0, neginf=0.0)
-            row = torch.bmm(dF.to(gdtype), dF[:, slot].to(gdtype).unsqueeze(2)).squeeze(2)  # (B, m)
-            gram[:, slot, :] = row
-            gram[:, :, slot] = row
             # The history is a ring: slot order does not matter to the least-squares problem.
+            slot = k % m
+            df = torch.nan_to_num(torch.where(active, f_new - f, 0.0), nan=0.0, posinf=0.0, neginf=0.0)
+            dF[:, slot] = df
+            dG[:, slot] = torch.where(active, z_new - z, 0.0) + beta * df
             z, f = z_new, torch.where(active, f_new, f)
             blown = track.diverged(res, self.restart_factor)
             if bool(blown.any()):
-                dZ[blown] = 0.0
                 dF[blown] = 0.0
+                dG[blown] = 0.0
                 gram[blown] = 0.0
                 z = torch.where(blown[:, None], track.best_z, z)
                 f = torch.where(blown[:, None], track.best_fz - track.best_z, f)
+            # One pass over the history gives both the new Gram row and the next right-hand side.
+            # The products run in the state's dtype (the history never gets cast: that pass would
+            # cost more than the map itself on large states); only the m x m system is in float64.
+            pair = torch.stack([dF[:, slot], f], dim=1)  # (B, 2, n)
+            dots = torch.bmm(pair, dF.transpose(1, 2)).to(gdtype)  # (B, 2, m)
+            gram[:, slot, :] = dots[:, 0]
+            gram[:, :, slot] = dots[:, 0]
+            rhs = dots[:, 1]
             k += 1
         return track.result()
 
-    def _coefficients(self, gram: Tensor, dF: Tensor, f: Tensor, eye: Tensor) -> Tensor:
+    def _coefficients(self, gram: Tensor, rhs: Tensor, eye: Tensor) -> Tensor:
         """Solve the regularised normal equations for gamma, ``(B, used)``."""
-        rhs = torch.bmm(dF.to(gram.dtype), f.to(gram.dtype).unsqueeze(2))  # (B, used, 1)
         scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1)  # (B,)
         shift = self.lam * scale + torch.finfo(gram.dtype).tiny
         system = gram + shift[:, None, None] * eye
-        gamma, info = torch.linalg.solve_ex(system, rhs)
+        gamma, info = torch.linalg.solve_ex(system, rhs.unsqueeze(2))
         gamma = torch.where((info == 0)[:, None, None], gamma, 0.0)
         return torch.nan_to_num(gamma.squeeze(2), nan=0.0, posinf=0.0, neginf=0.0)
