@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test docs lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(PY)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
+
+docs: $(PY)
+	$(PIP) $(TORCH) -e '.[docs]'
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 lint: $(PY)
 	$(PY) -m ruff check .
