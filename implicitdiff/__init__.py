@@ -3,22 +3,28 @@
 Any solver meets any gradient estimator around any ``f(z, x)``.
 """
 
+from . import regularizers
 from .functional import DEQOutput, fixed_point
-from .gradients import JFB, GradientEstimator
+from .gradients import IFT, JFB, SJFB, BackwardSolveError, GradientEstimator, PhantomGradient
 from .layer import DEQLayer
 from .solvers import Anderson, Broyden, Picard, Solver, SolverResult
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IFT",
     "JFB",
+    "SJFB",
     "Anderson",
+    "BackwardSolveError",
     "Broyden",
     "DEQLayer",
     "DEQOutput",
     "GradientEstimator",
+    "PhantomGradient",
     "Picard",
     "Solver",
     "SolverResult",
     "fixed_point",
+    "regularizers",
 ]

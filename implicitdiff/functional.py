@@ -48,22 +48,36 @@ def _needs_grad(f: Callable[..., Tensor], x: Tensor, f_kwargs: Mapping[str, Any]
 
 
 def _checked_map(f: Callable[..., Tensor], x: Tensor, z0: Tensor, f_kwargs: Mapping[str, Any]):
-    """``z -> f(z, x, **f_kwargs)`` that checks the output's shape, dtype and device against ``z0``."""
+    """``z -> f(z, x, **f_kwargs)`` that checks the output's shape, dtype and device against ``z0``.
+
+    The returned map also carries ``explicit_inputs`` (``x`` and the tensors in ``f_kwargs``, in that
+    order) and ``with_inputs(*tensors)``, which returns the same map with those tensors replaced. An
+    estimator that differentiates with respect to the inputs explicitly (``IFT``) uses them.
+    """
     name = getattr(f, "__name__", type(f).__name__)
+    tensor_keys = [key for key, value in f_kwargs.items() if isinstance(value, Tensor)]
 
-    def f_x(z: Tensor) -> Tensor:
-        out = f(z, x, **f_kwargs)
-        if not isinstance(out, Tensor):
-            raise TypeError(f"f ({name}) must return a Tensor, got {type(out).__name__}")
-        if out.shape != z0.shape or out.dtype != z0.dtype or out.device != z0.device:
-            raise ValueError(
-                f"f ({name}) must return a tensor like z: shape {tuple(z0.shape)}, dtype {z0.dtype}, "
-                f"device {z0.device}; got shape {tuple(out.shape)}, dtype {out.dtype}, device "
-                f"{out.device}. If the state is not shaped like x, pass z0."
-            )
-        return out
+    def bind(x_bound: Tensor, kwargs_bound: dict[str, Any]):
+        def f_x(z: Tensor) -> Tensor:
+            out = f(z, x_bound, **kwargs_bound)
+            if not isinstance(out, Tensor):
+                raise TypeError(f"f ({name}) must return a Tensor, got {type(out).__name__}")
+            if out.shape != z0.shape or out.dtype != z0.dtype or out.device != z0.device:
+                raise ValueError(
+                    f"f ({name}) must return a tensor like z: shape {tuple(z0.shape)}, dtype {z0.dtype}, "
+                    f"device {z0.device}; got shape {tuple(out.shape)}, dtype {out.dtype}, device "
+                    f"{out.device}. If the state is not shaped like x, pass z0."
+                )
+            return out
 
-    return f_x
+        def with_inputs(*tensors: Tensor):
+            return bind(tensors[0], {**kwargs_bound, **dict(zip(tensor_keys, tensors[1:], strict=True))})
+
+        f_x.explicit_inputs = (x_bound, *(kwargs_bound[key] for key in tensor_keys))
+        f_x.with_inputs = with_inputs
+        return f_x
+
+    return bind(x, dict(f_kwargs))
 
 
 def _check_parts(solver: object, grad: object) -> None:

@@ -1,6 +1,9 @@
 """Gradient estimators: how the output of an implicit layer passes gradients back."""
 
 from ._base import GradientEstimator
+from .ift import IFT, BackwardSolveError
 from .jfb import JFB
+from .phantom import PhantomGradient
+from .sjfb import SJFB
 
-__all__ = ["JFB", "GradientEstimator"]
+__all__ = ["IFT", "JFB", "SJFB", "BackwardSolveError", "GradientEstimator", "PhantomGradient"]

@@ -1,0 +1,347 @@
+"""Gradient estimators: training memory and time against the forward cap, and IFT against torchdeq's.
+
+Problem: ``f(z, x) = tanh(W z + x)``, ``d = 256``, batch 32, float64 (in float32 an absolute
+backward tolerance of 1e-6 sits at the rounding floor of this problem, ~1e-6, for every solver),
+``W`` a symmetric Gaussian matrix scaled to ``||W||_2 = 0.9`` (symmetric, so its spectral radius is
+0.9 too: a non-symmetric Gaussian ``W`` of that norm has spectral radius about 0.45 and is easy),
+``x = 0.1 * randn`` (small, so ``tanh`` stays in its linear range and the Jacobian
+``diag(1 - z^2) W`` is close to ``W``).
+
+Memory, two honest measures of one forward + backward of ``loss = sum(z^2)``:
+
+* ``saved_mib``: bytes of the tensors autograd saves for the backward during the forward
+  (``torch.autograd.graph.saved_tensors_hooks``, counting each storage once). This is the training
+  memory that grows with unrolled iterations; our solves run without grad and add nothing to it.
+* ``peak_mib``: peak bytes of live tensor storages created during forward + backward, tracked by a
+  ``TorchDispatchMode`` that sees every op's outputs and a ``weakref.finalize`` on each (the CPU
+  allocator keeps no statistics, and ``torch.profiler``'s CPU memory events proved incomplete here).
+  It includes the solvers' working memory (Anderson's history) and the backward's temporaries.
+
+A run of the unrolled solve (backpropagating through every Picard step) is included to show that both
+measures do see memory that grows with the iterations.
+
+Run: ``python benchmarks/gradients.py`` (writes ``benchmarks/results/gradients.json``).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from implicitdiff import IFT, JFB, SJFB, Anderson, Broyden, DEQLayer, PhantomGradient, Picard
+
+D, BATCH, NORM, X_SCALE, SEED = 256, 32, 0.9, 0.1, 0
+CAPS = (5, 50)
+B_TOL, B_MAX_ITER = 1e-6, 100
+REPEATS = 3
+OUT = Path(__file__).resolve().parent / "results" / "gradients.json"
+
+
+class TanhCell(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone())
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z @ self.weight.T + x)
+
+
+def make_problem(dtype=torch.float64):
+    gen = torch.Generator().manual_seed(SEED)
+    A = torch.randn(D, D, generator=gen, dtype=torch.float64)
+    W = A + A.T  # symmetric, so that the spectral radius equals the norm
+    W = NORM * W / torch.linalg.matrix_norm(W, 2)
+    x = X_SCALE * torch.randn(BATCH, D, generator=gen, dtype=torch.float64)
+    return W.to(dtype), x.to(dtype)
+
+
+class Unrolled:
+    """Baseline, not an estimator of ours: Picard steps with grad all the way (memory grows with them)."""
+
+    def __repr__(self) -> str:
+        return "Unrolled()"
+
+    def forward_budget(self, max_iter: int, *, training: bool) -> int:
+        self.steps = max_iter
+        return 0
+
+    def attach(self, f_x, z_star, *, training: bool):
+        z = z_star
+        for _ in range(self.steps):
+            z = f_x(z)
+        return z
+
+
+def estimators():
+    return {
+        "IFT(Anderson)": lambda: IFT(solver=Anderson(), max_iter=B_MAX_ITER, tol=B_TOL),
+        "IFT(Broyden)": lambda: IFT(solver=Broyden(), max_iter=B_MAX_ITER, tol=B_TOL),
+        "IFT(Picard)": lambda: IFT(solver=Picard(), max_iter=B_MAX_ITER, tol=B_TOL),
+        "JFB": JFB,
+        "Phantom(k=5,unrolled)": lambda: PhantomGradient(k=5, tau=0.5),
+        "Phantom(k=5,neumann)": lambda: PhantomGradient(k=5, tau=0.5, mode="neumann"),
+        "SJFB": lambda: SJFB(seed=0),
+        "unrolled (baseline)": Unrolled,
+    }
+
+
+def saved_bytes(step) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = step(backward=False)
+    loss.backward()
+    return sum(storages.values())
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages alive that were created inside the mode.
+
+    Every op's output tensors are seen at dispatch; a storage counts from its first output tensor until
+    the last tensor that was returned on it is garbage-collected (``weakref.finalize``). CPU autograd
+    runs the backward on the calling thread, so the backward's tensors are seen too.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
+        self.live = self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            self.live -= self.sizes.pop(key)
+            del self.refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key == 0:
+                    continue
+                if key not in self.refs:
+                    self.refs[key] = 0
+                    self.sizes[key] = storage.nbytes()
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                self.refs[key] += 1
+                weakref.finalize(tensor, self._release, key)
+        return out
+
+
+def peak_live_bytes(step) -> int:
+    gc.collect()
+    with LiveTensorBytes() as mode:
+        step(backward=True)
+    return mode.peak
+
+
+def measure_estimators(W, x):
+    rows = []
+    for name, make in estimators().items():
+        for cap in CAPS:
+            grad = make()
+            deq = DEQLayer(TanhCell(W), solver=Anderson(), grad=grad, max_iter=cap, tol=1e-30).train()
+
+            def step(backward: bool, deq=deq):
+                loss = deq(x).z.pow(2).sum()
+                if backward:
+                    loss.backward()
+                return loss
+
+            step(backward=True)  # warm-up
+            saved = saved_bytes(step)
+            peak = peak_live_bytes(step)
+            walls = []
+            for _ in range(REPEATS):
+                deq.zero_grad(set_to_none=True)
+                start = time.perf_counter()
+                step(backward=True)
+                walls.append(time.perf_counter() - start)
+            row = {
+                "estimator": name,
+                "forward_cap": cap,
+                "saved_mib": saved / 2**20,
+                "peak_mib": peak / 2**20,
+                "fwd_bwd_ms": 1e3 * statistics.median(walls),
+            }
+            if isinstance(grad, IFT):
+                row["backward_nfe"] = grad.last_backward.nfe
+                row["backward_residual"] = float(grad.last_backward.residual.max())
+            rows.append(row)
+    for row in rows:
+        base = next(r for r in rows if r["estimator"] == row["estimator"] and r["forward_cap"] == CAPS[0])
+        row["saved_ratio"] = row["saved_mib"] / base["saved_mib"]
+        row["peak_ratio"] = row["peak_mib"] / base["peak_mib"]
+    return rows
+
+
+def exact_gradient(W, x, z_star):
+    """Dense float64 reference for ``d sum(z^2) / dW``: ``u = (I - J)^{-T} 2 z``, ``J = diag(1 - z^2) W``."""
+    W, x, z = W.double(), x.double(), z_star.double()
+    eye = torch.eye(D, dtype=torch.float64)
+    J = (1 - z**2)[:, :, None] * W
+    u = torch.linalg.solve((eye - J).transpose(1, 2), 2 * z)
+    return (u * (1 - z**2)).T @ z, float(torch.linalg.eigvals(J[0]).abs().max())
+
+
+def compare_with_torchdeq(W, x, f_max_iter: int = 50):
+    from torchdeq import get_deq
+
+    rows = []
+    # A tight forward solve, so both backward solves see the same z*.
+    cell = TanhCell(W)
+    z_ref = DEQLayer(cell, max_iter=200, tol=1e-7)(x).z.detach()
+    exact_dW, rho = exact_gradient(W, x, z_ref)
+
+    def timed_backward(loss, params):
+        start = time.perf_counter()
+        loss.backward()
+        return 1e3 * (time.perf_counter() - start)
+
+    for b_solver in ("anderson", "broyden", "fixed_point_iter"):
+        ours_solver = {"anderson": Anderson(), "broyden": Broyden(), "fixed_point_iter": Picard()}[b_solver]
+        # ours
+        times, ift = [], None
+        for _ in range(REPEATS):
+            cell = TanhCell(W)
+            ift = IFT(solver=ours_solver, max_iter=B_MAX_ITER, tol=B_TOL)
+            deq = DEQLayer(cell, solver=Anderson(), grad=ift, max_iter=f_max_iter, tol=1e-7)
+            times.append(timed_backward(deq(x).z.pow(2).sum(), cell))
+        grad_err = float((cell.weight.grad - exact_dW).norm() / exact_dW.norm())
+        rows.append(
+            {
+                "library": "implicitdiff",
+                "backward_solver": b_solver,
+                "backward_ms": statistics.median(times),
+                "backward_nfe": ift.last_backward.nfe,
+                "backward_residual": float(ift.last_backward.residual.max()),
+                "converged": ift.last_backward.all_converged,
+                "grad_rel_err": grad_err,
+            }
+        )
+        # torchdeq
+        times, infos = [], []
+        for _ in range(REPEATS):
+            cell = TanhCell(W)
+            deq = get_deq(
+                ift=True,
+                f_solver="anderson",
+                f_max_iter=f_max_iter,
+                f_tol=1e-7,
+                b_solver=b_solver,
+                b_max_iter=B_MAX_ITER,
+                b_tol=B_TOL,
+                b_stop_mode="abs",
+            )
+            deq.train()
+            z_out, _ = deq(lambda z, cell=cell: cell(z, x), torch.zeros_like(x), backward_writer=infos.append)
+            times.append(timed_backward(z_out[-1].pow(2).sum(), cell))
+        info = infos[-1]
+        grad_err = float((cell.weight.grad - exact_dW).norm() / exact_dW.norm())
+        residual = float(info["abs_lowest"].max())
+        rows.append(
+            {
+                "library": "torchdeq 0.1.0",
+                "backward_solver": b_solver,
+                "backward_ms": statistics.median(times),
+                "backward_nfe": int(info["nstep"].max()),
+                "backward_residual": residual,
+                "converged": residual <= B_TOL,
+                "grad_rel_err": grad_err,
+            }
+        )
+    return rows, rho
+
+
+def table(rows, columns) -> str:
+    head = "| " + " | ".join(title for _, title, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    lines = [head, rule]
+    for row in rows:
+        cells = []
+        for key, _, fmt in columns:
+            value = row.get(key, "")
+            cells.append(format(value, fmt) if value != "" else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    torch.set_num_threads(1)  # the machine is shared; one thread keeps timings comparable
+    torch.manual_seed(SEED)
+    W, x = make_problem()
+    memory_rows = measure_estimators(W, x)
+    torchdeq_rows, rho = compare_with_torchdeq(W, x)
+    result = {
+        "problem": {
+            "f": "tanh(W z + x)",
+            "d": D,
+            "batch": BATCH,
+            "dtype": "float64",
+            "W_spectral_norm": NORM,
+            "x": f"{X_SCALE} * randn",
+            "spectral_radius_of_J_sample0": rho,
+            "b_tol": B_TOL,
+            "b_max_iter": B_MAX_ITER,
+        },
+        "threads": torch.get_num_threads(),
+        "estimators": memory_rows,
+        "ift_vs_torchdeq": torchdeq_rows,
+    }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"# Gradient estimators on tanh(Wz + x), d={D}, batch {BATCH}, ||W||_2={NORM}, x={X_SCALE}*randn")
+    print(f"# spectral radius of J at z* (sample 0): {rho:.3f}\n")
+    print(
+        table(
+            memory_rows,
+            [
+                ("estimator", "estimator", ""),
+                ("forward_cap", "fwd cap", "d"),
+                ("saved_mib", "saved MiB", ".3f"),
+                ("saved_ratio", "saved x", ".2f"),
+                ("peak_mib", "peak MiB", ".2f"),
+                ("peak_ratio", "peak x", ".2f"),
+                ("fwd_bwd_ms", "fwd+bwd ms", ".1f"),
+                ("backward_nfe", "bwd nfe", ""),
+            ],
+        )
+    )
+    print(f"\n# IFT backward, b_tol {B_TOL} (abs), cap {B_MAX_ITER}: implicitdiff vs torchdeq\n")
+    print(
+        table(
+            torchdeq_rows,
+            [
+                ("library", "library", ""),
+                ("backward_solver", "backward solver", ""),
+                ("backward_ms", "bwd ms", ".1f"),
+                ("backward_nfe", "bwd nfe", "d"),
+                ("backward_residual", "residual", ".2e"),
+                ("converged", "converged", ""),
+                ("grad_rel_err", "dL/dW rel err", ".2e"),
+            ],
+        )
+    )
+    print(f"\nwrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()

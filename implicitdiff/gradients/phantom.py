@@ -1,0 +1,99 @@
+"""Phantom gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["PhantomGradient"]
+
+PHANTOM_MODES = ("unrolled", "neumann")
+
+
+class PhantomGradient:
+    r"""Phantom gradient (Geng et al., 2021, "On Training Implicit Models").
+
+    The exact implicit gradient
+    :math:`\partial z^\star/\partial\theta = (I - J)^{-1} \partial f/\partial\theta` is replaced by
+    the damped, truncated Neumann series
+
+    .. math::
+
+        A_{k,\tau} \frac{\partial f}{\partial \theta}, \qquad
+        A_{k,\tau} = \tau \sum_{i=0}^{k-1} \bigl(\tau J + (1 - \tau) I\bigr)^i ,
+
+    which tends to :math:`(I - J)^{-1}` as :math:`k \to \infty` (for :math:`0 < \tau \le 1` and a
+    contractive :math:`f`). ``k=1, tau=1`` is JFB.
+
+    * ``mode="unrolled"``: ``k`` damped steps :math:`z \leftarrow \tau f(z, x) + (1 - \tau) z` from the
+      detached :math:`z^\star`, with grad; autograd differentiates the unrolled steps. At an exact fixed
+      point this is :math:`A_{k,\tau}` above; memory is ``k`` evaluations of ``f``.
+    * ``mode="neumann"``: one evaluation of ``f`` with grad at :math:`z^\star`; the backward forms
+      :math:`g A_{k,\tau}` from ``k - 1`` vector-Jacobian products at :math:`z^\star`. Memory is one
+      evaluation of ``f`` whatever ``k``.
+
+    Parameters
+    ----------
+    k : int
+        Number of steps (terms), ``>= 1``.
+    tau : float
+        Damping in ``(0, 1]``.
+    mode : {"unrolled", "neumann"}
+        How the estimate is formed.
+    """
+
+    def __init__(self, k: int = 5, tau: float = 0.5, mode: str = "unrolled") -> None:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"k must be an int >= 1, got {type(k).__name__} {k!r}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+            raise TypeError(f"tau must be a float in (0, 1], got {type(tau).__name__} {tau!r}")
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {tau}")
+        if mode not in PHANTOM_MODES:
+            raise ValueError(f"mode must be one of {PHANTOM_MODES}, got {mode!r}")
+        self.k = k
+        self.tau = float(tau)
+        self.mode = mode
+
+    def __repr__(self) -> str:
+        return f"PhantomGradient(k={self.k}, tau={self.tau}, mode={self.mode!r})"
+
+    def forward_budget(self, max_iter: int, *, training: bool) -> int:
+        """The forward cap, unchanged."""
+        return max_iter
+
+    def attach(self, f_x: Callable[[Tensor], Tensor], z_star: Tensor, *, training: bool) -> Tensor:
+        """Attach ``z_star`` with the phantom gradient (see the class docstring)."""
+        if self.mode == "unrolled":
+            z = z_star.detach()
+            for _ in range(self.k):
+                z = torch.lerp(z, f_x(z), self.tau) if self.tau != 1.0 else f_x(z)
+            return z
+        z_leaf = z_star.detach().requires_grad_(True)
+        image = f_x(z_leaf)
+        return _NeumannFunction.apply(image, z_leaf, self.k, self.tau)
+
+
+class _NeumannFunction(torch.autograd.Function):
+    """Identity forward; the backward maps ``g`` to ``g A_{k,tau}``, then autograd applies ``df/dtheta``."""
+
+    @staticmethod
+    def forward(ctx, image: Tensor, z_leaf: Tensor, k: int, tau: float) -> Tensor:
+        ctx.image, ctx.z_leaf, ctx.k, ctx.tau = image, z_leaf, k, tau
+        return image.detach().clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        create_graph = torch.is_grad_enabled()
+        term, total = g, g
+        for _ in range(ctx.k - 1):
+            (vjp,) = torch.autograd.grad(
+                ctx.image, ctx.z_leaf, term, retain_graph=True, create_graph=create_graph
+            )
+            term = ctx.tau * vjp + (1.0 - ctx.tau) * term
+            total = total + term
+        return ctx.tau * total, None, None, None

@@ -1,0 +1,370 @@
+"""Gradient estimators against an exact dense float64 reference, ``(I - J)^{-T}`` from autograd's jacobian."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from implicitdiff import (
+    IFT,
+    JFB,
+    SJFB,
+    Anderson,
+    BackwardSolveError,
+    Broyden,
+    DEQLayer,
+    PhantomGradient,
+    Picard,
+    fixed_point,
+)
+
+DT = torch.float64
+SOLVERS = {"picard": Picard, "anderson": Anderson, "broyden": Broyden}
+
+
+class TanhMap(nn.Module):
+    r""":math:`f(z, x) = \tanh(W z + U x + b)` with :math:`\|W\|_2` set to ``contraction`` (a contraction)."""
+
+    def __init__(self, d: int, d_x: int, contraction: float, seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        W = torch.randn(d, d, generator=gen, dtype=DT)
+        W = contraction * W / torch.linalg.matrix_norm(W, 2)
+        self.W = nn.Parameter(W)
+        self.U = nn.Parameter(torch.randn(d, d_x, generator=gen, dtype=DT) / math.sqrt(d_x))
+        self.b = nn.Parameter(0.1 * torch.randn(d, generator=gen, dtype=DT))
+
+    def forward(self, z, x):
+        return torch.tanh(z @ self.W.T + x @ self.U.T + self.b)
+
+
+def make_problem(batch: int, d: int, contraction: float, seed: int):
+    f = TanhMap(d, d, contraction, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, d, generator=gen, dtype=DT).requires_grad_()
+    weight = torch.randn(batch, d, generator=gen, dtype=DT)  # L = sum(weight * z) + sum(z^2) / 2
+    return f, x, weight
+
+
+def loss_of(z, weight):
+    return (weight * z).sum() + 0.5 * (z**2).sum()
+
+
+def exact_solution(f, x, iters: int = 2000):
+    """Plain iteration far past machine precision (the maps are contractions)."""
+    with torch.no_grad():
+        z = torch.zeros(x.shape[0], f.W.shape[0], dtype=DT)
+        for _ in range(iters):
+            z_next = f(z, x)
+            if torch.equal(z_next, z):
+                break
+            z = z_next
+    return z
+
+
+def dense_jacobians(f, z_star, x):
+    """``(B, d, d)``: ``J_b = df(z, x_b)/dz`` at ``z_star_b``, by ``torch.autograd.functional.jacobian``."""
+    return torch.stack(
+        [
+            torch.autograd.functional.jacobian(lambda z, b=b: f(z[None], x[b : b + 1].detach())[0], z_star[b])
+            for b in range(z_star.shape[0])
+        ]
+    )
+
+
+def exact_gradients(f, x, weight, params):
+    """``dL/d(x, params)`` by the implicit function theorem with dense ``(I - J)^{-T}``."""
+    z_star = exact_solution(f, x)
+    J = dense_jacobians(f, z_star, x)
+    eye = torch.eye(J.shape[-1], dtype=DT)
+    g = weight + z_star  # dL/dz
+    u = torch.linalg.solve((eye - J).transpose(1, 2), g)  # u = (I - J)^{-T} g, per sample
+    with torch.enable_grad():
+        image = f(z_star, x)
+    return torch.autograd.grad(image, [x, *params], u)
+
+
+def rel_err(got, want):
+    return max(
+        float((a - b).norm().detach() / (b.norm().detach() + 1e-300)) for a, b in zip(got, want, strict=True)
+    )
+
+
+problems = dict(
+    batch=st.integers(1, 3),
+    d=st.integers(2, 7),
+    contraction=st.floats(0.1, 0.9),
+    seed=st.integers(0, 2**20),
+)
+
+
+@settings(max_examples=12)
+@given(solver_name=st.sampled_from(sorted(SOLVERS)), **problems)
+def test_ift_matches_dense_reference_with_each_backward_solver(solver_name, batch, d, contraction, seed):
+    f, x, weight = make_problem(batch, d, contraction, seed)
+    params = list(f.parameters())
+    ift = IFT(solver=SOLVERS[solver_name](), max_iter=500, tol=1e-13)
+    deq = DEQLayer(f, solver=Anderson(), grad=ift, max_iter=200, tol=1e-13, stop_mode="abs")
+    out = deq(x)
+    got = torch.autograd.grad(loss_of(out.z, weight), [x, *params])
+    want = exact_gradients(f, x, weight, params)
+    assert ift.last_backward is not None and ift.last_backward.all_converged
+    assert rel_err(got, want) < 1e-8
+
+
+def test_ift_finds_parameters_a_closure_captures():
+    f, x, weight = make_problem(2, 5, 0.8, 3)
+    closure = lambda z, x_: f(z, x_)  # noqa: E731 -- parameters are invisible to the layer
+    deq = DEQLayer(closure, grad=IFT(tol=1e-13, max_iter=200), max_iter=200, tol=1e-13)
+    got = torch.autograd.grad(loss_of(deq(x).z, weight), [x, *f.parameters()])
+    assert rel_err(got, exact_gradients(f, x, weight, list(f.parameters()))) < 1e-8
+
+
+def test_ift_gradient_is_exact_in_eval_mode_with_autograd_on():
+    f, x, weight = make_problem(2, 4, 0.7, 5)
+    deq = DEQLayer(f, grad=IFT(tol=1e-13, max_iter=200), max_iter=200, tol=1e-13).eval()
+    got = torch.autograd.grad(loss_of(deq(x).z, weight), [x, *f.parameters()])
+    assert rel_err(got, exact_gradients(f, x, weight, list(f.parameters()))) < 1e-8
+
+
+def test_ift_passes_gradcheck_through_deq_layer():
+    f, x, _ = make_problem(2, 3, 0.6, 11)
+    deq = DEQLayer(f, grad=IFT(tol=1e-13, max_iter=200), max_iter=200, tol=1e-13)
+    x = x.detach().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x_, W: (
+            DEQLayer(
+                lambda z, xi: torch.tanh(z @ W.T + xi @ f.U.T + f.b),
+                grad=IFT(tol=1e-13, max_iter=200),
+                max_iter=200,
+                tol=1e-13,
+            )(x_).z
+        ),
+        (x, f.W),
+    )
+    assert torch.autograd.gradcheck(lambda x_: deq(x_).z, (x,))
+
+
+def test_same_layer_twice_in_one_graph_gives_the_gradient_of_the_composition():
+    f = TanhMap(4, 4, 0.8, 7)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, generator=gen, dtype=DT).requires_grad_()
+    deq = DEQLayer(f, grad=IFT(tol=1e-13, max_iter=200), max_iter=200, tol=1e-13)
+    z1 = deq(x).z
+    z2 = deq(z1).z
+    got = torch.autograd.grad((z2**2).sum() + z1.sum(), [x, *f.parameters()])
+
+    # Reference: chain two dense IFT gradients by hand.
+    params = list(f.parameters())
+    z1_ref = exact_solution(f, x)
+    z2_ref = exact_solution(f, z1_ref)
+    eye = torch.eye(4, dtype=DT)
+    u2 = torch.linalg.solve((eye - dense_jacobians(f, z2_ref, z1_ref)).transpose(1, 2), 2 * z2_ref)
+    with torch.enable_grad():
+        z1_leaf = z1_ref.clone().requires_grad_()
+        g2 = torch.autograd.grad(f(z2_ref, z1_leaf), [z1_leaf, *params], u2)
+    u1 = torch.linalg.solve((eye - dense_jacobians(f, z1_ref, x)).transpose(1, 2), g2[0] + 1.0)
+    with torch.enable_grad():
+        g1 = torch.autograd.grad(f(z1_ref, x), [x, *params], u1)
+    want = [g1[0], *(a + b for a, b in zip(g1[1:], g2[1:], strict=True))]
+    assert rel_err(got, want) < 1e-8
+
+
+def dense_first_derivative(f, x, weight):
+    """``dL/d(x, W)`` as a differentiable function of ``(x, W)``, built from dense Jacobians.
+
+    ``z(x)`` is the exact solution attached with its exact first derivative,
+    ``z = z* + (I - J)^{-1} (f(z*, x) - z*)`` with ``J`` held fixed (value ``z*``, derivative
+    ``(I - J)^{-1} df/dx``), which is all the second derivative of ``L`` needs.
+    """
+    z_star = exact_solution(f, x)
+    J_fixed = dense_jacobians(f, z_star, x)
+    eye = torch.eye(J_fixed.shape[-1], dtype=DT)
+    z = z_star + torch.linalg.solve(eye - J_fixed, (f(z_star, x) - z_star).unsqueeze(-1)).squeeze(-1)
+    rows = []
+    for b in range(z.shape[0]):
+        J = torch.autograd.functional.jacobian(
+            lambda zz, b=b: f(zz[None], x[b : b + 1])[0], z[b], create_graph=True
+        )
+        rows.append(torch.linalg.solve((eye - J).T, weight[b] + z[b]))
+    u = torch.stack(rows)
+
+    def image(x_, W):  # f with (x, W) explicit, so that the vjp below is the partial derivative
+        return torch.tanh(z @ W.T + x_ @ f.U.T + f.b)
+
+    return torch.autograd.functional.vjp(image, (x, f.W), u, create_graph=True)[1]
+
+
+def test_double_backward_through_ift_matches_the_dense_second_derivative():
+    f, x, weight = make_problem(2, 3, 0.7, 13)
+    gen = torch.Generator().manual_seed(1)
+    vx, vW = torch.randn(x.shape, generator=gen, dtype=DT), torch.randn(f.W.shape, generator=gen, dtype=DT)
+    deq = DEQLayer(f, grad=IFT(tol=1e-13, max_iter=200), max_iter=200, tol=1e-13)
+    gx, gW = torch.autograd.grad(loss_of(deq(x).z, weight), [x, f.W], create_graph=True)
+    got = torch.autograd.grad((gx * vx).sum() + (gW * vW).sum(), [x, *f.parameters()])
+    rx, rW = dense_first_derivative(f, x, weight)
+    assert rel_err([gx, gW], [rx, rW]) < 1e-8
+    want = torch.autograd.grad((rx * vx).sum() + (rW * vW).sum(), [x, *f.parameters()])
+    assert rel_err(got, want) < 1e-8
+
+
+def phantom_closed_form(f, x, weight, k, tau, params):
+    r"""``g A_{k,tau} df/d(x, params)`` with :math:`A_{k,\tau} = \tau \sum_{i<k} (\tau J + (1-\tau) I)^i`."""
+    z_star = exact_solution(f, x)
+    J = dense_jacobians(f, z_star, x)
+    eye = torch.eye(J.shape[-1], dtype=DT).expand_as(J)
+    step = tau * J + (1 - tau) * eye
+    A, power = torch.zeros_like(J), eye.clone()
+    for _ in range(k):
+        A, power = A + power, power @ step
+    u = tau * torch.einsum("bi,bij->bj", weight + z_star, A)
+    with torch.enable_grad():
+        return torch.autograd.grad(f(z_star, x), [x, *params], u)
+
+
+@settings(max_examples=8)
+@given(
+    k=st.integers(1, 8), tau=st.floats(0.1, 1.0), mode=st.sampled_from(["unrolled", "neumann"]), **problems
+)
+def test_phantom_gradient_equals_the_closed_form_estimate(k, tau, mode, batch, d, contraction, seed):
+    f, x, weight = make_problem(batch, d, contraction, seed)
+    params = list(f.parameters())
+    deq = DEQLayer(f, grad=PhantomGradient(k=k, tau=tau, mode=mode), max_iter=300, tol=1e-14)
+    got = torch.autograd.grad(loss_of(deq(x).z, weight), [x, *params])
+    assert rel_err(got, phantom_closed_form(f, x, weight, k, tau, params)) < 1e-8
+
+
+@pytest.mark.parametrize("mode", ["unrolled", "neumann"])
+def test_phantom_gradient_approaches_the_exact_gradient_as_k_grows(mode):
+    f, x, weight = make_problem(2, 6, 0.9, 17)
+    params = list(f.parameters())
+    exact = exact_gradients(f, x, weight, params)
+    errors = []
+    for k in (1, 4, 16, 64, 256):
+        deq = DEQLayer(f, grad=PhantomGradient(k=k, tau=0.5, mode=mode), max_iter=300, tol=1e-14)
+        errors.append(rel_err(torch.autograd.grad(loss_of(deq(x).z, weight), [x, *params]), exact))
+    assert all(later < earlier for earlier, later in itertools.pairwise(errors))
+    assert errors[0] > 1e-2 and errors[-1] < 1e-8
+
+
+def test_phantom_k1_tau1_is_jfb_and_jfb_is_the_one_step_formula():
+    f, x, weight = make_problem(3, 5, 0.8, 19)
+    params = list(f.parameters())
+    z_star = exact_solution(f, x)
+    with torch.enable_grad():
+        one_step = torch.autograd.grad(f(z_star, x), [x, *params], weight + z_star)
+    for grad in (JFB(), PhantomGradient(k=1, tau=1.0), PhantomGradient(k=1, tau=1.0, mode="neumann")):
+        deq = DEQLayer(f, grad=grad, max_iter=300, tol=1e-14)
+        got = torch.autograd.grad(loss_of(deq(x).z, weight), [x, *params])
+        assert rel_err(got, one_step) < 1e-10
+
+
+def test_sjfb_in_training_runs_drawn_nograd_solver_steps_then_drawn_grad_steps():
+    f, x, _ = make_problem(2, 4, 0.8, 23)
+    sjfb = SJFB(no_grad_iters=(0, 4), grad_iters=(1, 3), seed=5)
+    calls = []
+
+    def counted(z, x_):
+        calls.append(torch.is_grad_enabled())
+        return f(z, x_)
+
+    deq = DEQLayer(counted, solver=Picard(), grad=sjfb, max_iter=30, tol=1e-12).train()
+    seen_nograd, seen_grad = set(), set()
+    for _ in range(30):
+        calls.clear()
+        out = deq(x)
+        n_nograd, n_grad = sjfb.last_draw
+        seen_nograd.add(n_nograd)
+        seen_grad.add(n_grad)
+        assert out.stats.nfe == n_nograd
+        assert calls == [False] * n_nograd + [True] * n_grad
+        z = out.stats.z
+        for _ in range(n_grad):
+            z = f(z, x)
+        torch.testing.assert_close(out.z, z, rtol=0, atol=0)
+    assert seen_nograd == set(range(5)) and seen_grad == {1, 2, 3}
+
+
+def test_sjfb_in_eval_solves_fully_and_uses_jfb():
+    f, x, weight = make_problem(2, 4, 0.8, 29)
+    sjfb = SJFB(seed=1)
+    deq = DEQLayer(f, grad=sjfb, max_iter=100, tol=1e-13).eval()
+    state = sjfb.generator.get_state()
+    out = deq(x)
+    assert out.stats.all_converged
+    assert torch.equal(sjfb.generator.get_state(), state)  # no draw out of training
+    params = list(f.parameters())
+    got = torch.autograd.grad(loss_of(out.z, weight), [x, *params])
+    z_star = exact_solution(f, x)
+    with torch.enable_grad():
+        want = torch.autograd.grad(f(z_star, x), [x, *params], weight + z_star)
+    assert rel_err(got, want) < 1e-9
+
+
+def test_sjfb_draws_are_seeded_and_restored_from_state_dict():
+    a, b = SJFB(seed=3), SJFB(seed=3)
+    draws = [(a.forward_budget(50, training=True), b.forward_budget(50, training=True)) for _ in range(20)]
+    assert all(x == y for x, y in draws)
+    saved = a.state_dict()
+    ahead = [a.forward_budget(50, training=True) for _ in range(10)]
+    c = SJFB(seed=99)
+    c.load_state_dict(saved)
+    assert [c.forward_budget(50, training=True) for _ in range(10)] == ahead
+    assert all(0 <= n <= 6 for n in ahead)
+
+
+def test_ift_reports_backward_statistics_and_raises_on_failure_when_asked():
+    f, x, weight = make_problem(2, 5, 0.95, 31)
+    seen = []
+    ift = IFT(solver=Picard(), max_iter=3, tol=1e-12, on_backward=seen.append)
+    deq = DEQLayer(f, grad=ift, max_iter=200, tol=1e-12)
+    gx, *_ = torch.autograd.grad(loss_of(deq(x).z, weight), [x, *f.parameters()])
+    assert torch.isfinite(gx).all()
+    stats = ift.last_backward
+    assert stats is seen[-1] and stats.nfe == 3 and not stats.converged.any()
+    assert (stats.residual > 1e-12).all()
+
+    strict = IFT(solver=Picard(), max_iter=3, tol=1e-12, raise_on_failure=True)
+    deq = DEQLayer(f, grad=strict, max_iter=200, tol=1e-12)
+    with pytest.raises(BackwardSolveError, match="did not reach tol"):
+        loss_of(deq(x).z, weight).backward()
+
+
+def test_estimators_add_no_work_without_grad():
+    f, x, _ = make_problem(2, 4, 0.8, 37)
+    for grad in (IFT(), JFB(), PhantomGradient(), SJFB()):
+        with torch.no_grad():
+            out = fixed_point(f, x, grad=grad, max_iter=100, tol=1e-10)
+        assert out.z.grad_fn is None and torch.equal(out.z, out.stats.z)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: PhantomGradient(k=0), ValueError, r"k must be >= 1, got 0"),
+        (lambda: PhantomGradient(k=2.0), TypeError, r"k must be an int >= 1, got float"),
+        (lambda: PhantomGradient(tau=0.0), ValueError, r"tau must be in \(0, 1\], got 0.0"),
+        (lambda: PhantomGradient(tau=1.5), ValueError, r"tau must be in \(0, 1\], got 1.5"),
+        (lambda: PhantomGradient(mode="exact"), ValueError, r"mode must be one of .* got 'exact'"),
+        (
+            lambda: SJFB(no_grad_iters=(3, 2)),
+            ValueError,
+            r"no_grad_iters must be an inclusive range .*\(3, 2\)",
+        ),
+        (lambda: SJFB(grad_iters=(0, 2)), ValueError, r"grad_iters .* 1 <= low <= high, got \(0, 2\)"),
+        (lambda: SJFB(grad_iters=(1,)), TypeError, r"grad_iters must be a pair of ints"),
+        (lambda: SJFB(seed=1.5), TypeError, r"seed must be an int"),
+        (lambda: IFT(max_iter=0), ValueError, r"max_iter must be >= 1, got 0"),
+        (lambda: IFT(tol=-1.0), ValueError, r"tol must be a finite float > 0"),
+        (lambda: IFT(solver="anderson"), TypeError, r"solver must be callable"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_the_allowed_values(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
