@@ -23,7 +23,9 @@ class DEQOutput:
     Attributes
     ----------
     z : Tensor
-        The fixed point, attached to autograd by the gradient estimator when a gradient is needed.
+        The fixed point, attached to autograd by the gradient estimator when a gradient is needed. Its
+        value is ``f`` applied to the solver's best iterate ``stats.z`` (the solver has computed that
+        image already, so it is free), then whatever the estimator applies (JFB: once more, with grad).
     stats : SolverResult
         Statistics of the forward solve: residual, converged, nfe, trace, nonfinite.
     """
@@ -190,7 +192,10 @@ def fixed_point(
         raise TypeError(
             f"solver {solver!r} must return a SolverResult (with a tensor z), got {type(stats).__name__}"
         )
-    z_star = stats.z.detach()
+    # The solver already evaluated f at its best iterate: start from that image, one application of f
+    # further (for Picard, n evaluations then give exactly n steps instead of wasting the last one).
+    image = getattr(stats, "fz", None)
+    z_star = (image if isinstance(image, Tensor) else stats.z).detach()
     nonfinite = getattr(stats, "nonfinite", None)
     if raise_on_nonfinite and nonfinite is not None and bool(nonfinite.any()):
         bad = torch.nonzero(nonfinite).flatten().tolist()

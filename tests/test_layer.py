@@ -280,8 +280,11 @@ def test_non_finite_values_are_reported_in_the_stats(x):
     # Nothing finite was seen for sample 1: the solve returns its starting point (JFB's one
     # differentiable application of f on top of it is NaN again, as f is).
     assert bool(torch.isfinite(out.stats.z).all()) and torch.equal(out.stats.z[1], torch.zeros_like(x[1]))
+    # Without grad the layer returns the image of the best iterate, finite where nothing finite was
+    # seen (the starting point again).
+    assert torch.equal(out.stats.fz[1], torch.zeros_like(x[1]))
     with torch.no_grad():
-        assert torch.equal(DEQLayer(nan_for_negative_x, max_iter=50, tol=1e-6)(x).z, out.stats.z)
+        assert torch.equal(DEQLayer(nan_for_negative_x, max_iter=50, tol=1e-6)(x).z, out.stats.fz)
 
 
 def test_non_finite_values_raise_when_asked(x):

@@ -49,6 +49,10 @@ class SolverResult:
     nonfinite : Tensor
         ``(B,)`` bool: ``g`` returned a non-finite value for this sample at some point. Such a sample
         stops iterating and returns its best finite iterate (``z0`` if none was seen).
+    fz : Tensor or None
+        ``g(z)``, the image of the returned iterate, which the solver has already computed (``None``
+        where a solver does not provide it). For a contraction it is closer to the fixed point than
+        ``z``; the layer returns it, so that ``n`` evaluations give ``n`` Picard steps, not ``n - 1``.
     """
 
     z: Tensor
@@ -57,6 +61,7 @@ class SolverResult:
     nfe: int
     trace: list[float] = field(default_factory=list)
     nonfinite: Tensor | None = None
+    fz: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.nonfinite is None:
@@ -220,4 +225,5 @@ class IterationTracker:
             nfe=self.nfe,
             trace=self.trace,
             nonfinite=self.nonfinite,
+            fz=self.best_fz.reshape(self.shape).to(self.dtype),
         )
