@@ -1,0 +1,200 @@
+"""Every Python code block in the docs and the README runs.
+
+The ```python blocks of a page run in order in one namespace (a fresh module per page), so a page
+reads like a session. A block may be marked compile-only, and then is only compiled, when it cannot
+run on a CPU-only machine in one process; the marker is an HTML comment on the line right before
+the fence, and must say why:
+
+    <!-- docs-test: compile-only (needs torchrun) -->
+
+Python written in any other fence (```py, ```{code-block} python, ...) fails the test, so that no
+example escapes it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+SKIPPED_DIRS = {"_build", "_generated", "generated"}
+
+FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
+COMPILE_ONLY = re.compile(r"^\s*<!--\s*docs-test:\s*compile-only\s*\((?P<reason>[^)]+)\)\s*-->\s*$")
+# The only reasons a block may be compile-only: it needs hardware or a launcher a test cannot provide.
+ALLOWED_REASON = re.compile(r"\b(GPU|CUDA|torchrun)\b")
+MAX_COMPILE_ONLY = 4
+# Longer lines scroll sideways in the rendered page (furo's content column shows about 90 characters).
+MAX_CODE_LINE = 88
+# The modules whose public names (``__all__``) must each be documented in docs/api/.
+API_MODULES = (
+    "implicitdiff",
+    "implicitdiff.solvers",
+    "implicitdiff.gradients",
+    "implicitdiff.regularizers",
+    "implicitdiff.functional",
+)
+PYTHON_LIKE = re.compile(r"^\s*(\{(code-block|code|sourcecode)\}\s*)?(py|python3?|pycon|ipython3?)\b", re.I)
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int  # 1-based line of the first line of code
+    code: str
+    compile_only: str | None  # the reason, when marked
+
+
+def pages() -> list[Path]:
+    found = [
+        path
+        for path in sorted(DOCS.rglob("*.md"))
+        if not SKIPPED_DIRS.intersection(path.relative_to(DOCS).parts)
+    ]
+    return [ROOT / "README.md", *found]
+
+
+def extract(page: Path) -> tuple[list[Block], list[str]]:
+    """The ```python blocks of a page, and the problems found (Python hidden in another fence)."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    blocks: list[Block] = []
+    problems: list[str] = []
+    i = 0
+    while i < len(lines):
+        opening = FENCE.match(lines[i])
+        if not opening:
+            i += 1
+            continue
+        fence, info = opening["fence"], opening["info"].strip()
+        body_start = i + 1
+        j = body_start
+        while j < len(lines):
+            closing = FENCE.match(lines[j])
+            if closing and closing["fence"][0] == fence[0] and len(closing["fence"]) >= len(fence):
+                if not closing["info"].strip():
+                    break
+            j += 1
+        body = lines[body_start:j]
+        language = info.split()[0] if info.split() else ""
+        where = f"{page.relative_to(ROOT)}:{i + 1}"
+        if language == "python":
+            marker = COMPILE_ONLY.match(lines[i - 1]) if i > 0 else None
+            indent = len(opening["indent"])
+            code = "\n".join(line[indent:] for line in body)
+            blocks.append(Block(page, body_start + 1, code, marker["reason"] if marker else None))
+        elif PYTHON_LIKE.match(info):
+            problems.append(f"{where}: Python in a `{fence}{info}` fence is not tested; use ```python")
+        i = j + 1
+    return blocks, problems
+
+
+ALL = {page: extract(page) for page in pages()}
+RUNNABLE = [page for page, (blocks, _) in ALL.items() if blocks]
+
+
+def test_the_docs_have_python_blocks_and_no_hidden_ones():
+    assert sum(len(blocks) for blocks, _ in ALL.values()) >= 10, "the extractor found almost nothing"
+    assert ROOT / "README.md" in RUNNABLE
+    problems = [problem for _, found in ALL.values() for problem in found]
+    assert not problems, "\n".join(problems)
+
+
+def test_compile_only_blocks_are_rare_and_justified():
+    marked = [block for blocks, _ in ALL.values() for block in blocks if block.compile_only]
+    for block in marked:
+        assert ALLOWED_REASON.search(block.compile_only), (
+            f"{block.page.relative_to(ROOT)}:{block.line}: compile-only is allowed only for blocks that "
+            f"need a GPU or torchrun, got reason {block.compile_only!r}"
+        )
+    assert len(marked) <= MAX_COMPILE_ONLY, f"{len(marked)} compile-only blocks; keep them rare"
+
+
+def test_docs_code_lines_fit_the_page():
+    long = [
+        f"{block.page.relative_to(ROOT)}:{block.line + i}: {len(line)} characters"
+        for page, (blocks, _) in ALL.items()
+        if page.is_relative_to(DOCS)
+        for block in blocks
+        for i, line in enumerate(block.code.splitlines())
+        if len(line) > MAX_CODE_LINE
+    ]
+    assert not long, f"code lines longer than {MAX_CODE_LINE} characters:\n" + "\n".join(long)
+
+
+def test_every_public_name_is_in_the_api_reference():
+    """Each name in a public module's ``__all__`` is documented (by any public path) in docs/api/."""
+    import importlib
+
+    text = "\n".join(path.read_text(encoding="utf-8") for path in sorted((DOCS / "api").glob("*.md")))
+    documented = set(re.findall(r"\b(implicitdiff(?:\.\w+)+)", text))
+    missing = []
+    for module_name in API_MODULES:
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if isinstance(obj, types.ModuleType):
+                continue  # a submodule: its own names are checked
+            paths = {
+                f"{other}.{name}"
+                for other in API_MODULES
+                if getattr(importlib.import_module(other), name, None) is obj
+            }
+            if not paths & documented:
+                missing.append(f"{module_name}.{name}")
+    assert not missing, "public names missing from docs/api/*.md: " + ", ".join(missing)
+
+
+@pytest.mark.parametrize("page", RUNNABLE, ids=lambda page: str(page.relative_to(ROOT)))
+def test_page_code_runs(
+    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    blocks, _ = ALL[page]
+    name = "docs_" + re.sub(r"\W", "_", str(page.relative_to(ROOT)))
+    module = types.ModuleType(name)
+    module.__file__ = str(page)
+    monkeypatch.setitem(sys.modules, name, module)  # dataclasses and pickling look the module up
+    monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the examples' tensors are tiny: more threads only add contention
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    for block in blocks:
+        # Pad with newlines so a traceback names the line of the page the failing code is on.
+        code = compile("\n" * (block.line - 1) + block.code, str(page), "exec")
+        if block.compile_only:
+            continue
+        exec(code, module.__dict__)
+
+
+def _library_modules() -> list[str]:
+    import pkgutil
+
+    import implicitdiff
+
+    names = [implicitdiff.__name__]
+    for info in pkgutil.walk_packages(implicitdiff.__path__, prefix="implicitdiff."):
+        names.append(info.name)
+    return names
+
+
+@pytest.mark.parametrize("module_name", _library_modules())
+def test_docstring_examples_run(module_name: str) -> None:
+    """The ``>>>`` examples in the docstrings, which the API reference shows, run and print what they say."""
+    import doctest
+    import importlib
+
+    module = importlib.import_module(module_name)
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in finder.find(module, module_name):
+        torch.manual_seed(0)
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, f"{result.failed} docstring example(s) failed in {module_name}"
