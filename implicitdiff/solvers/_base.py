@@ -194,14 +194,21 @@ class IterationTracker:
         (residual <= tol) or failed (non-finite image), and appends to the trace.
         """
         res = residual_norm(fz, z, self.stop_mode)
-        finite = torch.isfinite(fz).all(dim=1) & torch.isfinite(z).all(dim=1)
-        res = torch.where(finite, res, torch.full_like(res, float("inf")))
+        # residual_norm maps NaN to inf, and any non-finite entry of z or g(z) makes the norm
+        # non-finite, so the (B,) residual says which samples are finite without two more passes over
+        # the state.
+        finite = torch.isfinite(res)
         was_active = self.active
         self.trace.append(float(res[was_active].max()) if bool(was_active.any()) else 0.0)
         better = was_active & finite & (res < self.best_res)
         self.best_res = torch.where(better, res, self.best_res)
-        self.best_z = torch.where(better[:, None], z, self.best_z)
-        self.best_fz = torch.where(better[:, None], fz, self.best_fz)
+        if bool(better.all()):
+            # The common case: every sample improved. Keep references, not copies; solvers never
+            # write into an iterate after recording it.
+            self.best_z, self.best_fz = z, fz
+        else:
+            self.best_z = torch.where(better[:, None], z, self.best_z)
+            self.best_fz = torch.where(better[:, None], fz, self.best_fz)
         self.nonfinite = self.nonfinite | (was_active & ~finite)
         # A sample whose map went non-finite cannot continue meaningfully: it keeps its best iterate.
         self.active = was_active & finite & (res > self.tol)
