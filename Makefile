@@ -14,7 +14,7 @@ $(PY):
 
 demo: $(PY)
 	$(PIP) $(TORCH) -e '.[examples]'
-	$(PY) examples/quickstart.py
+	$(PY) examples/fpdm/demo.py
 
 test: $(PY)
 	$(PIP) $(TORCH) -e '.[dev,examples]'

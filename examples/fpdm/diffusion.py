@@ -1,0 +1,240 @@
+r"""The Gaussian diffusion process: noise schedule, training loss, DDPM and DDIM steps, guidance.
+
+API
+---
+``GaussianDiffusion(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)`` holds the linear schedule
+(Ho et al. 2020) and provides
+
+* ``q_sample(x0, t, noise)``: :math:`x_t = \sqrt{\bar\alpha_t} x_0 + \sqrt{1 - \bar\alpha_t} \epsilon`;
+* ``training_loss(model, x0, y, generator=None)``: the epsilon-prediction loss
+  :math:`E_{t, \epsilon} \|\epsilon - \epsilon_\theta(x_t, t, y)\|^2` (mean over elements);
+* ``respace(num_steps)``: evenly spaced timesteps, descending, e.g. ``[999, ..., 0]``;
+* ``ddim_step(x_t, eps, t, t_prev, eta=0.0, noise=None)`` and ``ddpm_step(x_t, eps, t, t_prev, noise)``:
+  one reverse step from timestep ``t`` to ``t_prev`` (``-1`` after the last one: the clean sample);
+* ``sample(eps_fn, shape, num_steps, method="ddim", ...)``: the plain loop over ``respace(num_steps)``
+  with ``eps_fn(x, t_batch) -> eps``.
+
+``guided_eps(model, x, t, y, guidance, **model_kwargs)``: classifier-free guidance in one batched call,
+:math:`\epsilon = \epsilon_\varnothing + w (\epsilon_y - \epsilon_\varnothing)`; with ``return_state=True``
+in ``model_kwargs`` it also returns the model's state for the doubled batch (FPDM's warm start).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GaussianDiffusion", "guided_eps"]
+
+
+class GaussianDiffusion:
+    r"""Discrete-time Gaussian diffusion with a linear :math:`\beta` schedule and epsilon prediction.
+
+    Parameters
+    ----------
+    num_timesteps : int
+        Number of diffusion steps ``T``; timesteps are ``0 .. T-1``.
+    beta_start, beta_end : float
+        The linear schedule :math:`\beta_t` from ``beta_start`` to ``beta_end`` (Ho et al. 2020; DiT uses
+        the same).
+    clip_denoised : bool
+        Clip the predicted :math:`x_0` to ``[-1, 1]`` in sampling steps (data scaled to ``[-1, 1]``; turn
+        off for latents).
+    """
+
+    def __init__(
+        self,
+        num_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        clip_denoised: bool = True,
+    ) -> None:
+        if num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+        if not 0 < beta_start <= beta_end < 1:
+            raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+        self.num_timesteps = num_timesteps
+        self.clip_denoised = clip_denoised
+        # Kept in float64: 1 - alpha_bar near t = 0 is tiny and loses digits in float32.
+        self.betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+
+    def alpha_bar(self, t: int | Tensor) -> Tensor:
+        r""":math:`\bar\alpha_t` in float64; ``t = -1`` gives 1 (no noise)."""
+        t = torch.as_tensor(t, dtype=torch.long)
+        padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
+        return padded[t + 1]
+
+    @staticmethod
+    def _per_sample(values: Tensor, like: Tensor) -> Tensor:
+        """Broadcast ``values`` (scalar or ``(B,)``) against ``like`` ``(B, ...)``, in its dtype/device."""
+        values = values.to(device=like.device, dtype=like.dtype)
+        return values.reshape(-1, *([1] * (like.dim() - 1))) if values.dim() else values
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        r"""Noise clean data to timesteps ``t`` ``(B,)``.
+
+        :math:`x_t = \sqrt{\bar\alpha_t} x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon`.
+        """
+        abar = self._per_sample(self.alpha_bar(t.cpu()), x0)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def training_loss(
+        self,
+        model: Callable[..., Tensor] | nn.Module,
+        x0: Tensor,
+        y: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> Tensor:
+        r"""Epsilon-prediction loss :math:`\text{mean}\,\|\epsilon - \epsilon_\theta(x_t, t, y)\|^2`.
+
+        Timesteps are uniform over ``0 .. T-1`` and the noise standard normal, both drawn from
+        ``generator`` (the global RNG when ``None``) on the CPU and moved to ``x0``'s device, so a run is
+        reproducible across devices.
+        """
+        batch = x0.shape[0]
+        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        t = t.to(x0.device)
+        x_t = self.q_sample(x0, t, noise)
+        eps = model(x_t, t, y, **(model_kwargs or {}))
+        return (eps.float() - noise.float()).pow(2).mean()
+
+    def respace(self, num_steps: int) -> list[int]:
+        """``num_steps`` evenly spaced timesteps from ``T - 1`` down to ``0`` (the sampling schedule)."""
+        if not 1 <= num_steps <= self.num_timesteps:
+            raise ValueError(f"num_steps must be in [1, {self.num_timesteps}], got {num_steps}")
+        if num_steps == 1:
+            return [self.num_timesteps - 1]
+        steps = torch.linspace(self.num_timesteps - 1, 0, num_steps, dtype=torch.float64).round().long()
+        return steps.tolist()
+
+    def predict_x0(self, x_t: Tensor, eps: Tensor, t: int) -> Tensor:
+        r"""The predicted clean data, clipped if asked.
+
+        :math:`\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\epsilon) / \sqrt{\bar\alpha_t}`.
+        """
+        abar = float(self.alpha_bar(t))
+        x0 = (x_t - (1 - abar) ** 0.5 * eps) / abar**0.5
+        return x0.clamp(-1, 1) if self.clip_denoised else x0
+
+    def ddim_step(
+        self, x_t: Tensor, eps: Tensor, t: int, t_prev: int, eta: float = 0.0, noise: Tensor | None = None
+    ) -> Tensor:
+        r"""One DDIM step (Song et al. 2021) from ``t`` to ``t_prev < t``.
+
+        .. math:: x_{t'} = \sqrt{\bar\alpha_{t'}}\,\hat x_0
+                  + \sqrt{1 - \bar\alpha_{t'} - \sigma^2}\,\hat\epsilon + \sigma z,
+                  \quad \sigma = \eta \sqrt{\tfrac{1-\bar\alpha_{t'}}{1-\bar\alpha_t}
+                  \big(1 - \tfrac{\bar\alpha_t}{\bar\alpha_{t'}}\big)}
+
+        where :math:`\hat\epsilon` is recomputed from the (possibly clipped) :math:`\hat x_0`. ``eta = 0``
+        is deterministic; ``noise`` is required when ``eta > 0`` and ``t_prev >= 0``.
+        """
+        if t_prev >= t:
+            raise ValueError(f"t_prev ({t_prev}) must be below t ({t})")
+        abar, abar_prev = float(self.alpha_bar(t)), float(self.alpha_bar(t_prev))
+        x0 = self.predict_x0(x_t, eps, t)
+        eps = (x_t - abar**0.5 * x0) / (1 - abar) ** 0.5
+        sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)) ** 0.5
+        x_prev = abar_prev**0.5 * x0 + max(1 - abar_prev - sigma**2, 0.0) ** 0.5 * eps
+        if sigma > 0:
+            if noise is None:
+                raise ValueError("ddim_step with eta > 0 needs noise")
+            x_prev = x_prev + sigma * noise
+        return x_prev
+
+    def ddpm_step(self, x_t: Tensor, eps: Tensor, t: int, t_prev: int, noise: Tensor | None = None) -> Tensor:
+        r"""One ancestral DDPM step (Ho et al. 2020) from ``t`` to ``t_prev < t`` over respaced timesteps.
+
+        With :math:`\beta' = 1 - \bar\alpha_t / \bar\alpha_{t'}` (the respaced step's beta), sample the
+        posterior :math:`q(x_{t'} | x_t, \hat x_0)`: mean
+        :math:`\frac{\sqrt{\bar\alpha_{t'}}\beta'}{1-\bar\alpha_t}\hat x_0
+        + \frac{\sqrt{1-\beta'}(1-\bar\alpha_{t'})}{1-\bar\alpha_t} x_t`, variance
+        :math:`\beta' \frac{1-\bar\alpha_{t'}}{1-\bar\alpha_t}`. The last step (``t_prev = -1``) returns
+        the mean, without noise.
+        """
+        if t_prev >= t:
+            raise ValueError(f"t_prev ({t_prev}) must be below t ({t})")
+        abar, abar_prev = float(self.alpha_bar(t)), float(self.alpha_bar(t_prev))
+        beta = 1 - abar / abar_prev
+        x0 = self.predict_x0(x_t, eps, t)
+        mean = (abar_prev**0.5 * beta / (1 - abar)) * x0 + (
+            (1 - beta) ** 0.5 * (1 - abar_prev) / (1 - abar)
+        ) * x_t
+        if t_prev < 0:
+            return mean
+        if noise is None:
+            raise ValueError("ddpm_step needs noise before the last step")
+        variance = beta * (1 - abar_prev) / (1 - abar)
+        return mean + variance**0.5 * noise
+
+    @torch.no_grad()
+    def sample(
+        self,
+        eps_fn: Callable[[Tensor, Tensor], Tensor],
+        shape: tuple[int, ...],
+        num_steps: int,
+        *,
+        method: str = "ddim",
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        callback: Callable[[int, int, Tensor], None] | None = None,
+    ) -> Tensor:
+        """Sample by ``num_steps`` reverse steps over :meth:`respace`.
+
+        ``eps_fn(x, t)`` gets the batch and timesteps ``(B,)`` and returns the predicted noise (wrap a
+        model with :func:`guided_eps` for guidance). Noise is drawn on the CPU from ``generator``.
+        ``callback(i, t, x)`` runs after each step.
+        """
+        if method not in ("ddim", "ddpm"):
+            raise ValueError(f"method must be 'ddim' or 'ddpm', got {method!r}")
+        x = torch.randn(shape, generator=generator).to(device)
+        timesteps = self.respace(num_steps)
+        for i, t in enumerate(timesteps):
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            eps = eps_fn(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
+            needs_noise = t_prev >= 0 and (method == "ddpm" or eta > 0)
+            noise = torch.randn(shape, generator=generator).to(device) if needs_noise else None
+            if method == "ddim":
+                x = self.ddim_step(x, eps, t, t_prev, eta=eta, noise=noise)
+            else:
+                x = self.ddpm_step(x, eps, t, t_prev, noise=noise)
+            if callback is not None:
+                callback(i, t, x)
+        return x
+
+
+def guided_eps(
+    model: Callable[..., Any],
+    x: Tensor,
+    t: Tensor,
+    y: Tensor,
+    guidance: float,
+    *,
+    null_label: int,
+    **model_kwargs: Any,
+) -> Any:
+    r"""Classifier-free guidance (Ho & Salimans 2021) in one call on the doubled batch.
+
+    .. math:: \hat\epsilon = \epsilon_\theta(x, t, \varnothing) + w\,(\epsilon_\theta(x, t, y)
+              - \epsilon_\theta(x, t, \varnothing))
+
+    The model sees ``cat([x, x])``, ``cat([t, t])`` and ``cat([y, null])``; ``guidance = 1`` is the
+    conditional model. Extra keyword arguments go to the model; with ``return_state=True`` the result is
+    ``(eps, state)`` with the state of the doubled batch (its ``z`` is what to pass back as ``z0``).
+    """
+    batch = x.shape[0]
+    out = model(
+        torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]), **model_kwargs
+    )
+    eps_both, state = out if isinstance(out, tuple) else (out, None)
+    eps_cond, eps_uncond = eps_both[:batch], eps_both[batch:]
+    eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+    return (eps, state) if model_kwargs.get("return_state", False) else eps

@@ -1,0 +1,461 @@
+r"""The budgeted sampler: a budget of transformer-block evaluations per sample, spent across timesteps.
+
+Compute is counted the way the FPDM paper counts it (Bai & Melas-Kyriazi, CVPR 2024): in transformer-block
+evaluations per sample. One timestep of FPDM costs its pre blocks, its post blocks, and one evaluation of the
+implicit block per fixed-point iteration; one timestep of DiT costs its depth. Given a budget ``B`` and a
+number of timesteps ``S``, the sampler decides how many fixed-point iterations each timestep gets:
+
+.. math:: \sum_{i=1}^{S} (\text{pre} + \text{post} + n_i) \le B, \qquad n_i \ge 1.
+
+The paper's two ideas, and what we add:
+
+* **Timestep smoothing**: the same budget spent on more timesteps with fewer iterations each. ``steps=None``
+  picks ``S = B // (pre + post + DEFAULT_ITERS_PER_STEP)``; for DiT, ``S = B // depth``.
+* **Solution reuse**: each timestep's solve starts from the fixed point of the previous timestep (with
+  classifier-free guidance, the conditional and the unconditional halves each from their own), instead of
+  from the pre blocks' output.
+* **Allocation schedules** (:func:`allocate`): ``"constant"``, ``"increasing"`` (more iterations towards the
+  clean end), ``"decreasing"`` (more at the noisy end), and ``"tolerance"``: a timestep stops iterating once
+  the largest relative residual of its batch is below ``tol``, and the iterations it did not use are carried
+  over to the next timestep's cap. A timestep that never reaches ``tol`` spends its whole cap (its own
+  allocation plus everything carried over to it), so the savings are used by the first timestep that needs
+  them; whatever is still unused after the last timestep is reported as ``unspent``.
+* **Any solver** of :mod:`implicitdiff` (``Picard()`` as in the paper, ``Anderson()``, ``Broyden()``, or any
+  callable with the ``Solver`` call), **DDPM or DDIM**, classifier-free guidance, a ``torch.Generator`` for
+  reproducible noise.
+
+Each solve continues from the block's output at the solver's best iterate, ``f(z_best)``, which the solver has
+already computed (``SolverResult.fz``; :func:`implicitdiff.fixed_point` uses it): ``n`` Picard iterations
+compute ``f^n(z_0)`` as the paper's code does, and one iteration per timestep does apply the implicit block.
+The reported residual is the one the solver measured, ``||f(z) - z|| / ||f(z)||`` at ``z_best``.
+
+Budgets are per sample: with guidance the model runs on the doubled batch (conditional and unconditional),
+which the paper counts once; :attr:`SampleResult.guided_evals` reports the doubled count.
+
+Example
+-------
+>>> result = sample(model, GaussianDiffusion(), labels, budget=48, schedule="tolerance", tol=1e-2,
+...                 solver=Anderson(), guidance=2.0, generator=torch.Generator().manual_seed(0))
+... # doctest: +SKIP
+>>> result.images.shape, sum(result.spent) <= 48  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from fractions import Fraction
+from typing import Any
+
+import torch
+from diffusion import GaussianDiffusion, guided_eps
+from torch import Tensor, nn
+
+from implicitdiff import Picard, Solver
+
+__all__ = [
+    "DEFAULT_ITERS_PER_STEP",
+    "METHODS",
+    "SCHEDULES",
+    "SampleResult",
+    "allocate",
+    "block_cost",
+    "pick_steps",
+    "sample",
+]
+
+SCHEDULES = ("constant", "increasing", "decreasing", "tolerance")
+METHODS = ("ddim", "ddpm")
+
+#: Fixed-point iterations per timestep that ``steps=None`` aims at (timestep smoothing): with reuse, a few
+#: iterations per timestep on many timesteps beat many iterations on few.
+DEFAULT_ITERS_PER_STEP = 2
+
+# With a fixed schedule a solve must use all its iterations: the smallest positive float32 tolerance
+# stops it only at an exact fixed point.
+_NO_EARLY_STOP = float(torch.finfo(torch.float32).tiny)
+
+
+@dataclasses.dataclass
+class SampleResult:
+    """Samples and what they cost.
+
+    Attributes
+    ----------
+    images : Tensor
+        ``(B, C, H, W)`` samples, in the data's scale (``[-1, 1]`` for images).
+    timesteps : list[int]
+        The diffusion timesteps visited, descending.
+    allocated : list[int]
+        Per timestep, the cap in block evaluations per sample: fixed blocks plus the iterations the schedule
+        gave it (for ``"tolerance"``, plus the savings carried over to it).
+    spent : list[int]
+        Per timestep, block evaluations per sample actually spent (the model's own count).
+    iterations : list[int]
+        Per timestep, evaluations of the implicit block (``0`` for DiT).
+    residuals : list[float]
+        Per timestep, the largest relative residual over the batch at the solver's best iterate (``nan``
+        for DiT).
+    first_residuals : list[float]
+        Per timestep, the largest relative residual of the starting point (the first iteration's), which
+        solution reuse lowers (``nan`` for DiT).
+    budget : int
+        The budget in block evaluations per sample.
+    wall_s : float
+        Wall-clock of the whole sampling loop, seconds.
+    batch_factor : int
+        ``2`` with classifier-free guidance (the model runs on the doubled batch), else ``1``.
+    options : dict
+        The options of the run (method, schedule, solver, reuse, guidance, tol, steps), for reports.
+    """
+
+    images: Tensor
+    timesteps: list[int]
+    allocated: list[int]
+    spent: list[int]
+    iterations: list[int]
+    residuals: list[float]
+    first_residuals: list[float]
+    budget: int
+    wall_s: float
+    batch_factor: int
+    options: dict[str, Any]
+
+    @property
+    def spent_total(self) -> int:
+        """Block evaluations per sample over the whole run; never more than :attr:`budget`."""
+        return sum(self.spent)
+
+    @property
+    def unspent(self) -> int:
+        """``budget - spent_total``: what the run did not use."""
+        return self.budget - self.spent_total
+
+    @property
+    def guided_evals(self) -> int:
+        """Block evaluations per sample counting the unconditional half of guidance: ``spent_total * 2``."""
+        return self.spent_total * self.batch_factor
+
+    def summary(self) -> dict[str, Any]:
+        """The costs as plain JSON-ready values (no images)."""
+        return {
+            **self.options,
+            "budget": self.budget,
+            "spent_total": self.spent_total,
+            "unspent": self.unspent,
+            "guided_evals": self.guided_evals,
+            "batch_factor": self.batch_factor,
+            "wall_s": self.wall_s,
+            "num_images": int(self.images.shape[0]),
+            "timesteps": self.timesteps,
+            "allocated": self.allocated,
+            "spent": self.spent,
+            "iterations": self.iterations,
+            "residuals": [None if math.isnan(r) else r for r in self.residuals],
+            "first_residuals": [None if math.isnan(r) else r for r in self.first_residuals],
+        }
+
+
+def block_cost(model: nn.Module) -> tuple[int, bool]:
+    """Block evaluations per sample of one timestep outside the fixed-point solve, and whether it has one.
+
+    FPDM (anything with ``pre_depth`` and ``post_depth``): ``(pre + post, True)``. DiT (anything with
+    ``depth``): ``(depth, False)``.
+    """
+    if hasattr(model, "pre_depth") and hasattr(model, "post_depth"):
+        return int(model.pre_depth) + int(model.post_depth), True
+    if hasattr(model, "depth"):
+        return int(model.depth), False
+    raise TypeError(
+        f"cannot count the blocks of {type(model).__name__}: "
+        "expected FPDM (pre_depth, post_depth) or DiT (depth)"
+    )
+
+
+def pick_steps(budget: int, fixed: int, implicit: bool, iters_per_step: int = DEFAULT_ITERS_PER_STEP) -> int:
+    """Timesteps for a budget (timestep smoothing): ``budget // (fixed + iters_per_step)``, or
+    ``budget // depth`` for DiT; at least 1.
+
+    Raises
+    ------
+    ValueError
+        If the budget cannot pay for a single timestep.
+    """
+    per_step = fixed + (iters_per_step if implicit else 0)
+    minimum = fixed + (1 if implicit else 0)
+    if budget < minimum:
+        raise ValueError(f"budget {budget} is below the cost of one timestep ({minimum} block evaluations)")
+    return max(1, budget // per_step)
+
+
+def allocate(budget: int, steps: int, fixed: int, schedule: str = "constant") -> list[int]:
+    r"""Fixed-point iterations per timestep, ``n_i >= 1``, with :math:`\sum_i (\text{fixed} + n_i) = B`.
+
+    The ``E = B - S (\text{fixed} + 1)`` iterations beyond one per timestep are shared in proportion to a
+    weight: ``1`` (``"constant"`` and ``"tolerance"``), ``i + 1`` (``"increasing"``: more towards the clean
+    end) or ``S - i`` (``"decreasing"``: more at the noisy end). Shares are rounded by largest remainder
+    (exact fractions), so they add up to ``E`` exactly and an increasing schedule stays non-decreasing; a
+    remainder among equal shares goes to evenly spaced timesteps.
+
+    Parameters
+    ----------
+    budget : int
+        Block evaluations per sample.
+    steps : int
+        Number of timesteps ``S``.
+    fixed : int
+        Block evaluations per timestep outside the solve (``pre + post``).
+    schedule : str
+        One of :data:`SCHEDULES`.
+
+    Raises
+    ------
+    ValueError
+        If the budget is below ``S (fixed + 1)``, the least that gives every timestep one iteration.
+
+    Examples
+    --------
+    >>> allocate(30, 6, 2, "constant")
+    [3, 3, 3, 3, 3, 3]
+    >>> allocate(30, 6, 2, "increasing")
+    [2, 2, 3, 3, 4, 4]
+    >>> allocate(22, 4, 2, "constant")  # a remainder is spread out
+    [3, 4, 3, 4]
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    least = steps * (fixed + 1)
+    if budget < least:
+        raise ValueError(
+            f"budget {budget} is too small for {steps} timesteps: each costs at least {fixed + 1} block "
+            f"evaluations ({fixed} fixed + 1 iteration), {least} in all; lower steps or raise the budget"
+        )
+    extra = budget - least
+    if schedule == "increasing":
+        weights = [i + 1 for i in range(steps)]
+    elif schedule == "decreasing":
+        weights = [steps - i for i in range(steps)]
+    else:
+        weights = [1] * steps
+    total = sum(weights)
+    shares = [Fraction(extra * weight, total) for weight in weights]
+    iterations = [1 + math.floor(share) for share in shares]
+    left = extra - sum(iterations) + steps
+    # Largest fractional part first; among equal ones, the larger weight; among equal weights, evenly spaced.
+    order = sorted(range(steps), key=lambda i: (-(shares[i] - math.floor(shares[i])), -weights[i], i))
+    position = 0
+    while left > 0:
+        key = (shares[order[position]] % 1, weights[order[position]])
+        group = [i for i in order[position:] if (shares[i] % 1, weights[i]) == key]
+        chosen = (
+            group
+            if len(group) <= left
+            else [group[(2 * j + 1) * len(group) // (2 * left)] for j in range(left)]
+        )
+        for i in chosen:
+            iterations[i] += 1
+        left -= len(chosen)
+        position += len(group)
+    return iterations
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    labels: Tensor,
+    *,
+    budget: int,
+    steps: int | None = None,
+    schedule: str = "constant",
+    solver: Solver | None = None,
+    reuse: bool = True,
+    method: str = "ddim",
+    eta: float = 0.0,
+    guidance: float = 1.0,
+    tol: float = 1e-3,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> SampleResult:
+    """Sample one image per label under a budget of block evaluations per sample.
+
+    Parameters
+    ----------
+    model : FPDM or DiT
+        The network (see ``models.py``); it is put in eval mode for the run and restored afterwards.
+    diffusion : GaussianDiffusion
+        Noise schedule and reverse steps.
+    labels : Tensor
+        ``(B,)`` class labels, one image each, on the model's device (``model.null_label`` for
+        unconditional samples).
+    budget : int
+        Transformer-block evaluations per sample, the paper's unit.
+    steps : int, optional
+        Number of timesteps; by default picked from the budget by :func:`pick_steps`.
+    schedule : {"constant", "increasing", "decreasing", "tolerance"}
+        How iterations are allocated across timesteps (:func:`allocate`); DiT has only ``"constant"``.
+    solver : Solver, optional
+        The fixed-point solver of every timestep; ``Picard()`` (the paper's) by default.
+    reuse : bool
+        Warm-start each timestep's solve from the previous timestep's solution. Ignored for DiT.
+    method : {"ddim", "ddpm"}
+        The reverse step.
+    eta : float
+        DDIM's noise scale (``0``: deterministic).
+    guidance : float
+        Classifier-free guidance scale; ``1`` runs the conditional model alone, any other value the doubled
+        batch.
+    tol : float
+        Relative-residual tolerance of the ``"tolerance"`` schedule (other schedules use all their
+        iterations).
+    generator : torch.Generator, optional
+        CPU generator for the initial noise and the noise of DDPM (or DDIM with ``eta > 0``), drawn in the
+        same order as :meth:`GaussianDiffusion.sample`: a seeded run is reproducible.
+    callback : callable, optional
+        Called after each timestep with a dict: ``i``, ``t``, ``x`` (the new sample), ``denoised`` (the
+        predicted clean sample), ``spent``, ``iterations``, ``residual``.
+
+    Returns
+    -------
+    SampleResult
+        Images, per-timestep spent evaluations, iterations and residuals, wall-clock.
+
+    Raises
+    ------
+    ValueError
+        A budget too small for the timesteps, an unknown schedule or method, or a schedule other than
+        ``"constant"`` for DiT.
+    RuntimeError
+        If a solver evaluated the block more often than it was allowed (the budget is never exceeded
+        silently).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive int, got {budget!r}")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    if labels.dim() != 1 or labels.numel() == 0:
+        raise ValueError(f"labels must have shape (B,) with B >= 1, got {tuple(labels.shape)}")
+    fixed, implicit = block_cost(model)
+    if steps is None:
+        steps = pick_steps(budget, fixed, implicit)
+    if steps > diffusion.num_timesteps:
+        raise ValueError(f"steps ({steps}) exceeds the diffusion's {diffusion.num_timesteps} timesteps")
+    if implicit:
+        iteration_plan = allocate(budget, steps, fixed, schedule)
+    else:
+        if schedule != "constant":
+            raise ValueError(f"DiT has no iterations to allocate: use schedule='constant', got {schedule!r}")
+        if budget < steps * fixed:
+            raise ValueError(
+                f"budget {budget} is too small for {steps} DiT timesteps of {fixed} blocks each "
+                f"({steps * fixed}); lower steps or raise the budget"
+            )
+        iteration_plan = [0] * steps
+    solve_with = Picard() if solver is None else solver
+    cfg = guidance != 1.0
+    device = labels.device
+    shape = (labels.shape[0], model.in_channels, model.input_size, model.input_size)
+    timesteps = diffusion.respace(steps)
+
+    was_training = model.training
+    model.eval()
+    allocated, spent, iterations, residuals, first_residuals = [], [], [], [], []
+    try:
+        start = time.perf_counter()
+        x = torch.randn(shape, generator=generator).to(device)
+        z_prev: Tensor | None = None
+        carry = 0
+        for i, t in enumerate(timesteps):
+            t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
+            if implicit:
+                cap = iteration_plan[i] + carry
+                options: dict[str, Any] = {
+                    "max_iter": cap,
+                    "tol": tol if schedule == "tolerance" else _NO_EARLY_STOP,
+                    "solver": solve_with,
+                    "z0": z_prev if reuse else None,
+                    "return_state": True,
+                }
+            else:
+                cap = 0
+                options = {"return_state": True}
+            if cfg:
+                eps, state = guided_eps(
+                    model, x, t_batch, labels, guidance, null_label=model.null_label, **options
+                )
+            else:
+                eps, state = model(x, t_batch, labels, **options)
+            nfe = state.stats.nfe if implicit else 0
+            if nfe > cap or state.block_evals > fixed + cap:
+                raise RuntimeError(
+                    f"timestep {t}: the solver spent {nfe} iterations ({state.block_evals} block "
+                    f"evaluations) where {cap} iterations were allowed"
+                )
+            if schedule == "tolerance":
+                carry = cap - nfe
+            allocated.append(fixed + cap)
+            spent.append(int(state.block_evals))
+            iterations.append(int(nfe))
+            if implicit:
+                z_prev = state.z
+                residuals.append(float(state.stats.residual.max()))
+                first_residuals.append(float(state.stats.trace[0]) if state.stats.trace else math.nan)
+            else:
+                residuals.append(math.nan)
+                first_residuals.append(math.nan)
+
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            needs_noise = t_prev >= 0 and (method == "ddpm" or eta > 0)
+            noise = torch.randn(shape, generator=generator).to(device) if needs_noise else None
+            x_t = x
+            if method == "ddim":
+                x = diffusion.ddim_step(x_t, eps, t, t_prev, eta=eta, noise=noise)
+            else:
+                x = diffusion.ddpm_step(x_t, eps, t, t_prev, noise=noise)
+            if callback is not None:
+                callback(
+                    {
+                        "i": i,
+                        "t": t,
+                        "x": x,
+                        "denoised": diffusion.predict_x0(x_t, eps, t),
+                        "spent": spent[-1],
+                        "iterations": iterations[-1],
+                        "residual": residuals[-1],
+                    }
+                )
+        wall_s = time.perf_counter() - start
+    finally:
+        model.train(was_training)
+
+    return SampleResult(
+        images=x,
+        timesteps=timesteps,
+        allocated=allocated,
+        spent=spent,
+        iterations=iterations,
+        residuals=residuals,
+        first_residuals=first_residuals,
+        budget=budget,
+        wall_s=wall_s,
+        batch_factor=2 if cfg else 1,
+        options={
+            "model": type(model).__name__,
+            "method": method,
+            "eta": eta,
+            "schedule": schedule,
+            "solver": repr(solve_with) if implicit else None,
+            "reuse": bool(reuse and implicit),
+            "guidance": guidance,
+            "tol": tol if schedule == "tolerance" else None,
+            "steps": steps,
+        },
+    )

@@ -1,0 +1,128 @@
+"""The diffusion process (schedule, DDPM/DDIM steps, guidance) and the datasets (digits, folder, latents)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data import ImageFolder, LatentDataset, load_dataset, load_digits
+from diffusion import GaussianDiffusion, guided_eps
+
+EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "fpdm"
+
+
+def test_linear_schedule_matches_its_definition():
+    diffusion = GaussianDiffusion()
+    assert diffusion.betas[0] == pytest.approx(1e-4) and diffusion.betas[-1] == pytest.approx(0.02)
+    assert float(diffusion.alpha_bar(-1)) == 1.0
+    assert float(diffusion.alpha_bar(999)) == pytest.approx(float(torch.prod(1 - diffusion.betas)))
+    assert diffusion.respace(5) == [999, 749, 500, 250, 0]
+    assert diffusion.respace(1000) == list(range(999, -1, -1))
+
+
+@pytest.mark.parametrize("t, t_prev", [(999, 500), (500, 120), (40, -1)])
+def test_steps_with_the_true_noise_land_on_the_noised_data(t, t_prev):
+    diffusion = GaussianDiffusion(clip_denoised=False)
+    x0 = torch.rand(3, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    noise = torch.randn_like(x0)
+    x_t = diffusion.q_sample(x0, torch.full((3,), t), noise)
+    # DDIM with eta = 0 is deterministic: the same noise at the earlier time.
+    expected = diffusion.q_sample(x0, torch.full((3,), t_prev), noise) if t_prev >= 0 else x0
+    torch.testing.assert_close(diffusion.ddim_step(x_t, noise, t, t_prev), expected)
+    # DDPM's posterior mean with the true x0, plus its variance times the given noise.
+    z = torch.randn_like(x0)
+    abar, abar_prev = float(diffusion.alpha_bar(t)), float(diffusion.alpha_bar(t_prev))
+    beta = 1 - abar / abar_prev
+    mean = (abar_prev**0.5 * beta * x0 + (1 - beta) ** 0.5 * (1 - abar_prev) * x_t) / (1 - abar)
+    std = (beta * (1 - abar_prev) / (1 - abar)) ** 0.5 if t_prev >= 0 else 0.0
+    torch.testing.assert_close(diffusion.ddpm_step(x_t, noise, t, t_prev, noise=z), mean + std * z)
+
+
+def test_ddpm_posterior_variance_matches_empirical_variance_of_the_forward_process():
+    # q(x_{t'} | x_t, x0) must be the conditional of the joint Gaussian q(x_t', x_t | x0).
+    diffusion = GaussianDiffusion(clip_denoised=False)
+    t, t_prev = 600, 300
+    abar, abar_prev = float(diffusion.alpha_bar(t)), float(diffusion.alpha_bar(t_prev))
+    gen = torch.Generator().manual_seed(0)
+    n = 200_000
+    x_prev = (1 - abar_prev) ** 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)  # x0 = 0
+    alpha = abar / abar_prev
+    x_t = alpha**0.5 * x_prev + (1 - alpha) ** 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)
+    eps = x_t / (1 - abar) ** 0.5  # the noise that explains x_t exactly, with x0 = 0
+    mean = diffusion.ddpm_step(x_t, eps, t, t_prev, noise=torch.zeros(n, dtype=torch.float64))
+    residual_var = float((x_prev - mean).var())
+    assert residual_var == pytest.approx((1 - alpha) * (1 - abar_prev) / (1 - abar), rel=0.02)
+
+
+def test_classifier_free_guidance_interpolates_conditional_and_unconditional():
+    def model(x, t, y):
+        return x * 0 + y.view(-1, 1, 1, 1).float()  # eps = the label
+
+    x = torch.zeros(2, 1, 8, 8)
+    t, y = torch.tensor([10, 10]), torch.tensor([3, 5])
+    for w in (0.0, 1.0, 4.0):
+        eps = guided_eps(model, x, t, y, w, null_label=10)
+        expected = 10 + w * (y.float() - 10)
+        torch.testing.assert_close(eps[:, 0, 0, 0], expected)
+
+
+def test_sample_loop_returns_data_in_range_and_calls_back_each_step():
+    diffusion = GaussianDiffusion()
+    seen = []
+    x = diffusion.sample(
+        lambda x, t: torch.zeros_like(x), (2, 1, 8, 8), 4, method="ddpm",
+        generator=torch.Generator().manual_seed(0), callback=lambda i, t, x: seen.append(t),
+    )  # fmt: skip
+    assert seen == diffusion.respace(4)
+    assert x.shape == (2, 1, 8, 8) and x.abs().max() <= 1.0
+
+
+def test_digits_are_the_bundled_8x8_images_in_minus_one_to_one():
+    data = load_dataset("digits")
+    assert len(data) == 1797 and data.num_classes == 10
+    assert data.images.shape == (1797, 1, 8, 8)
+    assert data.images.min() == -1.0 and data.images.max() == 1.0
+    assert set(data.labels.tolist()) == set(range(10))
+
+
+def write_image_folder(root, per_class: int = 3):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, size=(20, 28, 3), dtype=np.uint8)  # not square: centre crop
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    (root / "cat" / "notes.txt").write_text("not an image")
+
+
+def test_image_folder_reads_real_images_with_labels_from_class_folders(tmp_path):
+    write_image_folder(tmp_path / "images")
+    data = ImageFolder(tmp_path / "images", image_size=16)
+    assert len(data) == 6 and data.classes == ["cat", "dog"]
+    x, y = data[4]
+    assert x.shape == (3, 16, 16) and int(y) == 1
+    assert -1.0 <= float(x.min()) < float(x.max()) <= 1.0
+
+
+def test_extract_latents_script_writes_latents_the_dataset_loads(tmp_path):
+    write_image_folder(tmp_path / "images")
+    out = tmp_path / "latents.pt"
+    cmd = [sys.executable, str(EXAMPLE_DIR / "extract_latents.py"), "--images", str(tmp_path / "images"),
+           "--out", str(out), "--random-tiny-vae", "--image-size", "16", "--batch-size", "4"]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    data = LatentDataset(out)
+    # The tiny VAE downsamples once: 16x16x3 images -> 8x8x4 latents.
+    assert data.images.shape == (6, 4, 8, 8) and data.num_classes == 2
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.isfinite(data.images).all() and data.images.std() > 0
+    assert load_dataset(f"latents:{out}").images.shape == (6, 4, 8, 8)
+
+
+def test_unknown_dataset_spec_is_a_clear_error():
+    with pytest.raises(ValueError, match="digits"):
+        load_dataset("mnist")
+    assert load_digits().images.dtype == torch.float32

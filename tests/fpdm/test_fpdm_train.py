@@ -1,0 +1,172 @@
+"""train.py: exact resume, atomic checkpoints, a clear stop on NaN, and two-process DDP (gloo)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from diffusion import GaussianDiffusion
+from train import (
+    CHECKPOINT_NAME,
+    LOG_NAME,
+    NonFiniteLossError,
+    TrainConfig,
+    load_checkpoint,
+    parse_args,
+    train,
+)
+
+EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "fpdm"
+REPO = EXAMPLE_DIR.parents[1]
+
+TINY = ["--hidden-size", "32", "--num-heads", "2", "--batch-size", "16", "--lr", "3e-3", "--no-progress"]
+
+
+def tiny_config(out: Path, **changes) -> TrainConfig:
+    cfg = parse_args(["--out", str(out), *TINY, "--steps", "6", "--ckpt-every", "3", "--log-every", "1"])
+    return replace(cfg, **changes)
+
+
+def flat_state(state: dict) -> dict:
+    """Every tensor of a (nested) state dict, by path."""
+    out = {}
+
+    def walk(prefix, value):
+        if isinstance(value, torch.Tensor):
+            out[prefix] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}/{i}", v)
+        else:
+            out[prefix] = value
+
+    walk("", state)
+    return out
+
+
+def assert_states_equal(a: dict, b: dict) -> None:
+    fa, fb = flat_state(a), flat_state(b)
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        if isinstance(fa[key], torch.Tensor):
+            assert torch.equal(fa[key], fb[key]), key
+        else:
+            assert fa[key] == fb[key], key
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    # S-JFB (the default) draws its iteration counts from its own generator: that must resume too.
+    train(tiny_config(tmp_path / "straight"))
+    train(tiny_config(tmp_path / "split", steps=3))
+    first_half = load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)
+    assert first_half["step"] == 3
+    train(tiny_config(tmp_path / "split", resume=True))
+
+    straight = load_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME)
+    resumed = load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)
+    assert straight["step"] == resumed["step"] == 6
+    assert not torch.equal(first_half["model"]["injection.weight"], straight["model"]["injection.weight"])
+    for part in ("model", "ema", "optimizer", "rng", "estimator"):
+        assert_states_equal(straight[part], resumed[part])
+    logs = [(tmp_path / run / LOG_NAME).read_text().splitlines() for run in ("straight", "split")]
+    losses = [[json.loads(line)["loss"] for line in log] for log in logs]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+KILL_DURING_SAVE = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {example!r})
+    import torch, train
+
+    real_save = torch.save
+    saves = []
+
+    def save_then_die(obj, handle, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # the second checkpoint: write part of it, then die like kill -9
+            handle.write(b"PK\\x03\\x04 partial checkpoint")
+            handle.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_save(obj, handle, *args, **kwargs)
+
+    train.torch.save = save_then_die
+    train.main(sys.argv[1:])
+    """
+)
+
+
+def test_a_run_killed_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path):
+    out = tmp_path / "run"
+    script = tmp_path / "kill_during_save.py"
+    script.write_text(KILL_DURING_SAVE.format(example=str(EXAMPLE_DIR)))
+    args = ["--out", str(out), *TINY, "--steps", "4", "--ckpt-every", "2", "--grad", "jfb"]
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert (out / (CHECKPOINT_NAME + ".tmp")).exists()  # the partial write
+    ckpt = load_checkpoint(out / CHECKPOINT_NAME)
+    assert ckpt["step"] == 2
+    # Resuming finishes the run from step 2.
+    summary = train(replace(parse_args(args), resume=True))
+    assert summary["step"] == 4 and load_checkpoint(out / CHECKPOINT_NAME)["step"] == 4
+
+
+def test_nan_loss_stops_training_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch
+):
+    cfg = tiny_config(tmp_path / "run", grad="jfb", steps=4, ckpt_every=2)
+    real_loss = GaussianDiffusion.training_loss
+    calls = []
+
+    def loss_that_goes_nan(self, *args, **kwargs):
+        calls.append(1)
+        loss = real_loss(self, *args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(GaussianDiffusion, "training_loss", loss_that_goes_nan)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at step 3") as error:
+        train(cfg)
+    assert "last good checkpoint" in str(error.value) and "(step 2)" in str(error.value)
+    ckpt = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / LOG_NAME).read_text().splitlines()] == [
+        1,
+        2,
+    ]
+
+
+def test_command_line_exits_with_status_1_and_the_message_on_nan(tmp_path, capsys, monkeypatch):
+    import train as train_module
+
+    monkeypatch.setattr(GaussianDiffusion, "training_loss", lambda self, *a, **k: torch.tensor(float("inf")))
+    status = train_module.main(["--out", str(tmp_path / "run"), *TINY, "--steps", "2", "--grad", "jfb"])
+    assert status == 1
+    assert "non-finite training loss (inf) at step 1" in capsys.readouterr().err
+
+
+def test_two_process_torchrun_ends_with_identical_parameters_on_every_rank(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(EXAMPLE_DIR / "train.py"), "--out", str(out), *TINY, "--steps", "3", "--log-every", "1",
+           "--ckpt-every", "3"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    records = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()]
+    final = records[-1]
+    assert final["world_size"] == 2 and final["rank_param_max_abs_diff"] == 0.0
+    ckpt = load_checkpoint(out / CHECKPOINT_NAME)
+    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2
+    # The ranks drew different noise (their data shards and RNG streams differ) ...
+    assert not torch.equal(ckpt["rng"][0]["noise"], ckpt["rng"][1]["noise"])
+    # ... and training moved the weights away from the zero-initialised final layer.
+    assert ckpt["model"]["final_layer.linear.weight"].abs().max() > 0
