@@ -121,16 +121,16 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def residual_norm(fz: Tensor, z: Tensor, stop_mode: str) -> Tensor:
+def residual_norm(fz: Tensor, z: Tensor, stop_mode: str, diff: Tensor | None = None) -> Tensor:
     r"""Per-sample residual of flattened states ``(B, n)``.
 
     ``abs``: :math:`\|g(z) - z\|_2`; ``rel``: :math:`\|g(z) - z\|_2 / (\|g(z)\|_2 + 10^{-9})`.
-    Non-finite rows give ``inf``.
+    Non-finite rows give ``inf``. ``diff``, if given, is ``fz - z`` already computed by the caller.
     """
-    res = torch.linalg.vector_norm(fz - z, dim=1)
+    res = torch.linalg.vector_norm(fz - z if diff is None else diff, dim=1)
     if stop_mode == "rel":
         res = res / (torch.linalg.vector_norm(fz, dim=1) + REL_EPS)
-    return torch.nan_to_num(res, nan=float("inf"))
+    return torch.nan_to_num(res, nan=float("inf"), posinf=float("inf"))
 
 
 class IterationTracker:
@@ -187,17 +187,21 @@ class IterationTracker:
             )
         return out.reshape(self.shape[0], -1).to(self.wdtype)
 
-    def record(self, z: Tensor, fz: Tensor) -> Tensor:
+    def record(self, z: Tensor, fz: Tensor, diff: Tensor | None = None) -> Tensor:
         """Record the residual of iterate ``z`` with image ``fz``; returns the residual ``(B,)``.
 
         Updates the best iterate of the samples that are still active, marks samples as converged
-        (residual <= tol) or failed (non-finite image), and appends to the trace.
+        (residual <= tol) or failed (non-finite image), and appends to the trace. ``diff`` is
+        ``fz - z`` when the solver has computed it anyway (saves a pass over the state).
         """
-        res = residual_norm(fz, z, self.stop_mode)
-        # residual_norm maps NaN to inf, and any non-finite entry of z or g(z) makes the norm
-        # non-finite, so the (B,) residual says which samples are finite without two more passes over
-        # the state.
+        res = residual_norm(fz, z, self.stop_mode, diff)
+        # Any non-finite entry of z or g(z) makes the residual non-finite (residual_norm maps NaN to
+        # inf), so the (B,) residual clears the common case without two passes over the state; only
+        # when it is not finite do we look at the values (a norm can also overflow on finite values).
         finite = torch.isfinite(res)
+        if not bool(finite.all()):
+            finite = torch.isfinite(fz).all(dim=1) & torch.isfinite(z).all(dim=1)
+            res = torch.where(finite, res, torch.full_like(res, float("inf")))
         was_active = self.active
         self.trace.append(float(res[was_active].max()) if bool(was_active.any()) else 0.0)
         better = was_active & finite & (res < self.best_res)

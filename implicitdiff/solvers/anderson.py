@@ -109,24 +109,33 @@ class Anderson:
         k = 0
         while not track.done():
             used = min(k, m)
-            if used == 0:
-                z_new = z + beta * f
-            else:
-                gamma = self._coefficients(gram[:, :used, :used], rhs[:, :used], eye[:used, :used])
-                correction = torch.bmm(gamma.to(z.dtype).unsqueeze(1), dG[:, :used]).squeeze(1)
-                z_new = z + beta * f - correction
             active = track.active[:, None]
-            z_new = torch.where(active, z_new, z)
+            every = bool(track.active.all())
+            z_new = torch.add(z, f, alpha=beta)
+            if used > 0:
+                gamma = self._coefficients(gram[:, :used, :used], rhs[:, :used], eye[:used, :used])
+                # z_new -= gamma^T dG, written into z_new: no temporary the size of the state.
+                z_new.unsqueeze(1).baddbmm_(gamma.to(z.dtype).unsqueeze(1), dG[:, :used], alpha=-1.0)
+            if not every:
+                z_new = torch.where(active, z_new, z)
             fz_new = track.g(z_new)
             f_new = fz_new - z_new
-            res = track.record(z_new, fz_new)
-            # Frozen samples contribute zero differences, which keeps their rows of the Gram finite.
+            res = track.record(z_new, fz_new, diff=f_new)
             # The history is a ring: slot order does not matter to the least-squares problem.
             slot = k % m
-            df = torch.nan_to_num(torch.where(active, f_new - f, 0.0), nan=0.0, posinf=0.0, neginf=0.0)
-            dF[:, slot] = df
-            dG[:, slot] = torch.where(active, z_new - z, 0.0) + beta * df
-            z, f = z_new, torch.where(active, f_new, f)
+            if every and bool(torch.isfinite(res).all()):
+                # The common case: every sample moved and stayed finite. Write the new differences
+                # straight into the history, with no masking passes.
+                torch.sub(f_new, f, out=dF[:, slot])
+                torch.sub(z_new, z, out=dG[:, slot])
+                dG[:, slot].add_(dF[:, slot], alpha=beta)
+                z, f = z_new, f_new
+            else:
+                # Frozen samples contribute zero differences, which keeps their Gram rows finite.
+                df = torch.where(active, f_new - f, 0.0).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+                dF[:, slot] = df
+                dG[:, slot] = torch.where(active, z_new - z, 0.0) + beta * df
+                z, f = z_new, torch.where(active, f_new, f)
             blown = track.diverged(res, self.restart_factor)
             if bool(blown.any()):
                 dF[blown] = 0.0
