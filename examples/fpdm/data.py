@@ -4,6 +4,8 @@ Every dataset returns ``(x, y)`` with ``x`` a float tensor ``(C, H, W)`` scaled 
 scaled VAE latents, and ``y`` an integer class label. :func:`load_dataset` builds one from a spec string:
 
 * ``"digits"``: scikit-learn's bundled 8x8 digits (1,797 images, 10 classes, 1 channel), no download;
+* ``"digits-train"``, ``"digits-test"``: the fixed stratified 80/20 split of those (1,437 / 360 images) from
+  ``evaluate.digits_split``; train on ``digits-train`` to evaluate against the held-out ``digits-test``;
 * ``"folder:PATH"``: an image folder ``PATH/<class>/<image>`` read with PIL (RGB, centre-cropped and
   resized to ``image_size``); classes are the sorted sub-folder names;
 * ``"latents:FILE"``: latents written by ``extract_latents.py`` (``torch.save`` of a dict of tensors, loaded
@@ -137,12 +139,20 @@ class LatentDataset(TensorPairs):
 
 
 def load_dataset(spec: str, image_size: int = 32) -> TensorPairs | ImageFolder:
-    """Build a dataset from ``"digits"``, ``"folder:PATH"`` or ``"latents:FILE"``."""
+    """Build a dataset from ``"digits"``, ``"digits-train"``, ``"digits-test"``, ``"folder:PATH"`` or
+    ``"latents:FILE"``."""
     if spec == "digits":
         return load_digits()
+    if spec in ("digits-train", "digits-test"):
+        from evaluate import digits_split  # here, not at the top: evaluate imports this module
+
+        return digits_split(spec.removeprefix("digits-"))  # type: ignore[arg-type]
     kind, _, where = spec.partition(":")
     if kind == "folder" and where:
         return ImageFolder(where, image_size)
     if kind == "latents" and where:
         return LatentDataset(where)
-    raise ValueError(f"unknown dataset {spec!r}; use 'digits', 'folder:PATH' or 'latents:FILE'")
+    raise ValueError(
+        f"unknown dataset {spec!r}; use 'digits', 'digits-train', 'digits-test', 'folder:PATH' "
+        "or 'latents:FILE'"
+    )

@@ -126,3 +126,16 @@ def test_unknown_dataset_spec_is_a_clear_error():
     with pytest.raises(ValueError, match="digits"):
         load_dataset("mnist")
     assert load_digits().images.dtype == torch.float32
+
+
+def test_digits_train_and_test_specs_are_the_evaluation_split():
+    from evaluate import digits_split
+
+    train, test = load_dataset("digits-train"), load_dataset("digits-test")
+    assert (len(train), len(test)) == (1437, 360) and train.num_classes == 10
+    assert torch.equal(train.images, digits_split("train").images)
+    assert torch.equal(test.labels, digits_split("test").labels)
+    # Stratified: every class keeps about a fifth of its images in the test part.
+    per_class = torch.bincount(test.labels, minlength=10).float()
+    totals = torch.bincount(load_digits().labels, minlength=10).float()
+    assert ((per_class / totals - 0.2).abs() < 0.01).all()

@@ -1,0 +1,98 @@
+"""sweep.py --quick end to end: the outputs' structure, the budgets, the matched training compute."""
+
+import json
+import math
+import time
+
+import pytest
+import sweep
+import torch
+from train import TrainConfig
+
+from implicitdiff.gradients import SJFB
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    start = time.perf_counter()
+    assert (
+        sweep.main(["--quick", "--out", str(out / "results"), "--work", str(out / "work"), "--threads", "1"])
+        == 0
+    )
+    return out, time.perf_counter() - start
+
+
+def test_quick_sweep_runs_in_under_a_minute_and_writes_the_three_files(quick):
+    out, wall_s = quick
+    assert wall_s < 60
+    for name in ("sweep.json", "sweep.md", "sweep.png"):
+        assert (out / "results" / name).stat().st_size > 0
+    assert (out / "results" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_method_and_budget_is_scored_over_every_seed_within_its_budget(quick):
+    out, _ = quick
+    report = json.loads((out / "results" / "sweep.json").read_text())
+    budgets, seeds = report["config"]["budgets"], report["config"]["seeds"]
+    assert budgets == [5, 12] and seeds == 2
+    rows = report["results"]
+    assert [(r["name"], r["budget"]) for r in rows] == [(m.name, b) for m in sweep.METHODS for b in budgets]
+    for row in rows:
+        assert len(row["per_seed"]) == seeds
+        assert all(1 <= s["spent"] <= row["budget"] for s in row["per_seed"])
+        assert row["spent_max"] <= row["budget"]
+        fds = [s["fd"] for s in row["per_seed"]]
+        assert math.isclose(row["fd_mean"], sum(fds) / seeds) and row["fd_std"] >= 0
+        assert all(math.isfinite(s["fd"]) and math.isfinite(s["kid"]) for s in row["per_seed"])
+    by = {(r["name"], r["budget"]): r for r in rows}
+    # DiT: budget // depth timesteps of depth blocks; FPDM plain: the same timesteps; smoothing: more.
+    assert by[("DiT", 12)]["steps"] == 2 and by[("DiT", 12)]["spent_max"] == 10
+    assert by[("FPDM plain", 12)]["steps"] == 2 and by[("FPDM plain", 12)]["spent_max"] == 12
+    assert by[("FPDM smoothing", 12)]["steps"] == 3
+    assert by[("FPDM plain", 12)]["reuse"] is False and by[("FPDM reuse", 12)]["reuse"] is True
+    assert by[("FPDM smoothing+reuse, Anderson", 5)]["solver"] == "anderson"
+    assert by[("FPDM tolerance", 12)]["schedule"] == "tolerance"
+
+
+def test_training_compute_is_matched_and_parameters_reported(quick):
+    out, _ = quick
+    report = json.loads((out / "results" / "sweep.json").read_text())
+    fpdm, dit = report["training"]["fpdm"], report["training"]["dit"]
+    assert fpdm["block_passes"] == fpdm["forward_block_passes"] + 2 * fpdm["backward_block_passes"]
+    assert dit["block_passes"] == 3 * dit["depth"] * dit["steps"]
+    # DiT's steps are the nearest to FPDM's compute: within half a DiT step of it.
+    assert abs(dit["block_passes"] - fpdm["block_passes"]) <= 3 * dit["depth"] / 2
+    assert fpdm["parameters"] > 0 and dit["parameters"] > 0 and fpdm["parameters"] != dit["parameters"]
+    markdown = (out / "results" / "sweep.md").read_text()
+    assert f"{fpdm['parameters'] / 1e6:.3f} M" in markdown and f"{dit['parameters'] / 1e6:.3f} M" in markdown
+    for method in sweep.METHODS:
+        assert f"| {method.name} |" in markdown
+
+
+def test_training_compute_counts_the_log_and_the_replayed_draws(tmp_path):
+    cfg = TrainConfig(steps=3, seed=5, sjfb_no_grad=(0, 6), sjfb_grad=(1, 3), max_iter=8)
+    # The draws the library's S-JFB estimator makes with that seed, one (no-grad, grad) pair per forward.
+    estimator = SJFB(no_grad_iters=(0, 6), grad_iters=(1, 3), seed=5)
+    draws = []
+    for _ in range(3):
+        estimator.forward_budget(8, training=True)
+        estimator.attach(lambda z: z, torch.zeros(1), training=True)
+        draws.append(estimator.last_draw)
+    log = tmp_path / "log.jsonl"
+    log.write_text(
+        "".join(
+            json.dumps({"step": i + 1, "block_evals": 2 + a + b}) + "\n" for i, (a, b) in enumerate(draws)
+        )
+    )
+    compute = sweep.training_compute(log, cfg, pre_post=2)
+    assert compute["forward"] == sum(2 + a + b for a, b in draws)
+    assert compute["backward"] == sum(2 + b for _, b in draws)
+    assert compute["passes"] == compute["forward"] + 2 * compute["backward"]
+    # A log that disagrees with the draws (fewer implicit evaluations than differentiable steps) is refused.
+    log.write_text("".join(json.dumps({"step": i + 1, "block_evals": 2}) + "\n" for i in range(3)))
+    with pytest.raises(ValueError, match="implicit evaluations"):
+        sweep.training_compute(log, cfg, pre_post=2)
+    log.write_text(json.dumps({"step": 2, "block_evals": 5}) + "\n")
+    with pytest.raises(ValueError, match="one record"):
+        sweep.training_compute(log, cfg, pre_post=2)
