@@ -2,13 +2,15 @@ r"""The Gaussian diffusion process: noise schedule, training loss, DDPM and DDIM
 
 API
 ---
-``GaussianDiffusion(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)`` holds the linear schedule
-(Ho et al. 2020) and provides
+``GaussianDiffusion(num_timesteps=1000, beta_start=1e-4, beta_end=0.02, spacing="trailing")`` holds the
+linear schedule (Ho et al. 2020) and provides
 
 * ``q_sample(x0, t, noise)``: :math:`x_t = \sqrt{\bar\alpha_t} x_0 + \sqrt{1 - \bar\alpha_t} \epsilon`;
 * ``training_loss(model, x0, y, generator=None)``: the epsilon-prediction loss
   :math:`E_{t, \epsilon} \|\epsilon - \epsilon_\theta(x_t, t, y)\|^2` (mean over elements);
-* ``respace(num_steps)``: evenly spaced timesteps, descending, e.g. ``[999, ..., 0]``;
+* ``respace(num_steps)``: evenly spaced timesteps, descending: ``"trailing"`` (default)
+  ``[999, 799, 599, 399, 199]`` for 5 steps, or ``"linspace"`` (DiT's and improved-diffusion's)
+  ``[999, 749, 500, 250, 0]``;
 * ``ddim_step(x_t, eps, t, t_prev, eta=0.0, noise=None)`` and ``ddpm_step(x_t, eps, t, t_prev, noise)``:
   one reverse step from timestep ``t`` to ``t_prev`` (``-1`` after the last one: the clean sample);
 * ``sample(eps_fn, shape, num_steps, method="ddim", ...)``: the plain loop over ``respace(num_steps)``
@@ -22,12 +24,16 @@ in ``model_kwargs`` it also returns the model's state for the doubled batch (FPD
 from __future__ import annotations
 
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GaussianDiffusion", "guided_eps"]
+__all__ = ["SPACINGS", "GaussianDiffusion", "guided_eps"]
+
+#: The timestep spacings of :meth:`GaussianDiffusion.respace`.
+SPACINGS = ("trailing", "linspace")
 
 
 class GaussianDiffusion:
@@ -43,6 +49,14 @@ class GaussianDiffusion:
     clip_denoised : bool
         Clip the predicted :math:`x_0` to ``[-1, 1]`` in sampling steps (data scaled to ``[-1, 1]``; turn
         off for latents).
+    spacing : {"trailing", "linspace"}
+        How :meth:`respace` picks ``S`` of the ``T`` timesteps. ``"trailing"`` (Lin et al. 2024, "Common
+        diffusion noise schedules and sample steps are flawed"): :math:`t_i = \mathrm{round}(T - iT/S) - 1`,
+        which starts at ``T - 1`` and ends at ``T/S - 1``; ``"linspace"``: ``S`` points from ``T - 1`` to
+        ``0`` both included, as DiT samples. With few steps ``"linspace"`` wastes its last evaluation at
+        ``t = 0``, where nothing is left to denoise, and its second-to-last step predicts :math:`x_0` from
+        almost pure noise: on the digits, 2 linspace steps ``[999, 0]`` give noise and 2 trailing steps
+        ``[999, 499]`` give digits. With many steps the two agree (``S = T`` gives every timestep either way).
     """
 
     def __init__(
@@ -51,13 +65,17 @@ class GaussianDiffusion:
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         clip_denoised: bool = True,
+        spacing: str = "trailing",
     ) -> None:
         if num_timesteps < 1:
             raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
         if not 0 < beta_start <= beta_end < 1:
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         self.num_timesteps = num_timesteps
         self.clip_denoised = clip_denoised
+        self.spacing = spacing
         # Kept in float64: 1 - alpha_bar near t = 0 is tiny and loses digits in float32.
         self.betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
@@ -106,12 +124,16 @@ class GaussianDiffusion:
         return (eps.float() - noise.float()).pow(2).mean()
 
     def respace(self, num_steps: int) -> list[int]:
-        """``num_steps`` evenly spaced timesteps from ``T - 1`` down to ``0`` (the sampling schedule)."""
+        """``num_steps`` evenly spaced timesteps, descending from ``T - 1``, by ``self.spacing``."""
         if not 1 <= num_steps <= self.num_timesteps:
             raise ValueError(f"num_steps must be in [1, {self.num_timesteps}], got {num_steps}")
+        T = self.num_timesteps
+        if self.spacing == "trailing":
+            # Exact rational arithmetic, so round() does not depend on float error.
+            return [round(Fraction(T * (num_steps - i), num_steps)) - 1 for i in range(num_steps)]
         if num_steps == 1:
-            return [self.num_timesteps - 1]
-        steps = torch.linspace(self.num_timesteps - 1, 0, num_steps, dtype=torch.float64).round().long()
+            return [T - 1]
+        steps = torch.linspace(T - 1, 0, num_steps, dtype=torch.float64).round().long()
         return steps.tolist()
 
     def predict_x0(self, x_t: Tensor, eps: Tensor, t: int) -> Tensor:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from diffusion import GaussianDiffusion
+from diffusion import SPACINGS, GaussianDiffusion
 from sampling import METHODS, SCHEDULES, SampleResult, block_cost, pick_steps, sample
 from train import TrainConfig, build_model, load_checkpoint, make_solver
 
@@ -157,6 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         batch_size=args.batch_size,
         seed=args.seed,
         progress=args.progress,
+        diffusion=GaussianDiffusion(spacing=args.spacing),
         budget=args.budget,
         steps=args.steps,
         schedule=args.schedule,
@@ -181,6 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     )
     summary = {
         "checkpoint": str(args.checkpoint),
+        "spacing": args.spacing,
         "seed": args.seed,
         "ema": args.ema,
         **_summary(results, labels),
@@ -205,6 +207,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--reuse", action=argparse.BooleanOptionalAction, default=True, help="warm start from the last step")
     add("--method", default="ddim", choices=METHODS)
     add("--eta", type=float, default=0.0, help="DDIM noise scale")
+    add("--spacing", default="trailing", choices=SPACINGS, help="how the timesteps are spaced (respace)")
     add("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1: none)")
     add("--tol", type=float, default=1e-3, help="relative residual of the 'tolerance' schedule")
     add("--seed", type=int, default=0)

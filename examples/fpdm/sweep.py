@@ -6,38 +6,46 @@
     python examples/fpdm/sweep.py --quick --out /tmp/sweep   # smoke test (tiny models, seconds)
 
 1. Trains ``FPDM-Digits/2`` (hidden 64, 1 pre, 1 weight-tied implicit, 1 post block; S-JFB with 0-6 no-grad
-   and 1-3 differentiable Picard iterations) and ``DiT-Digits/2`` (hidden 64, ``--dit-depth`` blocks) on the
-   training split of the digits (``data="digits-train"``: ``evaluate.digits_split("train")``, 1,437 images),
-   lr 1e-3, batch 128, EMA 0.995, with ``train.py``'s :func:`train.train`.
+   and 1-3 differentiable Picard iterations) and one ``DiT-Digits/2`` (hidden 64) per depth of
+   ``--dit-depths`` (5 and 12) on the training split of the digits (``data="digits-train"``:
+   ``evaluate.digits_split("train")``, 1,437 images), lr 1e-3, batch 128, EMA 0.995, with ``train.py``'s
+   :func:`train.train`. Depth 5 costs what FPDM costs per training step (3 x 5 = 15 block passes, FPDM's
+   expected number) and has a similar parameter count. Depth 12 mirrors the paper's pairing, a DiT several
+   times larger than the FPDM (DiT-XL/2: 28 blocks, 675 M parameters, against FPDM-XL/2's 86 M), so at a
+   small sampling budget it affords few timesteps.
 2. **Same training compute**, counted in transformer-block passes, the unit of the sampling budget: a block's
    forward pass counts 1 and its backward pass 2 (the usual estimate: a backward computes the gradients with
    respect to both the input and the weights, about twice a forward's multiply-adds). FPDM's forward
    evaluations are counted exactly from its training log (``block_evals`` of every step: pre + post + every
    evaluation of the implicit block, the no-grad ones included); its backward passes are pre + post + the
    differentiable S-JFB steps, whose numbers are replayed exactly from the estimator's seeded generator. DiT
-   costs ``3 * depth`` per step, so it gets ``round(C_FPDM / (3 * depth))`` steps. Why not wall-clock: it
-   depends on the machine and its load, and the budgets of the sampling side are block evaluations too; the
+   costs ``3 * depth`` per step, so each DiT gets ``round(C_FPDM / (3 * depth))`` steps. Why not wall-clock:
+   it depends on the machine and its load, and the budgets of the sampling side are block evaluations too; the
    wall-clock of both runs is reported next to it. Caveat: FPDM's implicit block also runs its fusion MLP
    (about half a DiT block's multiply-adds per token), which block counting, the paper's unit, leaves out.
 3. Samples each model under every budget of ``--budgets`` (block evaluations per sample, guidance's doubled
-   batch counted once, as in the paper), DDIM, guidance ``--guidance``, with ``--seeds`` sampling seeds of
+   batch counted once, as in the paper), DDIM with trailing timesteps, guidance ``--guidance`` (1: none, the
+   best FD here; guidance trades diversity for class fidelity), with ``--seeds`` sampling seeds of
    ``--num`` samples each, for these methods:
 
-   * ``DiT``: ``budget // depth`` timesteps;
-   * ``FPDM plain``: the DiT-like number of timesteps (``budget // dit_depth``), the rest of the budget as
-     Picard iterations, every solve from the pre blocks' output (no reuse);
+   * ``DiT-<depth>``: ``budget // depth`` timesteps; a budget below the depth buys none (an empty cell);
+   * ``FPDM plain``: the number of timesteps of the first DiT (``budget // dit_depths[0]``), the rest of the
+     budget as Picard iterations, every solve from the pre blocks' output (no reuse);
    * ``FPDM smoothing``: the sampler's timestep smoothing (``budget // (pre + post + 2)`` timesteps), no
      reuse;
    * ``FPDM reuse``: the DiT-like timesteps, each solve warm-started from the previous fixed point;
    * ``FPDM smoothing+reuse``; ``FPDM smoothing+reuse, Anderson``: the same with ``Anderson()`` in the
      sampler; ``FPDM tolerance``: smoothing, reuse and the ``"tolerance"`` schedule (``--tol``).
 
-4. Scores each set of samples by the Fréchet distance and KID in the digits classifier's features
-   (``evaluate.py``) against the held-out ``digits-test`` split (360 images), and the class agreement; reports
-   mean and standard deviation over the sampling seeds, and the same scores of the training split itself
-   (real against real, the floor these small sample sizes allow).
-5. Writes ``OUT/sweep.json`` (everything), ``OUT/sweep.md`` (tables) and ``OUT/sweep.png`` (FD and KID
-   against the budget, error bars one standard deviation over the seeds); ``OUT`` is
+4. Scores each set of samples against the held-out ``digits-test`` split (360 images): the Fréchet distance
+   and KID in the digits classifier's features (``evaluate.py``), the Fréchet distance of the raw 64 pixels,
+   and the class agreement. The classifier's features have a blind spot: they map some noise images near
+   digits (one-step samples, pure noise, score a better feature FD than some blurry digits do), and the
+   pixel FD, which puts noise far away, is the check on it. Reports mean and standard deviation over the
+   sampling seeds, and the same scores of the training split itself (real against real, the floor these
+   sample sizes allow).
+5. Writes ``OUT/sweep.json`` (everything), ``OUT/sweep.md`` (tables) and ``OUT/sweep.png`` (the three
+   distances against the budget, error bars one standard deviation over the seeds); ``OUT`` is
    ``examples/fpdm/results`` by default. Checkpoints go to ``--work`` (``runs/sweep``);
    ``--reuse-checkpoints`` samples existing ones instead of training again.
 """
@@ -73,11 +81,11 @@ from evaluate import (
 )
 from models import count_parameters
 from sampling import block_cost, sample
-from train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, train
+from train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, load_checkpoint, train
 
 from implicitdiff import Anderson, Picard
 
-__all__ = ["METHODS", "Method", "main", "parse_args", "run_sweep", "training_compute"]
+__all__ = ["FPDM_METHODS", "Method", "main", "methods", "parse_args", "run_sweep", "training_compute"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -91,10 +99,10 @@ class Method:
     name : str
         Its label in the table and the plot.
     model : str
-        ``"dit"`` or ``"fpdm"``.
+        ``"fpdm"`` or ``"dit<depth>"``.
     smoothing : bool
-        ``True``: the sampler picks the timesteps (``steps=None``); ``False``: the DiT-like count
-        ``budget // dit_depth``.
+        ``True``: the sampler picks the timesteps (``steps=None``); ``False``: the first DiT's count
+        ``budget // dit_depths[0]``.
     reuse : bool
         Warm-start each solve from the previous timestep's fixed point.
     solver : str
@@ -111,8 +119,7 @@ class Method:
     schedule: str = "constant"
 
 
-METHODS: tuple[Method, ...] = (
-    Method("DiT", "dit"),
+FPDM_METHODS: tuple[Method, ...] = (
     Method("FPDM plain", "fpdm", smoothing=False, reuse=False),
     Method("FPDM smoothing", "fpdm", smoothing=True, reuse=False),
     Method("FPDM reuse", "fpdm", smoothing=False, reuse=True),
@@ -120,6 +127,11 @@ METHODS: tuple[Method, ...] = (
     Method("FPDM smoothing+reuse, Anderson", "fpdm", smoothing=True, reuse=True, solver="anderson"),
     Method("FPDM tolerance", "fpdm", smoothing=True, reuse=True, schedule="tolerance"),
 )
+
+
+def methods(dit_depths: Sequence[int]) -> tuple[Method, ...]:
+    """The sweep's methods: one ``DiT-<depth>`` per depth, then :data:`FPDM_METHODS`."""
+    return tuple(Method(f"DiT-{d}", f"dit{d}") for d in dit_depths) + FPDM_METHODS
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -132,16 +144,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--fpdm-steps", type=int, default=3000, help="FPDM training steps (DiT's follow from the compute)")
     add("--hidden-size", type=int, default=64)
     add("--num-heads", type=int, default=4)
-    add("--dit-depth", type=int, default=5, help="3 * 5 = 15 = FPDM's expected passes per step")
+    add(
+        "--dit-depths",
+        type=int,
+        nargs="+",
+        default=[5, 12],
+        help="one DiT per depth; the first (3 * 5 = 15 = FPDM's passes per step) sets FPDM plain's steps",
+    )
     add("--sjfb-no-grad", type=int, nargs=2, default=[0, 6], metavar=("MIN", "MAX"))
     add("--sjfb-grad", type=int, nargs=2, default=[1, 3], metavar=("MIN", "MAX"))
     add("--lr", type=float, default=1e-3)
     add("--batch-size", type=int, default=128)
     add("--ema-decay", type=float, default=0.995)
-    add("--budgets", type=int, nargs="+", default=[5, 10, 20, 40, 80, 160])
+    add("--budgets", type=int, nargs="+", default=[10, 15, 20, 30, 40, 80, 160])
     add("--seeds", type=int, default=4, help="sampling seeds per point")
     add("--num", type=int, default=1000, help="samples per seed and point (one per label, cycling 0-9)")
-    add("--guidance", type=float, default=2.0)
+    add("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     add("--tol", type=float, default=0.05, help="the tolerance schedule's relative residual")
     add("--kid-subsets", type=int, default=50)
     add("--threads", type=int, default=2)
@@ -150,10 +168,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--progress", action=argparse.BooleanOptionalAction, default=False)
     args = parser.parse_args(argv)
     if args.quick:
-        args.fpdm_steps, args.hidden_size, args.num_heads, args.dit_depth = 4, 16, 2, 5
+        args.fpdm_steps, args.hidden_size, args.num_heads, args.dit_depths = 4, 16, 2, [5, 6]
         args.batch_size, args.budgets, args.seeds, args.num, args.kid_subsets = 32, [5, 12], 2, 20, 5
-    if min(args.budgets) < args.dit_depth:
-        parser.error(f"the smallest budget must pay for one DiT timestep ({args.dit_depth} blocks)")
+    if min(args.budgets) < args.dit_depths[0]:
+        parser.error(
+            f"the smallest budget must pay for one timestep of the first DiT ({args.dit_depths[0]} blocks)"
+        )
+    if len(set(args.dit_depths)) != len(args.dit_depths) or min(args.dit_depths) < 1:
+        parser.error(f"--dit-depths must be distinct positive depths, got {args.dit_depths}")
     return args
 
 
@@ -223,17 +245,25 @@ def _train_config(args: argparse.Namespace, name: str, steps: int, work: Path) -
         return TrainConfig(out=str(work / "fpdm"), model="FPDM-Digits/2", pre_depth=1, post_depth=1,
                            grad="sjfb", solver="picard", sjfb_no_grad=tuple(args.sjfb_no_grad),
                            sjfb_grad=tuple(args.sjfb_grad), **common)  # fmt: skip
-    return TrainConfig(out=str(work / "dit"), model="DiT-Digits/2", depth=args.dit_depth, **common)
+    depth = int(name.removeprefix("dit"))
+    return TrainConfig(out=str(work / name), model="DiT-Digits/2", depth=depth, **common)
 
 
 def _train_or_reuse(cfg: TrainConfig, reuse: bool) -> tuple[float, dict[str, Any]]:
-    """Train (or, with ``reuse`` and a finished checkpoint, skip); the wall-clock and the last log record."""
+    """Train (or, with ``reuse`` and a finished checkpoint of the same configuration, skip).
+
+    Returns the training wall-clock and the last log record.
+    """
     out = Path(cfg.out)
     log_path = out / LOG_NAME
     if reuse and (out / CHECKPOINT_NAME).exists() and (out / "train_wall_s.json").exists():
         last = json.loads(log_path.read_text().splitlines()[-1])
-        if last.get("step") == cfg.steps:
+        saved = load_checkpoint(out / CHECKPOINT_NAME).get("config", {})
+        wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "progress")}
+        same = all(json.dumps(saved.get(k)) == json.dumps(v) for k, v in wanted.items())
+        if last.get("step") == cfg.steps and same:
             return float(json.loads((out / "train_wall_s.json").read_text())["wall_s"]), last
+        print(f"[sweep] {out}: the checkpoint is of another configuration; training again", flush=True)
     start = time.perf_counter()
     summary = train(cfg)
     wall_s = time.perf_counter() - start
@@ -242,7 +272,7 @@ def _train_or_reuse(cfg: TrainConfig, reuse: bool) -> tuple[float, dict[str, Any
 
 
 def _sample_options(method: Method, budget: int, dit_depth: int, args: argparse.Namespace) -> dict[str, Any]:
-    if method.model == "dit":
+    if method.model.startswith("dit"):
         return {"budget": budget, "schedule": "constant"}
     return {
         "budget": budget,
@@ -252,6 +282,10 @@ def _sample_options(method: Method, budget: int, dit_depth: int, args: argparse.
         "reuse": method.reuse,
         "tol": args.tol,
     }
+
+
+#: The scores of each set of samples (see :func:`run_sweep`), each reported as ``<name>_mean`` and ``_std``.
+METRICS = ("fd", "kid", "fd_pixels", "agreement")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -268,15 +302,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     fpdm_cfg = _train_config(args, "fpdm", args.fpdm_steps, work)
     fpdm_wall, fpdm_last = _train_or_reuse(fpdm_cfg, args.reuse_checkpoints)
     fpdm_compute = training_compute(Path(fpdm_cfg.out) / LOG_NAME, fpdm_cfg, pre_post=2)
-    dit_steps = max(1, round(fpdm_compute["passes"] / (3 * args.dit_depth)))
-    dit_cfg = _train_config(args, "dit", dit_steps, work)
-    dit_wall, dit_last = _train_or_reuse(dit_cfg, args.reuse_checkpoints)
-    dit_passes = 3 * args.dit_depth * dit_steps
-    models: dict[str, nn.Module] = {
-        "fpdm": sample_cli.load_model(Path(fpdm_cfg.out) / CHECKPOINT_NAME),
-        "dit": sample_cli.load_model(Path(dit_cfg.out) / CHECKPOINT_NAME),
-    }
-    training = {
+    models: dict[str, nn.Module] = {"fpdm": sample_cli.load_model(Path(fpdm_cfg.out) / CHECKPOINT_NAME)}
+    training: dict[str, dict[str, Any]] = {
         "fpdm": {
             "model": fpdm_cfg.model, "parameters": count_parameters(models["fpdm"]), "steps": fpdm_cfg.steps,
             "sjfb_no_grad": list(fpdm_cfg.sjfb_no_grad), "sjfb_grad": list(fpdm_cfg.sjfb_grad),
@@ -284,19 +311,25 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             "backward_block_passes": fpdm_compute["backward"],
             "block_passes": fpdm_compute["passes"], "wall_s": fpdm_wall, "final_loss": fpdm_last.get("loss"),
         },
-        "dit": {
-            "model": dit_cfg.model, "parameters": count_parameters(models["dit"]), "steps": dit_steps,
-            "depth": args.dit_depth, "forward_block_passes": args.dit_depth * dit_steps,
-            "backward_block_passes": args.dit_depth * dit_steps, "block_passes": dit_passes,
-            "wall_s": dit_wall, "final_loss": dit_last.get("loss"),
-        },
     }  # fmt: skip
+    for depth in args.dit_depths:
+        name = f"dit{depth}"
+        steps = max(1, round(fpdm_compute["passes"] / (3 * depth)))
+        cfg = _train_config(args, name, steps, work)
+        wall, last = _train_or_reuse(cfg, args.reuse_checkpoints)
+        models[name] = sample_cli.load_model(Path(cfg.out) / CHECKPOINT_NAME)
+        training[name] = {
+            "model": cfg.model, "parameters": count_parameters(models[name]), "steps": steps, "depth": depth,
+            "forward_block_passes": depth * steps, "backward_block_passes": depth * steps,
+            "block_passes": 3 * depth * steps, "wall_s": wall, "final_loss": last.get("loss"),
+        }  # fmt: skip
     print(f"[sweep] trained in {time.perf_counter() - start:.0f} s: {json.dumps(training)}", flush=True)
 
     # 2. The reference: real training images against the held-out test split.
     classifier = load_digits_classifier()
     test = digits_split("test")
     reference = extract_features(classifier.features, test.images)
+    reference_pixels = test.images.flatten(1).double()
     kid_size = 1000
 
     def score(images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict[str, float]:
@@ -307,6 +340,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         return {
             "fd": frechet_distance(features, reference),
             "kid": kid,
+            "fd_pixels": frechet_distance(images.flatten(1).double(), reference_pixels),
             "agreement": class_agreement(classifier, images, labels),
         }
 
@@ -318,11 +352,17 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     diffusion = GaussianDiffusion()
     labels = torch.arange(args.num) % 10
     rows: list[dict[str, Any]] = []
-    for method in METHODS:
+    for method in methods(args.dit_depths):
         model = models[method.model]
         fixed, _ = block_cost(model)
         for budget in args.budgets:
-            options = _sample_options(method, budget, args.dit_depth, args)
+            row: dict[str, Any] = {**dataclasses.asdict(method), "budget": budget, "fixed_per_step": fixed}
+            if budget < fixed + (method.model == "fpdm"):
+                # Not one timestep fits: reported as such, not sampled.
+                rows.append({**row, "affordable": False, "steps": 0, "per_seed": []})
+                print(f"[sweep] {method.name:32s} budget {budget:4d}: not one timestep fits", flush=True)
+                continue
+            options = _sample_options(method, budget, args.dit_depths[0], args)
             per_seed: list[dict[str, Any]] = []
             for seed in range(args.seeds):
                 generator = torch.Generator().manual_seed(10_000 + seed)
@@ -341,30 +381,22 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
                         "wall_s": result.wall_s,
                     }
                 )
-            fd_mean, fd_std = _mean_std([s["fd"] for s in per_seed])
-            kid_mean, kid_std = _mean_std([s["kid"] for s in per_seed])
-            agreement_mean, agreement_std = _mean_std([s["agreement"] for s in per_seed])
-            row = {
-                **dataclasses.asdict(method),
-                "budget": budget,
-                "steps": per_seed[0]["steps"],
-                "spent_max": max(s["spent"] for s in per_seed),
-                "spent_mean": statistics.fmean(s["spent"] for s in per_seed),
-                "fixed_per_step": fixed,
-                "fd_mean": fd_mean,
-                "fd_std": fd_std,
-                "kid_mean": kid_mean,
-                "kid_std": kid_std,
-                "agreement_mean": agreement_mean,
-                "agreement_std": agreement_std,
-                "wall_s_mean": statistics.fmean(s["wall_s"] for s in per_seed),
-                "per_seed": per_seed,
-            }
+            row.update(
+                affordable=True,
+                steps=per_seed[0]["steps"],
+                spent_max=max(s["spent"] for s in per_seed),
+                spent_mean=statistics.fmean(s["spent"] for s in per_seed),
+                wall_s_mean=statistics.fmean(s["wall_s"] for s in per_seed),
+            )
+            for metric in METRICS:
+                row[metric + "_mean"], row[metric + "_std"] = _mean_std([s[metric] for s in per_seed])
+            row["per_seed"] = per_seed
             rows.append(row)
             print(
                 f"[sweep] {method.name:32s} budget {budget:4d}: steps {row['steps']:3d}, spent <= "
-                f"{row['spent_max']:4d}, FD {fd_mean:.3f} ± {fd_std:.3f}, KID {kid_mean:.4f} ± {kid_std:.4f} "
-                f"({time.perf_counter() - start:.0f} s)",
+                f"{row['spent_max']:4d}, FD {row['fd_mean']:.3f} ± {row['fd_std']:.3f}, KID "
+                f"{row['kid_mean']:.4f} ± {row['kid_std']:.4f}, pixel FD {row['fd_pixels_mean']:.2f} ± "
+                f"{row['fd_pixels_std']:.2f} ({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
 
@@ -376,7 +408,10 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             "steps) replayed from the estimator's seeded generator; DiT: 3 * depth per step"
         ),
         "budget_unit": "block evaluations per sample; guidance's doubled batch counted once",
-        "reference_metric": "FD and KID in the digits classifier's features against digits-test (360 images)",
+        "reference_metric": (
+            "FD and KID in the digits classifier's features, and FD of the raw pixels, against digits-test "
+            "(360 images); agreement: the fraction the classifier labels as asked"
+        ),
         "training": training,
         "real_train_vs_test": real,
         "results": rows,
@@ -390,11 +425,17 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _cell(row: dict[str, Any], metric: str, digits: int) -> str:
+    if not row["affordable"]:
+        return "—"
+    return f"{row[metric + '_mean']:.{digits}f} ± {row[metric + '_std']:.{digits}f}"
+
+
 def write_markdown(report: dict[str, Any], path: Path) -> Path:
-    """The tables of the report: training, then FD and KID (mean ± std over seeds) per method and budget."""
+    """The tables of the report: training, then each score (mean ± std over seeds) per method and budget."""
     cfg, training, real = report["config"], report["training"], report["real_train_vs_test"]
     budgets = cfg["budgets"]
-    fpdm, dit = training["fpdm"], training["dit"]
+    fpdm = training["fpdm"]
     lines = [
         f"Models trained on `digits-train` (1,437 images) at hidden {cfg['hidden_size']}, lr {cfg['lr']}, "
         f"batch {cfg['batch_size']}, EMA {cfg['ema_decay']}, with the same training compute in block passes "
@@ -406,38 +447,47 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
         f"{fpdm['sjfb_no_grad'][1]} no-grad, {fpdm['sjfb_grad'][0]}-{fpdm['sjfb_grad'][1]} grad) | "
         f"{fpdm['parameters'] / 1e6:.3f} M | {fpdm['steps']} | {fpdm['forward_block_passes']:,} / "
         f"{fpdm['backward_block_passes']:,} | {fpdm['block_passes']:,} | {fpdm['wall_s']:.0f} s |",
-        f"| DiT-Digits/2 (depth {dit['depth']}) | {dit['parameters'] / 1e6:.3f} M | {dit['steps']} | "
-        f"{dit['forward_block_passes']:,} / {dit['backward_block_passes']:,} | {dit['block_passes']:,} | "
-        f"{dit['wall_s']:.0f} s |",
+    ]
+    for name, dit in training.items():
+        if name != "fpdm":
+            lines.append(
+                f"| DiT-Digits/2 (depth {dit['depth']}) | {dit['parameters'] / 1e6:.3f} M | {dit['steps']} | "
+                f"{dit['forward_block_passes']:,} / {dit['backward_block_passes']:,} | "
+                f"{dit['block_passes']:,} | {dit['wall_s']:.0f} s |"
+            )
+    lines += [
         "",
-        f"Sampling: DDIM, guidance {cfg['guidance']}, {cfg['num']} samples per seed, {cfg['seeds']} seeds "
-        "per point; budget = block evaluations per sample (guidance's doubled batch counted once); cells are "
-        "mean ± standard deviation over the seeds. Reference: the real training split scores "
-        f"FD {real['fd']:.3f}, KID {real['kid']:.4f} against `digits-test` in the digits classifier's "
-        "features.",
+        f"Sampling: DDIM over trailing timesteps, guidance {cfg['guidance']}, {cfg['num']} samples per seed, "
+        f"{cfg['seeds']} seeds per point; budget = block evaluations per sample (guidance's doubled batch "
+        "counted once); cells are mean ± standard deviation over the seeds; — : the budget does not pay for "
+        "one timestep. Reference: the real training split scores "
+        f"FD {real['fd']:.3f}, KID {real['kid']:.4f}, pixel FD {real['fd_pixels']:.3f}, agreement "
+        f"{real['agreement']:.3f} against `digits-test`.",
         "",
     ]
-    for metric, label, digits in (("fd", "Fréchet distance (lower is better)", 3), ("kid", "KID", 4)):
-        lines += [f"**{label}**", "", "| method | " + " | ".join(f"B = {b}" for b in budgets) + " |"]
-        lines.append("|---|" + "---|" * len(budgets))
-        for name in dict.fromkeys(r["name"] for r in report["results"]):
+    names = list(dict.fromkeys(r["name"] for r in report["results"]))
+    header = ["| method | " + " | ".join(f"B = {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    tables = (
+        ("fd", "Fréchet distance in the digits classifier's features (lower is better)", 3),
+        ("kid", "KID in the classifier's features (lower is better)", 4),
+        ("fd_pixels", "Fréchet distance of the raw pixels (lower is better)", 3),
+        ("agreement", "Class agreement: the fraction the classifier labels as asked", 3),
+    )
+    for metric, label, digits in tables:
+        lines += [f"**{label}**", "", *header]
+        for name in names:
             cells = {r["budget"]: r for r in report["results"] if r["name"] == name}
-            lines.append(
-                f"| {name} | "
-                + " | ".join(
-                    f"{cells[b][metric + '_mean']:.{digits}f} ± {cells[b][metric + '_std']:.{digits}f}"
-                    for b in budgets
-                )
-                + " |"
-            )
+            lines.append(f"| {name} | " + " | ".join(_cell(cells[b], metric, digits) for b in budgets) + " |")
         lines.append("")
-    lines += ["**Timesteps (block evaluations spent, max over seeds)**", ""]
-    lines += ["| method | " + " | ".join(f"B = {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
-    for name in dict.fromkeys(r["name"] for r in report["results"]):
+    lines += ["**Timesteps (block evaluations spent, max over seeds)**", "", *header]
+    for name in names:
         cells = {r["budget"]: r for r in report["results"] if r["name"] == name}
         lines.append(
             f"| {name} | "
-            + " | ".join(f"{cells[b]['steps']} ({cells[b]['spent_max']})" for b in budgets)
+            + " | ".join(
+                f"{cells[b]['steps']} ({cells[b]['spent_max']})" if cells[b]["affordable"] else "—"
+                for b in budgets
+            )
             + " |"
         )
     lines += ["", f"Whole sweep: {report['wall_s']:.0f} s on {report['environment']['threads']} CPU threads "
@@ -447,42 +497,45 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
 
 
 def write_plot(report: dict[str, Any], path: Path) -> Path:
-    """FD and KID against the budget (log scale), one line per method, error bars one std over seeds."""
+    """The three distances against the budget (log scales), one line per method, error bars one std."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = (("fd", "Fréchet distance, classifier features"), ("kid", "KID, classifier features"),
+              ("fd_pixels", "Fréchet distance, pixels"))  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(17, 5))
     names = list(dict.fromkeys(r["name"] for r in report["results"]))
     real = report["real_train_vs_test"]
-    for ax, metric, label in zip(axes, ("fd", "kid"), ("Fréchet distance", "KID"), strict=True):
+    for ax, (metric, label) in zip(axes, panels, strict=True):
         for k, name in enumerate(names):
-            rows = [r for r in report["results"] if r["name"] == name]
+            rows = [r for r in report["results"] if r["name"] == name and r["affordable"]]
+            dit = name.startswith("DiT")
             ax.errorbar(
-                [
-                    r["budget"] * (1 + 0.02 * (k - len(names) / 2)) for r in rows
-                ],  # small offsets: bars visible
+                [r["budget"] * (1 + 0.015 * (k - len(names) / 2)) for r in rows],  # offsets: bars visible
                 [r[metric + "_mean"] for r in rows],
                 yerr=[r[metric + "_std"] for r in rows],
-                marker="o" if name == "DiT" else ".",
-                linestyle="--" if name == "DiT" else "-",
+                marker="o" if dit else ".",
+                linestyle="--" if dit else "-",
+                linewidth=2 if dit else 1.2,
                 capsize=3,
                 label=name,
             )
         ax.axhline(real[metric], color="gray", linewidth=0.8, linestyle=":", label="real train split")
         ax.set_xscale("log", base=2)
         ax.set_xticks(report["config"]["budgets"], [str(b) for b in report["config"]["budgets"]])
-        ax.set_yscale("log" if metric == "fd" else "linear")
+        ax.set_yscale("log")
         ax.set_xlabel("budget: block evaluations per sample")
-        ax.set_ylabel(f"{label} to digits-test (lower is better)")
+        ax.set_title(f"{label} (lower is better)", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(
-        f"FPDM vs DiT on 8x8 digits, same training compute; mean ± std over {report['config']['seeds']} seeds"
+        "FPDM vs DiT on 8x8 digits, same training compute, against digits-test; "
+        f"mean ± std over {report['config']['seeds']} sampling seeds"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -498,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_plot(report, out / "sweep.png")
     for name in ("sweep.json", "sweep.md", "sweep.png"):
         print(f"[sweep] wrote {out / name}")
-    if not all(math.isfinite(r["fd_mean"]) for r in report["results"]):
+    if not all(math.isfinite(r["fd_mean"]) for r in report["results"] if r["affordable"]):
         print("[sweep] warning: a non-finite Fréchet distance", file=sys.stderr)
     return 0
 

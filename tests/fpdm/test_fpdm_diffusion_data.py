@@ -1,5 +1,6 @@
 """The diffusion process (schedule, DDPM/DDIM steps, guidance) and the datasets (digits, folder, latents)."""
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,26 @@ def test_linear_schedule_matches_its_definition():
     assert diffusion.betas[0] == pytest.approx(1e-4) and diffusion.betas[-1] == pytest.approx(0.02)
     assert float(diffusion.alpha_bar(-1)) == 1.0
     assert float(diffusion.alpha_bar(999)) == pytest.approx(float(torch.prod(1 - diffusion.betas)))
-    assert diffusion.respace(5) == [999, 749, 500, 250, 0]
-    assert diffusion.respace(1000) == list(range(999, -1, -1))
+    assert diffusion.respace(5) == [999, 799, 599, 399, 199]  # trailing, the default
+    assert diffusion.respace(2) == [999, 499]
+    assert GaussianDiffusion(spacing="linspace").respace(5) == [999, 749, 500, 250, 0]
+    for spacing in ("trailing", "linspace"):
+        assert GaussianDiffusion(spacing=spacing).respace(1000) == list(range(999, -1, -1))
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+@pytest.mark.parametrize("num_timesteps", [1, 7, 1000])
+def test_respace_gives_distinct_descending_timesteps_from_the_last(spacing, num_timesteps):
+    diffusion = GaussianDiffusion(num_timesteps=num_timesteps, spacing=spacing)
+    for n in range(1, num_timesteps + 1):
+        steps = diffusion.respace(n)
+        assert len(steps) == n and steps[0] == num_timesteps - 1 and steps[-1] >= 0
+        assert all(a > b for a, b in itertools.pairwise(steps))
+
+
+def test_unknown_spacing_is_refused():
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        GaussianDiffusion(spacing="leading")
 
 
 @pytest.mark.parametrize("t, t_prev", [(999, 500), (500, 120), (40, -1)])

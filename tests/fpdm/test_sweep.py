@@ -1,13 +1,15 @@
 """sweep.py --quick end to end: the outputs' structure, the budgets, the matched training compute."""
 
+import dataclasses
 import json
 import math
+import shutil
 import time
 
 import pytest
 import sweep
 import torch
-from train import TrainConfig
+from train import TrainConfig, load_checkpoint
 
 from implicitdiff.gradients import SJFB
 
@@ -35,19 +37,28 @@ def test_every_method_and_budget_is_scored_over_every_seed_within_its_budget(qui
     out, _ = quick
     report = json.loads((out / "results" / "sweep.json").read_text())
     budgets, seeds = report["config"]["budgets"], report["config"]["seeds"]
-    assert budgets == [5, 12] and seeds == 2
+    assert budgets == [5, 12] and seeds == 2 and report["config"]["dit_depths"] == [5, 6]
+    methods = sweep.methods([5, 6])
+    assert [m.name for m in methods[:2]] == ["DiT-5", "DiT-6"]
     rows = report["results"]
-    assert [(r["name"], r["budget"]) for r in rows] == [(m.name, b) for m in sweep.METHODS for b in budgets]
-    for row in rows:
+    assert [(r["name"], r["budget"]) for r in rows] == [(m.name, b) for m in methods for b in budgets]
+    by = {(r["name"], r["budget"]): r for r in rows}
+    # A budget below a DiT's depth buys no timestep: reported as such, not sampled.
+    assert by[("DiT-6", 5)]["affordable"] is False and by[("DiT-6", 5)]["per_seed"] == []
+    assert "| DiT-6 | — |" in (out / "results" / "sweep.md").read_text()
+    for row in (r for r in rows if r["affordable"]):
         assert len(row["per_seed"]) == seeds
         assert all(1 <= s["spent"] <= row["budget"] for s in row["per_seed"])
         assert row["spent_max"] <= row["budget"]
         fds = [s["fd"] for s in row["per_seed"]]
         assert math.isclose(row["fd_mean"], sum(fds) / seeds) and row["fd_std"] >= 0
-        assert all(math.isfinite(s["fd"]) and math.isfinite(s["kid"]) for s in row["per_seed"])
-    by = {(r["name"], r["budget"]): r for r in rows}
-    # DiT: budget // depth timesteps of depth blocks; FPDM plain: the same timesteps; smoothing: more.
-    assert by[("DiT", 12)]["steps"] == 2 and by[("DiT", 12)]["spent_max"] == 10
+        for metric in sweep.METRICS:
+            assert all(math.isfinite(s[metric]) for s in row["per_seed"])
+            assert math.isclose(row[metric + "_mean"], sum(s[metric] for s in row["per_seed"]) / seeds)
+        assert all(0 <= s["agreement"] <= 1 and s["fd_pixels"] >= 0 for s in row["per_seed"])
+    # DiT: budget // depth timesteps of depth blocks; FPDM plain: the first DiT's timesteps; smoothing: more.
+    assert by[("DiT-5", 12)]["steps"] == 2 and by[("DiT-5", 12)]["spent_max"] == 10
+    assert by[("DiT-6", 12)]["steps"] == 2 and by[("DiT-6", 12)]["spent_max"] == 12
     assert by[("FPDM plain", 12)]["steps"] == 2 and by[("FPDM plain", 12)]["spent_max"] == 12
     assert by[("FPDM smoothing", 12)]["steps"] == 3
     assert by[("FPDM plain", 12)]["reuse"] is False and by[("FPDM reuse", 12)]["reuse"] is True
@@ -58,15 +69,21 @@ def test_every_method_and_budget_is_scored_over_every_seed_within_its_budget(qui
 def test_training_compute_is_matched_and_parameters_reported(quick):
     out, _ = quick
     report = json.loads((out / "results" / "sweep.json").read_text())
-    fpdm, dit = report["training"]["fpdm"], report["training"]["dit"]
+    training = report["training"]
+    assert sorted(training) == ["dit5", "dit6", "fpdm"]
+    fpdm = training["fpdm"]
     assert fpdm["block_passes"] == fpdm["forward_block_passes"] + 2 * fpdm["backward_block_passes"]
-    assert dit["block_passes"] == 3 * dit["depth"] * dit["steps"]
-    # DiT's steps are the nearest to FPDM's compute: within half a DiT step of it.
-    assert abs(dit["block_passes"] - fpdm["block_passes"]) <= 3 * dit["depth"] / 2
-    assert fpdm["parameters"] > 0 and dit["parameters"] > 0 and fpdm["parameters"] != dit["parameters"]
     markdown = (out / "results" / "sweep.md").read_text()
-    assert f"{fpdm['parameters'] / 1e6:.3f} M" in markdown and f"{dit['parameters'] / 1e6:.3f} M" in markdown
-    for method in sweep.METHODS:
+    assert f"{fpdm['parameters'] / 1e6:.3f} M" in markdown
+    for name in ("dit5", "dit6"):
+        dit = training[name]
+        assert dit["block_passes"] == 3 * dit["depth"] * dit["steps"]
+        # Each DiT's steps are the nearest to FPDM's compute: within half a DiT step of it.
+        assert abs(dit["block_passes"] - fpdm["block_passes"]) <= 3 * dit["depth"] / 2
+        assert dit["parameters"] > 0 and dit["parameters"] != fpdm["parameters"]
+        assert f"{dit['parameters'] / 1e6:.3f} M" in markdown
+    assert training["dit6"]["parameters"] > training["dit5"]["parameters"]
+    for method in sweep.methods([5, 6]):
         assert f"| {method.name} |" in markdown
 
 
@@ -96,3 +113,19 @@ def test_training_compute_counts_the_log_and_the_replayed_draws(tmp_path):
     log.write_text(json.dumps({"step": 2, "block_evals": 5}) + "\n")
     with pytest.raises(ValueError, match="one record"):
         sweep.training_compute(log, cfg, pre_post=2)
+
+
+def test_reuse_checkpoints_skips_training_only_for_the_same_configuration(quick, tmp_path, capsys):
+    out, _ = quick
+    work = tmp_path / "work"
+    shutil.copytree(out / "work", work)
+    args = sweep.parse_args(["--quick", "--work", str(work)])
+    cfg = sweep._train_config(args, "fpdm", args.fpdm_steps, work)
+    log = work / "fpdm" / "log.jsonl"
+    before = log.read_text()
+    wall_s, last = sweep._train_or_reuse(cfg, reuse=True)
+    assert log.read_text() == before and last["step"] == cfg.steps and wall_s > 0
+    changed = dataclasses.replace(cfg, lr=cfg.lr / 2)
+    sweep._train_or_reuse(changed, reuse=True)
+    assert "another configuration" in capsys.readouterr().out
+    assert load_checkpoint(work / "fpdm" / "checkpoint.pt")["config"]["lr"] == cfg.lr / 2
