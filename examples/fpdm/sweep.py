@@ -34,8 +34,15 @@
    * ``FPDM smoothing``: the sampler's timestep smoothing (``budget // (pre + post + 2)`` timesteps), no
      reuse;
    * ``FPDM reuse``: the DiT-like timesteps, each solve warm-started from the previous fixed point;
-   * ``FPDM smoothing+reuse``; ``FPDM smoothing+reuse, Anderson``: the same with ``Anderson()`` in the
-     sampler; ``FPDM tolerance``: smoothing, reuse and the ``"tolerance"`` schedule (``--tol``).
+   * ``FPDM smoothing+reuse``, and ``FPDM 1 iteration/step+reuse``: smoothing taken to its end,
+     ``budget // (pre + post + 1)`` timesteps of one iteration each, with reuse;
+   * ``FPDM reuse, Anderson``: the DiT-like timesteps (3 iterations each with ``dit_depths[0] = 5``) with
+     ``Anderson()`` in the sampler; ``FPDM smoothing+reuse, Anderson``: the same at 2 iterations per
+     timestep (where Anderson is Picard by construction: its first two evaluations are Picard steps);
+   * ``FPDM tolerance``: smoothing, reuse and the ``"tolerance"`` schedule (``--tol``).
+
+   Every method draws its initial noise from the same seeds, so differences between methods are paired;
+   ``sweep.md`` also reports the paired differences of the main comparisons, mean ± std over the seeds.
 
 4. Scores each set of samples against the held-out ``digits-test`` split (360 images): the Fréchet distance
    and KID in the digits classifier's features (``evaluate.py``), the Fréchet distance of the raw 64 pixels,
@@ -85,7 +92,18 @@ from train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, load_checkpoint, train
 
 from implicitdiff import Anderson, Picard
 
-__all__ = ["FPDM_METHODS", "Method", "main", "methods", "parse_args", "run_sweep", "training_compute"]
+__all__ = [
+    "FPDM_METHODS",
+    "METRICS",
+    "Method",
+    "comparisons",
+    "main",
+    "methods",
+    "paired_differences",
+    "parse_args",
+    "run_sweep",
+    "training_compute",
+]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -101,8 +119,11 @@ class Method:
     model : str
         ``"fpdm"`` or ``"dit<depth>"``.
     smoothing : bool
-        ``True``: the sampler picks the timesteps (``steps=None``); ``False``: the first DiT's count
-        ``budget // dit_depths[0]``.
+        ``True``: the sampler picks the timesteps (``steps=None``), or ``iters_per_step`` sets them;
+        ``False``: the first DiT's count ``budget // dit_depths[0]``.
+    iters_per_step : int or None
+        With ``smoothing``: ``budget // (pre + post + iters_per_step)`` timesteps instead of the sampler's
+        pick (:func:`sampling.pick_steps`, 2 iterations per timestep).
     reuse : bool
         Warm-start each solve from the previous timestep's fixed point.
     solver : str
@@ -114,6 +135,7 @@ class Method:
     name: str
     model: str
     smoothing: bool = True
+    iters_per_step: int | None = None
     reuse: bool = False
     solver: str = "picard"
     schedule: str = "constant"
@@ -124,6 +146,8 @@ FPDM_METHODS: tuple[Method, ...] = (
     Method("FPDM smoothing", "fpdm", smoothing=True, reuse=False),
     Method("FPDM reuse", "fpdm", smoothing=False, reuse=True),
     Method("FPDM smoothing+reuse", "fpdm", smoothing=True, reuse=True),
+    Method("FPDM 1 iteration/step+reuse", "fpdm", smoothing=True, iters_per_step=1, reuse=True),
+    Method("FPDM reuse, Anderson", "fpdm", smoothing=False, reuse=True, solver="anderson"),
     Method("FPDM smoothing+reuse, Anderson", "fpdm", smoothing=True, reuse=True, solver="anderson"),
     Method("FPDM tolerance", "fpdm", smoothing=True, reuse=True, schedule="tolerance"),
 )
@@ -160,7 +184,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--seeds", type=int, default=4, help="sampling seeds per point")
     add("--num", type=int, default=1000, help="samples per seed and point (one per label, cycling 0-9)")
     add("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
-    add("--tol", type=float, default=0.05, help="the tolerance schedule's relative residual")
+    add("--tol", type=float, default=0.1, help="the tolerance schedule's relative residual")
     add("--kid-subsets", type=int, default=50)
     add("--threads", type=int, default=2)
     add("--seed", type=int, default=0, help="training seed")
@@ -271,12 +295,20 @@ def _train_or_reuse(cfg: TrainConfig, reuse: bool) -> tuple[float, dict[str, Any
     return wall_s, summary
 
 
-def _sample_options(method: Method, budget: int, dit_depth: int, args: argparse.Namespace) -> dict[str, Any]:
+def _sample_options(
+    method: Method, budget: int, dit_depth: int, fixed: int, args: argparse.Namespace
+) -> dict[str, Any]:
     if method.model.startswith("dit"):
         return {"budget": budget, "schedule": "constant"}
+    if not method.smoothing:
+        steps = max(1, budget // dit_depth)
+    elif method.iters_per_step is not None:
+        steps = max(1, budget // (fixed + method.iters_per_step))
+    else:
+        steps = None
     return {
         "budget": budget,
-        "steps": None if method.smoothing else max(1, budget // dit_depth),
+        "steps": steps,
         "schedule": method.schedule,
         "solver": Anderson() if method.solver == "anderson" else Picard(),
         "reuse": method.reuse,
@@ -362,7 +394,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append({**row, "affordable": False, "steps": 0, "per_seed": []})
                 print(f"[sweep] {method.name:32s} budget {budget:4d}: not one timestep fits", flush=True)
                 continue
-            options = _sample_options(method, budget, args.dit_depths[0], args)
+            options = _sample_options(method, budget, args.dit_depths[0], fixed, args)
             per_seed: list[dict[str, Any]] = []
             for seed in range(args.seeds):
                 generator = torch.Generator().manual_seed(10_000 + seed)
@@ -425,6 +457,42 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def comparisons(dit_depths: Sequence[int]) -> tuple[tuple[str, str, str], ...]:
+    """The paired comparisons ``(label, method, baseline)`` that ``sweep.md`` reports."""
+    return (
+        ("smoothing", "FPDM smoothing", "FPDM plain"),
+        ("reuse", "FPDM reuse", "FPDM plain"),
+        ("smoothing + reuse", "FPDM smoothing+reuse", "FPDM plain"),
+        ("1 iteration/step (vs 2)", "FPDM 1 iteration/step+reuse", "FPDM smoothing+reuse"),
+        ("Anderson, 3 iterations/step", "FPDM reuse, Anderson", "FPDM reuse"),
+        ("Anderson, 2 iterations/step", "FPDM smoothing+reuse, Anderson", "FPDM smoothing+reuse"),
+        ("tolerance schedule", "FPDM tolerance", "FPDM smoothing+reuse"),
+        *((f"FPDM smoothing+reuse vs DiT-{d}", "FPDM smoothing+reuse", f"DiT-{d}") for d in dit_depths),
+    )
+
+
+def paired_differences(report: dict[str, Any], metric: str) -> list[dict[str, Any]]:
+    """Per comparison and budget: ``metric`` of the method minus the baseline's, seed by seed (same noise).
+
+    Returns one dict per comparison with ``label``, ``method``, ``baseline`` and ``cells``: per budget
+    ``(mean, std)`` of the differences over the seeds, or ``None`` where either side is not affordable.
+    Negative means the method scores lower (better) than its baseline.
+    """
+    rows = {(r["name"], r["budget"]): r for r in report["results"]}
+    out = []
+    for label, method, baseline in comparisons(report["config"]["dit_depths"]):
+        cells: dict[int, tuple[float, float] | None] = {}
+        for budget in report["config"]["budgets"]:
+            a, b = rows[(method, budget)], rows[(baseline, budget)]
+            if not (a["affordable"] and b["affordable"]):
+                cells[budget] = None
+                continue
+            seeds_b = {s["seed"]: s[metric] for s in b["per_seed"]}
+            cells[budget] = _mean_std([s[metric] - seeds_b[s["seed"]] for s in a["per_seed"]])
+        out.append({"label": label, "method": method, "baseline": baseline, "cells": cells})
+    return out
+
+
 def _cell(row: dict[str, Any], metric: str, digits: int) -> str:
     if not row["affordable"]:
         return "—"
@@ -478,6 +546,22 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
         for name in names:
             cells = {r["budget"]: r for r in report["results"] if r["name"] == name}
             lines.append(f"| {name} | " + " | ".join(_cell(cells[b], metric, digits) for b in budgets) + " |")
+        lines.append("")
+    for metric, label, digits in tables[::2]:
+        lines += [
+            f"**Paired differences, {label.split(' (')[0]}: method minus baseline, seed by seed (the same "
+            "initial noise), mean ± std over the seeds; negative: the method is better**",
+            "",
+            "| comparison (method - baseline) | " + " | ".join(f"B = {b}" for b in budgets) + " |",
+            "|---|" + "---|" * len(budgets),
+        ]
+        for item in paired_differences(report, metric):
+            cells = [
+                "—" if item["cells"][b] is None
+                else f"{item['cells'][b][0]:+.{digits}f} ± {item['cells'][b][1]:.{digits}f}"
+                for b in budgets
+            ]  # fmt: skip
+            lines.append(f"| {item['label']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["**Timesteps (block evaluations spent, max over seeds)**", "", *header]
     for name in names:
@@ -546,6 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = run_sweep(args)
+    report["paired_differences"] = {m: paired_differences(report, m) for m in ("fd", "fd_pixels")}
     (out / "sweep.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     write_markdown(report, out / "sweep.md")
     write_plot(report, out / "sweep.png")

@@ -61,6 +61,9 @@ def test_every_method_and_budget_is_scored_over_every_seed_within_its_budget(qui
     assert by[("DiT-6", 12)]["steps"] == 2 and by[("DiT-6", 12)]["spent_max"] == 12
     assert by[("FPDM plain", 12)]["steps"] == 2 and by[("FPDM plain", 12)]["spent_max"] == 12
     assert by[("FPDM smoothing", 12)]["steps"] == 3
+    assert by[("FPDM 1 iteration/step+reuse", 12)]["steps"] == 4  # 12 // (pre + post + 1)
+    assert by[("FPDM reuse, Anderson", 12)]["solver"] == "anderson"
+    assert by[("FPDM reuse, Anderson", 12)]["steps"] == by[("FPDM reuse", 12)]["steps"] == 2
     assert by[("FPDM plain", 12)]["reuse"] is False and by[("FPDM reuse", 12)]["reuse"] is True
     assert by[("FPDM smoothing+reuse, Anderson", 5)]["solver"] == "anderson"
     assert by[("FPDM tolerance", 12)]["schedule"] == "tolerance"
@@ -129,3 +132,20 @@ def test_reuse_checkpoints_skips_training_only_for_the_same_configuration(quick,
     sweep._train_or_reuse(changed, reuse=True)
     assert "another configuration" in capsys.readouterr().out
     assert load_checkpoint(work / "fpdm" / "checkpoint.pt")["config"]["lr"] == cfg.lr / 2
+
+
+def test_paired_differences_are_taken_seed_by_seed(quick):
+    out, _ = quick
+    report = json.loads((out / "results" / "sweep.json").read_text())
+    by = {(r["name"], r["budget"]): r for r in report["results"]}
+    paired = {item["label"]: item for item in report["paired_differences"]["fd"]}
+    assert set(paired) == {label for label, _, _ in sweep.comparisons([5, 6])}
+    item = paired["smoothing"]
+    for budget in (5, 12):
+        method, baseline = by[(item["method"], budget)], by[(item["baseline"], budget)]
+        diffs = [a["fd"] - b["fd"] for a, b in zip(method["per_seed"], baseline["per_seed"], strict=True)]
+        mean, std = item["cells"][str(budget)]
+        assert math.isclose(mean, sum(diffs) / len(diffs)) and std >= 0
+    # DiT-6 cannot pay for a timestep at budget 5, so its comparison has no cell there.
+    assert paired["FPDM smoothing+reuse vs DiT-6"]["cells"]["5"] is None
+    assert "Paired differences" in (out / "results" / "sweep.md").read_text()
