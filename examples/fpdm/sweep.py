@@ -273,10 +273,11 @@ def _train_config(args: argparse.Namespace, name: str, steps: int, work: Path) -
     return TrainConfig(out=str(work / name), model="DiT-Digits/2", depth=depth, **common)
 
 
-def _train_or_reuse(cfg: TrainConfig, reuse: bool) -> tuple[float, dict[str, Any]]:
+def _train_or_reuse(cfg: TrainConfig, reuse: bool) -> tuple[float, dict[str, Any], bool]:
     """Train (or, with ``reuse`` and a finished checkpoint of the same configuration, skip).
 
-    Returns the training wall-clock and the last log record.
+    Returns the training wall-clock (of the run that wrote the checkpoint), the last log record, and
+    whether the checkpoint was reused.
     """
     out = Path(cfg.out)
     log_path = out / LOG_NAME
@@ -286,13 +287,13 @@ def _train_or_reuse(cfg: TrainConfig, reuse: bool) -> tuple[float, dict[str, Any
         wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "progress")}
         same = all(json.dumps(saved.get(k)) == json.dumps(v) for k, v in wanted.items())
         if last.get("step") == cfg.steps and same:
-            return float(json.loads((out / "train_wall_s.json").read_text())["wall_s"]), last
+            return float(json.loads((out / "train_wall_s.json").read_text())["wall_s"]), last, True
         print(f"[sweep] {out}: the checkpoint is of another configuration; training again", flush=True)
     start = time.perf_counter()
     summary = train(cfg)
     wall_s = time.perf_counter() - start
     (out / "train_wall_s.json").write_text(json.dumps({"wall_s": wall_s}) + "\n")
-    return wall_s, summary
+    return wall_s, summary, False
 
 
 def _sample_options(
@@ -324,15 +325,18 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    """Train both models, sample every method under every budget and seed, score; returns the report."""
+def run_sweep(args: argparse.Namespace) -> tuple[dict[str, Any], dict[tuple[str, int], torch.Tensor]]:
+    """Train the models, sample every method under every budget and seed, score.
+
+    Returns the report and, per ``(method, budget)``, the first 20 images of seed 0 (for the grids).
+    """
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     work = Path(args.work)
 
     # 1. Training with the same compute.
     fpdm_cfg = _train_config(args, "fpdm", args.fpdm_steps, work)
-    fpdm_wall, fpdm_last = _train_or_reuse(fpdm_cfg, args.reuse_checkpoints)
+    fpdm_wall, fpdm_last, fpdm_reused = _train_or_reuse(fpdm_cfg, args.reuse_checkpoints)
     fpdm_compute = training_compute(Path(fpdm_cfg.out) / LOG_NAME, fpdm_cfg, pre_post=2)
     models: dict[str, nn.Module] = {"fpdm": sample_cli.load_model(Path(fpdm_cfg.out) / CHECKPOINT_NAME)}
     training: dict[str, dict[str, Any]] = {
@@ -342,18 +346,20 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             "forward_block_passes": fpdm_compute["forward"],
             "backward_block_passes": fpdm_compute["backward"],
             "block_passes": fpdm_compute["passes"], "wall_s": fpdm_wall, "final_loss": fpdm_last.get("loss"),
+            "reused_checkpoint": fpdm_reused,
         },
     }  # fmt: skip
     for depth in args.dit_depths:
         name = f"dit{depth}"
         steps = max(1, round(fpdm_compute["passes"] / (3 * depth)))
         cfg = _train_config(args, name, steps, work)
-        wall, last = _train_or_reuse(cfg, args.reuse_checkpoints)
+        wall, last, reused = _train_or_reuse(cfg, args.reuse_checkpoints)
         models[name] = sample_cli.load_model(Path(cfg.out) / CHECKPOINT_NAME)
         training[name] = {
             "model": cfg.model, "parameters": count_parameters(models[name]), "steps": steps, "depth": depth,
             "forward_block_passes": depth * steps, "backward_block_passes": depth * steps,
             "block_passes": 3 * depth * steps, "wall_s": wall, "final_loss": last.get("loss"),
+            "reused_checkpoint": reused,
         }  # fmt: skip
     print(f"[sweep] trained in {time.perf_counter() - start:.0f} s: {json.dumps(training)}", flush=True)
 
@@ -384,6 +390,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     diffusion = GaussianDiffusion()
     labels = torch.arange(args.num) % 10
     rows: list[dict[str, Any]] = []
+    firsts: dict[tuple[str, int], torch.Tensor] = {}
     for method in methods(args.dit_depths):
         model = models[method.model]
         fixed, _ = block_cost(model)
@@ -403,6 +410,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 if result.spent_total > budget:
                     raise RuntimeError(f"{method.name}: spent {result.spent_total} > budget {budget}")
+                if seed == 0:
+                    firsts[(method.name, budget)] = result.images[:20].clamp(-1, 1).cpu()
                 per_seed.append(
                     {
                         "seed": seed,
@@ -432,7 +441,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
                 flush=True,
             )
 
-    return {
+    report = {
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
         "compute_unit": (
             "transformer-block passes: a block forward counts 1, a block backward 2; FPDM's forward "
@@ -455,6 +464,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             "machine": platform.machine(),
         },
     }
+    return report, firsts
 
 
 def comparisons(dit_depths: Sequence[int]) -> tuple[tuple[str, str, str], ...]:
@@ -574,8 +584,13 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
             )
             + " |"
         )
+    reused = [name for name, t in training.items() if t["reused_checkpoint"]]
+    note = (
+        f" (the checkpoints of {', '.join(reused)} were reused; their training walls are in the first table)"
+        if reused else " (training included)"
+    )  # fmt: skip
     lines += ["", f"Whole sweep: {report['wall_s']:.0f} s on {report['environment']['threads']} CPU threads "
-              f"(torch {report['environment']['torch']}).", ""]  # fmt: skip
+              f"(torch {report['environment']['torch']}){note}.", ""]  # fmt: skip
     path.write_text("\n".join(lines))
     return path
 
@@ -624,17 +639,66 @@ def write_plot(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def grid_budgets(budgets: Sequence[int]) -> list[int]:
+    """At most four budgets for the grids: the smallest, the largest and two between."""
+    b = sorted(budgets)
+    return sorted({b[0], b[len(b) // 3], b[2 * len(b) // 3], b[-1]})
+
+
+def write_grids(report: dict[str, Any], firsts: dict[tuple[str, int], torch.Tensor], path: Path) -> Path:
+    """Sample grids: a row per DiT, FPDM plain, FPDM smoothing+reuse and 1 iteration/step, a column per
+    budget of :func:`grid_budgets`; each panel the first 20 samples of seed 0 (labels 0-9 twice)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wanted = ("FPDM plain", "FPDM smoothing+reuse", "FPDM 1 iteration/step+reuse")
+    names = [
+        n for n in dict.fromkeys(r["name"] for r in report["results"]) if n.startswith("DiT") or n in wanted
+    ]
+    budgets = grid_budgets(report["config"]["budgets"])
+    fig, axes = plt.subplots(len(names), len(budgets), figsize=(3.2 * len(budgets), 0.9 * len(names) + 0.6),
+                             squeeze=False)  # fmt: skip
+    for i, name in enumerate(names):
+        for j, budget in enumerate(budgets):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            images = firsts.get((name, budget))
+            if images is None:
+                ax.text(0.5, 0.5, "no timestep fits", ha="center", va="center", fontsize=8, color="gray")
+            else:
+                tiles = images[:, 0] if images.shape[1] == 1 else images.mean(1)  # (n, h, w)
+                tiles = torch.nn.functional.pad(tiles, (0, 1, 0, 1), value=0.0)  # gray lines between digits
+                n, h, w = tiles.shape
+                rows = tiles.reshape(2, n // 2, h, w).permute(0, 2, 1, 3).reshape(2 * h, n // 2 * w)
+                ax.imshow(rows.numpy(), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+            if i == 0:
+                ax.set_title(f"budget {budget}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel(
+                    name.replace("FPDM ", "FPDM\n"), fontsize=7, rotation=0, ha="right", va="center"
+                )
+    fig.suptitle("First 20 samples of seed 0 (labels 0-9, twice) per method and budget", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep and write ``sweep.json``, ``sweep.md`` and ``sweep.png``; print their paths."""
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = run_sweep(args)
+    report, firsts = run_sweep(args)
     report["paired_differences"] = {m: paired_differences(report, m) for m in ("fd", "fd_pixels")}
     (out / "sweep.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     write_markdown(report, out / "sweep.md")
     write_plot(report, out / "sweep.png")
-    for name in ("sweep.json", "sweep.md", "sweep.png"):
+    write_grids(report, firsts, out / "grids.png")
+    for name in ("sweep.json", "sweep.md", "sweep.png", "grids.png"):
         print(f"[sweep] wrote {out / name}")
     if not all(math.isfinite(r["fd_mean"]) for r in report["results"] if r["affordable"]):
         print("[sweep] warning: a non-finite Fréchet distance", file=sys.stderr)

@@ -28,9 +28,11 @@ def quick(tmp_path_factory):
 def test_quick_sweep_runs_in_under_a_minute_and_writes_the_three_files(quick):
     out, wall_s = quick
     assert wall_s < 60
-    for name in ("sweep.json", "sweep.md", "sweep.png"):
+    for name in ("sweep.json", "sweep.md", "sweep.png", "grids.png"):
         assert (out / "results" / name).stat().st_size > 0
-    assert (out / "results" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("sweep.png", "grids.png"):
+        assert (out / "results" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "(training included)" in (out / "results" / "sweep.md").read_text()
 
 
 def test_every_method_and_budget_is_scored_over_every_seed_within_its_budget(quick):
@@ -126,10 +128,10 @@ def test_reuse_checkpoints_skips_training_only_for_the_same_configuration(quick,
     cfg = sweep._train_config(args, "fpdm", args.fpdm_steps, work)
     log = work / "fpdm" / "log.jsonl"
     before = log.read_text()
-    wall_s, last = sweep._train_or_reuse(cfg, reuse=True)
-    assert log.read_text() == before and last["step"] == cfg.steps and wall_s > 0
+    wall_s, last, reused = sweep._train_or_reuse(cfg, reuse=True)
+    assert reused and log.read_text() == before and last["step"] == cfg.steps and wall_s > 0
     changed = dataclasses.replace(cfg, lr=cfg.lr / 2)
-    sweep._train_or_reuse(changed, reuse=True)
+    assert sweep._train_or_reuse(changed, reuse=True)[2] is False
     assert "another configuration" in capsys.readouterr().out
     assert load_checkpoint(work / "fpdm" / "checkpoint.pt")["config"]["lr"] == cfg.lr / 2
 
