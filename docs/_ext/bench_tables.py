@@ -4,7 +4,7 @@ At the start of every build this reads
 
 * ``benchmarks/results/solvers.json``   (written by ``benchmarks/solvers.py``),
 * ``benchmarks/results/gradients.json`` (written by ``benchmarks/gradients.py``),
-* ``examples/fpdm/results/sweep.md`` and ``sweep.png`` (written by the FPDM sweep),
+* ``examples/fpdm/results/sweep.md``, ``sweep.png`` and ``grids.png`` (written by the FPDM sweep),
 
 and writes ``docs/_generated/*.md`` (and copies the plot there). A file that does not exist yet gives
 a clearly marked "not measured yet" box instead of a table, never made-up numbers, so the docs build
@@ -312,6 +312,20 @@ def generate(root: Path, out: Path) -> dict[str, str]:
             "The sweep has not been run in this checkout: `examples/fpdm/results/sweep.md` (the table) and "
             "`examples/fpdm/results/sweep.png` (the plot) do not exist. They are written by the sweep and "
             "placed here at build time. No numbers are shown until they are measured.\n:::\n"
+        )
+    grids_png = results / "grids.png"
+    if grids_png.exists():
+        shutil.copyfile(grids_png, out / "grids.png")
+        snippets["fpdm_grids"] = (
+            provenance(grids_png, root, "see the sweep's table")
+            + "\n```{image} grids.png\n:alt: sample grids per method and budget\n:width: 100%\n```\n"
+        )
+    else:
+        snippets["fpdm_grids"] = (
+            ":::{admonition} Sample grids go here\n:class: warning\n\n"
+            "No sample grid has been produced in this checkout yet: `examples/fpdm/results/grids.png` is "
+            "written by the sweep and placed here at build time. Nothing on this page is an illustration of "
+            "results that were not measured.\n:::\n"
         )
     return snippets
 

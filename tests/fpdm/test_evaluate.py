@@ -285,6 +285,8 @@ def test_real_digits_score_far_better_than_noise_and_blurred_digits(cache_dir):
         and real["class_agreement"] > 0.9
     )
     assert noise["class_agreement"] < 0.35
+    # The pixel-space distance agrees on the order.
+    assert 10 * real["fd_pixels"] < min(noise["fd_pixels"], blurred["fd_pixels"])
 
 
 def test_evaluate_images_takes_any_feature_extractor():
@@ -303,6 +305,9 @@ def test_evaluate_images_takes_any_feature_extractor():
     assert result["extractor"] == "project" and result["feature_dim"] == 16
     assert result["fd"] == pytest.approx(frechet_distance(project(fake).double(), project(real).double()))
     assert "classifier_test_accuracy" not in result
+    assert result["fd_pixels"] == pytest.approx(
+        frechet_distance(fake.flatten(1).double(), real.flatten(1).double())
+    )
     with pytest.raises(ValueError, match="class agreement"):
         evaluate_images(fake, real=real, extractor=project, labels=torch.zeros(300))
 
