@@ -302,7 +302,7 @@ def generate(root: Path, out: Path) -> dict[str, str]:
     if sweep_png.exists():
         shutil.copyfile(sweep_png, out / "sweep.png")
         parts.append(
-            "```{image} sweep.png\n:alt: quality against compute budget\n:width: 100%\n```\n"
+            "```{image} /_generated/sweep.png\n:alt: quality against compute budget\n:width: 100%\n```\n"
         )
     if parts:
         snippets["fpdm_sweep"] = "\n".join(parts)
@@ -318,7 +318,8 @@ def generate(root: Path, out: Path) -> dict[str, str]:
         shutil.copyfile(grids_png, out / "grids.png")
         snippets["fpdm_grids"] = (
             provenance(grids_png, root, "see the sweep's table")
-            + "\n```{image} grids.png\n:alt: sample grids per method and budget\n:width: 100%\n```\n"
+            + "\n```{image} /_generated/grids.png\n:alt: sample grids per method and budget\n"
+            + ":width: 100%\n```\n"
         )
     else:
         snippets["fpdm_grids"] = (
