@@ -287,7 +287,9 @@ def _train_or_reuse(cfg: TrainConfig, reuse: bool) -> tuple[float, dict[str, Any
         last = json.loads(log_path.read_text().splitlines()[-1])
         saved = load_checkpoint(out / CHECKPOINT_NAME).get("config", {})
         wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "progress")}
-        same = all(json.dumps(saved.get(k)) == json.dumps(v) for k, v in wanted.items())
+        # A field the checkpoint predates had its default value then.
+        defaults = dataclasses.asdict(TrainConfig())
+        same = all(json.dumps(saved.get(k, defaults[k])) == json.dumps(v) for k, v in wanted.items())
         if last.get("step") == cfg.steps and same:
             return float(json.loads((out / "train_wall_s.json").read_text())["wall_s"]), last, True
         print(f"[sweep] {out}: the checkpoint is of another configuration; training again", flush=True)

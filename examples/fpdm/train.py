@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ __all__ = [
     "LOG_NAME",
     "NonFiniteLossError",
     "TrainConfig",
+    "ema_multi_avg_fn",
     "load_checkpoint",
     "main",
     "make_estimator",
@@ -60,6 +61,39 @@ __all__ = [
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
+
+
+EMAUpdate = Callable[[list[Tensor], list[Tensor], Tensor], None]
+
+
+def ema_multi_avg_fn(decay: float, warmup: bool = False) -> EMAUpdate:
+    r"""The EMA update for ``torch.optim.swa_utils.AveragedModel(multi_avg_fn=...)``.
+
+    :math:`\bar\theta \leftarrow d\,\bar\theta + (1 - d)\,\theta` with :math:`d` = ``decay``, or with
+    ``warmup`` :math:`d_n = \min(\text{decay}, (1 + n) / (10 + n))` after :math:`n` updates (the averaged
+    model's ``n_averaged``, saved in its state dict, so a resumed run continues the same schedule). A fixed
+    decay of 0.999 averages over about the last 1,000 steps, which in a run of a few thousand steps lags
+    the weights far behind; with warm-up the window, :math:`1 / (1 - d_n) = (10 + n) / 9` steps, grows with
+    the run until it reaches the fixed decay's.
+    Without warm-up this is ``get_ema_multi_avg_fn(decay)``. Integer buffers are copied.
+    """
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+        raise ValueError(f"ema_decay must be a float in [0, 1], got {decay!r}")
+    if not warmup:
+        return get_ema_multi_avg_fn(decay)
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        # A 0-dim tensor on the parameters' device: no host sync per step.
+        n = num_averaged.to(torch.float64)
+        weight = 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=decay)
+        for avg, cur in zip(averaged, current, strict=True):
+            if avg.is_floating_point() or avg.is_complex():
+                avg.lerp_(cur, weight.to(device=avg.device, dtype=avg.dtype))
+            else:
+                avg.copy_(cur)
+
+    return update
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,6 +119,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_warmup: bool = False
     class_dropout: float = 0.1
     grad: str = "sjfb"
     solver: str = "picard"
@@ -334,7 +369,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
     # Same seed on every rank: identical initial weights (DDP also broadcasts them from rank 0).
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, sample_x.shape[0], sample_x.shape[-1], dataset.num_classes).to(device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay, cfg.ema_warmup), use_buffers=True)
     ema.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     diffusion = GaussianDiffusion()
@@ -504,6 +539,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     add("--weight-decay", type=float, default=defaults.weight_decay)
     add("--grad-clip", type=float, default=defaults.grad_clip)
     add("--ema-decay", type=float, default=defaults.ema_decay)
+    add(
+        "--ema-warmup",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.ema_warmup,
+        help="decay min(ema_decay, (1 + n) / (10 + n)) after n updates: an EMA that does not lag short runs",
+    )
     add("--class-dropout", type=float, default=defaults.class_dropout)
     add("--grad", default=defaults.grad, choices=["sjfb", "jfb", "ift", "phantom"], help="gradient estimator")
     add("--solver", default=defaults.solver, choices=["picard", "anderson", "broyden"])

@@ -16,6 +16,7 @@ from train import (
     LOG_NAME,
     NonFiniteLossError,
     TrainConfig,
+    ema_multi_avg_fn,
     load_checkpoint,
     parse_args,
     train,
@@ -62,13 +63,15 @@ def assert_states_equal(a: dict, b: dict) -> None:
             assert fa[key] == fb[key], key
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
-    # S-JFB (the default) draws its iteration counts from its own generator: that must resume too.
-    train(tiny_config(tmp_path / "straight"))
-    train(tiny_config(tmp_path / "split", steps=3))
+@pytest.mark.parametrize("ema_warmup", [False, True])
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, ema_warmup):
+    # S-JFB (the default) draws its iteration counts from its own generator: that must resume too, and so
+    # must the EMA's warm-up schedule (it follows the averaged model's saved update count).
+    train(tiny_config(tmp_path / "straight", ema_warmup=ema_warmup))
+    train(tiny_config(tmp_path / "split", steps=3, ema_warmup=ema_warmup))
     first_half = load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)
     assert first_half["step"] == 3
-    train(tiny_config(tmp_path / "split", resume=True))
+    train(tiny_config(tmp_path / "split", resume=True, ema_warmup=ema_warmup))
 
     straight = load_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME)
     resumed = load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)
@@ -170,3 +173,33 @@ def test_two_process_torchrun_ends_with_identical_parameters_on_every_rank(tmp_p
     assert not torch.equal(ckpt["rng"][0]["noise"], ckpt["rng"][1]["noise"])
     # ... and training moved the weights away from the zero-initialised final layer.
     assert ckpt["model"]["final_layer.linear.weight"].abs().max() > 0
+
+
+def test_ema_warmup_follows_min_decay_and_1_plus_n_over_10_plus_n():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(0.75, warmup=True))
+    expected = [p.detach().double().clone() for p in model.parameters()]
+    for n in range(30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update_parameters(model)
+        if n == 0:  # the first update copies the weights
+            expected = [p.detach().double().clone() for p in model.parameters()]
+            continue
+        # n updates were averaged before this one; from n = 26 on the fixed decay applies.
+        decay = min(0.75, (1 + n) / (10 + n))
+        expected = [
+            decay * e + (1 - decay) * p.detach().double() for e, p in zip(expected, model.parameters())
+        ]
+    for e, p in zip(expected, ema.module.parameters(), strict=True):
+        torch.testing.assert_close(p.double(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_options_are_checked_and_parsed():
+    for bad in (1.5, -0.1, True, "0.9"):
+        with pytest.raises(ValueError, match="ema_decay"):
+            ema_multi_avg_fn(bad)
+    assert parse_args(["--ema-warmup"]).ema_warmup is True
+    assert parse_args([]).ema_warmup is False
