@@ -88,7 +88,7 @@ from evaluate import (
     load_digits_classifier,
 )
 from models import count_parameters
-from sampling import block_cost, sample
+from sampling import block_cost, pick_steps, sample
 from train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, load_checkpoint, train
 
 from implicitdiff import Anderson, Picard
@@ -308,7 +308,7 @@ def _sample_options(
     if not method.smoothing:
         steps = max(1, budget // dit_depth)
     elif method.iters_per_step is not None:
-        steps = max(1, budget // (fixed + method.iters_per_step))
+        steps = pick_steps(budget, fixed, True, method.iters_per_step)
     else:
         steps = None
     return {
@@ -397,10 +397,10 @@ def run_sweep(args: argparse.Namespace) -> tuple[dict[str, Any], dict[tuple[str,
     firsts: dict[tuple[str, int], torch.Tensor] = {}
     for method in methods(args.dit_depths):
         model = models[method.model]
-        fixed, _ = block_cost(model)
+        fixed, implicit = block_cost(model)
         for budget in args.budgets:
             row: dict[str, Any] = {**dataclasses.asdict(method), "budget": budget, "fixed_per_step": fixed}
-            if budget < fixed + (method.model == "fpdm"):
+            if budget < fixed + implicit:
                 # Not one timestep fits: reported as such, not sampled.
                 rows.append({**row, "affordable": False, "steps": 0, "per_seed": []})
                 print(f"[sweep] {method.name:32s} budget {budget:4d}: not one timestep fits", flush=True)
@@ -553,6 +553,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
         "",
     ]
     names = list(dict.fromkeys(r["name"] for r in report["results"]))
+    by = {(r["name"], r["budget"]): r for r in report["results"]}
     header = ["| method | " + " | ".join(f"B = {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     tables = (
         ("fd", "Fréchet distance in the digits classifier's features (lower is better)", 3),
@@ -563,8 +564,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
     for metric, label, digits in tables:
         lines += [f"**{label}**", "", *header]
         for name in names:
-            cells = {r["budget"]: r for r in report["results"] if r["name"] == name}
-            lines.append(f"| {name} | " + " | ".join(_cell(cells[b], metric, digits) for b in budgets) + " |")
+            lines.append(
+                f"| {name} | " + " | ".join(_cell(by[(name, b)], metric, digits) for b in budgets) + " |"
+            )
         lines.append("")
     for metric, label, digits in tables[::2]:
         lines += [
@@ -584,13 +586,10 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
         lines.append("")
     lines += ["**Timesteps (block evaluations spent, max over seeds)**", "", *header]
     for name in names:
-        cells = {r["budget"]: r for r in report["results"] if r["name"] == name}
+        spent = [by[(name, b)] for b in budgets]
         lines.append(
             f"| {name} | "
-            + " | ".join(
-                f"{cells[b]['steps']} ({cells[b]['spent_max']})" if cells[b]["affordable"] else "—"
-                for b in budgets
-            )
+            + " | ".join(f"{r['steps']} ({r['spent_max']})" if r["affordable"] else "—" for r in spent)
             + " |"
         )
     reused = [name for name, t in training.items() if t["reused_checkpoint"]]
@@ -604,12 +603,19 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def write_plot(report: dict[str, Any], path: Path) -> Path:
-    """The three distances against the budget (log scales), one line per method, error bars one std."""
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (imported here: only the outputs need it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plot(report: dict[str, Any], path: Path) -> Path:
+    """The three distances against the budget (log scales), one line per method, error bars one std."""
+    plt = _pyplot()
 
     panels = (("fd", "Fréchet distance, classifier features"), ("kid", "KID, classifier features"),
               ("fd_pixels", "Fréchet distance, pixels"))  # fmt: skip
@@ -662,10 +668,7 @@ def grid_budgets(budgets: Sequence[int]) -> list[int]:
 def write_grids(report: dict[str, Any], firsts: dict[tuple[str, int], torch.Tensor], path: Path) -> Path:
     """Sample grids: a row per DiT, FPDM plain, FPDM smoothing+reuse and 1 iteration/step, a column per
     budget of :func:`grid_budgets`; each panel the first 20 samples of seed 0 (labels 0-9 twice)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     wanted = ("FPDM plain", "FPDM smoothing+reuse", "FPDM 1 iteration/step+reuse")
     names = [
