@@ -1,0 +1,73 @@
+"""Argument checks shared by the whole package: one clear error per bad value.
+
+Python and numpy numbers are accepted alike (``numpy.int64(5)`` is an int, ``numpy.float32(0.5)`` a
+float); ``bool`` is never a number here, and every error names the argument, what it got and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+__all__ = ["check_bool", "check_int", "check_real"]
+
+
+def _describe(value: object) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is a bool (``numpy.bool_`` included), else ``TypeError``."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {_describe(value)}")
+
+
+def check_int(name: str, value: object, *, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as a Python int if it is an integer (not a bool) within ``[low, high]``.
+
+    Raises ``TypeError`` for a non-integer and ``ValueError`` for one out of range.
+    """
+    allowed = "an int" + (f" >= {low}" if low is not None else "")
+    allowed += f" <= {high}" if high is not None else ""
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {allowed}, got {_describe(value)}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+    return value
+
+
+def check_real(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    finite: bool = True,
+) -> float:
+    """``value`` as a Python float if it is a real number (not a bool) in the given interval.
+
+    ``low``/``high`` bound the interval, closed unless ``low_open``/``high_open``; ``finite`` refuses
+    ``inf``; NaN is always refused. Raises ``TypeError`` for a non-number and ``ValueError`` otherwise.
+    """
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high}")
+    allowed = ("a finite float" if finite else "a float") + (" " + " and ".join(parts) if parts else "")
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {allowed}, got {_describe(value)}")
+    value = float(value)
+    bad = math.isnan(value) or (finite and math.isinf(value))
+    if low is not None:
+        bad = bad or (value <= low if low_open else value < low)
+    if high is not None:
+        bad = bad or (value >= high if high_open else value > high)
+    if bad:
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+    return value
