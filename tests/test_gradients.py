@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils import parametrizations
 
 from implicitdiff import (
     IFT,
@@ -23,6 +26,8 @@ from implicitdiff import (
     Picard,
     fixed_point,
 )
+from implicitdiff.gradients import BackwardSolveWarning
+from implicitdiff.gradients._implicit import hidden_leaves
 
 DT = torch.float64
 SOLVERS = {"picard": Picard, "anderson": Anderson, "broyden": Broyden}
@@ -326,7 +331,8 @@ def test_ift_reports_backward_statistics_and_raises_on_failure_when_asked():
     seen = []
     ift = IFT(solver=Picard(), max_iter=3, tol=1e-12, on_backward=seen.append)
     deq = DEQLayer(f, grad=ift, max_iter=200, tol=1e-12)
-    gx, *_ = torch.autograd.grad(loss_of(deq(x).z, weight), [x, *f.parameters()])
+    with pytest.warns(BackwardSolveWarning, match="did not reach tol"):
+        gx, *_ = torch.autograd.grad(loss_of(deq(x).z, weight), [x, *f.parameters()])
     assert torch.isfinite(gx).all()
     stats = ift.last_backward
     assert stats is seen[-1] and stats.nfe == 3 and not stats.converged.any()
@@ -350,10 +356,20 @@ def test_estimators_add_no_work_without_grad():
 @pytest.mark.parametrize(
     ("make", "error", "message"),
     [
-        (lambda: PhantomGradient(k=0), ValueError, r"k must be >= 1, got 0"),
+        (lambda: PhantomGradient(k=0), ValueError, r"k must be an int >= 1, got 0"),
         (lambda: PhantomGradient(k=2.0), TypeError, r"k must be an int >= 1, got float"),
-        (lambda: PhantomGradient(tau=0.0), ValueError, r"tau must be in \(0, 1\], got 0.0"),
-        (lambda: PhantomGradient(tau=1.5), ValueError, r"tau must be in \(0, 1\], got 1.5"),
+        (lambda: PhantomGradient(k=True), TypeError, r"k must be an int >= 1, got bool True"),
+        (
+            lambda: PhantomGradient(tau=0.0),
+            ValueError,
+            r"tau must be a finite float > 0.0 and <= 1.0, got 0.0",
+        ),
+        (
+            lambda: PhantomGradient(tau=1.5),
+            ValueError,
+            r"tau must be a finite float > 0.0 and <= 1.0, got 1.5",
+        ),
+        (lambda: PhantomGradient(tau=np.bool_(True)), TypeError, r"tau must be a finite float"),
         (lambda: PhantomGradient(mode="exact"), ValueError, r"mode must be one of .* got 'exact'"),
         (
             lambda: SJFB(no_grad_iters=(3, 2)),
@@ -362,12 +378,198 @@ def test_estimators_add_no_work_without_grad():
         ),
         (lambda: SJFB(grad_iters=(0, 2)), ValueError, r"grad_iters .* 1 <= low <= high, got \(0, 2\)"),
         (lambda: SJFB(grad_iters=(1,)), TypeError, r"grad_iters must be a pair of ints"),
+        (lambda: SJFB(grad_iters=(True, 2)), TypeError, r"grad_iters\[0\] must be an int"),
+        (lambda: SJFB(no_grad_iters=(0, 2.0)), TypeError, r"no_grad_iters\[1\] must be an int"),
         (lambda: SJFB(seed=1.5), TypeError, r"seed must be an int"),
-        (lambda: IFT(max_iter=0), ValueError, r"max_iter must be >= 1, got 0"),
+        (lambda: SJFB(seed=False), TypeError, r"seed must be an int.*got bool False"),
+        (lambda: IFT(max_iter=0), ValueError, r"max_iter must be an int >= 1, got 0"),
+        (lambda: IFT(max_iter=True), TypeError, r"max_iter must be an int >= 1, got bool True"),
         (lambda: IFT(tol=-1.0), ValueError, r"tol must be a finite float > 0"),
+        (lambda: IFT(tol=float("nan")), ValueError, r"tol must be a finite float > 0"),
+        (lambda: IFT(tol=True), TypeError, r"tol must be a finite float > 0.0, got bool True"),
+        (lambda: IFT(stop_mode="max"), ValueError, r"stop_mode must be one of \('abs', 'rel'\), got 'max'"),
+        (lambda: IFT(on_failure="loud"), ValueError, r"on_failure must be one of .*got 'loud'"),
+        (lambda: IFT(raise_on_failure=1), TypeError, r"raise_on_failure must be a bool, got int 1"),
+        (
+            lambda: IFT(on_failure="warn", raise_on_failure=True),
+            ValueError,
+            r"raise_on_failure=True contradicts on_failure='warn'",
+        ),
+        (
+            lambda: IFT(on_failure="raise", raise_on_failure=False),
+            ValueError,
+            r"raise_on_failure=False contradicts on_failure='raise'",
+        ),
         (lambda: IFT(solver="anderson"), TypeError, r"solver must be callable"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_the_allowed_values(make, error, message):
     with pytest.raises(error, match=message):
         make()
+
+
+def test_estimators_accept_numpy_numbers_where_they_take_python_ones():
+    ift = IFT(max_iter=np.int64(50), tol=np.float32(1e-6))
+    assert (type(ift.max_iter), ift.max_iter, type(ift.tol)) == (int, 50, float)
+    assert ift.tol == pytest.approx(1e-6, rel=1e-6)  # float32(1e-6) is 1e-6 to float32 precision
+    phantom = PhantomGradient(k=np.int64(3), tau=np.float64(0.5))
+    assert (type(phantom.k), phantom.k, phantom.tau) == (int, 3, 0.5)
+    sjfb = SJFB((np.int64(0), 6), (np.int32(1), np.int64(3)), seed=np.int64(4))
+    assert sjfb.no_grad_iters == (0, 6) and sjfb.grad_iters == (1, 3)
+    assert all(type(n) is int for n in (*sjfb.no_grad_iters, *sjfb.grad_iters, sjfb.seed))
+    assert torch.equal(sjfb.generator.get_state(), SJFB(seed=4).generator.get_state())
+
+
+# --- which leaves IFT differentiates: the graph walk -------------------------------------------------
+
+
+def leaves_of(f, z, *inputs):
+    """The hidden leaves IFT would find for ``f(z, *inputs)``, with ``z`` and ``inputs`` as proxies."""
+    z_leaf = z.detach().requires_grad_()
+    proxies = [t.detach().requires_grad_() for t in inputs]
+    return hidden_leaves(f(z_leaf, *proxies), [z_leaf, *proxies])
+
+
+def assert_same_tensors(got, want):
+    """The same tensor objects (not equal values), each exactly once."""
+    assert len(got) == len({id(t) for t in got}), "a leaf was found twice"
+    assert {id(t) for t in got} == {id(t) for t in want}
+
+
+def test_graph_walk_finds_module_parameters_and_not_the_inputs():
+    torch.manual_seed(0)
+    lin, inj = nn.Linear(4, 4), nn.Linear(3, 4)
+    found = leaves_of(lambda z, x: torch.tanh(lin(z) + inj(x)), torch.randn(2, 4), torch.randn(2, 3))
+    assert_same_tensors(found, [lin.weight, lin.bias, inj.weight, inj.bias])
+
+
+def test_graph_walk_finds_closure_captured_leaves_and_the_leaves_behind_captured_non_leaves():
+    torch.manual_seed(0)
+    W = torch.randn(4, 4, requires_grad=True)  # a captured leaf
+    A = torch.randn(4, requires_grad=True)
+    scale = A.exp()  # a captured non-leaf: the walk goes through its history to A
+    constant = torch.randn(4)  # captured, needs no grad: not a leaf of the graph
+    found = leaves_of(lambda z: torch.tanh(z @ W.T * scale + constant), torch.randn(3, 4))
+    assert_same_tensors(found, [W, A])
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
+def test_graph_walk_finds_the_original_parameters_of_a_parametrization(kind):
+    torch.manual_seed(0)
+    lin = getattr(parametrizations, kind)(nn.Linear(4, 4))
+    originals = list(lin.parametrizations.weight.parameters())
+    assert len(originals) == (2 if kind == "weight_norm" else 1)
+    found = leaves_of(lambda z: torch.tanh(lin(z)), torch.randn(2, 4))
+    assert_same_tensors(found, [lin.bias, *originals])
+
+
+def test_graph_walk_finds_a_parameter_used_twice_once_and_skips_frozen_ones():
+    torch.manual_seed(0)
+    lin, frozen = nn.Linear(4, 4), nn.Linear(4, 4)
+    frozen.weight.requires_grad_(False)
+    found = leaves_of(lambda z: frozen(lin(torch.tanh(lin(z)))), torch.randn(2, 4))
+    assert_same_tensors(found, [lin.weight, lin.bias, frozen.bias])
+
+
+class _WrapperLeaf:
+    __slots__ = ("variable",)
+
+    def __init__(self, variable):
+        self.variable = variable
+
+
+class _WrapperOp:
+    """An autograd node as torch before 2.13 exposes it: each access to ``next_functions`` makes new
+    Python wrappers, freed as soon as nobody holds them (so a new one can reuse a freed one's id)."""
+
+    __slots__ = ("children",)
+
+    def __init__(self, children):
+        self.children = children
+
+    @property
+    def next_functions(self):
+        return tuple((_WrapperOp(c) if isinstance(c, list) else _WrapperLeaf(c), 0) for c in self.children)
+
+
+class _WrapperOutput:
+    def __init__(self, children):
+        self.children = children
+
+    @property
+    def grad_fn(self):
+        return _WrapperOp(self.children)
+
+
+def test_graph_walk_does_not_depend_on_node_wrappers_outliving_the_walk():
+    leaves = [torch.zeros(1, requires_grad=True) for _ in range(6)]
+    tree = [[[leaves[0]], leaves[1]], [[leaves[2], [leaves[3]]]], leaves[4], [[[leaves[5]]]]]
+    assert_same_tensors(hidden_leaves(_WrapperOutput(tree), []), leaves)
+    assert_same_tensors(hidden_leaves(_WrapperOutput(tree), leaves[:2]), leaves[2:])
+
+
+# --- a backward solve that fails is loud ---------------------------------------------------------------
+
+
+def linear_problem(radius: float, batch: int = 2, d: int = 3):
+    """``f(z, x) = radius * z + x``: the fixed point ``x / (1 - radius)`` exists for any radius != 1, and
+    ``dL/dx = dL/dz / (1 - radius)``, but the adjoint iteration ``u <- radius u + g`` diverges for
+    ``radius > 1``: its partial sums, and its best iterate ``g``, point the wrong way."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, d, generator=gen, dtype=DT).requires_grad_()
+    weight = torch.randn(batch, d, generator=gen, dtype=DT)
+    z_star = x.detach() / (1.0 - radius)
+    return (lambda z: radius * z + x), z_star, x, weight
+
+
+def ift_grad_of_x(ift: IFT, radius: float):
+    f_x, z_star, x, weight = linear_problem(radius)
+    z = ift.attach(f_x, z_star, training=True)
+    (gx,) = torch.autograd.grad((weight * z).sum(), x)
+    return gx, weight / (1.0 - radius)
+
+
+def test_a_failed_backward_solve_warns_by_default_with_its_numbers():
+    ift = IFT(solver=Picard(), max_iter=20, tol=1e-8)
+    with pytest.warns(BackwardSolveWarning) as record:
+        got, exact = ift_grad_of_x(ift, radius=1.5)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "tol=1e-08 (abs)" in message and "max_iter=20" in message and "nfe 20" in message
+    assert "2/2 samples not converged" in message
+    residual = float(ift.last_backward.residual.max())
+    assert f"max residual {residual:.3e}" in message and residual > 1e-8
+    assert issubclass(BackwardSolveWarning, RuntimeWarning)
+    # Why it must be loud: the gradient it returned points the wrong way.
+    assert float((got * exact).sum()) < 0
+
+
+@pytest.mark.parametrize("spelling", [{"on_failure": "raise"}, {"raise_on_failure": True}])
+def test_a_failed_backward_solve_raises_when_asked(spelling):
+    ift = IFT(solver=Picard(), max_iter=20, tol=1e-8, **spelling)
+    assert ift.on_failure == "raise" and ift.raise_on_failure
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(BackwardSolveError, match=r"2/2 samples not converged.*nfe 20"):
+            ift_grad_of_x(ift, radius=1.5)
+
+
+def test_a_failed_backward_solve_is_silent_when_ignored_but_still_reported():
+    seen = []
+    ift = IFT(solver=Picard(), max_iter=20, tol=1e-8, on_failure="ignore", on_backward=seen.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ift_grad_of_x(ift, radius=1.5)
+    assert len(seen) == 1 and not seen[0].converged.any()
+
+
+@pytest.mark.parametrize("on_failure", ["warn", "raise"])
+def test_a_converged_backward_solve_is_silent_and_exact(on_failure):
+    ift = IFT(solver=Picard(), max_iter=200, tol=1e-12, on_failure=on_failure)
+    assert IFT(raise_on_failure=False).on_failure == "warn"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got, exact = ift_grad_of_x(ift, radius=0.5)
+    assert ift.last_backward.all_converged
+    # Picard on u <- 0.5 u + g stops at |residual| <= 1e-12, so the error in u is at most 1e-12 / 0.5.
+    torch.testing.assert_close(got, exact, rtol=0, atol=4e-12)
