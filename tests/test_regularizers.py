@@ -136,5 +136,8 @@ def test_ift_differentiates_through_spectral_norm_parametrization():
     )
     u = torch.linalg.solve((torch.eye(4, dtype=DT) - J).transpose(1, 2), torch.ones(2, 4, dtype=DT))
     want = torch.autograd.grad(f(z, x), [x, *params], u)
+    # Both solves stop at an absolute residual of 1e-12 on a map with Lipschitz constant <= 0.9, so z*
+    # and the adjoint u are within 1e-12 / (1 - 0.9) = 1e-11 of exact (in norm): compare norm-wise,
+    # relative to gradients of size O(1), not entry by entry (an entry near 0 has no relative accuracy).
     for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+        assert float((a - b).norm() / b.norm()) < 1e-8

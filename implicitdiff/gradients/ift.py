@@ -190,9 +190,9 @@ class IFT:
         warnings.warn(
             message + ". The gradient comes from the best iterate and may be wrong (the Jacobian of f "
             "may have spectral radius near or above 1: see implicitdiff.regularizers.spectral_radius). "
-            "Raise IFT's max_iter or tol, or pass on_failure='raise' or 'ignore'.",
+            "Raise IFT's max_iter or loosen its tol, or pass on_failure='raise' or 'ignore'.",
             BackwardSolveWarning,
-            stacklevel=2,
+            stacklevel=1,  # our callers are autograd's engine and our own code: point at the check
         )
         return result
 
