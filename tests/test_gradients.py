@@ -659,3 +659,37 @@ def test_sjfb_state_dict_resumes_the_draw_sequence_exactly():
     assert resumed.seed == 8
     assert sjfb_draws(resumed, 18) == reference[12:]
     assert sjfb_draws(first, 18) == reference[12:]  # saving did not advance or disturb the original
+
+
+def test_sjfb_never_asks_for_more_forward_iterations_than_the_cap():
+    sjfb = SJFB(no_grad_iters=(5, 9), grad_iters=(1, 1), seed=0)
+    assert {sjfb.forward_budget(3, training=True) for _ in range(20)} == {3}
+    assert {sjfb.forward_budget(7, training=True) for _ in range(60)} == {5, 6, 7}
+
+
+def test_ift_passes_its_own_cap_tolerance_and_stop_mode_to_the_backward_solver():
+    calls = []
+
+    def recording_solver(g, z0, *, max_iter, tol, stop_mode):
+        calls.append((max_iter, tol, stop_mode))
+        return Picard()(g, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode)
+
+    ift = IFT(solver=recording_solver, max_iter=np.int64(77), tol=1e-9, stop_mode="rel")
+    got, exact = ift_grad_of_x(ift, radius=0.5)
+    assert calls == [(77, 1e-9, "rel")] and type(calls[0][0]) is int
+    # A relative residual of 1e-9 on u <- 0.5 u + g leaves u within 2e-9 * |u| of exact.
+    assert float((got - exact).norm() / exact.norm()) < 4e-9
+
+
+def test_a_backward_solve_that_meets_non_finite_values_says_so():
+    def nan_solver(g, z0, *, max_iter, tol, stop_mode):
+        result = Picard()(g, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode)
+        result.nonfinite = torch.tensor([True, False])
+        result.converged = torch.tensor([False, True])
+        return result
+
+    ift = IFT(solver=nan_solver, max_iter=50, tol=1e-8, on_failure="raise")
+    with pytest.raises(
+        BackwardSolveError, match=r"1/2 samples not converged \(samples \[0\]\).*non-finite .* 1 "
+    ):
+        ift_grad_of_x(ift, radius=0.5)

@@ -59,7 +59,7 @@ def hidden_leaves(output: Tensor, exclude: Sequence[Tensor]) -> list[Tensor]:
         visited[id(node)] = node
         variable = getattr(node, "variable", None)
         if variable is not None:  # an AccumulateGrad node: a leaf
-            if id(variable) not in skip and variable.requires_grad:
+            if id(variable) not in skip:
                 found.setdefault(id(variable), variable)
             continue
         stack.extend(child for child, _ in node.next_functions if child is not None)

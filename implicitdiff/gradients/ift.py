@@ -185,6 +185,9 @@ class IFT:
             f"(samples {bad[:10]}{' ...' if len(bad) > 10 else ''}), max residual "
             f"{float(result.residual.max()):.3e}, nfe {result.nfe}"
         )
+        nonfinite = getattr(result, "nonfinite", None)
+        if nonfinite is not None and bool(nonfinite.any()):
+            message += f", non-finite values in {int(nonfinite.sum())} samples"
         if self.on_failure == "raise":
             raise BackwardSolveError(message)
         warnings.warn(
