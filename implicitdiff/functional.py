@@ -27,9 +27,10 @@ class DEQOutput:
         The fixed point, attached to autograd by the gradient estimator when a gradient is needed.
         Without a gradient, and with :class:`~implicitdiff.IFT`, it is the solver's iterate ``stats.z``,
         the one ``stats.residual`` describes. Estimators that differentiate through applications of
-        ``f`` return those applications from ``stats.z``: :class:`~implicitdiff.JFB` returns
-        ``f(stats.z)``, :class:`~implicitdiff.PhantomGradient` and :class:`~implicitdiff.SJFB` ``k``
-        (damped) steps.
+        ``f`` return those applications: :class:`~implicitdiff.JFB` returns ``f(stats.z)`` (equal in
+        value to ``stats.fz``), :class:`~implicitdiff.PhantomGradient` ``k`` damped steps from
+        ``stats.z``. An estimator with ``starts_from_image = True`` (:class:`~implicitdiff.SJFB`, which
+        continues the solver's iteration) starts from ``stats.fz`` instead.
     stats : SolverResult
         Statistics of the forward solve: ``z``, ``residual``, ``converged``, ``nfe``, ``trace``,
         ``nonfinite``, and ``fz = f(stats.z)``, which the solver computed already (one step further for
@@ -255,6 +256,10 @@ def fixed_point(
         )
     if not _needs_grad(f, x, f_kwargs):
         return DEQOutput(z=z_star, stats=stats)
+    if getattr(grad, "starts_from_image", False) and isinstance(getattr(stats, "fz", None), Tensor):
+        # An estimator that continues the iteration with grad (S-JFB) starts from g(stats.z), which the
+        # solver computed already: n no-grad evaluations then give n steps, none evaluated twice.
+        z_star = stats.fz.detach()
     before = calls[0]
     z = grad.attach(f_x, z_star, training=training)
     return DEQOutput(z=z, stats=stats, grad_evals=calls[0] - before)

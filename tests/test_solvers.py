@@ -144,7 +144,9 @@ class LoggedMap:
     def nonfinite_seen(self) -> Tensor:
         """``(B,)`` bool: some call returned a non-finite value for the sample, or a residual that
         overflows the state's dtype (the driver cannot tell the two apart without another pass)."""
-        values = torch.stack([~torch.isfinite(fz.reshape(fz.shape[0], -1)).all(dim=1) for _, fz in self.calls])
+        values = torch.stack(
+            [~torch.isfinite(fz.reshape(fz.shape[0], -1)).all(dim=1) for _, fz in self.calls]
+        )
         return (values | ~torch.isfinite(self.residuals())).any(dim=0)
 
 

@@ -60,6 +60,10 @@ class SJFB:
         Seed of the estimator's generator.
     """
 
+    #: The layer starts the differentiable steps from the image ``g(z)`` of the solver's iterate, which
+    #: the solver computed already: ``n`` no-grad evaluations are ``n`` steps, as in the paper.
+    starts_from_image = True
+
     def __init__(
         self, no_grad_iters: tuple[int, int] = (0, 6), grad_iters: tuple[int, int] = (1, 3), seed: int = 0
     ) -> None:
