@@ -98,13 +98,14 @@ class Broyden(UpdateRule):
         """Update ``H`` with the secant pair of the last step, then move by ``-H F(z)``."""
         F = torch.nan_to_num(fz - z, nan=0.0, posinf=0.0, neginf=0.0)
         used = state.used
+        has_prev = torch.ones_like(state.has_prev)
         if used < 0:  # the first step: no secant pair yet, H = -I
-            return z + F, state._replace(z_prev=z, F_prev=F, HF_prev=-F, used=0)
+            return z + F, state._replace(z_prev=z, F_prev=F, HF_prev=-F, has_prev=has_prev, used=0)
         if used == self.memory:
             # Limited memory: once every slot holds a term, restart from -I rather than dropping the
             # oldest term, which breaks the secant conditions of the rest and can diverge. The pair of
             # this step was made with the old H, so it is not used either.
-            return z + F, state._replace(z_prev=z, F_prev=F, HF_prev=-F, used=0)
+            return z + F, state._replace(z_prev=z, F_prev=F, HF_prev=-F, has_prev=has_prev, used=0)
         U, V = state.U[:, :used], state.V[:, :used]
         HF = _apply(U, V, F)
         s = z - state.z_prev
@@ -121,7 +122,6 @@ class Broyden(UpdateRule):
         write_into(u, torch.mul, torch.where(ok, s - Hy, 0.0), scale)
         write_into(v, torch.where, ok, sH, sH.new_zeros(()))
         HF = torch.addcmul(HF, u, _dot(v, F))  # the updated H times F
-        has_prev = torch.ones_like(state.has_prev)
         return z - HF, BroydenState(state.U, state.V, z, F, HF, has_prev, used + 1)
 
     def restart(self, state: BroydenState, mask: Tensor) -> BroydenState:
