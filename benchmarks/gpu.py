@@ -100,8 +100,13 @@ def compile_rows(device: str, quick: bool) -> list[dict[str, Any]]:
 
     rows = []
     reps = 3 if quick else 50
-    for name, make in (("Picard", Picard), ("Anderson(m=6)", lambda: Anderson(m=6))):
-        for tol in (None, 1e-4):
+    cases = [
+        ("Picard", Picard, None),
+        ("Picard", Picard, 1e-4),
+        ("Anderson(m=6)", lambda: Anderson(m=6), None),
+    ]
+    for name, make, tol in cases:
+        if True:
             torch.manual_seed(0)
             lin = torch.nn.Linear(4, 4).to(device)
             deq = DEQLayer(
