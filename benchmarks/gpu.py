@@ -106,53 +106,52 @@ def compile_rows(device: str, quick: bool) -> list[dict[str, Any]]:
         ("Anderson(m=6)", lambda: Anderson(m=6), None),
     ]
     for name, make, tol in cases:
-        if True:
-            torch.manual_seed(0)
-            lin = torch.nn.Linear(4, 4).to(device)
-            deq = DEQLayer(
-                lambda z, x, lin=lin: torch.tanh(0.5 * lin(z) + x), solver=make(), max_iter=30, tol=tol
-            )
-            x = torch.randn(4, 4, device=device)
-            graphs: list[int] = []
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(4, 4).to(device)
+        deq = DEQLayer(
+            lambda z, x, lin=lin: torch.tanh(0.5 * lin(z) + x), solver=make(), max_iter=30, tol=tol
+        )
+        x = torch.randn(4, 4, device=device)
+        graphs: list[int] = []
 
-            def counting(gm: Any, example_inputs: Any, graphs: list[int] = graphs) -> Any:
-                graphs.append(1)
-                if quick:
-                    return gm.forward
-                from torch._inductor.compile_fx import compile_fx
+        def counting(gm: Any, example_inputs: Any, graphs: list[int] = graphs) -> Any:
+            graphs.append(1)
+            if quick:
+                return gm.forward
+            from torch._inductor.compile_fx import compile_fx
 
-                return compile_fx(gm, example_inputs)
+            return compile_fx(gm, example_inputs)
 
-            torch._dynamo.reset()
-            compiled = torch.compile(deq, backend=counting)
-            with torch.no_grad():
-                start = time.perf_counter()
-                compiled(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(deq, backend=counting)
+        with torch.no_grad():
+            start = time.perf_counter()
+            compiled(x)
+            _sync(device)
+            first = time.perf_counter() - start
+            compiled(x)
+            after_second = len(graphs)
+            times = {}
+            for key, fn in (("eager", deq), ("compiled", compiled)):
+                fn(x)
                 _sync(device)
-                first = time.perf_counter() - start
-                compiled(x)
-                after_second = len(graphs)
-                times = {}
-                for key, fn in (("eager", deq), ("compiled", compiled)):
+                start = time.perf_counter()
+                for _ in range(reps):
                     fn(x)
-                    _sync(device)
-                    start = time.perf_counter()
-                    for _ in range(reps):
-                        fn(x)
-                    _sync(device)
-                    times[key] = (time.perf_counter() - start) / reps
-            rows.append(
-                {
-                    "solver": name,
-                    "tol": "None" if tol is None else f"{tol:g}",
-                    "first_call_s": first,
-                    "graphs": after_second,
-                    "new_graphs_after_second_call": len(graphs) - after_second,
-                    "eager_ms": 1e3 * times["eager"],
-                    "compiled_ms": 1e3 * times["compiled"],
-                    "compiled_vs_eager": times["compiled"] / times["eager"],
-                }
-            )
+                _sync(device)
+                times[key] = (time.perf_counter() - start) / reps
+        rows.append(
+            {
+                "solver": name,
+                "tol": "None" if tol is None else f"{tol:g}",
+                "first_call_s": first,
+                "graphs": after_second,
+                "new_graphs_after_second_call": len(graphs) - after_second,
+                "eager_ms": 1e3 * times["eager"],
+                "compiled_ms": 1e3 * times["compiled"],
+                "compiled_vs_eager": times["compiled"] / times["eager"],
+            }
+        )
     return rows
 
 
