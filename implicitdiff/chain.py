@@ -17,8 +17,20 @@ recurrence: Picard is ParaDiGMS (Shih et al., 2023), Anderson acceleration on :m
 spirit of ParaTAA (Tang et al., 2024), and DEQ-DDIM solved the DDIM chain this way with Anderson
 (Pokle et al., 2022).
 
-:func:`solve_chain` runs any update rule of :mod:`implicitdiff.solvers` (or a user's) on :math:`F`,
-treating the steps in flight as the rule's batch.
+The same fixed point is also that of the *cumulative* map, which sums the increments of the steps,
+
+.. math::
+
+    G(X)_{k+1} = x_0 + \sum_{i \le k} \bigl(s(i, X_i) - X_i\bigr),
+
+which costs the same evaluations. The two differ in how fast Picard iteration converges: the error
+of a sweep on :math:`F` moves one step down the chain multiplied by the step's Jacobian :math:`J_k`,
+so it fades only when the steps contract; on :math:`G` it is multiplied by :math:`J_k - I`, which is
+small when the steps are close to the identity, as the steps of an ODE integrator or a diffusion
+sampler are (this is the Picard iteration of ParaDiGMS, the discrete Picard-Lindelof iteration).
+
+:func:`solve_chain` runs any update rule of :mod:`implicitdiff.solvers` (or a user's) on :math:`F` or
+:math:`G`, treating the steps in flight as the rule's batch.
 
 References
 ----------
@@ -45,6 +57,9 @@ from .solvers.picard import Picard
 __all__ = ["ChainResult", "solve_chain"]
 
 StepFn = Callable[[Tensor, Tensor], Tensor]
+
+#: The fixed-point maps :func:`solve_chain` can hand to the rule (same fixed point, same evaluations).
+FORMS = ("cumulative", "step")
 
 
 @dataclass
@@ -156,19 +171,22 @@ def solve_chain(
     max_iter: int | None = None,
     window: int | None = None,
     stop_mode: str = "abs",
+    form: str = "step",
 ) -> ChainResult:
     r"""Run the recurrence :math:`x_{k+1} = s(k, x_k)` as one fixed point over its trajectory.
 
-    With :math:`X = (X_1, \dots, X_N)` and :math:`F(X)_{k+1} = s(k, X_k)`, :math:`X_0 = x_0`, each
-    sweep evaluates ``step`` once, on all the steps in flight, and lets the update rule ``solver``
-    propose the next estimates. Step :math:`k` is *final* once every earlier step is final and
+    With :math:`X = (X_1, \dots, X_N)`, :math:`X_0 = x_0` and the map :math:`F(X)_{k+1} = s(k, X_k)`
+    (``form="step"``) or :math:`G(X)_{k+1} = x_0 + \sum_{i \le k} (s(i, X_i) - X_i)`
+    (``form="cumulative"``), each sweep evaluates ``step`` once, on all the steps in flight, and lets
+    the update rule ``solver`` propose the next estimates from :math:`X` and its image.
+    Step :math:`k` is *final* once every earlier step is final and
 
     .. math:: r_k = \|s(k, X_k) - X_{k+1}\| \le \mathrm{tol}.
 
     The first step that misses the tolerance but whose predecessors are final is final too, at its
     image :math:`s(k, X_k)`: that is exactly the sequential value, with residual 0. Each sweep thus
     finalises at least one step, whatever the rule, so the solve ends after at most ``num_steps``
-    sweeps (Picard: ParaDiGMS, Shih et al. 2023) and never costs more sequential rounds than the
+    sweeps (the guarantee of ParaDiGMS, Shih et al. 2023) and never costs more sequential rounds than the
     recurrence. Final steps are not evaluated again; at most ``window`` steps are in flight, and the
     window slides past the final prefix.
 
@@ -209,6 +227,13 @@ def solve_chain(
     stop_mode : {"abs", "rel"}
         ``"abs"``: :math:`r_k = \|s(k, X_k) - X_{k+1}\|_2` over all of a state's entries; ``"rel"``:
         divided by :math:`\|s(k, X_k)\|_2 + 10^{-9}`.
+    form : {"step", "cumulative"}
+        The map the rule iterates; both have the trajectory as their fixed point and cost the same
+        evaluations, and the residual that decides convergence is the per-step one above in both.
+        ``"step"``: :math:`F`, for steps that contract (an RNN, a stable discrete map).
+        ``"cumulative"``: :math:`G`, for steps close to the identity (an ODE integrator, a diffusion
+        sampler's timesteps), where an error on :math:`F` would travel down the chain without fading;
+        with Picard this is ParaDiGMS (Shih et al., 2023).
 
     Returns
     -------
@@ -217,6 +242,11 @@ def solve_chain(
     Notes
     -----
     The host reads one number per sweep: how many steps became final (how far the window slides).
+
+    The steps in flight are the rule's batch. When the window slides, each step keeps its own history
+    (every tensor of the rule's state whose first dimension is the batch follows its step), and a step
+    that enters starts with none. Re-initialising the whole rule at each slide instead (the window
+    slides at every sweep) would turn every rule into Picard.
 
     References
     ----------
@@ -246,8 +276,12 @@ def solve_chain(
     window = num_steps if window is None else check_int("window", window, low=1)
     if stop_mode not in STOP_MODES:
         raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     with torch.no_grad():
-        return _solve(step, x0, num_steps, rule, tol, max_iter, max(window, 1), stop_mode, wdtype)
+        return _solve(
+            step, x0, num_steps, rule, tol, max_iter, max(window, 1), stop_mode, wdtype, form == "cumulative"
+        )
 
 
 def _solve(
@@ -260,6 +294,7 @@ def _solve(
     window: int,
     stop_mode: str,
     wdtype: torch.dtype,
+    cumulative: bool,
 ) -> ChainResult:
     device, shape = x0.device, x0.shape
     n = x0.numel()
@@ -294,7 +329,8 @@ def _solve(
     while lo < num_steps and sweeps < max_iter:
         hi = lo + rows
         k = torch.arange(lo, hi, device=device)
-        fz = evaluate(k, torch.cat([xs[lo : lo + 1], z[:-1]]))  # (rows, n)
+        prev = torch.cat([xs[lo : lo + 1], z[:-1]])  # each step's predecessor
+        fz = evaluate(k, prev)  # (rows, n)
         sweeps += 1
         evaluations += rows
         per_step[lo:hi] += 1
@@ -322,9 +358,15 @@ def _solve(
             xs[new_lo + 1 : hi + 1] = z[advance:]
             xs[hi + 1 :] = xs[hi : hi + 1]
             break
+        if cumulative:
+            # The image under G: the final state plus the running sum of the increments s(k, X_k) - X_k.
+            gz = torch.cumsum(fz - prev, dim=0).add_(xs[lo : lo + 1])
+            gres = residual_norm(gz, z, stop_mode)
+        else:
+            gz, gres = fz, res
         if state is None:
-            state = rule.init(z, fz)
-        z_next, state = rule.step(state, z, fz, res)
+            state = rule.init(z, gz)
+        z_next, state = rule.step(state, z, gz, gres)
         # A rule that produced non-finite values for a step falls back to its image and forgets it.
         broken = ~torch.isfinite(z_next).all(dim=1) | ~finite
         z_next = torch.where(broken[:, None], fz, z_next)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from implicitdiff import Anderson, Broyden, ChainResult, Picard, solve_chain
+from implicitdiff.chain import FORMS
 from implicitdiff.diagnostics import SyncCounter
 from implicitdiff.solvers import UpdateRule
 
@@ -99,22 +100,24 @@ def chains(draw: st.DrawFn) -> tuple[ToyChain, int | None]:
     return chain, window
 
 
-@given(chains(), st.sampled_from(sorted(SOLVERS)), st.sampled_from([1e-9, 1e-6, 1e-3]))
-def test_chain_matches_the_sequential_rollout_within_the_bound_of_its_residuals(case, solver, tol):
-    chain, window = case
-    out = solve_chain(
-        chain.step, chain.x0, chain.A.shape[0], solver=SOLVERS[solver](), tol=tol, window=window
-    )
-    check_against_rollout(chain, out, tol)
-    # Any rule finishes within num_steps sweeps (each sweep finalises at least one step).
-    assert out.sweeps <= chain.A.shape[0]
-
-
-@given(chains())
-def test_picard_never_needs_more_sweeps_than_steps_and_tol_zero_is_the_rollout(case):
+@given(
+    chains(), st.sampled_from(sorted(SOLVERS)), st.sampled_from([1e-9, 1e-6, 1e-3]), st.sampled_from(FORMS)
+)
+def test_chain_matches_the_sequential_rollout_within_the_bound_of_its_residuals(case, solver, tol, form):
     chain, window = case
     steps = chain.A.shape[0]
-    out = solve_chain(chain.step, chain.x0, steps, tol=0.0, window=window, max_iter=steps)
+    rule = SOLVERS[solver]()
+    out = solve_chain(chain.step, chain.x0, steps, solver=rule, tol=tol, window=window, form=form)
+    check_against_rollout(chain, out, tol)
+    # Any rule finishes within num_steps sweeps (each sweep finalises at least one step).
+    assert out.sweeps <= steps
+
+
+@given(chains(), st.sampled_from(FORMS))
+def test_picard_never_needs_more_sweeps_than_steps_and_tol_zero_is_the_rollout(case, form):
+    chain, window = case
+    steps = chain.A.shape[0]
+    out = solve_chain(chain.step, chain.x0, steps, tol=0.0, window=window, max_iter=steps, form=form)
     assert out.all_converged and out.sweeps <= steps
     torch.testing.assert_close(out.xs, chain.rollout(), atol=ROUNDING * steps, rtol=0)
 
@@ -134,11 +137,13 @@ def test_a_window_smaller_than_the_chain_gives_the_same_trajectory_and_bounds_ea
     assert torch.all(distance <= allowed + ROUNDING * steps)
 
 
-@given(chains(), st.sampled_from(sorted(SOLVERS)))
-def test_evaluations_count_every_step_passed_to_step_and_nothing_else(case, solver):
+@given(chains(), st.sampled_from(sorted(SOLVERS)), st.sampled_from(FORMS))
+def test_evaluations_count_every_step_passed_to_step_and_nothing_else(case, solver, form):
     chain, window = case
     steps = chain.A.shape[0]
-    out = solve_chain(chain.step, chain.x0, steps, solver=SOLVERS[solver](), tol=1e-6, window=window)
+    out = solve_chain(
+        chain.step, chain.x0, steps, solver=SOLVERS[solver](), tol=1e-6, window=window, form=form
+    )
     assert out.sweeps == chain.calls
     assert out.evaluations == int(chain.asked.sum())
     assert torch.equal(out.evaluations_per_step, chain.asked)
@@ -164,6 +169,30 @@ def test_picard_takes_every_sweep_on_a_chain_that_never_settles_early():
     # Sweep s evaluates the steps s..N-1: the final prefix is never evaluated again.
     assert calls == [list(range(s, steps)) for s in range(steps)]
     assert out.evaluations == steps * (steps + 1) // 2
+
+
+def euler_chain(steps: int, horizon: float) -> tuple[Callable[[Tensor, Tensor], Tensor], Tensor]:
+    """Explicit Euler on ``dx/dt = tanh(W x + sin t) - x``: steps close to the identity for small ``h``."""
+    generator = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 6, generator=generator, dtype=torch.float64) / 6**0.5
+    h = horizon / steps
+
+    def step(k: Tensor, x: Tensor) -> Tensor:
+        return x + h * (torch.tanh(x @ W.T + torch.sin(h * k.to(x.dtype))[:, None]) - x)
+
+    return step, torch.randn(6, generator=generator, dtype=torch.float64)
+
+
+def test_the_cumulative_form_is_what_makes_picard_parallel_on_an_integrator():
+    # On F an error travels down the chain multiplied by J_k = I + O(h) and never fades: every sweep
+    # finalises one step. On G it is multiplied by J_k - I = O(h): Picard-Lindelof, (L T)^s / s!.
+    steps = 60
+    step, x0 = euler_chain(steps, horizon=1.0)
+    on_steps = solve_chain(step, x0, steps, tol=1e-8, form="step")
+    cumulative = solve_chain(step, x0, steps, tol=1e-8, form="cumulative")
+    assert on_steps.sweeps == steps
+    assert cumulative.all_converged and cumulative.sweeps <= steps // 3
+    torch.testing.assert_close(cumulative.xs, on_steps.xs, atol=1e-8 * steps, rtol=0)
 
 
 class StepTagRule(UpdateRule):
@@ -304,6 +333,7 @@ def _ok(k: Tensor, x: Tensor) -> Tensor:
         ({"window": 0}, ValueError, "window"),
         ({"window": 2.0}, TypeError, "window"),
         ({"stop_mode": "max"}, ValueError, "stop_mode"),
+        ({"form": "integral"}, ValueError, "form"),
         ({"solver": lambda g, z0, **kw: None}, TypeError, "solver must be an update rule"),
         ({"x0": [1.0, 2.0]}, TypeError, "x0"),
         ({"x0": torch.ones(2, dtype=torch.long)}, TypeError, "floating-point"),
