@@ -13,9 +13,9 @@ step axis (step :math:`k + 1` reads only step :math:`k`), so Picard iteration :m
 is exact after at most :math:`N` sweeps: each sweep makes at least one more step exact. Every sweep
 evaluates all the steps of the window in one batched call of :math:`s`, so when the steps converge
 in far fewer sweeps than there are steps, the chain costs fewer *sequential* rounds than the
-recurrence: Picard is ParaDiGMS (Shih et al., 2023), Anderson acceleration on :math:`F` is in the
-spirit of ParaTAA (Tang et al., 2024), and DEQ-DDIM solved the DDIM chain this way with Anderson
-(Pokle et al., 2022).
+recurrence. ParaDiGMS (Shih et al., 2023) is Picard iteration with a sliding window (on the map
+:math:`G` below), ParaTAA (Tang et al., 2024) accelerates it with Anderson-type updates, and DEQ-DDIM
+solved the DDIM chain with Anderson (Pokle et al., 2022).
 
 The same fixed point is also that of the *cumulative* map, which sums the increments of the steps,
 
@@ -35,7 +35,7 @@ sampler are (this is the Picard iteration of ParaDiGMS, the discrete Picard-Lind
 References
 ----------
 Shih, Belkhale, Ermon, Sadigh, Anari. *Parallel Sampling of Diffusion Models*. NeurIPS 2023.
-Tang, Tang, Luo, Zhao, Wang. *Accelerating Parallel Sampling of Diffusion Models*. ICML 2024.
+Tang, Tang, Luo, Wang, Chang. *Accelerating Parallel Sampling of Diffusion Models*. ICML 2024.
 Pokle, Geng, Kolter. *Deep Equilibrium Approaches to Diffusion Models*. NeurIPS 2022.
 """
 
