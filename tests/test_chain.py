@@ -363,3 +363,34 @@ def test_a_step_that_misbehaves_is_named():
         solve_chain(lambda k, x: x[0], torch.ones(2), 3)
     with pytest.raises(ValueError, match="in place"):
         solve_chain(lambda k, x: x.mul_(0.5), torch.ones(2), 3)
+
+
+def test_the_relative_residual_does_not_depend_on_the_scale_of_the_states():
+    chain = ToyChain(20, 4, [0.7] * 20, seed=5, act="affine")
+    out = solve_chain(chain.step, chain.x0, 20, tol=1e-8, stop_mode="rel", window=6)
+    scaled = solve_chain(
+        lambda k, x: 1e6 * chain.step(k, x / 1e6), 1e6 * chain.x0, 20, tol=1e-8, stop_mode="rel", window=6
+    )
+    assert out.all_converged and scaled.all_converged and out.sweeps == scaled.sweeps
+    images = torch.einsum("kij,kj->ki", chain.A, out.xs[:-1]) + chain.b
+    relative = torch.linalg.vector_norm(images - out.xs[1:], dim=1) / (
+        torch.linalg.vector_norm(images, dim=1) + 1e-9
+    )
+    torch.testing.assert_close(out.residual, relative, atol=ROUNDING, rtol=0)
+
+
+def test_a_rule_that_proposes_non_finite_values_falls_back_to_the_image_and_is_restarted():
+    class Broken(UpdateRule):
+        restarted = 0
+
+        def step(self, state, z, fz, residual):
+            return torch.full_like(z, torch.nan), state
+
+        def restart(self, state, mask):
+            Broken.restarted += int(mask.sum())
+            return state
+
+    chain = ToyChain(12, 3, [0.5] * 12, seed=2, act="tanh")
+    out = solve_chain(chain.step, chain.x0, 12, solver=Broken(), tol=1e-9)
+    check_against_rollout(chain, out, 1e-9)
+    assert Broken.restarted > 0 and not torch.any(out.nonfinite)
