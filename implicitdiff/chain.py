@@ -246,7 +246,7 @@ def solve_chain(
     The steps in flight are the rule's batch. When the window slides, each step keeps its own history
     (every tensor of the rule's state whose first dimension is the batch follows its step), and a step
     that enters starts with none. Re-initialising the whole rule at each slide instead (the window
-    slides at every sweep) would turn every rule into Picard.
+    slides at every sweep) would turn Anderson and Broyden into Picard, whose step is their first.
 
     References
     ----------
