@@ -41,6 +41,7 @@ Pokle, Geng, Kolter. *Deep Equilibrium Approaches to Diffusion Models*. NeurIPS 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,6 +130,9 @@ def _take_rows(state: Any, index: Tensor, rows: int) -> Any:
     """
     if isinstance(state, Tensor):
         return state.index_select(0, index) if state.dim() >= 1 and state.shape[0] == rows else state
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        fields = {f.name: _take_rows(getattr(state, f.name), index, rows) for f in dataclasses.fields(state)}
+        return dataclasses.replace(state, **fields)
     if isinstance(state, tuple):
         taken = [_take_rows(leaf, index, rows) for leaf in state]
         return type(state)(*taken) if hasattr(state, "_fields") else tuple(taken)

@@ -85,9 +85,13 @@ def _checked_map(
     name = getattr(f, "__name__", type(f).__name__)
     tensor_keys = [key for key, value in f_kwargs.items() if isinstance(value, Tensor)]
 
-    def bind(x_bound: Tensor, kwargs_bound: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+    def bind(x_bound: Tensor, items: tuple[tuple[str, Any], ...]) -> Callable[[Tensor], Tensor]:
+        # The keyword arguments travel as a tuple of pairs: dynamo before torch 2.5 fails to guard a
+        # dict that it also sees in the caller's frame.
+        kwargs_bound = dict(items)
+
         def f_x(z: Tensor) -> Tensor:
-            out = f(z, x_bound, **kwargs_bound)
+            out = f(z, x_bound, **dict(items)) if items else f(z, x_bound)
             calls[0] += 1
             if not isinstance(out, Tensor):
                 raise TypeError(f"f ({name}) must return a Tensor, got {type(out).__name__}")
@@ -113,13 +117,14 @@ def _checked_map(
             return out
 
         def with_inputs(*tensors: Tensor) -> Callable[[Tensor], Tensor]:
-            return bind(tensors[0], {**kwargs_bound, **dict(zip(tensor_keys, tensors[1:], strict=True))})
+            replaced = {**kwargs_bound, **dict(zip(tensor_keys, tensors[1:], strict=True))}
+            return bind(tensors[0], tuple(replaced.items()))
 
         f_x.explicit_inputs = (x_bound, *(kwargs_bound[key] for key in tensor_keys))  # type: ignore[attr-defined]
         f_x.with_inputs = with_inputs  # type: ignore[attr-defined]
         return f_x
 
-    return bind(x, dict(f_kwargs))
+    return bind(x, tuple(f_kwargs.items()))
 
 
 def _check_parts(solver: object, grad: object) -> None:

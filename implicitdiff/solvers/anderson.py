@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -22,7 +22,8 @@ def _gram_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-class AndersonState(NamedTuple):
+@dataclass
+class AndersonState:
     """Anderson's history: a ring of ``m`` differences (tensors), and where it stands (Python ints)."""
 
     dF: Tensor  # (B, m, n) residual differences f_{i+1} - f_i
@@ -117,7 +118,7 @@ class Anderson(UpdateRule):
         # The plain mixing step z + beta f; undamped it is g(z) itself, which costs nothing.
         g = fz if self.beta == 1.0 else torch.add(z, f, alpha=self.beta)
         if state.k == 0:  # no difference yet: the mixing step
-            return g, state._replace(f_prev=f, g_prev=g, k=1)
+            return g, replace(state, f_prev=f, g_prev=g, k=1)
         slot, used = (state.k - 1) % self.m, min(state.k, self.m)
         dF, dG = state.dF[:, :used], state.dG[:, :used]
         new_dF, new_dG = state.dF[:, slot], state.dG[:, slot]
@@ -138,12 +139,12 @@ class Anderson(UpdateRule):
         # z_next = g - gamma^T dG
         z_next = torch.baddbmm(g.unsqueeze(1), gamma.to(z.dtype).unsqueeze(1), dG, alpha=-1.0).squeeze(1)
         has_prev = torch.ones_like(state.has_prev) if state.masked else state.has_prev
-        return z_next, state._replace(f_prev=f, g_prev=g, has_prev=has_prev, k=state.k + 1)
+        return z_next, replace(state, f_prev=f, g_prev=g, has_prev=has_prev, k=state.k + 1)
 
     def restart(self, state: AndersonState, mask: Tensor) -> AndersonState:
         """Drop the history of the samples in ``mask``."""
-        return state._replace(
-            valid=state.valid & ~mask[:, None], has_prev=state.has_prev & ~mask, masked=True
+        return replace(
+            state, valid=state.valid & ~mask[:, None], has_prev=state.has_prev & ~mask, masked=True
         )
 
     def _coefficients(self, gram: Tensor, rhs: Tensor, valid: Tensor | None) -> Tensor:
