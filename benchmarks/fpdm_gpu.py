@@ -66,7 +66,10 @@ def _compile(model: nn.Module, name: str, quick: bool) -> nn.Module:
 
 def training_rows(device: torch.device, quick: bool) -> list[dict[str, Any]]:
     """Step time, memory, compile time, graphs and FLOP utilisation of each training configuration."""
-    fpdm, dit, batch, steps = ("FPDM-Digits/2", "DiT-Digits/2", 4, 2) if quick else ("FPDM-XL/2", "DiT-XL/2", 128, 10)
+    if quick:
+        fpdm, dit, batch, steps = "FPDM-Digits/2", "DiT-Digits/2", 4, 2
+    else:
+        fpdm, dit, batch, steps = "FPDM-XL/2", "DiT-XL/2", 128, 10
     configs: list[tuple[str, str, dict[str, Any], bool]] = [
         ("FPDM eager", fpdm, {"grad": SJFB(no_grad_iters=(6, 6), grad_iters=(3, 3))}, False),
         ("FPDM compiled", fpdm, {"grad": SJFB(no_grad_iters=(6, 6), grad_iters=(3, 3))}, True),
@@ -140,9 +143,6 @@ def _training_row(
     }
     if flops is not None:
         row.update(step_tflop=flops / 1e12, mfu=flops / median / H100_BF16_PEAK)
-    del model, net, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -157,67 +157,67 @@ def _step_flops(step: Callable[[], None]) -> float:
 
 def sampler_rows(device: torch.device, quick: bool) -> list[dict[str, Any]]:
     """The budgeted sampler against a hand-written loop of the same block evaluations, and its host syncs."""
-    from sampling import sample
-
     preset = "FPDM-Digits/2" if quick else "FPDM-XL/2"
     cases = [(4, torch.float32)] if quick else [(32, torch.bfloat16), (128, torch.float32)]
-    steps, iters = 10, 2
     rows = []
     for batch, dtype in cases:
         torch.manual_seed(0)
         model = create_model(preset).to(device).eval()
-        diffusion = GaussianDiffusion()
-        labels = torch.arange(batch, device=device) % model.num_classes
-        budget = steps * (model.pre_depth + model.post_depth + iters)
-        autocast = dtype != torch.float32
-
-        def ours() -> Tensor:
-            with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-                return sample(model, diffusion, labels, budget=budget, steps=steps, solver=Picard(),
-                              generator=torch.Generator().manual_seed(0)).images  # fmt: skip
-
-        def hand() -> Tensor:
-            timesteps = diffusion.respace(steps)
-            x = torch.randn(batch, model.in_channels, model.input_size, model.input_size,
-                            generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip
-            z = None
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=autocast):
-                for i, t in enumerate(timesteps):
-                    t_batch = torch.full((batch,), t, device=device, dtype=torch.long)
-                    eps, state = model(x, t_batch, labels, max_iter=iters, tol=None, z0=z, return_state=True)
-                    z = state.z
-                    t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-                    x = diffusion.ddim_step(x, eps, t, t_prev)
-            return x
-
-        walls = {"ours": [], "hand": []}
-        for fn in (ours, hand):
-            fn()
-        for _ in range(2 if quick else 7):
-            for key, fn in (("ours", ours), ("hand", hand)):
-                _sync(device)
-                start = time.perf_counter()
-                fn()
-                _sync(device)
-                walls[key].append(time.perf_counter() - start)
-        with SyncCounter() as syncs:
-            ours()
-        median = {key: statistics.median(values) for key, values in walls.items()}
-        rows.append(
-            {
-                "batch": batch,
-                "dtype": str(dtype).replace("torch.", ""),
-                "timesteps": steps,
-                "iterations_per_step": iters,
-                "sampler_ms": 1e3 * median["ours"],
-                "hand_loop_ms": 1e3 * median["hand"],
-                "sampler_vs_hand": median["ours"] / median["hand"],
-                "syncs_per_timestep": syncs.count / steps,
-            }
-        )
+        rows.append(_sampler_row(model, batch, dtype, device, reps=2 if quick else 7))
         print(f"  sampler: {rows[-1]}", file=sys.stderr)
-        del model
     return rows
+
+
+def _sampler_row(model: nn.Module, batch: int, dtype: torch.dtype, device: torch.device, reps: int) -> dict:
+    from sampling import sample
+
+    steps, iters = 10, 2
+    diffusion = GaussianDiffusion()
+    labels = torch.arange(batch, device=device) % model.num_classes
+    budget = steps * (model.pre_depth + model.post_depth + iters)
+    autocast = dtype != torch.float32
+    shape = (batch, model.in_channels, model.input_size, model.input_size)
+
+    def ours() -> Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            return sample(model, diffusion, labels, budget=budget, steps=steps, solver=Picard(),
+                          generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+    def hand() -> Tensor:
+        timesteps = diffusion.respace(steps)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+        z = None
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            for i, t in enumerate(timesteps):
+                t_batch = torch.full((batch,), t, device=device, dtype=torch.long)
+                eps, state = model(x, t_batch, labels, max_iter=iters, tol=None, z0=z, return_state=True)
+                z = state.z
+                t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+                x = diffusion.ddim_step(x, eps, t, t_prev)
+        return x
+
+    walls: dict[str, list[float]] = {"ours": [], "hand": []}
+    ours(), hand()
+    for _ in range(reps):
+        for key, fn in (("ours", ours), ("hand", hand)):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            walls[key].append(time.perf_counter() - start)
+    with SyncCounter() as syncs:
+        ours()
+    median = {key: statistics.median(values) for key, values in walls.items()}
+    return {
+        "batch": batch,
+        "dtype": str(dtype).replace("torch.", ""),
+        "timesteps": steps,
+        "iterations_per_step": iters,
+        "sampler_ms": 1e3 * median["ours"],
+        "hand_loop_ms": 1e3 * median["hand"],
+        "sampler_vs_hand": median["ours"] / median["hand"],
+        "syncs_per_timestep": syncs.count / steps,
+    }
 
 
 def fpdm_section(device: str, quick: bool) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from ._validate import check_bool
 from .gradients import JFB, GradientEstimator
 from .solvers import Anderson, Solver, SolverResult
 from .solvers._base import check_solve_args
+from .solvers._driver import _compiling
 
 __all__ = ["DEQOutput", "fixed_point"]
 
@@ -247,6 +248,11 @@ def fixed_point(
             options["check_every"] = check_every
         with torch.no_grad():
             stats = solver(f_x, z_init, **options)
+        if _autocast_on(z_init.device.type) and not _compiling():
+            # Autocast caches the low-precision copies of the weights; before torch 2.5 a copy made in
+            # this no-grad solve is reused by the estimator's evaluation with grad, which then has no
+            # graph back to the weights.
+            torch.clear_autocast_cache()
     if not isinstance(getattr(stats, "z", None), Tensor):
         raise TypeError(
             f"solver {solver!r} must return a SolverResult (with a tensor z), got {type(stats).__name__}"
