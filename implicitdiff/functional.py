@@ -267,10 +267,11 @@ def fixed_point(
         )
     if not _needs_grad(f, x, f_kwargs):
         return DEQOutput(z=z_star, stats=stats)
-    if getattr(grad, "starts_from_image", False) and isinstance(getattr(stats, "fz", None), Tensor):
+    image = getattr(stats, "fz", None)
+    if getattr(grad, "starts_from_image", False) and isinstance(image, Tensor):
         # An estimator that continues the iteration with grad (S-JFB) starts from g(stats.z), which the
         # solver computed already: n no-grad evaluations then give n steps, none evaluated twice.
-        z_star = stats.fz.detach()
+        z_star = image.detach()
     before = calls[0]
     z = grad.attach(f_x, z_star, training=training)
     return DEQOutput(z=z, stats=stats, grad_evals=calls[0] - before)
