@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import TensorPairs, load_dataset, load_digits
+from data import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, TensorPairs, digits_split, load_dataset
 
 __all__ = [
     "DIGITS_SPLIT_SEED",
@@ -96,8 +96,6 @@ __all__ = [
 FeatureExtractor = Callable[[Tensor], Tensor]
 """Images ``(N, C, H, W)`` in ``[-1, 1]`` to features ``(N, D)``."""
 
-DIGITS_SPLIT_SEED = 0
-DIGITS_TEST_FRACTION = 0.2
 #: ``evaluate_images`` adds the Fréchet distance of the raw pixels for images of at most this many values.
 PIXEL_FD_MAX_DIM = 1024
 # Bump when the classifier's architecture or training code changes, so that old cache files are not reused.
@@ -108,27 +106,6 @@ INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 # ----------------------------------------------------------------------------------------------------------
 # The digits split and the classifier
 # ----------------------------------------------------------------------------------------------------------
-
-
-def digits_split(part: Literal["train", "test"]) -> TensorPairs:
-    """The fixed, stratified train/test split of the bundled digits (1,437 / 360 images, ``[-1, 1]``).
-
-    ``sklearn.model_selection.train_test_split`` on the indices with ``test_size=0.2``, ``stratify`` on the
-    labels and ``random_state=0``: every class keeps its share in both parts, and the split never changes.
-    """
-    from sklearn.model_selection import train_test_split
-
-    if part not in ("train", "test"):
-        raise ValueError(f"part must be 'train' or 'test', got {part!r}")
-    digits = load_digits()
-    train_index, test_index = train_test_split(
-        np.arange(len(digits)),
-        test_size=DIGITS_TEST_FRACTION,
-        stratify=digits.labels.numpy(),
-        random_state=DIGITS_SPLIT_SEED,
-    )
-    index = torch.from_numpy(np.sort(train_index if part == "train" else test_index))
-    return TensorPairs(digits.images[index], digits.labels[index], digits.num_classes)
 
 
 @dataclasses.dataclass(frozen=True)

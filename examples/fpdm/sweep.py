@@ -78,6 +78,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sample as sample_cli
+from cli import UsageError
 from diffusion import GaussianDiffusion
 from evaluate import (
     class_agreement,
@@ -87,11 +88,19 @@ from evaluate import (
     kernel_inception_distance,
     load_digits_classifier,
 )
+from files import read_jsonl
 from models import count_parameters
+from registry import make_solver
 from sampling import block_cost, pick_steps, sample
-from train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, load_checkpoint, train
-
-from implicitdiff import Anderson, Picard
+from train import (
+    CHECKPOINT_NAME,
+    LOG_NAME,
+    TrainConfig,
+    compare_configs,
+    load_checkpoint,
+    stored_config,
+    train,
+)
 
 __all__ = [
     "FPDM_METHODS",
@@ -191,6 +200,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--threads", type=int, default=2)
     add("--seed", type=int, default=0, help="training seed")
     add("--reuse-checkpoints", action="store_true", help="sample existing checkpoints in --work")
+    add("--overwrite", action="store_true", help="train again the runs in --work that cannot be reused")
     add("--progress", action=argparse.BooleanOptionalAction, default=False)
     args = parser.parse_args(argv)
     if args.quick:
@@ -275,28 +285,41 @@ def _train_config(args: argparse.Namespace, name: str, steps: int, work: Path) -
     return TrainConfig(out=str(work / name), model="DiT-Digits/2", depth=depth, **common)
 
 
-def _train_or_reuse(cfg: TrainConfig, reuse: bool) -> tuple[float, dict[str, Any], bool]:
+def _train_or_reuse(
+    cfg: TrainConfig, reuse: bool, overwrite: bool = False
+) -> tuple[float, dict[str, Any], bool]:
     """Train (or, with ``reuse`` and a finished checkpoint of the same configuration, skip).
 
-    Returns the training wall-clock (of the run that wrote the checkpoint), the last log record, and
-    whether the checkpoint was reused.
+    A folder that holds another run is trained again only with ``overwrite``. Returns the training
+    wall-clock (of the run that wrote the checkpoint), the last log record, and whether the checkpoint was
+    reused.
+
+    Raises
+    ------
+    cli.UsageError
+        A folder holding a run of another configuration (or, without ``reuse``, any run) and no
+        ``overwrite``.
     """
     out = Path(cfg.out)
-    log_path = out / LOG_NAME
-    if reuse and (out / CHECKPOINT_NAME).exists() and (out / "train_wall_s.json").exists():
-        last = json.loads(log_path.read_text().splitlines()[-1])
-        saved = load_checkpoint(out / CHECKPOINT_NAME).get("config", {})
-        wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "progress")}
-        # A field the checkpoint predates had its default value then.
-        defaults = dataclasses.asdict(TrainConfig())
-        same = all(json.dumps(saved.get(k, defaults[k])) == json.dumps(v) for k, v in wanted.items())
-        if last.get("step") == cfg.steps and same:
-            return float(json.loads((out / "train_wall_s.json").read_text())["wall_s"]), last, True
-        print(f"[sweep] {out}: the checkpoint is of another configuration; training again", flush=True)
+    wall_path = out / "train_wall_s.json"
+    if reuse and (out / CHECKPOINT_NAME).exists() and wall_path.exists():
+        refused, applied = compare_configs(stored_config(load_checkpoint(out / CHECKPOINT_NAME)), cfg)
+        records, _ = read_jsonl(out / LOG_NAME)
+        if not refused and not applied and records and records[-1].get("step") == cfg.steps:
+            return float(json.loads(wall_path.read_text())["wall_s"]), records[-1], True
+        changes = "; ".join(refused + applied) or "the run did not finish"
+        if not overwrite:
+            raise UsageError(
+                f"{out}: the checkpoint is of another configuration ({changes}); pass --overwrite"
+            )
+        print(
+            f"[sweep] {out}: the checkpoint is of another configuration ({changes}); training again",
+            flush=True,
+        )
     start = time.perf_counter()
-    summary = train(cfg)
+    summary = train(dataclasses.replace(cfg, overwrite=overwrite))
     wall_s = time.perf_counter() - start
-    (out / "train_wall_s.json").write_text(json.dumps({"wall_s": wall_s}) + "\n")
+    wall_path.write_text(json.dumps({"wall_s": wall_s}) + "\n")
     return wall_s, summary, False
 
 
@@ -315,7 +338,7 @@ def _sample_options(
         "budget": budget,
         "steps": steps,
         "schedule": method.schedule,
-        "solver": Anderson() if method.solver == "anderson" else Picard(),
+        "solver": make_solver(method.solver),
         "reuse": method.reuse,
         "tol": args.tol,
     }
@@ -340,7 +363,7 @@ def run_sweep(args: argparse.Namespace) -> tuple[dict[str, Any], dict[tuple[str,
 
     # 1. Training with the same compute.
     fpdm_cfg = _train_config(args, "fpdm", args.fpdm_steps, work)
-    fpdm_wall, fpdm_last, fpdm_reused = _train_or_reuse(fpdm_cfg, args.reuse_checkpoints)
+    fpdm_wall, fpdm_last, fpdm_reused = _train_or_reuse(fpdm_cfg, args.reuse_checkpoints, args.overwrite)
     fpdm_compute = training_compute(Path(fpdm_cfg.out) / LOG_NAME, fpdm_cfg, pre_post=2)
     models: dict[str, nn.Module] = {"fpdm": sample_cli.load_model(Path(fpdm_cfg.out) / CHECKPOINT_NAME)}
     training: dict[str, dict[str, Any]] = {
@@ -357,7 +380,7 @@ def run_sweep(args: argparse.Namespace) -> tuple[dict[str, Any], dict[tuple[str,
         name = f"dit{depth}"
         steps = max(1, round(fpdm_compute["passes"] / (3 * depth)))
         cfg = _train_config(args, name, steps, work)
-        wall, last, reused = _train_or_reuse(cfg, args.reuse_checkpoints)
+        wall, last, reused = _train_or_reuse(cfg, args.reuse_checkpoints, args.overwrite)
         models[name] = sample_cli.load_model(Path(cfg.out) / CHECKPOINT_NAME)
         training[name] = {
             "model": cfg.model, "parameters": count_parameters(models[name]), "steps": steps, "depth": depth,

@@ -9,6 +9,7 @@ import time
 import pytest
 import sweep
 import torch
+from cli import UsageError
 from train import TrainConfig, load_checkpoint
 
 from implicitdiff.gradients import SJFB
@@ -131,7 +132,11 @@ def test_reuse_checkpoints_skips_training_only_for_the_same_configuration(quick,
     wall_s, last, reused = sweep._train_or_reuse(cfg, reuse=True)
     assert reused and log.read_text() == before and last["step"] == cfg.steps and wall_s > 0
     changed = dataclasses.replace(cfg, lr=cfg.lr / 2)
-    assert sweep._train_or_reuse(changed, reuse=True)[2] is False
+    # Another configuration is not trained over without --overwrite; the error names the field.
+    with pytest.raises(UsageError, match=r"--lr 0\.001 -> 0\.0005.*--overwrite"):
+        sweep._train_or_reuse(changed, reuse=True)
+    assert log.read_text() == before
+    assert sweep._train_or_reuse(changed, reuse=True, overwrite=True)[2] is False
     assert "another configuration" in capsys.readouterr().out
     assert load_checkpoint(work / "fpdm" / "checkpoint.pt")["config"]["lr"] == cfg.lr / 2
 
