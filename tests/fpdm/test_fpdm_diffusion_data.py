@@ -59,6 +59,37 @@ def test_steps_with_the_true_noise_land_on_the_noised_data(t, t_prev):
     torch.testing.assert_close(diffusion.ddpm_step(x_t, noise, t, t_prev, noise=z), mean + std * z)
 
 
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+@pytest.mark.parametrize("t, t_prev", [(999, 500), (500, 120), (40, 20)])
+def test_ddim_with_eta_follows_the_ddim_formula_and_eta_1_has_the_ddpm_posterior_variance(eta, t, t_prev):
+    # Song et al. 2021, eq. 12 and 16: x' = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps + sigma z with
+    # sigma = eta sqrt((1 - abar') / (1 - abar) (1 - abar / abar')).
+    diffusion = GaussianDiffusion(clip_denoised=False)
+    gen = torch.Generator().manual_seed(1)
+    x0, eps, z = (torch.randn(3, 1, 8, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    x_t = diffusion.q_sample(x0, torch.full((3,), t), eps)
+    abar, abar_prev = float(diffusion.alpha_bar(t)), float(diffusion.alpha_bar(t_prev))
+    sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)) ** 0.5
+    expected = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps + sigma * z
+    torch.testing.assert_close(diffusion.ddim_step(x_t, eps, t, t_prev, eta=eta, noise=z), expected)
+    if eta == 1.0:
+        # The noise's share is the DDPM posterior's standard deviation.
+        posterior_var = (1 - abar / abar_prev) * (1 - abar_prev) / (1 - abar)
+        noise_part = diffusion.ddim_step(x_t, eps, t, t_prev, eta=1.0, noise=z) - diffusion.ddim_step(
+            x_t, eps, t, t_prev, eta=1.0, noise=torch.zeros_like(z)
+        )
+        torch.testing.assert_close(noise_part, posterior_var**0.5 * z)
+
+    # The sampling loop passes eta on: eta > 0 draws noise and changes the samples.
+    def loop(e):
+        zero = lambda x, i, t: torch.zeros_like(x)  # noqa: E731
+        return diffusion.reverse_loop(
+            zero, x_t, [t, t_prev], eta=e, generator=torch.Generator().manual_seed(0)
+        )
+
+    assert not torch.allclose(loop(0.0), loop(eta))
+
+
 def test_ddpm_posterior_variance_matches_empirical_variance_of_the_forward_process():
     # q(x_{t'} | x_t, x0) must be the conditional of the joint Gaussian q(x_t', x_t | x0).
     diffusion = GaussianDiffusion(clip_denoised=False)
