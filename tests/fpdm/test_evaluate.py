@@ -1,29 +1,30 @@
-"""Fréchet distance and KID (examples/fpdm/evaluate.py): the metrics, the digits classifier and its cache."""
+"""Fréchet distance and KID (metrics.py, evaluate.py); the digits classifier and its cache."""
 
 import json
 import math
 from collections import Counter
 
+import digits_classifier
 import evaluate
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from data import load_digits
-from evaluate import (
+from data import digits_split, load_digits
+from digits_classifier import (
     ClassifierSettings,
     DigitsClassifier,
-    InceptionFeatures,
     classifier_cache_path,
-    digits_split,
-    evaluate_images,
+    load_digits_classifier,
+)
+from evaluate import evaluate_images
+from inception import InceptionFeatures, inception_extractor
+from metrics import (
     extract_features,
     frechet_distance,
     frechet_distance_from_statistics,
-    inception_extractor,
     kernel_inception_distance,
-    load_digits_classifier,
     mmd2_unbiased,
     polynomial_kernel,
 )
@@ -115,7 +116,7 @@ def test_cache_is_written_once_atomically_and_reused_without_retraining(cache_di
     def no_training(settings):
         raise AssertionError("the cached classifier was retrained")
 
-    monkeypatch.setattr(evaluate, "train_digits_classifier", no_training)
+    monkeypatch.setattr(digits_classifier, "train_digits_classifier", no_training)
     reloaded = load_digits_classifier(cache_dir)
     assert path.stat().st_mtime_ns == mtime
     for name, tensor in payload["state_dict"].items():
@@ -129,7 +130,7 @@ def test_classifier_is_trained_only_when_its_cache_file_is_missing(tmp_path, mon
         calls.append(settings)
         return DigitsClassifier(settings.hidden, settings.feature_dim)
 
-    monkeypatch.setattr(evaluate, "train_digits_classifier", fake_training)
+    monkeypatch.setattr(digits_classifier, "train_digits_classifier", fake_training)
     settings = ClassifierSettings(epochs=1)
     load_digits_classifier(tmp_path, settings)
     load_digits_classifier(tmp_path, settings)

@@ -179,7 +179,7 @@ def test_unknown_dataset_spec_is_a_clear_error():
 
 
 def test_digits_train_and_test_specs_are_the_evaluation_split():
-    from evaluate import digits_split
+    from data import digits_split
 
     train, test = load_dataset("digits-train"), load_dataset("digits-test")
     assert (len(train), len(test)) == (1437, 360) and train.num_classes == 10

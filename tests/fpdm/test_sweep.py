@@ -8,6 +8,7 @@ import time
 
 import pytest
 import sweep
+import sweep_stats
 import torch
 from cli import UsageError
 from train import TrainConfig, load_checkpoint
@@ -55,7 +56,7 @@ def test_every_method_and_budget_is_scored_over_every_seed_within_its_budget(qui
         assert row["spent_max"] <= row["budget"]
         fds = [s["fd"] for s in row["per_seed"]]
         assert math.isclose(row["fd_mean"], sum(fds) / seeds) and row["fd_std"] >= 0
-        for metric in sweep.METRICS:
+        for metric in sweep_stats.METRICS:
             assert all(math.isfinite(s[metric]) for s in row["per_seed"])
             assert math.isclose(row[metric + "_mean"], sum(s[metric] for s in row["per_seed"]) / seeds)
         assert all(0 <= s["agreement"] <= 1 and s["fd_pixels"] >= 0 for s in row["per_seed"])
@@ -146,7 +147,7 @@ def test_paired_differences_are_taken_seed_by_seed(quick):
     report = json.loads((out / "results" / "sweep.json").read_text())
     by = {(r["name"], r["budget"]): r for r in report["results"]}
     paired = {item["label"]: item for item in report["paired_differences"]["fd"]}
-    assert set(paired) == {label for label, _, _ in sweep.comparisons([5, 6])}
+    assert set(paired) == {label for label, _, _ in sweep_stats.comparisons([5, 6])}
     item = paired["smoothing"]
     for budget in (5, 12):
         method, baseline = by[(item["method"], budget)], by[(item["baseline"], budget)]
