@@ -2,7 +2,7 @@
 
 ::
 
-    python examples/fpdm/demo.py                 # about 3.5 minutes on 2 idle cores
+    python examples/fpdm/demo.py                 # minutes on a laptop CPU (the README has timings)
     python examples/fpdm/demo.py --out runs/demo --train-steps 3000 --budget 40
 
 1. Trains ``FPDM-Digits/2`` at hidden size 64 (1 pre block, 1 weight-tied implicit block, 1 post block,

@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import tempfile
-import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -72,16 +71,16 @@ def load_tensors(path: str | Path, expected: str, keys: Iterable[str] = ()) -> d
         raise FileKindError(f"{path}: no such file (expected {expected})")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's message here suggests weights_only=False, which would run the file's code: not ours to give.
-        raise FileKindError(
-            f"{path}: holds pickled objects other than tensors and plain containers, which are refused "
-            f"(expected {expected})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError):
-        raise FileKindError(
-            f"{path}: not a torch.save file, or a damaged one (expected {expected})"
-        ) from None
+    except Exception as error:  # torch raises many kinds for a file it cannot read; all mean the same here
+        # torch's message for refused objects suggests weights_only=False, which would run the file's code:
+        # not ours to give.
+        refused = isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error)
+        what = (
+            "holds pickled objects other than tensors and plain containers, which are refused"
+            if refused
+            else "not a torch.save file, or a damaged one"
+        )
+        raise FileKindError(f"{path}: {what} (expected {expected})") from None
     if not isinstance(payload, dict):
         raise FileKindError(f"{path}: holds a {type(payload).__name__}, not a dict (expected {expected})")
     missing = sorted(set(keys) - set(payload))

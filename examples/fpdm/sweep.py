@@ -2,7 +2,7 @@
 
 ::
 
-    python examples/fpdm/sweep.py            # the full sweep, under an hour on 2 CPU cores
+    python examples/fpdm/sweep.py            # the full sweep (the README has its wall-clock)
     python examples/fpdm/sweep.py --quick --out /tmp/sweep   # smoke test (tiny models, seconds)
 
 1. Trains ``FPDM-Digits/2`` (hidden 64, 1 pre, 1 weight-tied implicit, 1 post block; S-JFB with 0-6 no-grad

@@ -32,7 +32,7 @@ from metrics import (
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The matrices here are small (at most 1437 x 64): on a shared 2-core machine, a second thread for torch
+    """The matrices here are small (at most 1437 x 64): a second thread for torch
     or BLAS costs more in synchronisation than it saves (an eigh 100x slower, measured under load)."""
     from threadpoolctl import threadpool_limits
 
