@@ -332,14 +332,14 @@ def _train_or_reuse(
 
 
 def _sample_options(
-    method: Method, budget: int, dit_depth: int, fixed: int, args: argparse.Namespace
+    method: Method, budget: int, dit_depth: int, explicit: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     if method.model.startswith("dit"):
         return {"budget": budget, "schedule": "constant"}
     if not method.smoothing:
         steps = max(1, budget // dit_depth)
     elif method.iters_per_step is not None:
-        steps = pick_steps(budget, fixed, True, method.iters_per_step)
+        steps = pick_steps(budget, explicit, True, method.iters_per_step)
     else:
         steps = None
     return {

@@ -29,12 +29,12 @@ SCORE_TABLES = (
 )
 
 
-def _training_table(cfg: dict[str, Any], training: dict[str, Any]) -> list[str]:
+def _training_table(settings: dict[str, Any], training: dict[str, Any]) -> list[str]:
     fpdm = training["fpdm"]
     lines = [
-        f"Models trained on `digits-train` (1,437 images) at hidden {cfg['hidden_size']}, lr {cfg['lr']}, "
-        f"batch {cfg['batch_size']}, EMA {cfg['ema_decay']}, with the same training compute in block passes "
-        "(forward 1, backward 2):",
+        f"Models trained on `digits-train` (1,437 images) at hidden {settings['hidden_size']}, "
+        f"lr {settings['lr']}, batch {settings['batch_size']}, EMA {settings['ema_decay']}, with the same "
+        "training compute in block passes (forward 1, backward 2):",
         "",
         "| model | parameters | training steps | block passes (fwd / bwd) | compute | train wall |",
         "|---|---|---|---|---|---|",
@@ -53,13 +53,13 @@ def _training_table(cfg: dict[str, Any], training: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _sampling_note(cfg: dict[str, Any], real: dict[str, Any]) -> list[str]:
+def _sampling_note(settings: dict[str, Any], real: dict[str, Any]) -> list[str]:
     return [
         "",
-        f"Sampling: DDIM over trailing timesteps, guidance {cfg['guidance']}, {cfg['num']} samples per seed, "
-        f"{cfg['seeds']} seeds per point; budget = block evaluations per sample (guidance's doubled batch "
-        "counted once); cells are mean ± standard deviation over the seeds; — : the budget does not pay for "
-        "one timestep. Reference: the real training split scores "
+        f"Sampling: DDIM over trailing timesteps, guidance {settings['guidance']}, {settings['num']} samples "
+        f"per seed, {settings['seeds']} seeds per point; budget = block evaluations per sample (guidance's "
+        "doubled batch counted once); cells are mean ± standard deviation over the seeds; — : the budget "
+        "does not pay for one timestep. Reference: the real training split scores "
         f"FD {real['fd']:.3f}, KID {real['kid']:.4f}, pixel FD {real['fd_pixels']:.3f}, agreement "
         f"{real['agreement']:.3f} against `digits-test`.",
         "",
@@ -117,8 +117,8 @@ def _paired_tables(report: dict[str, Any]) -> list[str]:
 def write_markdown(report: dict[str, Any], path: Path) -> Path:
     """The tables of the report: training, then each score (mean ± std over seeds) per method and budget,
     the paired differences, and the timesteps."""
-    cfg, training = report["config"], report["training"]
-    lines = _training_table(cfg, training) + _sampling_note(cfg, report["real_train_vs_test"])
+    settings, training = report["config"], report["training"]
+    lines = _training_table(settings, training) + _sampling_note(settings, report["real_train_vs_test"])
     lines += _method_tables(report)
     reused = [name for name, t in training.items() if t["reused_checkpoint"]]
     note = (
