@@ -119,7 +119,9 @@ def _run(args: argparse.Namespace) -> int:
         ckpt_every=max(args.train_steps, 1),
         log_every=50,
         device="cpu",
-        resume=True,
+        # Continue a finished or interrupted demo run; a folder with no checkpoint has nothing to keep.
+        resume=(out / "train" / CHECKPOINT_NAME).exists(),
+        overwrite=not (out / "train" / CHECKPOINT_NAME).exists(),
         progress=args.progress,
     )
     train_summary = train(cfg)

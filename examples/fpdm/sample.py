@@ -5,9 +5,11 @@
     python examples/fpdm/sample.py runs/fpdm-digits/checkpoint.pt --budget 48 --num 100 --guidance 2 \\
         --schedule constant --solver picard --out runs/fpdm-digits/samples
 
-The checkpoint is the one ``train.py`` writes, read with ``weights_only=True``; the EMA weights are used
-unless ``--no-ema``. Labels cycle through the classes (``--labels`` picks them). The options map one to one
-onto :func:`sampling.sample` (``--steps`` omitted: picked from the budget; ``--no-reuse``: cold starts).
+The checkpoint is the one ``train.py`` writes, read with ``weights_only=True`` (another file gets one line
+naming it, and exit status 2); the EMA weights are used unless ``--no-ema``. An ``--out`` that already holds
+samples is replaced only with ``--overwrite``. Labels cycle through the classes (``--labels`` picks them,
+within the model's). The options map one to one onto :func:`sampling.sample` (``--steps`` omitted: picked
+from the budget; ``--no-reuse``: cold starts).
 Written under ``--out``: ``grid.png`` (one row per ``--nrow`` images, each upscaled to ``--pixels`` pixels),
 ``samples.npz`` (``images`` ``(N, C, H, W)`` in ``[-1, 1]``, ``labels``, and per batch and timestep
 ``timesteps``, ``spent``, ``iterations``, ``residuals``) and ``summary.json`` (options and spent compute).

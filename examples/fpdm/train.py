@@ -672,7 +672,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, generated from :class:`TrainConfig`'s fields."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    epilog = (
+        "A folder that holds a run is continued with --resume or started again with --overwrite, never "
+        "overwritten otherwise. --resume refuses a change of "
+        + ", ".join(flag(name) for name in REFUSED_ON_RESUME)
+        + " and applies any other change (--lr, --steps, ...) with a notice naming it. Exit status: 2 for a "
+        "usage error, 1 for a non-finite loss."
+    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=epilog)
     add_options(parser, TrainConfig)
     return parser
 
