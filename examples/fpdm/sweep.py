@@ -3,7 +3,7 @@
 ::
 
     python examples/fpdm/sweep.py            # the full sweep (the README has its wall-clock)
-    python examples/fpdm/sweep.py --quick --out /tmp/sweep   # smoke test (tiny models, seconds)
+    python examples/fpdm/sweep.py --quick --out /tmp/sweep --work /tmp/sweep-runs   # smoke test, seconds
 
 1. Trains ``FPDM-Digits/2`` (hidden 64, 1 pre, 1 weight-tied implicit, 1 post block; S-JFB with 0-6 no-grad
    and 1-3 differentiable Picard iterations) and one ``DiT-Digits/2`` (hidden 64) per depth of
@@ -323,6 +323,12 @@ def _train_or_reuse(
         print(
             f"[sweep] {out}: the checkpoint is of another configuration ({changes}); training again",
             flush=True,
+        )
+    held = [name for name in (CHECKPOINT_NAME, LOG_NAME) if (out / name).exists()]
+    if held and not overwrite:
+        raise UsageError(
+            f"{out} holds a run of an earlier sweep ({', '.join(held)}); pass --reuse-checkpoints to sample "
+            "it, --overwrite to train it again, or another --work"
         )
     start = time.perf_counter()
     summary = train(dataclasses.replace(cfg, overwrite=overwrite))

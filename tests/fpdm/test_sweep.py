@@ -137,6 +137,10 @@ def test_reuse_checkpoints_skips_training_only_for_the_same_configuration(quick,
     with pytest.raises(UsageError, match=r"--lr 0\.001 -> 0\.0005.*--overwrite"):
         sweep._train_or_reuse(changed, reuse=True)
     assert log.read_text() == before
+    # Without --reuse-checkpoints, a run in --work is not trained over either.
+    with pytest.raises(UsageError, match=r"holds a run of an earlier sweep.*--reuse-checkpoints"):
+        sweep._train_or_reuse(cfg, reuse=False)
+    assert log.read_text() == before
     assert sweep._train_or_reuse(changed, reuse=True, overwrite=True)[2] is False
     assert "another configuration" in capsys.readouterr().out
     assert load_checkpoint(work / "fpdm" / "checkpoint.pt")["config"]["lr"] == cfg.lr / 2
