@@ -58,7 +58,7 @@ def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device
     classes from the shapes of its weights, so the data set is not needed.
     """
     ckpt = load_checkpoint(path)
-    cfg = TrainConfig(**stored_config(ckpt))
+    cfg = TrainConfig(**stored_config(ckpt, TrainConfig))
     if ema and "ema" in ckpt:
         state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
     else:

@@ -311,7 +311,8 @@ def _train_or_reuse(
     out = Path(cfg.out)
     wall_path = out / "train_wall_s.json"
     if reuse and (out / CHECKPOINT_NAME).exists() and wall_path.exists():
-        refused, applied = compare_configs(stored_config(load_checkpoint(out / CHECKPOINT_NAME)), cfg)
+        saved = stored_config(load_checkpoint(out / CHECKPOINT_NAME), TrainConfig)
+        refused, applied = compare_configs(saved, cfg)
         records, _ = read_jsonl(out / LOG_NAME)
         if not refused and not applied and records and records[-1].get("step") == cfg.steps:
             return float(json.loads(wall_path.read_text())["wall_s"]), records[-1], True

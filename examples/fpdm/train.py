@@ -43,7 +43,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -56,9 +56,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli import UsageError, add_options, check_config, config_from_args, flag, option, run_command
 from data import TensorPairs, load_dataset
 from diffusion import GaussianDiffusion
-from files import FileKindError, load_tensors, read_jsonl, save_atomically
+from distributed import Runtime, gather_objects, setup_runtime, shutdown_runtime
+from files import FileKindError
 from models import FPDM, PRESETS, create_model
 from registry import ESTIMATORS, SOLVERS, make_estimator, make_solver
+from run_folder import (
+    CHECKPOINT_NAME,
+    LOG_NAME,
+    clear_run_folder,
+    compare_configs,
+    load_checkpoint,
+    open_run_folder,
+    save_checkpoint,
+    stored_config,
+)
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -73,12 +84,9 @@ __all__ = [
     "main",
     "parse_args",
     "save_checkpoint",
+    "stored_config",
     "train",
 ]
-
-CHECKPOINT_NAME = "checkpoint.pt"
-LOG_NAME = "log.jsonl"
-CHECKPOINT_KIND = "a checkpoint written by train.py"
 
 EMAUpdate = Callable[[list[Tensor], list[Tensor], Tensor], None]
 
@@ -167,6 +175,15 @@ class TrainConfig:
     bf16: bool | None = option(None, "bf16 autocast (default: on CUDA)")
     progress: bool = option(True, "show a progress bar")
 
+    #: Fields a resume refuses to change: the checkpoint's weights, estimator state and data order belong to
+    #: them (:func:`run_folder.compare_configs`).
+    REFUSED_ON_RESUME: ClassVar[tuple[str, ...]] = (
+        *("model", "hidden_size", "num_heads", "depth", "pre_depth", "post_depth", "data", "image_size"),
+        *("grad", "seed"),
+    )
+    #: Fields that say how to run, not what: never compared on resume.
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("out", "resume", "overwrite", "device", "bf16", "progress")
+
     def check(self) -> None:
         """Every field against its rules, and the rules between fields.
 
@@ -192,10 +209,7 @@ class TrainConfig:
 
 
 #: Fields a resume refuses to change: the checkpoint's weights, estimator state and data order belong to them.
-REFUSED_ON_RESUME = ("model", "hidden_size", "num_heads", "depth", "pre_depth", "post_depth", "data")
-REFUSED_ON_RESUME += ("image_size", "grad", "seed")
-#: Fields that say how to run, not what: never compared on resume.
-_RUNTIME_FIELDS = ("out", "resume", "overwrite", "device", "bf16", "progress")
+REFUSED_ON_RESUME = TrainConfig.REFUSED_ON_RESUME
 
 
 def build_model(cfg: TrainConfig, in_channels: int, input_size: int, num_classes: int) -> nn.Module:
@@ -209,77 +223,6 @@ def build_model(cfg: TrainConfig, in_channels: int, input_size: int, num_classes
         for name in ("pre_depth", "post_depth"):
             overrides.pop(name, None)
     return create_model(cfg.model, **overrides)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Distributed set-up
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Runtime:
-    """Where this process runs: rank, world size, device."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def _device(requested: str, local_rank: int) -> torch.device:
-    """The device asked for; ``UsageError`` for a malformed name or CUDA on a machine without it."""
-    use_cuda = torch.cuda.is_available() if requested == "auto" else requested.startswith("cuda")
-    if requested != "auto":
-        try:
-            torch.device(requested)
-        except RuntimeError:
-            raise UsageError(
-                f"--device {requested!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
-            ) from None
-    if use_cuda and not torch.cuda.is_available():
-        raise UsageError(f"--device {requested!r}: CUDA is not available here; use --device cpu")
-    if not use_cuda:
-        return torch.device("cpu" if requested == "auto" else requested)
-    return torch.device("cuda", local_rank) if requested in ("auto", "cuda") else torch.device(requested)
-
-
-def setup_runtime(requested: str) -> Runtime:
-    """Join the process group if launched by torchrun (``RANK`` set) and pick the device."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return Runtime(rank=0, world_size=1, device=_device(requested, 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = _device(requested, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
-
-
-def shutdown_runtime(runtime: Runtime, *, wait: bool) -> None:
-    """Leave the process group cleanly: after a run that ended well, wait for every rank; then destroy the
-    group (a process that exits with it alive is aborted by the collective library's threads). After an
-    error no rank waits: its peers may be stuck in another collective."""
-    if runtime.distributed and dist.is_initialized():
-        if wait:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-def gather_objects(runtime: Runtime, obj: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order (a list of one without a process group)."""
-    if not runtime.distributed:
-        return [obj]
-    gathered: list[Any] = [None] * runtime.world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,116 +247,6 @@ def fetch(dataset: Any, indices: Tensor) -> tuple[Tensor, Tensor]:
         return dataset.images[indices], dataset.labels[indices]
     items = [dataset[int(i)] for i in indices]
     return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints and the run folder
-# ----------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    """Write ``payload`` atomically (:func:`files.save_atomically`): a reader never sees a partial file."""
-    save_atomically(payload, path)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` (tensors and plain containers only, no pickled code).
-
-    Raises
-    ------
-    files.FileKindError
-        One line naming the file, when it is missing, damaged or not a checkpoint of ``train.py``.
-    """
-    return load_tensors(path, CHECKPOINT_KIND, keys=("step", "model", "config"))
-
-
-def stored_config(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's configuration; a field it predates counts as that field's default."""
-    defaults = dataclasses.asdict(TrainConfig())
-    saved = ckpt.get("config", {})
-    return {name: saved.get(name, default) for name, default in defaults.items()}
-
-
-def compare_configs(saved: dict[str, Any], cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """The fields in which ``cfg`` differs from a checkpoint's configuration, as ``"--flag OLD -> NEW"``.
-
-    Returns ``(refused, applied)``: changes of :data:`REFUSED_ON_RESUME` fields, and the others (runtime
-    fields such as ``--device`` are not compared).
-    """
-    refused, applied = [], []
-    for name, value in dataclasses.asdict(cfg).items():
-        if name in _RUNTIME_FIELDS or json.dumps(saved[name]) == json.dumps(value):
-            continue
-        change = f"{flag(name)} {saved[name]!r} -> {value!r}"
-        (refused if name in REFUSED_ON_RESUME else applied).append(change)
-    return refused, applied
-
-
-def _notice(runtime: Runtime, message: str) -> None:
-    if runtime.is_main:
-        print(f"[train] {message}", file=sys.stderr, flush=True)
-
-
-def _truncate_log(path: Path, last_step: int, runtime: Runtime) -> None:
-    """Keep the log records up to ``last_step`` (later ones come from a run that died after its last
-    checkpoint); lines that are not JSON are dropped with a notice."""
-    records, skipped = read_jsonl(path)
-    if skipped:
-        _notice(runtime, f"{path}: skipped {skipped} damaged line(s) of the log")
-    kept = [record for record in records if record.get("step", 0) <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
-    os.replace(tmp, path)
-
-
-def open_run_folder(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any] | None:
-    """Apply the run-folder rules (see the module docstring); returns the checkpoint to resume, if any.
-
-    Raises
-    ------
-    cli.UsageError
-        A folder that holds a run without ``resume`` or ``overwrite``; a resume that changes a refused
-        field; a checkpoint past ``cfg.steps``.
-    files.FileKindError
-        A damaged checkpoint.
-    """
-    out = Path(cfg.out)
-    ckpt_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
-    found = [p.name for p in (ckpt_path, log_path) if p.exists()]
-    if found and not (cfg.resume or cfg.overwrite):
-        raise UsageError(
-            f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it, --overwrite to "
-            "start it again, or another --out"
-        )
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
-    if not cfg.resume or not ckpt_path.exists():
-        if cfg.resume:
-            _notice(runtime, f"{ckpt_path} does not exist: starting from step 0")
-        return None
-    ckpt = load_checkpoint(ckpt_path)
-    refused, applied = compare_configs(stored_config(ckpt), cfg)
-    if refused:
-        raise UsageError(
-            f"cannot resume {ckpt_path} with another model, data, estimator or seed: {'; '.join(refused)}"
-        )
-    if int(ckpt["step"]) > cfg.steps:
-        raise UsageError(f"{ckpt_path} is at step {ckpt['step']}, past --steps {cfg.steps}")
-    if applied:
-        _notice(runtime, f"resuming {ckpt_path} with changed settings: {'; '.join(applied)}")
-    return ckpt
-
-
-def _clear_run_folder(cfg: TrainConfig, runtime: Runtime, resumed_step: int) -> None:
-    out = Path(cfg.out)
-    if not runtime.is_main:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    if resumed_step > 0:
-        _truncate_log(out / LOG_NAME, resumed_step, runtime)
-        return
-    for name in (LOG_NAME, CHECKPOINT_NAME):
-        (out / name).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -647,7 +480,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ckpt = open_run_folder(cfg, runtime)
         run = _build_run(cfg, runtime)
         start_step = _restore(run, ckpt) if ckpt is not None else 0
-        _clear_run_folder(cfg, runtime, start_step)
+        clear_run_folder(cfg, runtime, start_step)
         if runtime.distributed:
             dist.barrier()  # the folder is ready before any rank writes to it
         log_path = Path(cfg.out) / LOG_NAME

@@ -63,7 +63,7 @@ def test_the_example_modules_import_each_other_without_a_circle():
     for name in graph:
         visit(name, ())
     # The library-like modules do not reach the command lines.
-    for low_level in ("data", "diffusion", "files", "metrics", "registry", "cli", "models"):
+    for low_level in ("data", "diffusion", "files", "metrics", "registry", "cli", "models", "run_folder"):
         assert not graph[low_level] & {"train", "sample", "sweep", "evaluate", "demo"}, low_level
 
 
