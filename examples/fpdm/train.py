@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -477,25 +478,33 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     runtime = setup_runtime(cfg.device)
     ended_well = False
     try:
-        ckpt = open_run_folder(cfg, runtime)
-        run = _build_run(cfg, runtime)
-        start_step = _restore(run, ckpt) if ckpt is not None else 0
-        clear_run_folder(cfg, runtime, start_step)
-        if runtime.distributed:
-            dist.barrier()  # the folder is ready before any rank writes to it
-        log_path = Path(cfg.out) / LOG_NAME
-        with open(log_path, "a") if runtime.is_main else contextlib.nullcontext() as log:
-            summary = _loop(run, start_step, log)
-            if runtime.distributed:
-                record = _check_replicas(run)
-                if record is not None:
-                    log.write(json.dumps(record) + "\n")
-                    summary = {**summary, **record}
-        summary["step"] = max(int(summary.get("step", 0)), start_step)
+        summary = _train(cfg, runtime)
         ended_well = True
         return summary
     finally:
+        # The DDP wrapper's reducer holds the process group: let it go before the group is destroyed.
+        gc.collect()
         shutdown_runtime(runtime, wait=ended_well)
+
+
+def _train(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
+    """The run, in a frame of its own: its model and DDP wrapper are freed when it returns."""
+    ckpt = open_run_folder(cfg, runtime)
+    run = _build_run(cfg, runtime)
+    start_step = _restore(run, ckpt) if ckpt is not None else 0
+    clear_run_folder(cfg, runtime, start_step)
+    if runtime.distributed:
+        dist.barrier()  # the folder is ready before any rank writes to it
+    log_path = Path(cfg.out) / LOG_NAME
+    with open(log_path, "a") if runtime.is_main else contextlib.nullcontext() as log:
+        summary = _loop(run, start_step, log)
+        if runtime.distributed:
+            record = _check_replicas(run)
+            if record is not None:
+                log.write(json.dumps(record) + "\n")
+                summary = {**summary, **record}
+    summary["step"] = max(int(summary.get("step", 0)), start_step)
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------
