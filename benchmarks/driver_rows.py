@@ -6,8 +6,9 @@ and mode, one row:
 * ``syncs_per_iter``: host synchronisations per evaluation, counted with
   :class:`implicitdiff.diagnostics.SyncCounter` (on CUDA these are real waits; on the CPU the same
   count stands in for them);
-* ``wall_ms``: median wall-clock of the solve over interleaved repetitions (CUDA synchronised before
-  and after);
+* ``wall_ms``: median time of the solve over interleaved repetitions: wall-clock on CUDA (synchronised
+  before and after); on the CPU the process's CPU time (``time.process_time``), which other jobs on a
+  shared machine do not inflate (run with one torch thread so that no thread spins while it waits);
 * ``plain_ms``: a plain loop ``z = g(z)`` of the same number of evaluations, the limit no solver can beat;
   ``vs_plain`` is ``wall_ms / plain_ms``;
 * ``torchdeq_ms``: torchdeq's solver of the same kind run for the same number of iterations (where
@@ -127,16 +128,17 @@ class _Counted:
 
 def _time(runs: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, float]:
     """Median seconds of each run, in interleaved rounds after one warm-up each."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     walls: dict[str, list[float]] = {key: [] for key in runs}
     for run in runs.values():
         run()
     for _ in range(reps):
         for key, run in runs.items():
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             run()
             _sync(device)
-            walls[key].append(time.perf_counter() - start)
+            walls[key].append(clock() - start)
     return {key: statistics.median(values) for key, values in walls.items()}
 
 
