@@ -163,14 +163,16 @@ def _sync(device: str) -> None:
 def _optional_section(module: str, function: str) -> Callable[[str, bool], dict[str, Any]] | None:
     try:
         return getattr(importlib.import_module(module), function)
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as err:
+        print(f"section {module}: {err}", file=sys.stderr)
         return None
 
 
+# In the order they run: the riskiest (longest compiles) last, so a run cut short keeps the rest.
 SECTIONS: dict[str, Callable[[], Callable[[str, bool], dict[str, Any]] | None]] = {
     "solvers": lambda: solvers_section,
-    "fpdm": lambda: _optional_section("fpdm_gpu", "fpdm_section"),
     "chain": lambda: _optional_section("chain_gpu", "chain_section"),
+    "fpdm": lambda: _optional_section("fpdm_gpu", "fpdm_section"),
 }
 
 
@@ -186,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     wanted = [name.strip() for name in args.sections.split(",") if name.strip()]
+    wanted = [name for name in SECTIONS if name in wanted] + [name for name in wanted if name not in SECTIONS]
     unknown = sorted(set(wanted) - set(SECTIONS))
     if unknown:
         parser.error(f"--sections: unknown {unknown}; choose from {list(SECTIONS)}")
