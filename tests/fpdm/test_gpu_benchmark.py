@@ -1,0 +1,44 @@
+"""``benchmarks/gpu.py`` runs end to end in its quick mode on the CPU, so that it cannot rot between GPU runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_benchmark_quick_mode_writes_every_section(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu.py"),
+            "--quick",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data) == {"solvers", "chain", "fpdm"}
+    solvers = data["solvers"]
+    assert {row["mode"] for row in solvers["rows"]} == {"fixed", "tol"}
+    # The driver's fixed budget reads nothing from the device inside the loop.
+    assert all(row["syncs_per_iter"] == 0 for row in solvers["rows"] if row["mode"] == "fixed")
+    assert all(row["new_graphs_after_second_call"] == 0 for row in solvers["compile"])
+    assert data["chain"]["rows"]
+    fpdm = data["fpdm"]
+    assert {row["config"] for row in fpdm["training"]} >= {"FPDM eager", "FPDM compiled", "DiT eager"}
+    compiled = next(row for row in fpdm["training"] if row["config"] == "FPDM compiled")
+    assert compiled["graphs_after_warmup"] == 0  # S-JFB's loop runs eagerly over compiled blocks
+    assert all(row["syncs_per_timestep"] <= 1 for row in fpdm["sampler"])
+    assert all(section["quick"] for section in data.values())
