@@ -1,4 +1,4 @@
-"""``benchmarks/gpu.py`` runs end to end in its quick mode on the CPU, so that it cannot rot between GPU runs."""
+"""``benchmarks/gpu.py`` runs end to end in quick mode on the CPU, so it cannot rot between GPU runs."""
 
 from __future__ import annotations
 
