@@ -18,8 +18,10 @@ What is measured, per (problem, solver):
   each solve through ``/proc/self/clear_refs``.
 
 Two further tables: peak memory of the Broyden solvers against ``max_iter`` (ours must stay flat),
-and the overhead of each solver, ``wall / (nfe * one evaluation of f)``, when f is a 3x3
-convolution with 16 channels on a state of 64 x 16 x 32 x 32.
+and the driver's rows (``benchmarks/driver_rows.py``): host synchronisations per iteration and wall time
+against a plain loop of the same evaluations and against torchdeq, in a fixed budget and in tolerance
+mode, on a 3x3 convolution with 16 channels on a state of 32 x 16 x 32 x 32 (30 evaluations).
+``--device cuda`` runs only the driver's rows, on the GPU problems of ``benchmarks/gpu.py``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ import torch
 from torch import Tensor
 
 from implicitdiff.solvers import Anderson, Broyden, Picard
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from driver_rows import conv_problem, driver_rows, sequence_problem, table
 
 RESULTS = Path(__file__).parent / "results" / "solvers.json"
 BATCH, DIM, TOL, MAX_ITER = 64, 256, 1e-6, 300
@@ -192,73 +197,26 @@ def measure_memory(problem: str, keys: list[str], max_iter: int, tol: float) -> 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# -------------------------------------------------------------------------------------------- overhead
+# ------------------------------------------------------------------------------------------- the driver
 
 
-def conv_problem(seed: int = 0) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-    """``g(z) = tanh(conv3x3(z) + x)`` on 64 x 16 x 32 x 32, with the convolution scaled to a contraction."""
-    gen = torch.Generator().manual_seed(seed)
-    conv = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False)
-    with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
-        # ||conv||_2 by power iteration, then scale it to 0.9.
-        v = torch.randn(1, 16, 32, 32, generator=gen)
-        for _ in range(50):
-            v = torch.nn.functional.conv_transpose2d(conv(v), conv.weight, padding=1)
-            v = v / v.norm()
-        norm = conv(v).norm()
-        conv.weight.mul_(0.9 / norm)
-    conv.requires_grad_(False)
-    x = 0.1 * torch.randn(64, 16, 32, 32, generator=gen)
+def driver(reps: int, device: str) -> list[dict[str, object]]:
+    """Host reads and wall time against a plain loop and torchdeq (``benchmarks/driver_rows.py``).
 
-    def g(z: Tensor) -> Tensor:
-        return torch.tanh(conv(z) + x)
-
-    return g, torch.zeros_like(x)
-
-
-def overhead(reps: int, iters: int = 20) -> list[dict[str, object]]:
-    """``wall / (nfe * t_f)`` of each solver, run for a fixed number of evaluations (tol not reached)."""
-    g, z0 = conv_problem()
-    runs = solvers()
-    f_times: list[float] = []
-    walls: dict[str, list[float]] = {key: [] for key in runs}
-    nfes: dict[str, int] = {}
-    with torch.no_grad():
-        for key, run in runs.items():
-            counted = Counted(g)
-            run(counted, z0, iters, 1e-30)
-            nfes[key] = counted.calls
-        for _ in range(reps):
-            start = time.perf_counter()
-            for _ in range(iters):
-                g(z0)
-            f_times.append((time.perf_counter() - start) / iters)
-            for key, run in runs.items():
-                start = time.perf_counter()
-                run(g, z0, iters, 1e-30)
-                walls[key].append(time.perf_counter() - start)
-    t_f = statistics.median(f_times)
-    return [
-        {
-            "solver": key,
-            "nfe": nfes[key],
-            "wall_ms": 1e3 * statistics.median(walls[key]),
-            "f_ms": 1e3 * t_f,
-            "overhead": statistics.median(walls[key]) / (nfes[key] * t_f),
-        }
-        for key in runs
-    ]
+    CPU: the conv problem of 32 x 16 x 32 x 32 with 30 evaluations per solve. CUDA: the conv problem of
+    64 x 64 x 32 x 32 with 100 evaluations and a sequence problem of 32 x 256 x 1152 with 12.
+    """
+    if device == "cpu":
+        problems = [conv_problem(32, 16, 32, 30, device)]
+    else:
+        problems = [conv_problem(64, 64, 32, 100, device), sequence_problem(32, 256, 1152, 12, device)]
+    rows: list[dict[str, object]] = []
+    for problem in problems:
+        rows += driver_rows(problem, reps)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ main
-
-
-def _table(rows: list[dict[str, object]], columns: list[tuple[str, str, str]]) -> str:
-    head = "| " + " | ".join(title for _, title, _ in columns) + " |"
-    rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(format(row[key], fmt) for key, _, fmt in columns) + " |" for row in rows]
-    return "\n".join([head, rule, *body])
 
 
 def main() -> None:
@@ -267,12 +225,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 repetitions, for a smoke run")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda; cuda runs the driver rows only")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: up to 2)")
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child)
         return
     reps = 3 if args.quick else args.reps
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
+    if args.device != "cpu":
+        rows = driver(reps, args.device)
+        print(table(rows))
+        _write(args.out.with_name(f"solvers_{args.device}.json"), {"machine": _machine(), "driver": rows})
+        return
 
     rows: list[dict[str, object]] = []
     for problem in PROBLEMS:
@@ -284,7 +249,7 @@ def main() -> None:
         print(f"done: {problem}", file=sys.stderr)
     print("\n## Solves to abs tol 1e-6, max_iter 300, batch 64, d 256\n")
     print(
-        _table(
+        table(
             rows,
             [
                 ("problem", "problem", ""),
@@ -306,46 +271,44 @@ def main() -> None:
     memory_rows.sort(key=lambda row: (row["solver"], row["max_iter"]))
     print("\n## Peak memory against max_iter (hard problem, tolerance never reached)\n")
     print(
-        _table(
+        table(
             memory_rows,
             [("solver", "solver", ""), ("max_iter", "max_iter", "d"), ("peak_mib", "peak MiB", ".2f")],
         )
     )
 
-    over = overhead(reps)
-    print("\n## Overhead: wall / (nfe x one f), f = 3x3 conv, 16 channels, state 64x16x32x32\n")
-    print(
-        _table(
-            over,
-            [
-                ("solver", "solver", ""),
-                ("nfe", "nfe", "d"),
-                ("wall_ms", "wall ms", ".1f"),
-                ("f_ms", "one f ms", ".2f"),
-                ("overhead", "overhead", ".3f"),
-            ],
-        )
-    )
+    over = driver(reps, "cpu")
+    print("\n## The driver: host reads and wall against a plain loop and torchdeq (conv 32x16x32x32)\n")
+    print(table(over))
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": _machine(),
         "settings": {"batch": BATCH, "dim": DIM, "tol": TOL, "max_iter": MAX_ITER, "reps": reps},
         "solves": rows,
         "memory_vs_max_iter": memory_rows,
-        "overhead": over,
+        "driver": over,
     }
-    tmp = args.out.with_suffix(".json.tmp")
+    _write(args.out, payload)
+
+
+def _machine() -> dict[str, object]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+
+
+def _write(path: Path, payload: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(args.out)
-    print(f"\nwrote {args.out}")
+    tmp.replace(path)
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,17 @@
 Any solver meets any gradient estimator around any ``f(z, x)``.
 """
 
-from . import regularizers
+from . import diagnostics, regularizers
 from .functional import DEQOutput, fixed_point
-from .gradients import IFT, JFB, SJFB, BackwardSolveError, GradientEstimator, PhantomGradient
+from .gradients import (
+    IFT,
+    JFB,
+    SJFB,
+    BackwardSolveError,
+    BackwardSolveWarning,
+    GradientEstimator,
+    PhantomGradient,
+)
 from .layer import DEQLayer
 from .solvers import Anderson, Broyden, Picard, Solver, SolverResult
 
@@ -17,6 +25,7 @@ __all__ = [
     "SJFB",
     "Anderson",
     "BackwardSolveError",
+    "BackwardSolveWarning",
     "Broyden",
     "DEQLayer",
     "DEQOutput",
@@ -25,6 +34,7 @@ __all__ = [
     "Picard",
     "Solver",
     "SolverResult",
+    "diagnostics",
     "fixed_point",
     "regularizers",
 ]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._validate import check_bool
 from .gradients import JFB, GradientEstimator
 from .solvers import Anderson, Solver, SolverResult
 from .solvers._base import check_solve_args
@@ -23,15 +24,26 @@ class DEQOutput:
     Attributes
     ----------
     z : Tensor
-        The fixed point, attached to autograd by the gradient estimator when a gradient is needed. Its
-        value is ``f`` applied to the solver's best iterate ``stats.z`` (the solver has computed that
-        image already, so it is free), then whatever the estimator applies (JFB: once more, with grad).
+        The fixed point, attached to autograd by the gradient estimator when a gradient is needed.
+        Without a gradient, and with :class:`~implicitdiff.IFT`, it is the solver's iterate ``stats.z``,
+        the one ``stats.residual`` describes. Estimators that differentiate through applications of
+        ``f`` return those applications: :class:`~implicitdiff.JFB` returns ``f(stats.z)`` (equal in
+        value to ``stats.fz``), :class:`~implicitdiff.PhantomGradient` ``k`` damped steps from
+        ``stats.z``. An estimator with ``starts_from_image = True`` (:class:`~implicitdiff.SJFB`, which
+        continues the solver's iteration) starts from ``stats.fz`` instead.
     stats : SolverResult
-        Statistics of the forward solve: residual, converged, nfe, trace, nonfinite.
+        Statistics of the forward solve: ``z``, ``residual``, ``converged``, ``nfe``, ``trace``,
+        ``nonfinite``, and ``fz = f(stats.z)``, which the solver computed already (one step further for
+        a contraction, free to use, but its residual is unknown).
+    grad_evals : int
+        Evaluations of ``f`` made while attaching the gradient (JFB: 1, IFT: 1, phantom gradient and
+        S-JFB: their steps); ``0`` when no gradient was built. With ``stats.nfe`` it gives the cost of
+        the call; the backward pass of IFT adds ``grad.last_backward.nfe`` vector-Jacobian products.
     """
 
     z: Tensor
     stats: SolverResult
+    grad_evals: int = 0
 
 
 def _needs_grad(f: Callable[..., Tensor], x: Tensor, f_kwargs: Mapping[str, Any]) -> bool:
@@ -49,8 +61,22 @@ def _needs_grad(f: Callable[..., Tensor], x: Tensor, f_kwargs: Mapping[str, Any]
     return True
 
 
-def _checked_map(f: Callable[..., Tensor], x: Tensor, z0: Tensor, f_kwargs: Mapping[str, Any]):
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4 takes no device type
+        return bool(torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled())
+
+
+def _checked_map(
+    f: Callable[..., Tensor], x: Tensor, z0: Tensor, f_kwargs: Mapping[str, Any], calls: list[int]
+) -> Callable[[Tensor], Tensor]:
     """``z -> f(z, x, **f_kwargs)`` that checks the output's shape, dtype and device against ``z0``.
+
+    The state keeps ``z0``'s dtype. Under ``torch.autocast`` an ``f`` ending in a matrix product returns
+    the autocast dtype (bfloat16, float16); its output is cast back to the state's dtype (differentiably),
+    so the solver and every estimator work on states of one dtype. Outside autocast another dtype is an
+    error. Every call adds one to ``calls[0]``.
 
     The returned map also carries ``explicit_inputs`` (``x`` and the tensors in ``f_kwargs``, in that
     order) and ``with_inputs(*tensors)``, which returns the same map with those tensors replaced. An
@@ -59,24 +85,38 @@ def _checked_map(f: Callable[..., Tensor], x: Tensor, z0: Tensor, f_kwargs: Mapp
     name = getattr(f, "__name__", type(f).__name__)
     tensor_keys = [key for key, value in f_kwargs.items() if isinstance(value, Tensor)]
 
-    def bind(x_bound: Tensor, kwargs_bound: dict[str, Any]):
+    def bind(x_bound: Tensor, kwargs_bound: dict[str, Any]) -> Callable[[Tensor], Tensor]:
         def f_x(z: Tensor) -> Tensor:
             out = f(z, x_bound, **kwargs_bound)
+            calls[0] += 1
             if not isinstance(out, Tensor):
                 raise TypeError(f"f ({name}) must return a Tensor, got {type(out).__name__}")
-            if out.shape != z0.shape or out.dtype != z0.dtype or out.device != z0.device:
+            if (
+                out.dtype != z0.dtype
+                and out.dtype.is_floating_point
+                and out.device == z0.device
+                and _autocast_on(out.device.type)
+            ):
+                out = out.to(z0.dtype)
+            if out.shape != z0.shape:
                 raise ValueError(
-                    f"f ({name}) must return a tensor like z: shape {tuple(z0.shape)}, dtype {z0.dtype}, "
-                    f"device {z0.device}; got shape {tuple(out.shape)}, dtype {out.dtype}, device "
-                    f"{out.device}. If the state is not shaped like x, pass z0."
+                    f"f ({name}) must return a tensor shaped like z {tuple(z0.shape)}, got shape "
+                    f"{tuple(out.shape)}. If the state is not shaped like x, pass z0."
+                )
+            if out.dtype != z0.dtype or out.device != z0.device:
+                raise ValueError(
+                    f"f ({name}) must return a tensor of the state's dtype and device ({z0.dtype} on "
+                    f"{z0.device}), got {out.dtype} on {out.device}. The state takes the dtype of z0 (of "
+                    "x when z0 is not given): pass a z0 of the dtype f computes in, or cast f's output; "
+                    "under torch.autocast the output is cast back for you."
                 )
             return out
 
-        def with_inputs(*tensors: Tensor):
+        def with_inputs(*tensors: Tensor) -> Callable[[Tensor], Tensor]:
             return bind(tensors[0], {**kwargs_bound, **dict(zip(tensor_keys, tensors[1:], strict=True))})
 
-        f_x.explicit_inputs = (x_bound, *(kwargs_bound[key] for key in tensor_keys))
-        f_x.with_inputs = with_inputs
+        f_x.explicit_inputs = (x_bound, *(kwargs_bound[key] for key in tensor_keys))  # type: ignore[attr-defined]
+        f_x.with_inputs = with_inputs  # type: ignore[attr-defined]
         return f_x
 
     return bind(x, dict(f_kwargs))
@@ -121,6 +161,7 @@ def _unsolved(z0: Tensor) -> SolverResult:
         residual=torch.full((batch,), float("inf"), device=z0.device),
         converged=torch.zeros(batch, dtype=torch.bool, device=z0.device),
         nfe=0,
+        evaluations=torch.zeros(batch, dtype=torch.long, device=z0.device),
     )
 
 
@@ -132,8 +173,9 @@ def fixed_point(
     solver: Solver | None = None,
     grad: GradientEstimator | None = None,
     max_iter: int = 30,
-    tol: float = 1e-4,
+    tol: float | None = 1e-4,
     stop_mode: str = "abs",
+    check_every: int | None = None,
     training: bool = False,
     raise_on_nonfinite: bool = False,
     f_kwargs: Mapping[str, Any] | None = None,
@@ -147,38 +189,47 @@ def fixed_point(
     Parameters
     ----------
     f : callable
-        ``f(z, x, **f_kwargs) -> z``, an ``nn.Module`` or any function; batched over dim 0.
+        ``f(z, x, **f_kwargs) -> z``, an ``nn.Module`` or any function; batched over dim 0. It must not
+        write into ``z`` (a ``ValueError`` says so if it does).
     x : Tensor
         Input injection, shape ``(B, ...)``.
     z0 : Tensor, optional
         Starting point, shape ``(B, ...)``; zeros shaped like ``x`` by default (warm-start by
-        passing a previous solution).
+        passing a previous solution). Its dtype is the state's dtype.
     solver : Solver, optional
         Any callable with the :class:`~implicitdiff.solvers.Solver` call; ``Anderson()`` by default.
     grad : GradientEstimator, optional
         How gradients pass through the solution; ``JFB()`` by default.
     max_iter, tol, stop_mode
         The forward solve's cap on evaluations of ``f``, its tolerance and ``"abs"``/``"rel"``.
+        ``tol=None`` is a fixed budget: exactly ``max_iter`` evaluations and no host reads.
+    check_every : int, optional
+        How often the solver's host reads whether every sample has converged (tolerance mode); the
+        solver's default (:data:`~implicitdiff.solvers.DEFAULT_CHECK_EVERY`) when not given, and then
+        not passed, so a user's solver without this argument works.
     training : bool
         Passed to the estimator: only stochastic estimators (S-JFB) behave differently in training.
     raise_on_nonfinite : bool
         Raise :class:`FloatingPointError` if ``f`` produced a non-finite value for any sample,
-        instead of only reporting it in ``stats.nonfinite``.
+        instead of only reporting it in ``stats.nonfinite`` (this reads one flag from the device).
     f_kwargs : mapping, optional
         Extra keyword arguments for ``f`` (conditioning, masks).
 
     Returns
     -------
     DEQOutput
-        ``z`` and the forward solve's ``stats``.
+        ``z``, the forward solve's ``stats`` (which describe ``stats.z``, equal to ``z`` unless the
+        estimator applies ``f``), and ``grad_evals``.
     """
     solver = Anderson() if solver is None else solver
     grad = JFB() if grad is None else grad
     _check_parts(solver, grad)
-    check_solve_args(max_iter, tol, stop_mode)
+    max_iter, tol, stop_mode, _ = check_solve_args(max_iter, tol, stop_mode, check_every)
+    raise_on_nonfinite = check_bool("raise_on_nonfinite", raise_on_nonfinite)
     f_kwargs = {} if f_kwargs is None else dict(f_kwargs)
     z_init = _initial_state(x, z0)
-    f_x = _checked_map(f, x, z_init, f_kwargs)
+    calls = [0]
+    f_x = _checked_map(f, x, z_init, f_kwargs, calls)
 
     budget = grad.forward_budget(max_iter, training=training)
     if budget == 0:
@@ -186,16 +237,16 @@ def fixed_point(
         # from z0 unsolved; its residual is unknown, so it is reported as not converged.
         stats = _unsolved(z_init)
     else:
+        options: dict[str, Any] = {"max_iter": budget, "tol": tol, "stop_mode": stop_mode}
+        if check_every is not None:
+            options["check_every"] = check_every
         with torch.no_grad():
-            stats = solver(f_x, z_init, max_iter=budget, tol=tol, stop_mode=stop_mode)
+            stats = solver(f_x, z_init, **options)
     if not isinstance(getattr(stats, "z", None), Tensor):
         raise TypeError(
             f"solver {solver!r} must return a SolverResult (with a tensor z), got {type(stats).__name__}"
         )
-    # The solver already evaluated f at its best iterate: start from that image, one application of f
-    # further (for Picard, n evaluations then give exactly n steps instead of wasting the last one).
-    image = getattr(stats, "fz", None)
-    z_star = (image if isinstance(image, Tensor) else stats.z).detach()
+    z_star = stats.z.detach()
     nonfinite = getattr(stats, "nonfinite", None)
     if raise_on_nonfinite and nonfinite is not None and bool(nonfinite.any()):
         bad = torch.nonzero(nonfinite).flatten().tolist()
@@ -203,8 +254,12 @@ def fixed_point(
             f"f returned non-finite values during the forward solve for samples {bad[:10]}"
             + (" ..." if len(bad) > 10 else "")
         )
-    if _needs_grad(f, x, f_kwargs):
-        z = grad.attach(f_x, z_star, training=training)
-    else:
-        z = z_star
-    return DEQOutput(z=z, stats=stats)
+    if not _needs_grad(f, x, f_kwargs):
+        return DEQOutput(z=z_star, stats=stats)
+    if getattr(grad, "starts_from_image", False) and isinstance(getattr(stats, "fz", None), Tensor):
+        # An estimator that continues the iteration with grad (S-JFB) starts from g(stats.z), which the
+        # solver computed already: n no-grad evaluations then give n steps, none evaluated twice.
+        z_star = stats.fz.detach()
+    before = calls[0]
+    z = grad.attach(f_x, z_star, training=training)
+    return DEQOutput(z=z, stats=stats, grad_evals=calls[0] - before)

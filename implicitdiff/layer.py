@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from ._validate import check_bool
 from .functional import DEQOutput, _check_parts, fixed_point
 from .gradients import JFB, GradientEstimator
 from .solvers import Anderson, Solver
@@ -32,10 +33,14 @@ class DEQLayer(nn.Module):
         ``JFB()`` by default.
     max_iter : int
         Default cap on evaluations of ``f`` in the forward solve.
-    tol : float
-        Default tolerance of the forward solve.
+    tol : float or None
+        Default tolerance of the forward solve; ``None`` is a fixed budget of ``max_iter`` evaluations
+        with no host reads (see :func:`~implicitdiff.solvers.iterate`).
     stop_mode : {"abs", "rel"}
         Absolute or relative residual.
+    check_every : int, optional
+        How often the solver's host reads "all converged?" in tolerance mode; the solver's default
+        when not given.
     raise_on_nonfinite : bool
         Raise :class:`FloatingPointError` when ``f`` produces a non-finite value.
 
@@ -58,8 +63,9 @@ class DEQLayer(nn.Module):
         solver: Solver | None = None,
         grad: GradientEstimator | None = None,
         max_iter: int = 30,
-        tol: float = 1e-4,
+        tol: float | None = 1e-4,
         stop_mode: str = "abs",
+        check_every: int | None = None,
         raise_on_nonfinite: bool = False,
     ) -> None:
         super().__init__()
@@ -69,11 +75,9 @@ class DEQLayer(nn.Module):
         self.solver = Anderson() if solver is None else solver
         self.grad = JFB() if grad is None else grad
         _check_parts(self.solver, self.grad)
-        check_solve_args(max_iter, tol, stop_mode)
-        self.max_iter = max_iter
-        self.tol = tol
-        self.stop_mode = stop_mode
-        self.raise_on_nonfinite = raise_on_nonfinite
+        self.max_iter, self.tol, self.stop_mode, _ = check_solve_args(max_iter, tol, stop_mode, check_every)
+        self.check_every = check_every
+        self.raise_on_nonfinite = check_bool("raise_on_nonfinite", raise_on_nonfinite)
 
     def extra_repr(self) -> str:
         return (
@@ -87,7 +91,7 @@ class DEQLayer(nn.Module):
         z0: Tensor | None = None,
         *,
         max_iter: int | None = None,
-        tol: float | None = None,
+        tol: float | Literal["layer"] | None = "layer",
         solver: Solver | None = None,
         **f_kwargs: Any,
     ) -> DEQOutput:
@@ -101,7 +105,8 @@ class DEQLayer(nn.Module):
             Starting point (warm start); zeros shaped like ``x`` by default.
         max_iter, tol, solver : optional
             Override the layer's defaults for this call only (a sampler gives each diffusion step
-            its own compute this way).
+            its own compute this way). ``tol=None`` asks for a fixed budget; ``"layer"`` (the default)
+            keeps the layer's tolerance.
         **f_kwargs
             Passed on to ``f`` as keyword arguments.
 
@@ -117,8 +122,9 @@ class DEQLayer(nn.Module):
             solver=self.solver if solver is None else solver,
             grad=self.grad,
             max_iter=self.max_iter if max_iter is None else max_iter,
-            tol=self.tol if tol is None else tol,
+            tol=self.tol if isinstance(tol, str) and tol == "layer" else tol,
             stop_mode=self.stop_mode,
+            check_every=self.check_every,
             training=self.training,
             raise_on_nonfinite=self.raise_on_nonfinite,
             f_kwargs=f_kwargs,

@@ -31,15 +31,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ._validate import check_bool, check_int, check_real
+
 __all__ = ["fixed_point_correction_loss", "jacobian_frobenius", "spectral_radius"]
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def _check_pair(image: Tensor, z: Tensor) -> None:
@@ -89,7 +83,9 @@ def jacobian_frobenius(
         ``(B,)`` estimates.
     """
     _check_pair(image, z)
-    n_samples = _check_positive_int("n_samples", n_samples)
+    n_samples = check_int("n_samples", n_samples, low=1)
+    normalize = check_bool("normalize", normalize)
+    create_graph = check_bool("create_graph", create_graph)
     batch = z.shape[0]
     total = image.new_zeros(batch)
     for i in range(n_samples):
@@ -128,7 +124,7 @@ def spectral_radius(
         ``(B,)`` estimates.
     """
     _check_pair(image, z)
-    n_iter = _check_positive_int("n_iter", n_iter)
+    n_iter = check_int("n_iter", n_iter, low=1)
     batch = z.shape[0]
 
     def normalized(v: Tensor) -> Tensor:
@@ -175,10 +171,7 @@ def fixed_point_correction_loss(
     states = list(states)
     if not states:
         raise ValueError("states must hold at least one state, got an empty sequence")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
-        raise TypeError(f"gamma must be a float in (0, 1], got {type(gamma).__name__} {gamma!r}")
-    if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    gamma = check_real("gamma", gamma, low=0.0, low_open=True, high=1.0)
     n = len(states)
     # A loop rather than sum(), whose start value 0 would make the result an int to a type checker.
     total = gamma ** (n - 1) * loss_fn(states[0])

@@ -1,8 +1,19 @@
 """Two CPU processes (gloo): a DEQLayer in DistributedDataParallel trains with each estimator and the
-ranks' parameters stay identical."""
+ranks' parameters stay identical.
+
+Every process group is destroyed before its process exits (a live gloo group at interpreter exit can
+abort with "terminate called without an active exception" under load), every wait has a deadline,
+and a worker's failure comes back as its traceback.
+"""
 
 from __future__ import annotations
 
+import datetime
+import time
+import traceback
+import warnings
+
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -12,6 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 from implicitdiff import IFT, JFB, SJFB, DEQLayer, PhantomGradient, Picard
 
 WORLD = 2
+#: Seconds for the whole test's workers (about 10 s on 2 idle cores) and for a collective to wait.
+DEADLINE_S = 300
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
 ESTIMATORS = {
     "ift": lambda: IFT(max_iter=40, tol=1e-8),
     "jfb": JFB,
@@ -33,38 +47,50 @@ class Cell(nn.Module):
 
 def _worker(rank: int, store_path: str, results) -> None:
     torch.set_num_threads(1)
-    store = dist.FileStore(store_path, WORLD)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
     try:
-        report = {}
-        for name, make in ESTIMATORS.items():
-            torch.manual_seed(0)  # the same initial weights on both ranks
-            grad = make()
-            deq = DEQLayer(Cell(8), solver=Picard(), grad=grad, max_iter=30, tol=1e-6)
-            ddp = DistributedDataParallel(deq)
-            opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-            gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
-            draws = []
-            for _ in range(3):
-                x = torch.randn(4, 8, generator=gen)
-                loss = (ddp(x).z - 0.3).pow(2).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                draws.append(getattr(grad, "last_draw", None))
-            flat = torch.cat([p.detach().reshape(-1) for p in deq.parameters()])
-            gathered = [torch.empty_like(flat) for _ in range(WORLD)]
-            dist.all_gather(gathered, flat)
-            drawn = [None] * WORLD
-            dist.all_gather_object(drawn, draws)
-            report[name] = {
-                "spread": float((gathered[0] - gathered[1]).abs().max()),
-                "moved": float((flat - _initial(name)).abs().max()),
-                "same_draws": drawn[0] == drawn[1],
-            }
-        results[rank] = report
-    finally:
-        dist.destroy_process_group()
+        store = dist.FileStore(store_path, WORLD)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                report = _train_with_each_estimator(rank)
+            report["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
+            results[rank] = report
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        results[rank] = {"error": traceback.format_exc()}
+        raise
+
+
+def _train_with_each_estimator(rank: int) -> dict:
+    report = {}
+    for name, make in ESTIMATORS.items():
+        torch.manual_seed(0)  # the same initial weights on both ranks
+        grad = make()
+        deq = DEQLayer(Cell(8), solver=Picard(), grad=grad, max_iter=30, tol=1e-6)
+        ddp = DistributedDataParallel(deq)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
+        draws = []
+        for _ in range(3):
+            x = torch.randn(4, 8, generator=gen)
+            loss = (ddp(x).z - 0.3).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            draws.append(getattr(grad, "last_draw", None))
+        flat = torch.cat([p.detach().reshape(-1) for p in deq.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(WORLD)]
+        dist.all_gather(gathered, flat)
+        drawn = [None] * WORLD
+        dist.all_gather_object(drawn, draws)
+        report[name] = {
+            "spread": float((gathered[0] - gathered[1]).abs().max()),
+            "moved": float((flat - _initial(name)).abs().max()),
+            "same_draws": drawn[0] == drawn[1],
+        }
+    return report
 
 
 def _initial(name: str) -> torch.Tensor:
@@ -73,14 +99,38 @@ def _initial(name: str) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in deq.parameters()])
 
 
-def test_ddp_ranks_stay_identical_with_each_estimator(tmp_path):
+def _run_workers(store_path: str) -> dict:
+    """Start the workers, wait at most ``DEADLINE_S``, and return their reports (or fail with theirs)."""
     ctx = mp.get_context("spawn")
-    manager = ctx.Manager()
-    results = manager.dict()
-    mp.start_processes(_worker, args=(str(tmp_path / "store"), results), nprocs=WORLD, start_method="spawn")
-    report = results[0]
-    assert set(report) == set(ESTIMATORS)
-    for name, row in report.items():
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        workers = mp.start_processes(
+            _worker, args=(store_path, results), nprocs=WORLD, start_method="spawn", join=False
+        )
+        deadline = time.monotonic() + DEADLINE_S
+        try:
+            while not workers.join(timeout=5):  # raises ProcessRaisedException with the traceback
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"DDP workers still running after {DEADLINE_S} s; reports so far: {dict(results)}"
+                    )
+        finally:
+            for process in workers.processes:
+                if process.is_alive():
+                    process.kill()
+                process.join(timeout=10)
+        return dict(results)
+
+
+def test_ddp_ranks_stay_identical_with_each_estimator(tmp_path):
+    results = _run_workers(str(tmp_path / "store"))
+    assert sorted(results) == list(range(WORLD)), results
+    for rank, report in results.items():
+        assert "error" not in report, f"rank {rank}:\n{report.get('error')}"
+        assert report.pop("warnings") == [], f"rank {rank} warned"  # e.g. a failed IFT backward solve
+        assert set(report) == set(ESTIMATORS)
+    assert results[0] == results[1]  # both ranks see the same gathered numbers
+    for name, row in results[0].items():
         assert row["spread"] == 0.0, name
         assert row["moved"] > 1e-4, name  # it trained
         assert row["same_draws"], name

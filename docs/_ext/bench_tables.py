@@ -173,24 +173,36 @@ def render_solvers(data: dict[str, Any]) -> dict[str, str]:
         )
     )
     overhead = (
-        "Overhead is `wall / (nfe x time of one f)` for f a 3x3 convolution (16 channels, state "
-        "64x16x32x32): 1.0 would mean the solver costs nothing beyond evaluating f.\n\n"
-        + table(
-            data.get("overhead", []),
-            [
-                ("solver", "solver", _text),
-                ("nfe", "evaluations", _num("d")),
-                ("wall_ms", "wall ms", _num(".1f")),
-                ("f_ms", "one f ms", _num(".2f")),
-                ("overhead", "overhead", _num(".2f")),
-            ],
-        )
+        "The driver's cost, measured side by side in one run: each solve makes a fixed number of "
+        "evaluations of f (a 3x3 convolution with tanh), in a fixed budget (`tol=None`, no host reads) "
+        "and in tolerance mode with a tolerance never reached (one host read every `check_every` "
+        "evaluations). `/ plain` is the wall time over a plain loop `z = f(z)` of the same evaluations, "
+        "the limit no solver can beat; `/ torchdeq` over torchdeq's solver of the same kind run for the "
+        "same iterations. Host syncs are counted per evaluation.\n\n"
+        + driver_table(data.get("driver", []))
     )
     return {
         "solvers_solves": solves,
         "solvers_memory": memory,
         "solvers_overhead": overhead,
     }
+
+
+def driver_table(rows: list[dict[str, Any]]) -> str:
+    """The driver rows of ``benchmarks/driver_rows.py``."""
+    return table(
+        rows,
+        [
+            ("problem", "problem", _text),
+            ("solver", "solver", _text),
+            ("mode", "mode", _text),
+            ("nfe", "evaluations", _num("d")),
+            ("syncs_per_iter", "host syncs / evaluation", _num(".2f")),
+            ("vs_plain", "wall / plain loop", _num(".2f")),
+            ("torchdeq_syncs_per_iter", "torchdeq syncs / evaluation", _num(".2f")),
+            ("vs_torchdeq", "wall / torchdeq", _num(".2f")),
+        ],
+    )
 
 
 def render_gradients(data: dict[str, Any]) -> dict[str, str]:

@@ -1,9 +1,17 @@
 """Gradient estimators: how the output of an implicit layer passes gradients back."""
 
 from ._base import GradientEstimator
-from .ift import IFT, BackwardSolveError
+from .ift import IFT, BackwardSolveError, BackwardSolveWarning
 from .jfb import JFB
 from .phantom import PhantomGradient
 from .sjfb import SJFB
 
-__all__ = ["IFT", "JFB", "SJFB", "BackwardSolveError", "GradientEstimator", "PhantomGradient"]
+__all__ = [
+    "IFT",
+    "JFB",
+    "SJFB",
+    "BackwardSolveError",
+    "BackwardSolveWarning",
+    "GradientEstimator",
+    "PhantomGradient",
+]

@@ -41,16 +41,22 @@ def hidden_leaves(output: Tensor, exclude: Sequence[Tensor]) -> list[Tensor]:
     The walk goes through non-leaf tensors a closure captured (their history is part of the map),
     so a tensor computed outside ``f`` and captured by it is differentiated through correctly; pass
     such tensors as ``f_kwargs`` instead to keep the walk (and the backward) inside ``f``.
+
+    The leaves come back in the order the walk first meets them, each once. Every node object the
+    walk has touched is kept alive in ``visited`` until it ends: before torch 2.13 the Python wrapper
+    of an autograd node is created on access and freed when dropped, so a freed wrapper's ``id()``
+    could be reused by the next one (often a parameter's ``AccumulateGrad``), which a set of ids
+    would then wrongly skip. Holding the wrappers makes their ids unique for the whole walk.
     """
     skip = {id(t) for t in exclude}
     found: dict[int, Tensor] = {}
-    seen: set[int] = set()
+    visited: dict[int, object] = {}  # id -> node; the node held so that its id is not reused
     stack = [output.grad_fn] if output.grad_fn is not None else []
     while stack:
         node = stack.pop()
-        if id(node) in seen:
+        if id(node) in visited:
             continue
-        seen.add(id(node))
+        visited[id(node)] = node
         variable = getattr(node, "variable", None)
         if variable is not None:  # an AccumulateGrad node: a leaf
             if id(variable) not in skip:

@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 from torch import Tensor
 
+from .._validate import check_bool, check_int, check_real
 from ..solvers import Anderson, Solver, SolverResult
-from ..solvers._base import check_solve_args
 from ._implicit import implicit_attach
 
-__all__ = ["IFT", "BackwardSolveError"]
+__all__ = ["IFT", "BackwardSolveError", "BackwardSolveWarning"]
+
+#: What :class:`IFT` does when a backward solve misses its tolerance.
+ON_FAILURE = ("warn", "raise", "ignore")
+STOP_MODES = ("abs", "rel")
 
 
 class BackwardSolveError(RuntimeError):
     """The adjoint (backward) fixed-point solve of :class:`IFT` did not reach its tolerance."""
+
+
+class BackwardSolveWarning(RuntimeWarning):
+    """The adjoint (backward) fixed-point solve of :class:`IFT` did not reach its tolerance.
+
+    The gradient was computed from the solve's best iterate and may be far from the exact one (even
+    of the wrong sign when the spectral radius of the Jacobian is above 1). Turn it into an error
+    with ``IFT(on_failure="raise")`` or ``warnings.simplefilter("error", BackwardSolveWarning)``,
+    or silence it with ``IFT(on_failure="ignore")``.
+    """
 
 
 class IFT:
@@ -59,10 +74,20 @@ class IFT:
         Tolerance of the backward solve (on :math:`\|u J + g - u\|` per sample for ``"abs"``).
     stop_mode : {"abs", "rel"}
         Absolute or relative residual.
-    raise_on_failure : bool
-        Raise :class:`BackwardSolveError` from ``backward()`` when a backward solve does not reach
-        ``tol`` for some sample. Otherwise the gradient of the best iterate is used and the failure is
-        visible in :attr:`last_backward`.
+    on_failure : {"warn", "raise", "ignore"}
+        What to do when a backward solve does not reach ``tol`` for some sample (the gradient is then
+        that of the solve's best iterate, which can be arbitrarily wrong):
+
+        * ``"warn"`` (default): emit a :class:`BackwardSolveWarning` with the number of samples not
+          converged, the largest residual, ``tol`` and the evaluations used;
+        * ``"raise"``: raise :class:`BackwardSolveError` from ``backward()``;
+        * ``"ignore"``: say nothing (the failure is still in :attr:`last_backward`).
+
+        Unlike the forward solve, which reports ``out.stats.converged`` to the caller, the backward
+        solve runs inside ``backward()`` where nobody looks at a return value, hence a warning.
+    raise_on_failure : bool, optional
+        Older spelling: ``True`` is ``on_failure="raise"``, ``False`` is ``on_failure="warn"``. Giving
+        both with different meanings is a ``ValueError``.
     on_backward : callable, optional
         Called with the :class:`~implicitdiff.solvers.SolverResult` of every backward solve (for
         logging; e.g. ``lambda r: writer.add_scalar("b_nfe", r.nfe)``).
@@ -91,29 +116,34 @@ class IFT:
         max_iter: int = 50,
         tol: float = 1e-6,
         stop_mode: str = "abs",
-        raise_on_failure: bool = False,
+        on_failure: str | None = None,
+        raise_on_failure: bool | None = None,
         on_backward: Callable[[SolverResult], None] | None = None,
     ) -> None:
         solver = Anderson() if solver is None else solver
         if not callable(solver):
             raise TypeError(f"solver must be callable like a Solver, got {type(solver).__name__}")
-        check_solve_args(max_iter, tol, stop_mode)
-        if not isinstance(raise_on_failure, bool):
-            raise TypeError(f"raise_on_failure must be a bool, got {type(raise_on_failure).__name__}")
+        if not isinstance(stop_mode, str) or stop_mode not in STOP_MODES:
+            raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
         if on_backward is not None and not callable(on_backward):
             raise TypeError(f"on_backward must be callable or None, got {type(on_backward).__name__}")
         self.solver = solver
-        self.max_iter = max_iter
-        self.tol = float(tol)
+        self.max_iter = check_int("max_iter", max_iter, low=1)
+        self.tol = check_real("tol", tol, low=0.0, low_open=True)
         self.stop_mode = stop_mode
-        self.raise_on_failure = raise_on_failure
+        self.on_failure = _resolve_on_failure(on_failure, raise_on_failure)
         self.on_backward = on_backward
         self.last_backward: SolverResult | None = None
+
+    @property
+    def raise_on_failure(self) -> bool:
+        """Whether a failed backward solve raises (``on_failure == "raise"``)."""
+        return self.on_failure == "raise"
 
     def __repr__(self) -> str:
         return (
             f"IFT(solver={self.solver!r}, max_iter={self.max_iter}, tol={self.tol}, "
-            f"stop_mode={self.stop_mode!r})"
+            f"stop_mode={self.stop_mode!r}, on_failure={self.on_failure!r})"
         )
 
     def forward_budget(self, max_iter: int, *, training: bool) -> int:
@@ -146,11 +176,42 @@ class IFT:
         self.last_backward = result
         if self.on_backward is not None:
             self.on_backward(result)
-        if self.raise_on_failure and not bool(result.converged.all()):
-            bad = (~result.converged).nonzero().flatten().tolist()
-            raise BackwardSolveError(
-                f"IFT backward solve did not reach tol={self.tol} ({self.stop_mode}) within "
-                f"max_iter={self.max_iter} for samples {bad[:10]}{' ...' if len(bad) > 10 else ''}: "
-                f"{result.summary()}"
-            )
+        if self.on_failure == "ignore" or bool(result.converged.all()):
+            return result
+        bad = (~result.converged).nonzero().flatten().tolist()
+        message = (
+            f"IFT backward solve did not reach tol={self.tol:g} ({self.stop_mode}) within "
+            f"max_iter={self.max_iter}: {len(bad)}/{result.converged.numel()} samples not converged "
+            f"(samples {bad[:10]}{' ...' if len(bad) > 10 else ''}), max residual "
+            f"{float(result.residual.max()):.3e}, nfe {result.nfe}"
+        )
+        nonfinite = getattr(result, "nonfinite", None)
+        if nonfinite is not None and bool(nonfinite.any()):
+            message += f", non-finite values in {int(nonfinite.sum())} samples"
+        if self.on_failure == "raise":
+            raise BackwardSolveError(message)
+        warnings.warn(
+            message + ". The gradient comes from the best iterate and may be wrong (the Jacobian of f "
+            "may have spectral radius near or above 1: see implicitdiff.regularizers.spectral_radius). "
+            "Raise IFT's max_iter or loosen its tol, or pass on_failure='raise' or 'ignore'.",
+            BackwardSolveWarning,
+            stacklevel=1,  # our callers are autograd's engine and our own code: point at the check
+        )
         return result
+
+
+def _resolve_on_failure(on_failure: object, raise_on_failure: object) -> str:
+    """``on_failure``, with the older ``raise_on_failure`` flag as an alias; conflicts are errors."""
+    if on_failure is not None and (not isinstance(on_failure, str) or on_failure not in ON_FAILURE):
+        raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+    if raise_on_failure is None:
+        return "warn" if on_failure is None else on_failure
+    raise_on_failure = check_bool("raise_on_failure", raise_on_failure)
+    if on_failure is None:
+        return "raise" if raise_on_failure else "warn"
+    if raise_on_failure != (on_failure == "raise"):
+        raise ValueError(
+            f"raise_on_failure={raise_on_failure} contradicts on_failure={on_failure!r}; pass only "
+            "on_failure (one of 'warn', 'raise', 'ignore')"
+        )
+    return on_failure

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .._validate import check_int, check_real
+
 __all__ = ["PhantomGradient"]
 
 PHANTOM_MODES = ("unrolled", "neumann")
@@ -45,18 +47,10 @@ class PhantomGradient:
     """
 
     def __init__(self, k: int = 5, tau: float = 0.5, mode: str = "unrolled") -> None:
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"k must be an int >= 1, got {type(k).__name__} {k!r}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)):
-            raise TypeError(f"tau must be a float in (0, 1], got {type(tau).__name__} {tau!r}")
-        if not 0.0 < tau <= 1.0:
-            raise ValueError(f"tau must be in (0, 1], got {tau}")
-        if mode not in PHANTOM_MODES:
+        self.k = check_int("k", k, low=1)
+        self.tau = check_real("tau", tau, low=0.0, low_open=True, high=1.0)
+        if not isinstance(mode, str) or mode not in PHANTOM_MODES:
             raise ValueError(f"mode must be one of {PHANTOM_MODES}, got {mode!r}")
-        self.k = k
-        self.tau = float(tau)
         self.mode = mode
 
     def __repr__(self) -> str:

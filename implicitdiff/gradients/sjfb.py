@@ -8,22 +8,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._validate import check_int
+
 __all__ = ["SJFB"]
+
+#: The seeds ``torch.Generator.manual_seed`` accepts.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 def _check_range(name: str, value: object, low: int) -> tuple[int, int]:
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
-    ):
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"{name} must be a pair of ints (low, high), got {value!r}")
-    lo, hi = value
+    lo, hi = (check_int(f"{name}[{i}]", v) for i, v in enumerate(value))
     if lo < low or lo > hi:
         raise ValueError(
-            f"{name} must be an inclusive range (low, high) with {low} <= low <= high, got {tuple(value)}"
+            f"{name} must be an inclusive range (low, high) with {low} <= low <= high, got {(lo, hi)}"
         )
-    return int(lo), int(hi)
+    return lo, hi
 
 
 class SJFB:
@@ -59,16 +60,18 @@ class SJFB:
         Seed of the estimator's generator.
     """
 
+    #: The layer starts the differentiable steps from the image ``g(z)`` of the solver's iterate, which
+    #: the solver computed already: ``n`` no-grad evaluations are ``n`` steps, as in the paper.
+    starts_from_image = True
+
     def __init__(
         self, no_grad_iters: tuple[int, int] = (0, 6), grad_iters: tuple[int, int] = (1, 3), seed: int = 0
     ) -> None:
         self.no_grad_iters = _check_range("no_grad_iters", no_grad_iters, 0)
         self.grad_iters = _check_range("grad_iters", grad_iters, 1)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
-        self.seed = seed
+        self.seed = check_int("seed", seed, low=SEED_RANGE[0], high=SEED_RANGE[1])
         self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(seed)
+        self.generator.manual_seed(self.seed)
         #: The most recent draws, for logging: ``(n_nograd, n_grad)``; ``None`` before a draw.
         self.last_draw: tuple[int | None, int | None] = (None, None)
 

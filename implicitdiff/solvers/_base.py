@@ -1,22 +1,25 @@
-"""The solver protocol, the result every solver returns, and the shared bookkeeping.
+"""The solver protocol, the result every solver returns, and the residual rule.
 
 A *solver* finds ``z`` with ``g(z) = z`` for a batched map ``g``. It sees neither the
 module ``f`` nor its input ``x``: the layer binds them into ``g(z) = f(z, x)``. Any callable
-with the call below is a solver; nothing in the library tests for our own classes.
+with the call below is a solver; nothing in the library tests for our own classes. Our own
+solvers are update rules run by one driver, :func:`~implicitdiff.solvers.iterate`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from .._validate import check_int, check_real
+
 __all__ = [
+    "DEFAULT_CHECK_EVERY",
     "STOP_MODES",
-    "IterationTracker",
     "Solver",
     "SolverResult",
     "check_solve_args",
@@ -29,51 +32,86 @@ STOP_MODES = ("abs", "rel")
 #: Added to ``||g(z)||`` in the relative residual so that a zero fixed point is not a division by zero.
 REL_EPS = 1e-9
 
+#: How many iterations pass between two host reads of the "all converged?" flag in tolerance mode.
+#:
+#: A read makes the host wait for the device (one synchronisation); skipping reads costs at most
+#: ``check_every - 1`` evaluations of a batch that has already converged. With a read costing about
+#: ``c`` evaluations of ``g`` and a solve of ``N`` iterations, the overhead ``c N / k + (k - 1) / 2``
+#: is smallest at ``k = sqrt(2 c N)``: 4 to 8 for the usual ``N = 15 ... 50`` and ``c`` between 0.5
+#: (small maps on a GPU, where a wait exposes the launch latency of a whole iteration) and 1. We take
+#: 4, the low end, because a large ``f`` makes ``c`` smaller, not larger. Results never depend on it:
+#: converged samples are frozen.
+DEFAULT_CHECK_EVERY = 4
+
 
 @dataclass
 class SolverResult:
     """What a solve returns.
 
+    Every tensor stays on the device of ``z0``; reading it (``float(...)``, ``bool(...)``) is the
+    caller's choice of when to wait for the device.
+
     Attributes
     ----------
     z : Tensor
-        Per sample, the iterate with the lowest residual seen, shape ``(B, ...)`` and the dtype of ``z0``.
+        Per sample, the iterate the residual describes, shape ``(B, ...)`` and the dtype of ``z0``:
+        in tolerance mode the one with the lowest residual seen; with a fixed budget (``tol=None``) the
+        last iterate (the best one for solvers that track residuals to restart, see
+        :func:`~implicitdiff.solvers.iterate`).
     residual : Tensor
-        ``(B,)`` residual of the returned ``z`` in the requested ``stop_mode``.
+        ``(B,)`` residual of ``z`` in the requested ``stop_mode``: ``||g(z) - z||`` for ``"abs"``.
     converged : Tensor
-        ``(B,)`` bool, ``residual <= tol``.
+        ``(B,)`` bool, ``residual <= tol``; all ``False`` with a fixed budget (no tolerance was set).
     nfe : int
         Number of (batched) evaluations of ``g``.
-    trace : list[float]
-        Per evaluation, the largest residual over the samples still iterating.
+    trace : Tensor
+        ``(nfe,)``: per evaluation, the largest residual over the samples still iterating (``0`` once
+        none is). Empty with a fixed budget, where no residual is computed between evaluations.
     nonfinite : Tensor
-        ``(B,)`` bool: ``g`` returned a non-finite value for this sample at some point. Such a sample
-        stops iterating and returns its best finite iterate (``z0`` if none was seen).
+        ``(B,)`` bool: ``g`` returned a non-finite value for this sample, or one whose residual overflows
+        the working dtype (a float32 norm overflows past about ``1e19``). In tolerance mode such a
+        sample stops iterating and returns its best finite iterate (``z0`` if none was seen).
     fz : Tensor or None
         ``g(z)``, the image of the returned iterate, which the solver has already computed (``None``
         where a solver does not provide it). For a contraction it is closer to the fixed point than
-        ``z``; the layer returns it, so that ``n`` evaluations give ``n`` Picard steps, not ``n - 1``.
+        ``z``, but its own residual is unknown without one more evaluation.
+    evaluations : Tensor or None
+        ``(B,)`` int: evaluations of ``g`` per sample while it was still iterating. The batched
+        ``nfe`` can be larger, since converged samples ride along in the batch until the host looks
+        (see :attr:`frozen_evaluations`).
     """
 
     z: Tensor
     residual: Tensor
     converged: Tensor
     nfe: int
-    trace: list[float] = field(default_factory=list)
+    trace: Tensor | None = None
     nonfinite: Tensor | None = None
     fz: Tensor | None = None
+    evaluations: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.nonfinite is None:
             self.nonfinite = torch.zeros_like(self.converged)
+        if self.trace is None:
+            self.trace = self.residual.new_zeros(0)
+        if self.evaluations is None:
+            self.evaluations = torch.full_like(self.converged, self.nfe, dtype=torch.long)
 
     @property
     def all_converged(self) -> bool:
-        """Whether every sample reached the tolerance."""
+        """Whether every sample reached the tolerance (reads one flag from the device)."""
         return bool(self.converged.all())
+
+    @property
+    def frozen_evaluations(self) -> int:
+        """Evaluations of samples that had already converged or failed: ``nfe * B - sum(evaluations)``."""
+        assert self.evaluations is not None
+        return self.nfe * self.converged.numel() - int(self.evaluations.sum())
 
     def summary(self) -> str:
         """One line for logs: samples converged, max residual, evaluations."""
+        assert self.nonfinite is not None
         return (
             f"converged {int(self.converged.sum())}/{self.converged.numel()}, "
             f"max residual {float(self.residual.max()):.3e}, nfe {self.nfe}"
@@ -86,7 +124,9 @@ class Solver(Protocol):
     """Anything that solves ``z = g(z)`` for a batch.
 
     ``g`` maps a tensor of shape ``(B, ...)`` to one of the same shape, dtype and device;
-    samples are independent along the first dimension.
+    samples are independent along the first dimension. Our solvers also take ``tol=None`` (a
+    fixed budget of exactly ``max_iter`` evaluations) and ``check_every``; the layer passes those
+    only when the user asks for them, so a callable with just this call is a solver too.
     """
 
     def __call__(
@@ -100,18 +140,21 @@ class Solver(Protocol):
     ) -> SolverResult: ...
 
 
-def check_solve_args(max_iter: object, tol: object, stop_mode: object) -> None:
-    """Raise a clear error for a bad ``max_iter``, ``tol`` or ``stop_mode``."""
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int):
-        raise TypeError(f"max_iter must be an int, got {type(max_iter).__name__} {max_iter!r}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)):
-        raise TypeError(f"tol must be a float, got {type(tol).__name__} {tol!r}")
-    if not tol > 0 or tol != tol or tol == float("inf"):
-        raise ValueError(f"tol must be a finite float > 0, got {tol}")
+def check_solve_args(
+    max_iter: object, tol: object, stop_mode: object, check_every: object = None
+) -> tuple[int, float | None, str, int]:
+    """Validate the solve arguments; returns them normalised (numpy numbers become Python ones).
+
+    ``max_iter`` is an int >= 1; ``tol`` a finite float > 0 or ``None`` (fixed budget); ``stop_mode``
+    one of :data:`STOP_MODES`; ``check_every`` an int >= 1 or ``None`` (:data:`DEFAULT_CHECK_EVERY`).
+    """
+    max_iter = check_int("max_iter", max_iter, low=1)
+    if tol is not None:
+        tol = check_real("tol", tol, low=0.0, low_open=True)
     if stop_mode not in STOP_MODES:
         raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
+    every = DEFAULT_CHECK_EVERY if check_every is None else check_int("check_every", check_every, low=1)
+    return max_iter, tol, str(stop_mode), every
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -131,110 +174,3 @@ def residual_norm(fz: Tensor, z: Tensor, stop_mode: str, diff: Tensor | None = N
     if stop_mode == "rel":
         res = res / (torch.linalg.vector_norm(fz, dim=1) + REL_EPS)
     return torch.nan_to_num(res, nan=float("inf"), posinf=float("inf"))
-
-
-class IterationTracker:
-    """Bookkeeping shared by all our solvers.
-
-    Wraps ``g`` to work on flat ``(B, n)`` states in the working dtype, counts evaluations, keeps the
-    best iterate per sample, which samples are still active (not converged, nothing non-finite seen),
-    and the residual trace. Solvers only write the update rule.
-    """
-
-    def __init__(
-        self,
-        g: Callable[[Tensor], Tensor],
-        z0: Tensor,
-        *,
-        max_iter: int,
-        tol: float,
-        stop_mode: str,
-    ) -> None:
-        check_solve_args(max_iter, tol, stop_mode)
-        if not isinstance(z0, Tensor):
-            raise TypeError(f"z0 must be a Tensor, got {type(z0).__name__}")
-        if z0.dim() < 1 or z0.shape[0] == 0:
-            raise ValueError(f"z0 must have shape (B, ...) with B >= 1, got {tuple(z0.shape)}")
-        self._g = g
-        self.shape = z0.shape
-        self.dtype = z0.dtype
-        self.wdtype = working_dtype(z0.dtype)
-        self.max_iter = max_iter
-        self.tol = float(tol)
-        self.stop_mode = stop_mode
-        batch = z0.shape[0]
-        z0_flat = z0.detach().reshape(batch, -1).to(self.wdtype)
-        self.best_z = z0_flat.clone()
-        self.best_fz = z0_flat.clone()
-        self.best_res = torch.full((batch,), float("inf"), dtype=self.wdtype, device=z0.device)
-        self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
-        self.nonfinite = torch.zeros(batch, dtype=torch.bool, device=z0.device)
-        self.nfe = 0
-        self.trace: list[float] = []
-
-    def z0(self) -> Tensor:
-        """The flat starting point in the working dtype."""
-        return self.best_z.clone()
-
-    def g(self, z: Tensor) -> Tensor:
-        """Evaluate ``g`` on a flat state; returns the flat image in the working dtype."""
-        out = self._g(z.reshape(self.shape).to(self.dtype))
-        self.nfe += 1
-        if not isinstance(out, Tensor) or out.shape != self.shape:
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                f"the fixed-point map must return a tensor shaped like z0 {tuple(self.shape)}, got {got}"
-            )
-        return out.reshape(self.shape[0], -1).to(self.wdtype)
-
-    def record(self, z: Tensor, fz: Tensor, diff: Tensor | None = None) -> Tensor:
-        """Record the residual of iterate ``z`` with image ``fz``; returns the residual ``(B,)``.
-
-        Updates the best iterate of the samples that are still active, marks samples as converged
-        (residual <= tol) or failed (non-finite image), and appends to the trace. ``diff`` is
-        ``fz - z`` when the solver has computed it anyway (saves a pass over the state).
-        """
-        res = residual_norm(fz, z, self.stop_mode, diff)
-        # Any non-finite entry of z or g(z) makes the residual non-finite (residual_norm maps NaN to
-        # inf), so the (B,) residual clears the common case without two passes over the state; only
-        # when it is not finite do we look at the values (a norm can also overflow on finite values).
-        finite = torch.isfinite(res)
-        if not bool(finite.all()):
-            finite = torch.isfinite(fz).all(dim=1) & torch.isfinite(z).all(dim=1)
-            res = torch.where(finite, res, torch.full_like(res, float("inf")))
-        was_active = self.active
-        self.trace.append(float(res[was_active].max()) if bool(was_active.any()) else 0.0)
-        better = was_active & finite & (res < self.best_res)
-        self.best_res = torch.where(better, res, self.best_res)
-        if bool(better.all()):
-            # The common case: every sample improved. Keep references, not copies; solvers never
-            # write into an iterate after recording it.
-            self.best_z, self.best_fz = z, fz
-        else:
-            self.best_z = torch.where(better[:, None], z, self.best_z)
-            self.best_fz = torch.where(better[:, None], fz, self.best_fz)
-        self.nonfinite = self.nonfinite | (was_active & ~finite)
-        # A sample whose map went non-finite cannot continue meaningfully: it keeps its best iterate.
-        self.active = was_active & finite & (res > self.tol)
-        return res
-
-    def diverged(self, res: Tensor, factor: float) -> Tensor:
-        """``(B,)`` bool: active samples whose residual ``res`` exceeds ``factor`` times their best."""
-        return self.active & (res > factor * self.best_res)
-
-    def done(self) -> bool:
-        """Whether every sample has converged or failed, or the evaluation budget is spent."""
-        return self.nfe >= self.max_iter or not bool(self.active.any())
-
-    def result(self) -> SolverResult:
-        """Assemble the :class:`SolverResult` from the best iterates."""
-        z = self.best_z.reshape(self.shape).to(self.dtype)
-        return SolverResult(
-            z=z,
-            residual=self.best_res,
-            converged=self.best_res <= self.tol,
-            nfe=self.nfe,
-            trace=self.trace,
-            nonfinite=self.nonfinite,
-            fz=self.best_fz.reshape(self.shape).to(self.dtype),
-        )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._base import IterationTracker, SolverResult
-from .anderson import _check_memory, _check_restart_factor
+from .._validate import check_int
+from ._driver import UpdateRule, write_into
+from .anderson import _check_restart_factor
 
 __all__ = ["Broyden"]
 
@@ -26,7 +27,24 @@ def _apply_transposed(U: Tensor, V: Tensor, x: Tensor) -> Tensor:
     return torch.bmm(coeff, V).squeeze(1) - x
 
 
-class Broyden:
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample dot product ``(B, 1)`` of ``(B, n)`` tensors, with no temporary of size ``n``."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).squeeze(2)
+
+
+class BroydenState(NamedTuple):
+    """Broyden's rank-one terms and the last point."""
+
+    U: Tensor  # (B, r, n); rows past ``used`` are unwritten
+    V: Tensor  # (B, r, n)
+    z_prev: Tensor  # (B, n)
+    F_prev: Tensor  # (B, n)
+    HF_prev: Tensor  # (B, n): H F_prev, with the H of the last step
+    has_prev: Tensor  # (B,) bool
+    used: int  # terms written since the last restart from -I; -1 before the first step
+
+
+class Broyden(UpdateRule):
     r"""Limited-memory good Broyden's method for the root of :math:`F(z) = g(z) - z`.
 
     The inverse Jacobian of :math:`F` is approximated by :math:`H = -I + \sum_i u_i v_i^\top`
@@ -54,66 +72,62 @@ class Broyden:
     """
 
     def __init__(self, memory: int = 20, restart_factor: float = 1e3) -> None:
-        self.memory = _check_memory("memory", memory)
+        self.memory = check_int("memory", memory, low=1)
         self.restart_factor = _check_restart_factor(restart_factor)
 
     def __repr__(self) -> str:
         return f"Broyden(memory={self.memory}, restart_factor={self.restart_factor})"
 
-    def __call__(
-        self,
-        g: Callable[[Tensor], Tensor],
-        z0: Tensor,
-        *,
-        max_iter: int,
-        tol: float,
-        stop_mode: str = "abs",
-    ) -> SolverResult:
-        track = IterationTracker(g, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode)
-        z = track.z0()
+    def init(self, z: Tensor, fz: Tensor) -> BroydenState:
+        """``H = -I`` and no last point."""
         batch, n = z.shape
-        U = z.new_zeros(batch, self.memory, n)
-        V = z.new_zeros(batch, self.memory, n)
-        F = track.g(z) - z
-        track.record(z, F + z)
-        HF = -F  # H F with H = -I; carried from step to step so H is applied once per step
-        k = 0
-        while not track.done():
-            active = track.active[:, None]
-            z_new = torch.where(active, z - HF, z)
-            fz_new = track.g(z_new)
-            F_new = fz_new - z_new
-            res = track.record(z_new, fz_new)
-            s = torch.where(active, z_new - z, 0.0)
-            F_safe = torch.nan_to_num(torch.where(active, F_new, F), nan=0.0, posinf=0.0, neginf=0.0)
-            y = F_safe - F
-            slot = k % self.memory
-            if slot == 0 and k > 0:
-                # Limited memory: restart from -I rather than dropping the oldest term, which breaks
-                # the secant conditions the remaining terms were built on and can diverge.
-                U.zero_()
-                V.zero_()
-                HF_new = -F_safe
-            else:
-                HF_new = _apply(U, V, F_safe)
-                Hy = HF_new - HF  # H is linear: H y = H F_new - H F, with H F from the last step
-                sH = _apply_transposed(U, V, s)
-                denom = (sH * y).sum(dim=1, keepdim=True)
-                tiny = torch.finfo(z.dtype).eps * sH.norm(dim=1, keepdim=True) * y.norm(dim=1, keepdim=True)
-                ok = active & torch.isfinite(denom) & (denom.abs() > tiny)
-                u = torch.where(ok, (s - Hy) / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
-                v = torch.where(ok, sH, 0.0)
-                U[:, slot] = u
-                V[:, slot] = v
-                HF_new = HF_new + u * (v * F_safe).sum(dim=1, keepdim=True)  # the updated H times F_new
-            z, F, HF = z_new, F_safe, HF_new
-            # Safeguard: a sample whose residual blew up restarts from its best iterate with H = -I.
-            blown = track.diverged(res, self.restart_factor)
-            if bool(blown.any()):
-                U[blown] = 0.0
-                V[blown] = 0.0
-                z = torch.where(blown[:, None], track.best_z, z)
-                F = torch.where(blown[:, None], track.best_fz - track.best_z, F)
-                HF = torch.where(blown[:, None], -F, HF)
-            k += 1
-        return track.result()
+        return BroydenState(
+            # Not zeroed: only the first ``used`` terms are ever read.
+            U=z.new_empty(batch, self.memory, n),
+            V=z.new_empty(batch, self.memory, n),
+            z_prev=z,
+            F_prev=z.new_zeros(batch, n),
+            HF_prev=z.new_zeros(batch, n),
+            has_prev=torch.zeros(batch, dtype=torch.bool, device=z.device),
+            used=-1,
+        )
+
+    def step(
+        self, state: BroydenState, z: Tensor, fz: Tensor, residual: Tensor | None
+    ) -> tuple[Tensor, BroydenState]:
+        """Update ``H`` with the secant pair of the last step, then move by ``-H F(z)``."""
+        F = torch.nan_to_num(fz - z, nan=0.0, posinf=0.0, neginf=0.0)
+        used = state.used
+        has_prev = torch.ones_like(state.has_prev)
+        if used < 0:  # the first step: no secant pair yet, H = -I
+            return z + F, state._replace(z_prev=z, F_prev=F, HF_prev=-F, has_prev=has_prev, used=0)
+        if used == self.memory:
+            # Limited memory: once every slot holds a term, restart from -I rather than dropping the
+            # oldest term, which breaks the secant conditions of the rest and can diverge. The pair of
+            # this step was made with the old H, so it is not used either.
+            return z + F, state._replace(z_prev=z, F_prev=F, HF_prev=-F, has_prev=has_prev, used=0)
+        U, V = state.U[:, :used], state.V[:, :used]
+        HF = _apply(U, V, F)
+        s = z - state.z_prev
+        y = F - state.F_prev
+        sH = _apply_transposed(U, V, s)
+        denom = _dot(sH, y)  # (B, 1)
+        tiny = torch.finfo(z.dtype).eps * torch.linalg.vector_norm(sH, dim=1, keepdim=True)
+        tiny = tiny * torch.linalg.vector_norm(y, dim=1, keepdim=True)
+        ok = state.has_prev[:, None] & torch.isfinite(denom) & (denom.abs() > tiny)
+        # A skipped update is a zero term: u = v = 0 (where, not a product, keeps NaN out).
+        scale = torch.where(ok, 1.0 / torch.where(ok, denom, 1.0), 0.0)
+        u, v = state.U[:, used], state.V[:, used]
+        Hy = HF - state.HF_prev  # H is linear: H y = H F - H F_prev, both with the current H
+        write_into(u, torch.mul, torch.where(ok, s - Hy, 0.0), scale)
+        write_into(v, torch.where, ok, sH, sH.new_zeros(()))
+        HF = torch.addcmul(HF, u, _dot(v, F))  # the updated H times F
+        return z - HF, BroydenState(state.U, state.V, z, F, HF, has_prev, used + 1)
+
+    def restart(self, state: BroydenState, mask: Tensor) -> BroydenState:
+        """Back to ``H = -I`` for the samples in ``mask``: their terms become zero."""
+        keep = (~mask).to(state.U.dtype)[:, None, None]
+        used = state.used
+        state.U[:, :used].mul_(keep)
+        state.V[:, :used].mul_(keep)
+        return state._replace(has_prev=state.has_prev & ~mask)

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._base import IterationTracker, SolverResult
+from ._base import SolverResult, check_solve_args, residual_norm
+from ._driver import Evaluator, Progress
 
 __all__ = ["ScipySolver", "TorchDEQSolver"]
 
@@ -127,33 +128,40 @@ class TorchDEQSolver:
         tol: float,
         stop_mode: str = "abs",
     ) -> SolverResult:
-        track = IterationTracker(g, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode)
+        max_iter, tol, stop_mode, _ = check_solve_args(max_iter, tol, stop_mode)
+        evaluate = Evaluator(g, z0)
+        start = evaluate.flat(z0)
+        progress = Progress(start, tol, max_iter)
+
+        def done() -> bool:
+            # The host reads a flag at every evaluation: external solvers run their own loop.
+            return evaluate.nfe >= max_iter or not progress.any_active()
 
         def tracked_map(z: Tensor) -> Tensor:
-            if track.done():
+            if done():
                 raise _StopSolve
-            fz = track.g(z)
-            track.record(z, fz)
-            if track.done():
+            fz = evaluate(z)
+            progress.record(z, fz, residual_norm(fz, z, stop_mode))
+            if done():
                 raise _StopSolve
             # A sample that went non-finite is over for us; show torchdeq a harmless fixed point so
             # that its batched linear algebra stays finite for the other samples.
             safe_z = torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
-            return torch.where(track.nonfinite[:, None], safe_z, fz)
+            return torch.where(progress.nonfinite[:, None], safe_z, fz)
 
         try:
             self._solve(
                 tracked_map,
-                track.z0(),
+                start.clone(),
                 max_iter=max_iter,
-                tol=tol,
+                tol=0.0 if tol is None else tol,
                 stop_mode=stop_mode,
                 return_final=False,
                 **self.kwargs,
             )
         except _StopSolve:
             pass
-        return track.result()
+        return progress.result(evaluate.unflat, evaluate.nfe)
 
 
 class _ScipyWorker:
@@ -262,8 +270,10 @@ class ScipySolver:
         tol: float,
         stop_mode: str = "abs",
     ) -> SolverResult:
-        track = IterationTracker(g, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode)
-        start = track.z0().to("cpu", torch.float64).numpy()  # (B, n)
+        max_iter, tol, stop_mode, _ = check_solve_args(max_iter, tol, stop_mode)
+        evaluate = Evaluator(g, z0)
+        progress = Progress(evaluate.flat(z0), tol, max_iter)
+        start = progress.best_z.to("cpu", torch.float64).numpy()  # (B, n)
         options = self._scipy_options(max_iter, z0.dtype)
 
         def solver_for(row: np.ndarray) -> Callable[[Callable[[np.ndarray], np.ndarray]], object]:
@@ -281,25 +291,25 @@ class ScipySolver:
                     if point is None:
                         alive.discard(i)
                         # scipy gave up or finished by its own rule: the sample keeps its best iterate.
-                        track.active[i] = False
+                        progress.active[i] = False
                     elif not np.isfinite(point).all():
                         # scipy's own arithmetic broke down; g is not to blame, so it is not evaluated.
                         workers[i].replies.put(None)
-                        track.active[i] = False
+                        progress.active[i] = False
                     else:
                         pending[i] = point
                 if not pending:
                     break
                 rows = sorted(pending)
                 # Samples not asking for a point this round sit at their best iterate.
-                z = track.best_z.clone()
+                z = progress.best_z.clone()
                 z[rows] = torch.from_numpy(np.stack([pending[i] for i in rows])).to(z)
-                fz = track.g(z)
-                track.record(z, fz)
+                fz = evaluate(z)
+                progress.record(z, fz, residual_norm(fz, z, stop_mode))
                 residual = (fz - z).to("cpu", torch.float64).numpy()
-                stop_all = track.done()
+                stop_all = evaluate.nfe >= max_iter or not progress.any_active()
                 for i in rows:
-                    keep_going = not stop_all and bool(track.active[i])
+                    keep_going = not stop_all and bool(progress.active[i])
                     workers[i].replies.put(residual[i].copy() if keep_going else None)
                 pending.clear()
         finally:
@@ -311,4 +321,4 @@ class ScipySolver:
         for worker in workers:
             if worker.error is not None:
                 raise RuntimeError(f"scipy's {self.method!r} failed: {worker.error}") from worker.error
-        return track.result()
+        return progress.result(evaluate.unflat, evaluate.nfe)

@@ -1,0 +1,226 @@
+"""The solver driver's rows: host reads per iteration and wall time against a plain loop and torchdeq.
+
+Shared by ``benchmarks/solvers.py`` (CPU) and ``benchmarks/gpu.py`` (CUDA). For each problem, solver
+and mode, one row:
+
+* ``syncs_per_iter``: host synchronisations per evaluation, counted with
+  :class:`implicitdiff.diagnostics.SyncCounter` (on CUDA these are real waits; on the CPU the same
+  count stands in for them);
+* ``wall_ms``: median wall-clock of the solve over interleaved repetitions (CUDA synchronised before
+  and after);
+* ``plain_ms``: a plain loop ``z = g(z)`` of the same number of evaluations, the limit no solver can beat;
+  ``vs_plain`` is ``wall_ms / plain_ms``;
+* ``torchdeq_ms``: torchdeq's solver of the same kind run for the same number of iterations (where
+  torchdeq is installed), and ``vs_torchdeq``;
+* ``overhead``: ``wall / (nfe x one evaluation of g)``.
+
+Modes: ``fixed`` is ``tol=None`` (a fixed budget, no host reads); ``tol`` is a tolerance that is never
+reached, so the solve runs the same number of evaluations but pays for its checks (one host read every
+``check_every`` evaluations).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from implicitdiff.diagnostics import SyncCounter
+from implicitdiff.solvers import Anderson, Broyden, Picard
+
+UNREACHABLE_TOL = 1e-30
+
+
+@dataclass
+class Problem:
+    """A map ``g``, its start ``z0`` and the number of evaluations each solve runs."""
+
+    name: str
+    g: Callable[[Tensor], Tensor]
+    z0: Tensor
+    iters: int
+
+
+def conv_problem(batch: int, channels: int, size: int, iters: int, device: str, seed: int = 0) -> Problem:
+    """``g(z) = tanh(conv3x3(z) + x)`` with the convolution scaled to spectral norm 0.9 (a contraction)."""
+    gen = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+        v = torch.randn(1, channels, size, size, generator=gen)
+        for _ in range(30):  # ||conv||_2 by power iteration
+            v = torch.nn.functional.conv_transpose2d(conv(v), conv.weight, padding=1)
+            v = v / v.norm()
+        conv.weight.mul_(0.9 / conv(v).norm())
+    conv = conv.to(device).requires_grad_(False)
+    x = (0.1 * torch.randn(batch, channels, size, size, generator=gen)).to(device)
+
+    def g(z: Tensor) -> Tensor:
+        return torch.tanh(conv(z) + x)
+
+    name = f"conv {batch}x{channels}x{size}x{size}"
+    return Problem(name, g, torch.zeros_like(x), iters)
+
+
+def sequence_problem(batch: int, length: int, width: int, iters: int, device: str, seed: int = 0) -> Problem:
+    """``g(z) = tanh(z W^T + x)`` on ``(batch, length, width)`` tokens, ``||W||_2 = 0.9``."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(width, width, generator=gen)
+    w = (0.9 * w / torch.linalg.matrix_norm(w, ord=2)).to(device)
+    x = (0.1 * torch.randn(batch, length, width, generator=gen)).to(device)
+
+    def g(z: Tensor) -> Tensor:
+        return torch.tanh(z @ w.T + x)
+
+    return Problem(f"sequence {batch}x{length}x{width}", g, torch.zeros_like(x), iters)
+
+
+OURS = {
+    "Picard": lambda: Picard(),
+    "Anderson(m=6)": lambda: Anderson(m=6),
+    "Broyden(20)": lambda: Broyden(20),
+}
+TORCHDEQ = {"Picard": ("fixed_point_iter", {}), "Anderson(m=6)": ("anderson", {"m": 6}),
+            "Broyden(20)": ("broyden", {"LBFGS_thres": 20})}  # fmt: skip
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _torchdeq_run(
+    name: str, g: Callable[[Tensor], Tensor], z0: Tensor, iters: int
+) -> Callable[[], object] | None:
+    """torchdeq's solver of the same kind as ours, run for ``iters`` iterations; ``None`` without torchdeq."""
+    try:
+        from torchdeq.solver import get_solver
+    except ImportError:
+        return None
+    key, kwargs = TORCHDEQ[name]
+    solve = get_solver(key)
+    shape = z0.shape
+
+    def g_flat(z: Tensor) -> Tensor:  # torchdeq's Broyden wants (B, n) states
+        return g(z.reshape(shape)).reshape(shape[0], -1)
+
+    flat = z0.reshape(shape[0], -1)
+
+    def run() -> object:
+        return solve(g_flat, flat, max_iter=iters, tol=UNREACHABLE_TOL, stop_mode="abs", **kwargs)
+
+    return run
+
+
+class _Counted:
+    def __init__(self, g: Callable[[Tensor], Tensor]) -> None:
+        self.g, self.calls = g, 0
+
+    def __call__(self, z: Tensor) -> Tensor:
+        self.calls += 1
+        return self.g(z)
+
+
+def _time(runs: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each run, in interleaved rounds after one warm-up each."""
+    walls: dict[str, list[float]] = {key: [] for key in runs}
+    for run in runs.values():
+        run()
+    for _ in range(reps):
+        for key, run in runs.items():
+            _sync(device)
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            walls[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in walls.items()}
+
+
+def driver_rows(
+    problem: Problem, reps: int, solvers: tuple[str, ...] = tuple(OURS)
+) -> list[dict[str, object]]:
+    """Every (solver, mode) row of one problem; see the module docstring."""
+    device = problem.z0.device
+    rows: list[dict[str, object]] = []
+    with torch.no_grad():
+
+        def plain() -> Tensor:
+            z = problem.z0
+            for _ in range(problem.iters):
+                z = problem.g(z)
+            return z
+
+        for name in solvers:
+            solver = OURS[name]()
+
+            def ours(g: Callable[[Tensor], Tensor], tol: float | None, solver=solver) -> Callable[[], object]:
+                return lambda: solver(g, problem.z0, max_iter=problem.iters, tol=tol)
+
+            def theirs(g: Callable[[Tensor], Tensor], name=name) -> Callable[[], object] | None:
+                return _torchdeq_run(name, g, problem.z0, problem.iters)
+
+            makers = {"fixed": lambda g: ours(g, None), "tol": lambda g: ours(g, UNREACHABLE_TOL)}
+            if theirs(problem.g) is not None:
+                makers["torchdeq"] = theirs
+            syncs, nfe = {}, {}
+            for key, make in makers.items():
+                counted = _Counted(problem.g)
+                run = make(counted)
+                with SyncCounter() as counter:
+                    run()
+                syncs[key], nfe[key] = counter.count, counted.calls
+            runs: dict[str, Callable[[], object]] = {"plain": plain}
+            runs.update({key: make(problem.g) for key, make in makers.items()})
+            walls = _time(runs, reps, device)
+            f_s = walls["plain"] / problem.iters
+            for mode in ("fixed", "tol"):
+                row: dict[str, object] = {
+                    "problem": problem.name,
+                    "solver": name,
+                    "mode": mode,
+                    "nfe": nfe[mode],
+                    "syncs_per_iter": syncs[mode] / nfe[mode],
+                    "wall_ms": 1e3 * walls[mode],
+                    "plain_ms": 1e3 * walls["plain"],
+                    "vs_plain": walls[mode] / walls["plain"],
+                    "overhead": walls[mode] / (nfe[mode] * f_s),
+                }
+                if "torchdeq" in walls:
+                    row.update(
+                        torchdeq_nfe=nfe["torchdeq"],
+                        torchdeq_syncs_per_iter=syncs["torchdeq"] / max(nfe["torchdeq"], 1),
+                        torchdeq_ms=1e3 * walls["torchdeq"],
+                        vs_torchdeq=walls[mode] / walls["torchdeq"],
+                    )
+                rows.append(row)
+    return rows
+
+
+COLUMNS = [
+    ("problem", "problem", ""),
+    ("solver", "solver", ""),
+    ("mode", "mode", ""),
+    ("nfe", "nfe", "d"),
+    ("syncs_per_iter", "syncs/iter", ".2f"),
+    ("wall_ms", "wall ms", ".2f"),
+    ("plain_ms", "plain loop ms", ".2f"),
+    ("vs_plain", "/ plain", ".2f"),
+    ("torchdeq_ms", "torchdeq ms", ".2f"),
+    ("torchdeq_syncs_per_iter", "torchdeq syncs/iter", ".2f"),
+    ("vs_torchdeq", "/ torchdeq", ".2f"),
+]
+
+
+def table(rows: list[dict[str, object]], columns: list[tuple[str, str, str]] = COLUMNS) -> str:
+    """A markdown table; a missing value prints as a dash."""
+    head = "| " + " | ".join(title for _, title, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = [
+        "| " + " | ".join(format(row[key], fmt) if key in row else "-" for key, _, fmt in columns) + " |"
+        for row in rows
+    ]
+    return "\n".join([head, rule, *body])

@@ -1,0 +1,304 @@
+r"""One driver for every solver: solvers are update rules, :func:`iterate` owns the loop.
+
+An update rule says how to start and how to take a step, on tensors only:
+
+* ``init(z, fz) -> state``: the state after the first evaluation :math:`g(z_0)`;
+* ``step(state, z, fz, residual) -> (z_next, state)``: the next point to evaluate;
+
+and optionally
+
+* ``accept(state, residual, trial_residual) -> (accepted, state)``: a per-sample verdict on the point
+  ``step`` proposed, once it has been evaluated (line searches, trust regions). A rejected sample stays
+  where it was and ``step`` is asked again;
+* ``restart(state, mask) -> state``: forget the history of the masked samples; the driver calls it when a
+  sample's residual grows past ``restart_factor`` times the best it has seen, after moving that sample
+  back to its best iterate.
+
+The driver evaluates ``g``, computes per-sample residuals, freezes converged samples with
+``torch.where``, keeps per sample the best iterate and its image, detects non-finite values, and counts
+evaluations per sample, all on the device. The host reads one flag, "is any sample still iterating?",
+every ``check_every`` iterations; with ``tol=None`` (a fixed budget) it reads nothing at all, so a
+solve can be compiled into one graph or captured in a CUDA graph.
+
+A rule keeps no Python state that changes from step to step (no counters, no ``.item()``, no boolean
+indexing): everything it needs travels in ``state``, a tensor or a tuple of tensors. That is what lets
+``torch.compile`` trace a step once and lets the loop run without waiting for the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import SolverResult, check_solve_args, residual_norm, working_dtype
+
+__all__ = ["Evaluator", "Progress", "UpdateRule", "iterate"]
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return bool(compiler.is_compiling())
+    return bool(torch._dynamo.is_compiling())
+
+
+def write_into(out: Tensor, op: Callable[..., Tensor], *args: Tensor) -> None:
+    """``out[...] = op(*args)`` with no temporary in eager mode (``op(*args, out=out)``).
+
+    ``torch.compile`` refuses ``out=`` into a strided view (a slot of a history buffer); there the
+    result is copied in, and the compiler fuses the two.
+    """
+    if _compiling():
+        out.copy_(op(*args))
+    else:
+        op(*args, out=out)
+
+
+class Evaluator:
+    """``g`` on flat ``(B, n)`` states in the working dtype, with the checks every solve needs.
+
+    Counts batched evaluations in :attr:`nfe` (a host integer: the host decides how many calls happen).
+    A map that writes into its input is refused: it would make the residual compare ``g(z)`` with a
+    ``z`` that ``g`` itself changed, and report a false convergence.
+    """
+
+    def __init__(self, g: Callable[[Tensor], Tensor], z0: Tensor) -> None:
+        if not isinstance(z0, Tensor):
+            raise TypeError(f"z0 must be a Tensor, got {type(z0).__name__}")
+        if z0.dim() < 1 or z0.shape[0] == 0:
+            raise ValueError(f"z0 must have shape (B, ...) with B >= 1, got {tuple(z0.shape)}")
+        self._g = g
+        self.shape = z0.shape
+        self.dtype = z0.dtype
+        self.wdtype = working_dtype(z0.dtype)
+        self.nfe = 0
+
+    def flat(self, z: Tensor) -> Tensor:
+        """A state of the original shape as a flat ``(B, n)`` tensor in the working dtype."""
+        return z.detach().reshape(self.shape[0], -1).to(self.wdtype)
+
+    def unflat(self, z: Tensor) -> Tensor:
+        """A flat working state back in the shape and dtype of ``z0``."""
+        return z.reshape(self.shape).to(self.dtype)
+
+    def __call__(self, z: Tensor) -> Tensor:
+        z_in = self.unflat(z)
+        # The version counter sees in-place writes for free, but torch.compile cannot trace it: the
+        # check runs in eager mode only.
+        check = not _compiling()
+        version = z_in._version if check else 0
+        out = self._g(z_in)
+        self.nfe += 1
+        if not isinstance(out, Tensor) or out.shape != self.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"the fixed-point map must return a tensor shaped like z0 {tuple(self.shape)}, got {got}"
+            )
+        if check and z_in._version != version:
+            raise ValueError(
+                "the fixed-point map modified its input z in place (e.g. z.mul_(...) or "
+                "nn.ReLU(inplace=True) applied to z); the solver cannot measure g(z) - z then. "
+                "Compute on a copy or out of place."
+            )
+        return out.reshape(self.shape[0], -1).to(self.wdtype)
+
+
+class Progress:
+    """Per-sample bookkeeping of a solve, on the device: best iterate, active, non-finite, counts.
+
+    Used by :func:`iterate` and by the adapters of external solvers, which call :meth:`record` for every
+    evaluation and read :meth:`any_active` on the host when they must.
+    """
+
+    def __init__(self, z0: Tensor, tol: float | None, trace_len: int) -> None:
+        batch = z0.shape[0]
+        self.tol = tol
+        # A sample that never sees a finite value keeps its start (and its start as "image").
+        self.best_z, self.best_fz = z0, z0
+        self.best_res = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
+        self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
+        self.nonfinite = torch.zeros(batch, dtype=torch.bool, device=z0.device)
+        self.evaluations = torch.zeros(batch, dtype=torch.long, device=z0.device)
+        self.trace = torch.zeros(trace_len, dtype=z0.dtype, device=z0.device)
+        self.count = 0
+
+    def record(self, z: Tensor, fz: Tensor, res: Tensor) -> None:
+        """Take the evaluation ``fz = g(z)`` with residual ``res`` into account (no host reads)."""
+        was_active = self.active
+        finite = torch.isfinite(res)
+        self.evaluations += was_active
+        if self.count < self.trace.shape[0]:
+            self.trace[self.count] = torch.where(was_active, res, 0.0).amax()
+        self.count += 1
+        better = was_active & finite & (res < self.best_res)
+        self.best_res = torch.where(better, res, self.best_res)
+        self.best_z = torch.where(better[:, None], z, self.best_z)
+        self.best_fz = torch.where(better[:, None], fz, self.best_fz)
+        self.nonfinite = self.nonfinite | (was_active & ~finite)
+        # A sample whose map went non-finite cannot continue meaningfully: it keeps its best iterate.
+        still = finite if self.tol is None else finite & (res > self.tol)
+        self.active = was_active & still
+
+    def any_active(self) -> bool:
+        """Whether a sample is still iterating: the one host read of a tolerance-mode solve."""
+        return bool(self.active.any())
+
+    def result(self, unflat: Callable[[Tensor], Tensor], nfe: int) -> SolverResult:
+        """The :class:`SolverResult` of the best iterates."""
+        tol = self.tol
+        converged = self.best_res <= tol if tol is not None else torch.zeros_like(self.active)
+        return SolverResult(
+            z=unflat(self.best_z),
+            residual=self.best_res,
+            converged=converged,
+            nfe=nfe,
+            trace=self.trace[: min(self.count, self.trace.shape[0])],
+            nonfinite=self.nonfinite,
+            fz=unflat(self.best_fz),
+            evaluations=self.evaluations,
+        )
+
+
+class UpdateRule:
+    """Base class of solvers written as update rules; calling one runs :func:`iterate`.
+
+    Subclasses implement :meth:`step` (and :meth:`init` when they keep a history); see the module
+    docstring for the optional ``accept`` and ``restart``. Set ``restart_factor`` (``> 1``) to have
+    the driver send a sample whose residual grew past that multiple of its best back to its best
+    iterate, and ``needs_residual = True`` if :meth:`step` reads the residual even with a fixed budget.
+    """
+
+    restart_factor: float = math.inf
+    needs_residual: bool = False
+
+    def init(self, z: Tensor, fz: Tensor) -> Any:
+        """The rule's state after the first evaluation ``fz = g(z)``; ``None`` by default."""
+        return None
+
+    def step(self, state: Any, z: Tensor, fz: Tensor, residual: Tensor | None) -> tuple[Tensor, Any]:
+        """The next point to evaluate, from the current ``z`` and ``fz = g(z)``, flat ``(B, n)``."""
+        raise NotImplementedError
+
+    def restart(self, state: Any, mask: Tensor) -> Any:
+        """Forget the history of the samples in ``mask`` ``(B,)``; the default keeps the state."""
+        return state
+
+    def __call__(
+        self,
+        g: Callable[[Tensor], Tensor],
+        z0: Tensor,
+        *,
+        max_iter: int,
+        tol: float | None,
+        stop_mode: str = "abs",
+        check_every: int | None = None,
+    ) -> SolverResult:
+        """Solve ``z = g(z)`` with this rule; see :func:`iterate`."""
+        return iterate(self, g, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, check_every=check_every)
+
+
+def _select(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Per sample ``a`` where ``mask`` ``(B,)`` else ``b``; ``a`` and ``b`` are ``(B, ...)``."""
+    return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
+
+
+def iterate(
+    rule: Any,
+    g: Callable[[Tensor], Tensor],
+    z0: Tensor,
+    *,
+    max_iter: int,
+    tol: float | None,
+    stop_mode: str = "abs",
+    check_every: int | None = None,
+) -> SolverResult:
+    r"""Solve :math:`z = g(z)` for a batch with the update rule ``rule``.
+
+    Parameters
+    ----------
+    rule : UpdateRule or any object with ``init`` and ``step``
+        The solver's maths (see the module docstring).
+    g : callable
+        The batched map, ``(B, ...) -> (B, ...)``; samples are independent along dim 0.
+    z0 : Tensor
+        Starting point ``(B, ...)``, floating point. The rule works in ``z0``'s dtype promoted to at
+        least float32; results come back in ``z0``'s dtype.
+    max_iter : int
+        Cap on evaluations of ``g`` (rejected trial steps count).
+    tol : float or None
+        Tolerance on the per-sample residual. ``None`` is a fixed budget: exactly ``max_iter``
+        evaluations, no per-step checks, no best-iterate bookkeeping, no restarts and no host reads;
+        the result is the last iterate, with the residual of the last evaluation, and
+        ``nonfinite`` marks the samples whose last residual is not finite. (A rule with ``accept``
+        keeps its books in both modes: it needs them to judge its trial steps.)
+    stop_mode : {"abs", "rel"}
+        ``"abs"``: :math:`\|g(z) - z\|_2` per sample; ``"rel"``: divided by :math:`\|g(z)\|_2 + 10^{-9}`.
+    check_every : int, optional
+        In tolerance mode, the host reads "is any sample still iterating?" after the first evaluation
+        and then every ``check_every`` evaluations (default :data:`DEFAULT_CHECK_EVERY`). Results do not
+        depend on it: a sample stops moving the moment it converges (its extra evaluations are
+        reported by :attr:`SolverResult.frozen_evaluations`).
+
+    Returns
+    -------
+    SolverResult
+    """
+    max_iter, tol, stop_mode, check_every = check_solve_args(max_iter, tol, stop_mode, check_every)
+    evaluate = Evaluator(g, z0)
+    accept = getattr(rule, "accept", None)
+    # A fixed budget keeps no books (no best iterate, so no restarts either) unless the rule asks.
+    track = tol is not None or accept is not None
+    restart_factor = float(getattr(rule, "restart_factor", math.inf)) if track else math.inf
+    need_res = track or bool(getattr(rule, "needs_residual", False))
+
+    z = evaluate.flat(z0)
+    fz = evaluate(z)
+    res = residual_norm(fz, z, stop_mode) if need_res else None
+    progress = Progress(z, tol, max_iter) if track else None
+    if progress is not None:
+        assert res is not None
+        progress.record(z, fz, res)
+    state = rule.init(z, fz)
+    while evaluate.nfe < max_iter:
+        if tol is not None and progress is not None and (evaluate.nfe - 1) % check_every == 0:
+            if not progress.any_active():
+                break
+        z_next, state = rule.step(state, z, fz, res)
+        if progress is not None and tol is not None:
+            z_next = _select(progress.active, z_next, z)  # frozen samples do not move
+        fz_next = evaluate(z_next)
+        res_next = residual_norm(fz_next, z_next, stop_mode) if need_res else None
+        if accept is not None:
+            assert res is not None and res_next is not None
+            accepted, state = accept(state, res, res_next)
+            z, fz, res = (
+                _select(accepted, z_next, z),
+                _select(accepted, fz_next, fz),
+                torch.where(accepted, res_next, res),
+            )
+        else:
+            z, fz, res = z_next, fz_next, res_next
+        if progress is not None:
+            assert res is not None
+            progress.record(z, fz, res)
+            if restart_factor < math.inf:
+                blown = progress.active & (res > restart_factor * progress.best_res)
+                z = _select(blown, progress.best_z, z)
+                fz = _select(blown, progress.best_fz, fz)
+                res = torch.where(blown, progress.best_res, res)
+                state = rule.restart(state, blown)
+    if progress is not None:
+        return progress.result(evaluate.unflat, evaluate.nfe)
+    res = residual_norm(fz, z, stop_mode) if res is None else res
+    return SolverResult(
+        z=evaluate.unflat(z),
+        residual=res,
+        converged=torch.zeros_like(res, dtype=torch.bool),
+        nfe=evaluate.nfe,
+        nonfinite=~torch.isfinite(res),
+        fz=evaluate.unflat(fz),
+    )
