@@ -4,6 +4,7 @@ Any solver meets any gradient estimator around any ``f(z, x)``.
 """
 
 from . import diagnostics, regularizers
+from .chain import ChainResult, solve_chain
 from .functional import DEQOutput, fixed_point
 from .gradients import (
     IFT,
@@ -27,6 +28,7 @@ __all__ = [
     "BackwardSolveError",
     "BackwardSolveWarning",
     "Broyden",
+    "ChainResult",
     "DEQLayer",
     "DEQOutput",
     "GradientEstimator",
@@ -37,4 +39,5 @@ __all__ = [
     "diagnostics",
     "fixed_point",
     "regularizers",
+    "solve_chain",
 ]

@@ -71,7 +71,7 @@ class SyncCounter(TorchDispatchMode):
             self._record("tolist")
             return original(tensor)
 
-        Tensor.tolist = tolist  # type: ignore[method-assign]
+        Tensor.tolist = tolist  # type: ignore[method-assign, assignment]
         super().__enter__()
         return self
 

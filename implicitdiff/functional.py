@@ -13,6 +13,7 @@ from ._validate import check_bool
 from .gradients import JFB, GradientEstimator
 from .solvers import Anderson, Solver, SolverResult
 from .solvers._base import check_solve_args
+from .solvers._driver import _compiling
 
 __all__ = ["DEQOutput", "fixed_point"]
 
@@ -85,9 +86,13 @@ def _checked_map(
     name = getattr(f, "__name__", type(f).__name__)
     tensor_keys = [key for key, value in f_kwargs.items() if isinstance(value, Tensor)]
 
-    def bind(x_bound: Tensor, kwargs_bound: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+    def bind(x_bound: Tensor, items: tuple[tuple[str, Any], ...]) -> Callable[[Tensor], Tensor]:
+        # The keyword arguments travel as a tuple of pairs: dynamo before torch 2.5 fails to guard a
+        # dict that it also sees in the caller's frame.
+        kwargs_bound = dict(items)
+
         def f_x(z: Tensor) -> Tensor:
-            out = f(z, x_bound, **kwargs_bound)
+            out = f(z, x_bound, **dict(items)) if items else f(z, x_bound)
             calls[0] += 1
             if not isinstance(out, Tensor):
                 raise TypeError(f"f ({name}) must return a Tensor, got {type(out).__name__}")
@@ -113,13 +118,14 @@ def _checked_map(
             return out
 
         def with_inputs(*tensors: Tensor) -> Callable[[Tensor], Tensor]:
-            return bind(tensors[0], {**kwargs_bound, **dict(zip(tensor_keys, tensors[1:], strict=True))})
+            replaced = {**kwargs_bound, **dict(zip(tensor_keys, tensors[1:], strict=True))}
+            return bind(tensors[0], tuple(replaced.items()))
 
         f_x.explicit_inputs = (x_bound, *(kwargs_bound[key] for key in tensor_keys))  # type: ignore[attr-defined]
         f_x.with_inputs = with_inputs  # type: ignore[attr-defined]
         return f_x
 
-    return bind(x, dict(f_kwargs))
+    return bind(x, tuple(f_kwargs.items()))
 
 
 def _check_parts(solver: object, grad: object) -> None:
@@ -242,6 +248,11 @@ def fixed_point(
             options["check_every"] = check_every
         with torch.no_grad():
             stats = solver(f_x, z_init, **options)
+        if _autocast_on(z_init.device.type) and not _compiling():
+            # Autocast caches the low-precision copies of the weights; before torch 2.5 a copy made in
+            # this no-grad solve is reused by the estimator's evaluation with grad, which then has no
+            # graph back to the weights.
+            torch.clear_autocast_cache()
     if not isinstance(getattr(stats, "z", None), Tensor):
         raise TypeError(
             f"solver {solver!r} must return a SolverResult (with a tensor z), got {type(stats).__name__}"
@@ -256,10 +267,11 @@ def fixed_point(
         )
     if not _needs_grad(f, x, f_kwargs):
         return DEQOutput(z=z_star, stats=stats)
-    if getattr(grad, "starts_from_image", False) and isinstance(getattr(stats, "fz", None), Tensor):
+    image = getattr(stats, "fz", None)
+    if getattr(grad, "starts_from_image", False) and isinstance(image, Tensor):
         # An estimator that continues the iteration with grad (S-JFB) starts from g(stats.z), which the
         # solver computed already: n no-grad evaluations then give n steps, none evaluated twice.
-        z_star = stats.fz.detach()
+        z_star = image.detach()
     before = calls[0]
     z = grad.attach(f_x, z_star, training=training)
     return DEQOutput(z=z, stats=stats, grad_evals=calls[0] - before)

@@ -28,6 +28,8 @@ from implicitdiff.solvers import DEFAULT_CHECK_EVERY, Anderson, Broyden, Picard,
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from backtracking import BacktrackingPicard
 
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
+
 RULES = {
     "picard": Picard(),
     "picard_damped": Picard(tau=0.6),
@@ -307,8 +309,10 @@ def test_a_compiled_layer_does_not_recompile_after_the_second_call(name, tol):
         out = compiled(x)
         counts.append(len(graphs))
     assert counts[1] == counts[2] == counts[3]
-    if tol is None:
-        assert counts[0] == 1  # a fixed budget is one graph: no host read breaks it
+    if tol is None and TORCH_VERSION >= (2, 11):
+        # A fixed budget is one graph: no host read breaks it. (torch 2.4's dynamo also breaks where the
+        # layer sets attributes on a local function; 2.11 and 2.13 were run.)
+        assert counts[0] == 1
     torch.testing.assert_close(out.z, deq(x).z)
 
 

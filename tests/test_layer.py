@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from implicitdiff import DEQLayer, fixed_point
+from implicitdiff import IFT, JFB, SJFB, DEQLayer, PhantomGradient, fixed_point
 from implicitdiff.solvers import Anderson, Broyden, Picard, SolverResult
 
 
@@ -318,3 +318,72 @@ def test_layer_output_keeps_shape_and_dtype_of_the_state(batch, shape, dtype):
     out = DEQLayer(f, max_iter=100, tol=1e-5)(x)
     assert out.z.shape == x.shape and out.z.dtype == dtype
     assert out.stats.all_converged
+
+
+# ---------------------------------------------------------------------------------------- round 2: issue #11
+
+
+def test_the_stats_describe_the_returned_solution(x):
+    """``z -> 2 z + x`` expands: after 5 Picard evaluations the residual in the stats must be out.z's."""
+
+    def expanding(z: Tensor, x_: Tensor) -> Tensor:
+        return 2 * z + x_
+
+    with torch.no_grad():
+        out = DEQLayer(expanding, solver=Picard(), max_iter=5, tol=1e-6)(x)
+    measured = torch.linalg.vector_norm((expanding(out.z, x) - out.z).reshape(x.shape[0], -1), dim=1)
+    torch.testing.assert_close(out.stats.residual, measured)
+    assert torch.equal(out.z, out.stats.z)
+    torch.testing.assert_close(out.stats.fz, expanding(out.z, x))
+
+
+@pytest.mark.parametrize(
+    "grad",
+    [JFB(), IFT(tol=1e-2, stop_mode="rel", on_failure="ignore"), PhantomGradient(k=3), SJFB(seed=0)],
+    ids=repr,
+)
+def test_an_f_computing_in_bfloat16_under_autocast_works_with_every_estimator(grad):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 16)
+    deq = DEQLayer(lambda z, x_: torch.tanh(0.4 * lin(z) + x_), grad=grad, max_iter=30, tol=1e-2,
+                   stop_mode="rel").train()  # fmt: skip
+    x = torch.randn(4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = deq(x)
+        loss = out.z.float().pow(2).sum()
+    assert out.z.dtype == torch.float32  # the state's dtype, whatever f computes in
+    loss.backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all()) and float(x.grad.abs().sum()) > 0
+    assert lin.weight.grad is not None and float(lin.weight.grad.abs().sum()) > 0
+
+
+def test_another_dtype_outside_autocast_names_the_dtypes_not_z0_shapes(x):
+    with pytest.raises(ValueError, match=r"dtype and device \(torch.float32") as info:
+        DEQLayer(lambda z, x_: (z + x_).double())(x)
+    assert "shaped like x" not in str(info.value)
+
+
+def test_grad_evals_count_the_estimators_evaluations(x):
+    for grad, expected in ((JFB(), 1), (PhantomGradient(k=4), 4), (IFT(on_failure="ignore"), 1)):
+        calls = []
+
+        def f(z: Tensor, x_: Tensor) -> Tensor:
+            calls.append(torch.is_grad_enabled())
+            return 0.5 * torch.tanh(z) + x_
+
+        out = fixed_point(f, x.requires_grad_(), grad=grad, max_iter=40, tol=1e-6)
+        assert out.grad_evals == expected == sum(calls)
+        assert out.stats.nfe == len(calls) - expected
+        with torch.no_grad():
+            assert fixed_point(f, x, grad=grad, max_iter=40, tol=1e-6).grad_evals == 0
+
+
+def test_numpy_numbers_and_strict_bools():
+    np = pytest.importorskip("numpy")
+    layer = DEQLayer(lambda z, x_: 0.5 * z + x_, max_iter=np.int64(20), tol=np.float32(1e-5),
+                     check_every=np.int16(2))  # fmt: skip
+    assert layer.max_iter == 20 and isinstance(layer.max_iter, int)
+    with pytest.raises(TypeError, match="raise_on_nonfinite must be a bool"):
+        DEQLayer(lambda z, x_: z, raise_on_nonfinite=1)
+    with pytest.raises(TypeError, match="max_iter must be an int"):
+        DEQLayer(lambda z, x_: z, max_iter=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -89,6 +90,7 @@ class _Problem:
     def adjoint(self, g: Tensor) -> Tensor:
         """Solve ``u = u J + g`` (no graph), with ``J`` the Jacobian of ``phi`` in ``p`` at ``p*``."""
         image, p_leaf = self.image, self.p_leaf
+        assert image is not None, "the image is built when the problem is attached"
 
         def vjp_map(u: Tensor) -> Tensor:
             (vjp,) = torch.autograd.grad(image, p_leaf, u, retain_graph=True)
@@ -131,22 +133,24 @@ def implicit_attach(
         hidden = hidden_leaves(problem.image, [p_leaf, *proxies])
     problem.hidden = list(hidden)
     real = [explicit[i] for i in diff_index]
-    return _ImplicitFunction.apply(problem, *real, *problem.hidden)
+    attached: Tensor = _ImplicitFunction.apply(problem, *real, *problem.hidden)
+    return attached
 
 
 class _ImplicitFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, problem: _Problem, *inputs: Tensor) -> Tensor:
+    def forward(ctx: Any, problem: _Problem, *inputs: Tensor) -> Tensor:
         ctx.problem = problem
         out = problem.p_star.clone()
         ctx.save_for_backward(out, *inputs)
         return out
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         problem: _Problem = ctx.problem
         p_att, *inputs = ctx.saved_tensors
         n_diff = len(problem.diff_index)
+        assert problem.image is not None
         if not torch.is_grad_enabled():
             u = problem.adjoint(g)
             grads = torch.autograd.grad(
@@ -176,8 +180,10 @@ class _ImplicitFunction(torch.autograd.Function):
             partials = torch.autograd.grad(
                 image, [*diff_px, *hidden], u_px, create_graph=True, allow_unused=True
             )
-        grads = reconnect(partials, [p_px, *diff_px, u_px, *hidden], [p_att, *real_diff, u_att, *hidden])
-        return (None, *grads)
+        reconnected = reconnect(
+            partials, [p_px, *diff_px, u_px, *hidden], [p_att, *real_diff, u_att, *hidden]
+        )
+        return (None, *reconnected)
 
 
 def reconnect(
@@ -200,13 +206,13 @@ def reconnect(
 
 class _Reconnect(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, outputs: list[Tensor], proxies: list[Tensor], *reals: Tensor):
+    def forward(ctx: Any, outputs: list[Tensor], proxies: list[Tensor], *reals: Tensor) -> tuple[Tensor, ...]:
         ctx.outputs, ctx.proxies = outputs, proxies
         ctx.save_for_backward(*reals)
         return tuple(out.detach().clone() for out in outputs)
 
     @staticmethod
-    def backward(ctx, *d_outputs: Tensor):
+    def backward(ctx: Any, *d_outputs: Tensor) -> tuple[Tensor | None, ...]:
         reals = ctx.saved_tensors
         outputs, proxies = ctx.outputs, ctx.proxies
         if not torch.is_grad_enabled():

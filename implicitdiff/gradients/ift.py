@@ -158,16 +158,12 @@ class IFT:
         """
         explicit = tuple(getattr(f_x, "explicit_inputs", ()))
         with_inputs = getattr(f_x, "with_inputs", None)
-        if explicit and with_inputs is not None:
+        if not (explicit and with_inputs is not None):
+            explicit, with_inputs = (), None
 
-            def phi(z: Tensor, *inputs: Tensor) -> Tensor:
-                return with_inputs(*inputs)(z)
-
-        else:
-            explicit = ()
-
-            def phi(z: Tensor) -> Tensor:
-                return f_x(z)
+        def phi(z: Tensor, *inputs: Tensor) -> Tensor:
+            image: Tensor = with_inputs(*inputs)(z) if with_inputs is not None else f_x(z)
+            return image
 
         return implicit_attach(phi, z_star.detach(), explicit, self._solve)
 

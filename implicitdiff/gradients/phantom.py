@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -69,19 +70,20 @@ class PhantomGradient:
             return z
         z_leaf = z_star.detach().requires_grad_(True)
         image = f_x(z_leaf)
-        return _NeumannFunction.apply(image, z_leaf, self.k, self.tau)
+        out: Tensor = _NeumannFunction.apply(image, z_leaf, self.k, self.tau)
+        return out
 
 
 class _NeumannFunction(torch.autograd.Function):
     """Identity forward; the backward maps ``g`` to ``g A_{k,tau}``, then autograd applies ``df/dtheta``."""
 
     @staticmethod
-    def forward(ctx, image: Tensor, z_leaf: Tensor, k: int, tau: float) -> Tensor:
+    def forward(ctx: Any, image: Tensor, z_leaf: Tensor, k: int, tau: float) -> Tensor:
         ctx.image, ctx.z_leaf, ctx.k, ctx.tau = image, z_leaf, k, tau
         return image.detach().clone()
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None, None]:
         create_graph = torch.is_grad_enabled()
         term, total = g, g
         for _ in range(ctx.k - 1):

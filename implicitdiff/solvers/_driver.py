@@ -46,7 +46,7 @@ def _compiling() -> bool:
     return bool(torch._dynamo.is_compiling())
 
 
-def write_into(out: Tensor, op: Callable[..., Tensor], *args: Tensor) -> None:
+def write_into(out: Tensor, op: Callable[..., Tensor], *args: Any) -> None:
     """``out[...] = op(*args)`` with no temporary in eager mode (``op(*args, out=out)``).
 
     ``torch.compile`` refuses ``out=`` into a strided view (a slot of a history buffer); there the
@@ -123,25 +123,30 @@ class Progress:
         self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
         self.nonfinite = torch.zeros(batch, dtype=torch.bool, device=z0.device)
         self.evaluations = torch.zeros(batch, dtype=torch.long, device=z0.device)
+        # Per evaluation, the largest residual of the samples still iterating: trace_len scalars.
         self.trace = torch.zeros(trace_len, dtype=z0.dtype, device=z0.device)
         self.count = 0
 
     def record(self, z: Tensor, fz: Tensor, res: Tensor) -> None:
-        """Take the evaluation ``fz = g(z)`` with residual ``res`` into account (no host reads)."""
+        """Take the evaluation ``fz = g(z)`` with residual ``res`` into account (no host reads).
+
+        ``res`` is ``inf`` where the evaluation was not finite (:func:`residual_norm` makes it so). Each
+        operation here is a kernel launch, which on a GPU costs about as much as a small map: they are
+        kept few.
+        """
         was_active = self.active
-        finite = torch.isfinite(res)
-        self.evaluations += was_active
         if self.count < self.trace.shape[0]:
-            self.trace[self.count] = torch.where(was_active, res, 0.0).amax()
+            write_into(self.trace[self.count], torch.amax, torch.where(was_active, res, 0.0), 0)
         self.count += 1
-        better = was_active & finite & (res < self.best_res)
+        self.evaluations += was_active
+        better = was_active & (res < self.best_res)  # inf never improves on inf
         self.best_res = torch.where(better, res, self.best_res)
         self.best_z = torch.where(better[:, None], z, self.best_z)
         self.best_fz = torch.where(better[:, None], fz, self.best_fz)
-        self.nonfinite = self.nonfinite | (was_active & ~finite)
+        failed = was_active & (res == math.inf)
+        self.nonfinite = self.nonfinite | failed
         # A sample whose map went non-finite cannot continue meaningfully: it keeps its best iterate.
-        still = finite if self.tol is None else finite & (res > self.tol)
-        self.active = was_active & still
+        self.active = was_active & ~failed if self.tol is None else was_active & (res > self.tol) & ~failed
 
     def any_active(self) -> bool:
         """Whether a sample is still iterating: the one host read of a tolerance-mode solve."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -22,8 +22,9 @@ def _gram_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-class AndersonState(NamedTuple):
-    """Anderson's history: a ring of ``m`` differences, tensors only (and the step count)."""
+@dataclass
+class AndersonState:
+    """Anderson's history: a ring of ``m`` differences (tensors), and where it stands (Python ints)."""
 
     dF: Tensor  # (B, m, n) residual differences f_{i+1} - f_i
     dG: Tensor  # (B, m, n) update directions g_{i+1} - g_i, with g_i = z_i + beta f_i
@@ -33,7 +34,8 @@ class AndersonState(NamedTuple):
     f_prev: Tensor  # (B, n)
     g_prev: Tensor  # (B, n)
     has_prev: Tensor  # (B,) bool: f_prev, g_prev belong to this sample's current run
-    k: int  # steps taken; the next difference goes to slot k % m
+    k: int  # steps taken; the k-th difference goes to slot (k - 1) % m
+    masked: bool  # some sample has restarted: the validity mask must be applied
 
 
 class Anderson(UpdateRule):
@@ -93,11 +95,12 @@ class Anderson(UpdateRule):
             dG=z.new_empty(batch, self.m, n),
             gram=torch.zeros(batch, self.m, self.m, dtype=gdtype, device=z.device),
             rhs=torch.zeros(batch, self.m, dtype=gdtype, device=z.device),
-            valid=torch.zeros(batch, self.m, dtype=torch.bool, device=z.device),
-            f_prev=z.new_zeros(batch, n),
-            g_prev=z.new_zeros(batch, n),
-            has_prev=torch.zeros(batch, dtype=torch.bool, device=z.device),
+            valid=torch.ones(batch, self.m, dtype=torch.bool, device=z.device),
+            f_prev=z,
+            g_prev=z,
+            has_prev=torch.ones(batch, dtype=torch.bool, device=z.device),
             k=0,
+            masked=False,
         )
 
     def step(
@@ -109,44 +112,51 @@ class Anderson(UpdateRule):
         slot, one pass over ``dF`` gives the new Gram row, and one pass over ``dG`` mixes. The
         right-hand side :math:`f_k^\top \\Delta F_j` is updated rather than recomputed, since
         :math:`f_k = f_{k-1} + \\Delta F_{\text{new}}` makes it the last one plus the new Gram row.
+        The small bookkeeping is done in place, since on a GPU each operation costs a kernel launch.
         """
-        slot, used = state.k % self.m, min(state.k + 1, self.m)
-        dF, dG = state.dF[:, :used], state.dG[:, :used]
         f = fz - z
         # The plain mixing step z + beta f; undamped it is g(z) itself, which costs nothing.
         g = fz if self.beta == 1.0 else torch.add(z, f, alpha=self.beta)
+        if state.k == 0:  # no difference yet: the mixing step
+            return g, replace(state, f_prev=f, g_prev=g, k=1)
+        slot, used = (state.k - 1) % self.m, min(state.k, self.m)
+        dF, dG = state.dF[:, :used], state.dG[:, :used]
         new_dF, new_dG = state.dF[:, slot], state.dG[:, slot]
         write_into(new_dF, torch.sub, f, state.f_prev)
         write_into(new_dG, torch.sub, g, state.g_prev)
-        valid = state.valid.clone()
-        valid[:, slot] = state.has_prev
         # The new Gram row in the state's dtype (casting the history would cost more than the map on
         # large states); the m x m system is solved in float64.
         row = torch.bmm(new_dF.unsqueeze(1), dF.transpose(1, 2)).squeeze(1).to(state.gram.dtype)
-        gram = state.gram.clone()
-        gram[:, slot, :used] = row
-        gram[:, :used, slot] = row
-        rhs = state.rhs.clone()
-        rhs[:, slot] = torch.bmm(state.f_prev.unsqueeze(1), new_dF.unsqueeze(2)).view(-1).to(rhs.dtype)
-        rhs[:, :used] += row
-        gamma = self._coefficients(gram[:, :used, :used], rhs[:, :used], valid[:, :used])
+        state.gram[:, slot, :used] = row
+        state.gram[:, :used, slot] = row
+        state.rhs[:, slot] = torch.bmm(state.f_prev.unsqueeze(1), new_dF.unsqueeze(2)).view(-1)
+        state.rhs[:, :used] += row
+        valid = None
+        if state.masked:
+            state.valid[:, slot] = state.has_prev
+            valid = state.valid[:, :used]
+        gamma = self._coefficients(state.gram[:, :used, :used], state.rhs[:, :used], valid)
         # z_next = g - gamma^T dG
         z_next = torch.baddbmm(g.unsqueeze(1), gamma.to(z.dtype).unsqueeze(1), dG, alpha=-1.0).squeeze(1)
-        has_prev = torch.ones_like(state.has_prev)
-        return z_next, AndersonState(state.dF, state.dG, gram, rhs, valid, f, g, has_prev, state.k + 1)
+        has_prev = torch.ones_like(state.has_prev) if state.masked else state.has_prev
+        return z_next, replace(state, f_prev=f, g_prev=g, has_prev=has_prev, k=state.k + 1)
 
     def restart(self, state: AndersonState, mask: Tensor) -> AndersonState:
         """Drop the history of the samples in ``mask``."""
-        return state._replace(valid=state.valid & ~mask[:, None], has_prev=state.has_prev & ~mask)
+        return replace(
+            state, valid=state.valid & ~mask[:, None], has_prev=state.has_prev & ~mask, masked=True
+        )
 
-    def _coefficients(self, gram: Tensor, rhs: Tensor, valid: Tensor) -> Tensor:
-        """Solve the regularised normal equations over the valid slots; ``gamma`` is 0 elsewhere."""
-        pair = valid.unsqueeze(2) & valid.unsqueeze(1)
-        system = torch.where(pair, gram, 0.0)
-        rhs = torch.where(valid, rhs, 0.0)
-        scale = system.diagonal(dim1=1, dim2=2).amax(dim=1)  # (B,)
-        shift = self.lam * scale + torch.finfo(gram.dtype).tiny
-        eye = torch.eye(gram.shape[1], dtype=gram.dtype, device=gram.device)
-        gamma, info = torch.linalg.solve_ex(system + shift[:, None, None] * eye, rhs.unsqueeze(2))
-        gamma = torch.where((info == 0)[:, None, None], gamma, 0.0)
+    def _coefficients(self, gram: Tensor, rhs: Tensor, valid: Tensor | None) -> Tensor:
+        """Solve the regularised normal equations (over the valid slots; ``gamma`` is 0 elsewhere)."""
+        if valid is None:
+            system = gram.clone()
+        else:
+            system = torch.where(valid.unsqueeze(2) & valid.unsqueeze(1), gram, 0.0)
+            rhs = torch.where(valid, rhs, 0.0)
+        diagonal = system.diagonal(dim1=1, dim2=2)
+        # Relative Tikhonov shift: lam times the largest ||dF_i||^2; tiny keeps an all-zero system solvable.
+        diagonal += self.lam * diagonal.amax(dim=1, keepdim=True) + torch.finfo(gram.dtype).tiny
+        gamma, _ = torch.linalg.solve_ex(system, rhs.unsqueeze(2))
+        # A singular system (info > 0) leaves inf or NaN: those coefficients become 0, a mixing step.
         return torch.nan_to_num(gamma.squeeze(2), nan=0.0, posinf=0.0, neginf=0.0)

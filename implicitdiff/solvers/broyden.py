@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -32,7 +32,8 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).squeeze(2)
 
 
-class BroydenState(NamedTuple):
+@dataclass
+class BroydenState:
     """Broyden's rank-one terms and the last point."""
 
     U: Tensor  # (B, r, n); rows past ``used`` are unwritten
@@ -100,12 +101,12 @@ class Broyden(UpdateRule):
         used = state.used
         has_prev = torch.ones_like(state.has_prev)
         if used < 0:  # the first step: no secant pair yet, H = -I
-            return z + F, state._replace(z_prev=z, F_prev=F, HF_prev=-F, has_prev=has_prev, used=0)
+            return z + F, replace(state, z_prev=z, F_prev=F, HF_prev=-F, has_prev=has_prev, used=0)
         if used == self.memory:
             # Limited memory: once every slot holds a term, restart from -I rather than dropping the
             # oldest term, which breaks the secant conditions of the rest and can diverge. The pair of
             # this step was made with the old H, so it is not used either.
-            return z + F, state._replace(z_prev=z, F_prev=F, HF_prev=-F, has_prev=has_prev, used=0)
+            return z + F, replace(state, z_prev=z, F_prev=F, HF_prev=-F, has_prev=has_prev, used=0)
         U, V = state.U[:, :used], state.V[:, :used]
         HF = _apply(U, V, F)
         s = z - state.z_prev
@@ -130,4 +131,4 @@ class Broyden(UpdateRule):
         used = state.used
         state.U[:, :used].mul_(keep)
         state.V[:, :used].mul_(keep)
-        return state._replace(has_prev=state.has_prev & ~mask)
+        return replace(state, has_prev=state.has_prev & ~mask)

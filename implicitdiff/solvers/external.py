@@ -125,7 +125,7 @@ class TorchDEQSolver:
         z0: Tensor,
         *,
         max_iter: int,
-        tol: float,
+        tol: float | None,
         stop_mode: str = "abs",
     ) -> SolverResult:
         max_iter, tol, stop_mode, _ = check_solve_args(max_iter, tol, stop_mode)
@@ -167,7 +167,7 @@ class TorchDEQSolver:
 class _ScipyWorker:
     """One sample's scipy solve, run in a thread; each evaluation of F is a request to the caller."""
 
-    def __init__(self, solve: Callable[[Callable[[np.ndarray], np.ndarray], np.ndarray], object]) -> None:
+    def __init__(self, solve: Callable[[Callable[[np.ndarray], np.ndarray]], object]) -> None:
         self.requests: queue.Queue[np.ndarray | None] = queue.Queue()
         self.replies: queue.Queue[np.ndarray | None] = queue.Queue()
         self.error: BaseException | None = None
@@ -267,7 +267,7 @@ class ScipySolver:
         z0: Tensor,
         *,
         max_iter: int,
-        tol: float,
+        tol: float | None,
         stop_mode: str = "abs",
     ) -> SolverResult:
         max_iter, tol, stop_mode, _ = check_solve_args(max_iter, tol, stop_mode)

@@ -1,0 +1,406 @@
+r"""Parallel in time: a recurrence solved as one fixed point over its whole trajectory.
+
+A recurrence :math:`x_{k+1} = s(k, x_k)`, :math:`k = 0, \dots, N - 1` (the timesteps of a diffusion
+sampler, an RNN over a sequence, an ODE integrator) is also the fixed point of the map that applies
+every step at once,
+
+.. math::
+
+    X = F(X), \qquad F(X)_{k+1} = s(k, X_k), \qquad X_0 = x_0,
+
+over the trajectory :math:`X = (X_1, \dots, X_N)`. :math:`F` is strictly lower triangular along the
+step axis (step :math:`k + 1` reads only step :math:`k`), so Picard iteration :math:`X \leftarrow F(X)`
+is exact after at most :math:`N` sweeps: each sweep makes at least one more step exact. Every sweep
+evaluates all the steps of the window in one batched call of :math:`s`, so when the steps converge
+in far fewer sweeps than there are steps, the chain costs fewer *sequential* rounds than the
+recurrence. ParaDiGMS (Shih et al., 2023) is Picard iteration with a sliding window (on the map
+:math:`G` below), ParaTAA (Tang et al., 2024) accelerates it with Anderson-type updates, and DEQ-DDIM
+solved the DDIM chain with Anderson (Pokle et al., 2022).
+
+The same fixed point is also that of the *cumulative* map, which sums the increments of the steps,
+
+.. math::
+
+    G(X)_{k+1} = x_0 + \sum_{i \le k} \bigl(s(i, X_i) - X_i\bigr),
+
+which costs the same evaluations. The two differ in how fast Picard iteration converges: the error
+of a sweep on :math:`F` moves one step down the chain multiplied by the step's Jacobian :math:`J_k`,
+so it fades only when the steps contract; on :math:`G` it is multiplied by :math:`J_k - I`, which is
+small when the steps are close to the identity, as the steps of an ODE integrator or a diffusion
+sampler are (this is the Picard iteration of ParaDiGMS, the discrete Picard-Lindelof iteration).
+
+:func:`solve_chain` runs any update rule of :mod:`implicitdiff.solvers` (or a user's) on :math:`F` or
+:math:`G`, treating the steps in flight as the rule's batch.
+
+References
+----------
+Shih, Belkhale, Ermon, Sadigh, Anari. *Parallel Sampling of Diffusion Models*. NeurIPS 2023.
+Tang, Tang, Luo, Wang, Chang. *Accelerating Parallel Sampling of Diffusion Models*. ICML 2024.
+Pokle, Geng, Kolter. *Deep Equilibrium Approaches to Diffusion Models*. NeurIPS 2022.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._validate import check_int, check_real
+from .solvers._base import STOP_MODES, residual_norm, working_dtype
+from .solvers._driver import UpdateRule
+from .solvers.picard import Picard
+
+__all__ = ["ChainResult", "solve_chain"]
+
+StepFn = Callable[[Tensor, Tensor], Tensor]
+
+#: The fixed-point maps :func:`solve_chain` can hand to the rule (same fixed point, same evaluations).
+FORMS = ("cumulative", "step")
+
+
+@dataclass
+class ChainResult:
+    r"""What :func:`solve_chain` returns.
+
+    Step :math:`k` is the transition from ``xs[k]`` to ``xs[k + 1]``; every per-step tensor has
+    ``num_steps`` entries and stays on the device of ``x0``.
+
+    Attributes
+    ----------
+    xs : Tensor
+        ``(num_steps + 1, *x0.shape)`` in ``x0``'s dtype: the trajectory, ``xs[0]`` is ``x0``. A step
+        that did not converge (the sweep budget ran out, or a step returned non-finite values) holds
+        its latest estimate.
+    residual : Tensor
+        ``(num_steps,)``: :math:`\|s(k, x_k) - x_{k+1}\|` of the returned trajectory (divided by
+        :math:`\|s(k, x_k)\| + 10^{-9}` for ``stop_mode="rel"``), as last evaluated. ``inf`` where it
+        is not known: a step never evaluated, or one whose predecessor changed after its evaluation.
+    converged : Tensor
+        ``(num_steps,)`` bool: the step is final, i.e. every earlier step is final and its own
+        residual is at most ``tol``. Always a prefix of the steps.
+    sweeps : int
+        Sequential rounds: batched calls of ``step``.
+    evaluations : int
+        Evaluations of ``step`` counted per step: a call on 7 steps counts 7.
+    evaluations_per_step : Tensor
+        ``(num_steps,)`` int: how often each step was evaluated; sums to :attr:`evaluations`.
+    nonfinite : Tensor
+        ``(num_steps,)`` bool: the last evaluation of this step returned a non-finite value. A
+        non-finite step whose predecessors are final stops the solve.
+    """
+
+    xs: Tensor
+    residual: Tensor
+    converged: Tensor
+    sweeps: int
+    evaluations: int
+    evaluations_per_step: Tensor
+    nonfinite: Tensor
+
+    @property
+    def all_converged(self) -> bool:
+        """Whether every step is final (reads one flag from the device)."""
+        return bool(self.converged.all())
+
+    def summary(self) -> str:
+        """One line for logs: steps converged, sweeps, evaluations, max residual."""
+        steps = self.converged.numel()
+        worst = float(self.residual.max()) if steps else 0.0
+        return (
+            f"converged {int(self.converged.sum())}/{steps} steps, sweeps {self.sweeps}, "
+            f"evaluations {self.evaluations}, max residual {worst:.3e}"
+        )
+
+
+def _default_tol(wdtype: torch.dtype) -> float:
+    # About 100 ulps at unit scale: 1e-5 for float32 (and bf16/fp16 states, which run in float32).
+    return 1e-10 if wdtype == torch.float64 else 1e-5
+
+
+def _take_rows(state: Any, index: Tensor, rows: int) -> Any:
+    """``state`` with the rows ``index`` of every tensor whose first dimension is the batch (``rows``).
+
+    Update rules keep per-sample tensors batched along dim 0 (the driver's samples, here the steps in
+    flight); other leaves (ints, scalars, shared tensors of another size) are kept as they are.
+    """
+    if isinstance(state, Tensor):
+        return state.index_select(0, index) if state.dim() >= 1 and state.shape[0] == rows else state
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        fields = {f.name: _take_rows(getattr(state, f.name), index, rows) for f in dataclasses.fields(state)}
+        return dataclasses.replace(state, **fields)
+    if isinstance(state, tuple):
+        taken = [_take_rows(leaf, index, rows) for leaf in state]
+        return type(state)(*taken) if hasattr(state, "_fields") else tuple(taken)
+    if isinstance(state, list):
+        return [_take_rows(leaf, index, rows) for leaf in state]
+    if isinstance(state, dict):
+        return {key: _take_rows(leaf, index, rows) for key, leaf in state.items()}
+    return state
+
+
+def _restarts(rule: Any) -> bool:
+    """Whether the rule can forget the history of some samples (a ``restart`` of its own)."""
+    restart = getattr(type(rule), "restart", None)
+    return restart is not None and restart is not UpdateRule.restart
+
+
+def _check_solver(solver: Any) -> Any:
+    if solver is None:
+        return Picard()
+    if not callable(getattr(solver, "step", None)) or not callable(getattr(solver, "init", None)):
+        raise TypeError(
+            "solver must be an update rule with init(z, fz) and step(state, z, fz, residual) (Picard(), "
+            f"Anderson(), Broyden() or a subclass of implicitdiff.solvers.UpdateRule), got {solver!r}"
+        )
+    if getattr(solver, "accept", None) is not None:
+        raise TypeError(
+            f"solver {solver!r} has accept(): trial steps are judged against a residual that the chain's "
+            "moving predecessors make stale, so rules with accept are not supported by solve_chain"
+        )
+    return solver
+
+
+def solve_chain(
+    step: StepFn,
+    x0: Tensor,
+    num_steps: int,
+    *,
+    solver: Any = None,
+    tol: float | None = None,
+    max_iter: int | None = None,
+    window: int | None = None,
+    stop_mode: str = "abs",
+    form: str = "step",
+) -> ChainResult:
+    r"""Run the recurrence :math:`x_{k+1} = s(k, x_k)` as one fixed point over its trajectory.
+
+    With :math:`X = (X_1, \dots, X_N)`, :math:`X_0 = x_0` and the map :math:`F(X)_{k+1} = s(k, X_k)`
+    (``form="step"``) or :math:`G(X)_{k+1} = x_0 + \sum_{i \le k} (s(i, X_i) - X_i)`
+    (``form="cumulative"``), each sweep evaluates ``step`` once, on all the steps in flight, and lets
+    the update rule ``solver`` propose the next estimates from :math:`X` and its image.
+    Step :math:`k` is *final* once every earlier step is final and
+
+    .. math:: r_k = \|s(k, X_k) - X_{k+1}\| \le \mathrm{tol}.
+
+    The first step that misses the tolerance but whose predecessors are final is final too, at its
+    image :math:`s(k, X_k)`: that is exactly the sequential value, with residual 0. Each sweep thus
+    finalises at least one step, whatever the rule, so the solve ends after at most ``num_steps``
+    sweeps (the guarantee of ParaDiGMS, Shih et al. 2023) and never costs more sequential rounds than the
+    recurrence. Final steps are not evaluated again; at most ``window`` steps are in flight, and the
+    window slides past the final prefix.
+
+    The returned trajectory satisfies :math:`x_{k+1} = s(k, x_k) + d_k` with
+    :math:`\|d_k\| = r_k \le \mathrm{tol}` (``stop_mode="abs"``), so if each step is
+    :math:`L`-Lipschitz its distance to the sequential rollout is at most
+    :math:`\mathrm{tol}\,\sum_{i < k} L^i` at step :math:`k`.
+
+    Parameters
+    ----------
+    step : callable
+        ``step(k, x) -> x_next``: ``k`` is a 1-D LongTensor of step indices, ``x`` the states at those
+        steps stacked on a new leading dimension, ``(len(k), *x0.shape)`` in ``x0``'s dtype; it
+        returns the next states stacked the same way. It is called on many steps at once, must not
+        modify ``x`` in place, and runs under ``torch.no_grad()``.
+    x0 : Tensor
+        The initial state, any shape, floating point. The rule works in ``x0``'s dtype promoted to
+        at least float32.
+    num_steps : int
+        :math:`N \ge 0`, the number of steps.
+    solver : update rule, optional
+        Any object with ``init(z, fz)`` and ``step(state, z, fz, residual)`` working on flat
+        ``(B, n)`` batches, whose rows here are the steps in flight: :class:`~implicitdiff.Picard`
+        (the default), :class:`~implicitdiff.Anderson`, :class:`~implicitdiff.Broyden` or a
+        :class:`~implicitdiff.solvers.UpdateRule` of your own. Its per-sample history follows the
+        steps when the window slides; a step entering the window starts with no history (through the
+        rule's ``restart``, or by re-initialising the rule when it has no ``restart`` of its own).
+        Rules with ``accept`` (trial steps) are refused.
+    tol : float, optional
+        Tolerance on the per-step residual, ``>= 0``; default ``1e-5``, or ``1e-10`` for float64.
+        ``0`` finalises a step only when it is exact: Picard then takes the full ``num_steps``
+        sweeps.
+    max_iter : int, optional
+        Cap on sweeps, ``>= 1``; default ``num_steps`` (always enough to finish).
+    window : int, optional
+        Most steps in flight (evaluated per sweep), ``>= 1``; default all of them. Bounds the memory of
+        the batched call and of the rule's history.
+    stop_mode : {"abs", "rel"}
+        ``"abs"``: :math:`r_k = \|s(k, X_k) - X_{k+1}\|_2` over all of a state's entries; ``"rel"``:
+        divided by :math:`\|s(k, X_k)\|_2 + 10^{-9}`.
+    form : {"step", "cumulative"}
+        The map the rule iterates; both have the trajectory as their fixed point and cost the same
+        evaluations, and the residual that decides convergence is the per-step one above in both.
+        ``"step"``: :math:`F`, for steps that contract (an RNN, a stable discrete map).
+        ``"cumulative"``: :math:`G`, for steps close to the identity (an ODE integrator, a diffusion
+        sampler's timesteps), where an error on :math:`F` would travel down the chain without fading;
+        with Picard this is ParaDiGMS (Shih et al., 2023).
+
+    Returns
+    -------
+    ChainResult
+
+    Notes
+    -----
+    The host reads one number per sweep: how many steps became final (how far the window slides).
+
+    The steps in flight are the rule's batch. When the window slides, each step keeps its own history
+    (every tensor of the rule's state whose first dimension is the batch follows its step), and a step
+    that enters starts with none. Re-initialising the whole rule at each slide instead (the window
+    slides at every sweep) would turn Anderson and Broyden into Picard, whose step is their first.
+
+    References
+    ----------
+    Shih et al., *Parallel Sampling of Diffusion Models*, NeurIPS 2023 (ParaDiGMS: Picard with a
+    sliding window). Tang et al., *Accelerating Parallel Sampling of Diffusion Models*, ICML 2024
+    (ParaTAA: Anderson-type acceleration). Pokle, Geng and Kolter, *Deep Equilibrium Approaches to
+    Diffusion Models*, NeurIPS 2022 (DEQ-DDIM).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from implicitdiff import solve_chain
+    >>> step = lambda k, x: 0.5 * x + 1.0   # x_{k+1} = x_k / 2 + 1
+    >>> out = solve_chain(step, torch.zeros(3), 8)
+    >>> out.all_converged, out.sweeps <= 8, round(float(out.xs[-1, 0]), 4)
+    (True, True, 1.9922)
+    """
+    if not callable(step):
+        raise TypeError(f"step must be callable as step(k, x), got {type(step).__name__}")
+    if not isinstance(x0, Tensor):
+        raise TypeError(f"x0 must be a Tensor, got {type(x0).__name__}")
+    wdtype = working_dtype(x0.dtype)
+    num_steps = check_int("num_steps", num_steps, low=0)
+    rule = _check_solver(solver)
+    tol = _default_tol(wdtype) if tol is None else check_real("tol", tol, low=0.0)
+    max_iter = max(num_steps, 1) if max_iter is None else check_int("max_iter", max_iter, low=1)
+    window = num_steps if window is None else check_int("window", window, low=1)
+    if stop_mode not in STOP_MODES:
+        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    with torch.no_grad():
+        return _solve(
+            step, x0, num_steps, rule, tol, max_iter, max(window, 1), stop_mode, wdtype, form == "cumulative"
+        )
+
+
+def _solve(
+    step: StepFn,
+    x0: Tensor,
+    num_steps: int,
+    rule: Any,
+    tol: float,
+    max_iter: int,
+    window: int,
+    stop_mode: str,
+    wdtype: torch.dtype,
+    cumulative: bool,
+) -> ChainResult:
+    device, shape = x0.device, x0.shape
+    n = x0.numel()
+    # The trajectory in the working dtype: rows up to ``lo`` are final, the rest are filled in at the end.
+    xs = x0.detach().reshape(1, n).to(wdtype).repeat(num_steps + 1, 1)
+    residual = torch.full((num_steps,), math.inf, dtype=wdtype, device=device)
+    converged = torch.zeros(num_steps, dtype=torch.bool, device=device)
+    nonfinite = torch.zeros(num_steps, dtype=torch.bool, device=device)
+    per_step = torch.zeros(num_steps, dtype=torch.long, device=device)
+    sweeps = evaluations = 0
+    restarts = _restarts(rule)
+
+    def evaluate(k: Tensor, x: Tensor) -> Tensor:
+        x_in = x.reshape(k.shape[0], *shape).to(x0.dtype)
+        version = x_in._version
+        out = step(k, x_in)
+        want = (k.shape[0], *shape)
+        if not isinstance(out, Tensor) or out.shape != want:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"step(k, x) must return the next states stacked like x {want}, got {got}")
+        if x_in._version != version:
+            raise ValueError(
+                "step(k, x) modified its input x in place; the chain cannot measure s(k, x_k) - x_{k+1} "
+                "then. Compute on a copy or out of place."
+            )
+        return out.reshape(k.shape[0], n).to(wdtype)
+
+    lo = 0  # the first step that is not final: xs[: lo + 1] is final
+    rows = min(window, num_steps)
+    z = xs[1 : rows + 1].clone()  # estimates of xs[lo + 1 : lo + rows + 1], the steps in flight
+    state: Any = None
+    while lo < num_steps and sweeps < max_iter:
+        hi = lo + rows
+        k = torch.arange(lo, hi, device=device)
+        prev = torch.cat([xs[lo : lo + 1], z[:-1]])  # each step's predecessor
+        fz = evaluate(k, prev)  # (rows, n)
+        sweeps += 1
+        evaluations += rows
+        per_step[lo:hi] += 1
+        res = residual_norm(fz, z, stop_mode)
+        finite = torch.isfinite(fz).all(dim=1)
+        # Steps final now: the leading run with r <= tol, then the next one at its image (its
+        # predecessor is final, so the image is the sequential value), if that image is finite.
+        within = torch.cumprod((res <= tol).to(torch.long), dim=0).sum()
+        image_ok = finite.index_select(0, within.clamp(max=rows - 1).view(1)).squeeze(0) & (within < rows)
+        advance = int(within + image_ok)  # the one host read of the sweep
+        at_image = torch.arange(rows, device=device) >= within
+        nonfinite[lo:hi] = ~finite
+        residual[lo:hi] = res
+        if advance:
+            final = slice(lo + 1, lo + 1 + advance)
+            xs[final] = torch.where(at_image[:, None], fz, z)[:advance]
+            residual[lo : lo + advance] = torch.where(at_image, 0.0, res)[:advance]
+            converged[lo : lo + advance] = True
+        if advance < rows:
+            # Evaluated against the estimate its predecessor has just left (or it is non-finite).
+            residual[lo + advance] = math.inf
+        new_lo = lo + advance
+        if new_lo >= num_steps or sweeps >= max_iter or advance == 0:
+            # Steps not final keep the estimates last evaluated; those never evaluated the last one.
+            xs[new_lo + 1 : hi + 1] = z[advance:]
+            xs[hi + 1 :] = xs[hi : hi + 1]
+            break
+        if cumulative:
+            # The image under G: the final state plus the running sum of the increments s(k, X_k) - X_k.
+            gz = torch.cumsum(fz - prev, dim=0).add_(xs[lo : lo + 1])
+            gres = residual_norm(gz, z, stop_mode)
+        else:
+            gz, gres = fz, res
+        if state is None:
+            state = rule.init(z, gz)
+        z_next, state = rule.step(state, z, gz, gres)
+        # A rule that produced non-finite values for a step falls back to its image and forgets it.
+        broken = ~torch.isfinite(z_next).all(dim=1) | ~finite
+        z_next = torch.where(broken[:, None], fz, z_next)
+        if restarts:
+            state = rule.restart(state, broken)
+        # Slide: the kept steps move up by ``advance`` rows; entering steps start from the estimate of
+        # the step before them and with no history.
+        new_rows = min(window, num_steps - new_lo)
+        kept = rows - advance
+        entering = new_rows - kept
+        index = torch.arange(advance, rows, device=device)
+        guess = z_next[-1:] if kept else xs[new_lo : new_lo + 1]
+        z = torch.cat([z_next.index_select(0, index), guess.expand(entering, n)])
+        if entering:
+            if restarts and kept:
+                index = torch.cat([index, index.new_zeros(entering)])
+                state = _take_rows(state, index, rows)
+                fresh = torch.arange(new_rows, device=device) >= kept
+                state = rule.restart(state, fresh)
+            else:
+                state = None  # re-initialised at the next evaluation
+        elif state is not None:
+            state = _take_rows(state, index, rows)
+        lo, rows = new_lo, new_rows
+    return ChainResult(
+        xs=xs.reshape(num_steps + 1, *shape).to(x0.dtype),
+        residual=residual,
+        converged=converged,
+        sweeps=sweeps,
+        evaluations=evaluations,
+        evaluations_per_step=per_step,
+        nonfinite=nonfinite,
+    )

@@ -1,0 +1,396 @@
+"""solve_chain: a recurrence solved as one fixed point over its trajectory, against the sequential rollout."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor
+
+from implicitdiff import Anderson, Broyden, ChainResult, Picard, solve_chain
+from implicitdiff.chain import FORMS
+from implicitdiff.diagnostics import SyncCounter
+from implicitdiff.solvers import UpdateRule
+
+# Float64 noise of one step evaluated in a batch of another size (a matmul may block differently).
+ROUNDING = 1e-12
+
+
+class ToyChain:
+    """``x_{k+1} = act(A_k x_k + b_k)`` with ``||A_k||_2 = gain_k``: Lipschitz constant ``gain_k`` per step.
+
+    Counts every call of ``step`` and every step it is asked for.
+    """
+
+    def __init__(self, num_steps: int, dim: int, gains: list[float], seed: int, act: str) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        A = torch.randn(num_steps, dim, dim, generator=generator, dtype=torch.float64)
+        scale = torch.tensor(gains, dtype=torch.float64) / torch.linalg.matrix_norm(A, ord=2)
+        self.A = A * scale[:, None, None]
+        self.b = torch.randn(num_steps, dim, generator=generator, dtype=torch.float64)
+        self.x0 = torch.randn(dim, generator=generator, dtype=torch.float64)
+        self.lipschitz = torch.linalg.matrix_norm(self.A, ord=2)  # tanh is 1-Lipschitz
+        self.act = torch.tanh if act == "tanh" else (lambda y: y)
+        self.calls = 0
+        self.asked = torch.zeros(num_steps, dtype=torch.long)
+        self.largest_call = 0
+
+    def step(self, k: Tensor, x: Tensor) -> Tensor:
+        assert k.dtype == torch.long and k.dim() == 1 and x.shape[0] == k.shape[0]
+        self.calls += 1
+        self.asked += torch.bincount(k, minlength=self.asked.shape[0])
+        self.largest_call = max(self.largest_call, k.shape[0])
+        return self.act(torch.einsum("kij,kj->ki", self.A[k], x) + self.b[k])
+
+    def rollout(self) -> Tensor:
+        xs = [self.x0]
+        for k in range(self.A.shape[0]):
+            xs.append(self.act(self.A[k] @ xs[-1] + self.b[k]))
+        return torch.stack(xs)
+
+
+def error_bound(chain: ToyChain, residual: Tensor) -> Tensor:
+    """``e_{k+1} <= L_k e_k + r_k``, ``e_0 = 0``: the distance to the rollout the residuals allow."""
+    bound, out = 0.0, []
+    for k in range(residual.shape[0]):
+        bound = float(chain.lipschitz[k]) * bound + float(residual[k])
+        out.append(bound)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def check_against_rollout(chain: ToyChain, out: ChainResult, tol: float) -> None:
+    steps = chain.A.shape[0]
+    assert out.xs.shape == (steps + 1, chain.x0.shape[0])
+    assert torch.equal(out.xs[0], chain.x0)
+    assert out.all_converged
+    assert float(out.residual.max()) <= tol
+    # The residuals reported are those of the returned trajectory.
+    images = chain.act(torch.einsum("kij,kj->ki", chain.A, out.xs[:-1]) + chain.b)
+    actual = torch.linalg.vector_norm(images - out.xs[1:], dim=1)
+    torch.testing.assert_close(out.residual, actual, atol=ROUNDING, rtol=0)
+    error = torch.linalg.vector_norm(out.xs[1:] - chain.rollout()[1:], dim=1)
+    slack = ROUNDING * torch.arange(1, steps + 1, dtype=torch.float64)
+    assert torch.all(error <= error_bound(chain, out.residual) + slack), (error, out.residual)
+
+
+SOLVERS: dict[str, Callable[[], Any]] = {
+    "picard": lambda: None,
+    "damped": lambda: Picard(tau=0.7),
+    "anderson": lambda: Anderson(m=3),
+    "broyden": lambda: Broyden(memory=4),
+}
+
+
+@st.composite
+def chains(draw: st.DrawFn) -> tuple[ToyChain, int | None]:
+    steps = draw(st.integers(1, 24))
+    gains = draw(st.lists(st.floats(0.1, 1.3), min_size=steps, max_size=steps))
+    chain = ToyChain(
+        steps,
+        draw(st.integers(1, 4)),
+        gains,
+        draw(st.integers(0, 2**16)),
+        draw(st.sampled_from(["tanh", "affine"])),
+    )
+    window = draw(st.none() | st.integers(1, steps + 2))
+    return chain, window
+
+
+@given(
+    chains(), st.sampled_from(sorted(SOLVERS)), st.sampled_from([1e-9, 1e-6, 1e-3]), st.sampled_from(FORMS)
+)
+def test_chain_matches_the_sequential_rollout_within_the_bound_of_its_residuals(case, solver, tol, form):
+    chain, window = case
+    steps = chain.A.shape[0]
+    rule = SOLVERS[solver]()
+    out = solve_chain(chain.step, chain.x0, steps, solver=rule, tol=tol, window=window, form=form)
+    check_against_rollout(chain, out, tol)
+    # Any rule finishes within num_steps sweeps (each sweep finalises at least one step).
+    assert out.sweeps <= steps
+
+
+@given(chains(), st.sampled_from(FORMS))
+def test_picard_never_needs_more_sweeps_than_steps_and_tol_zero_is_the_rollout(case, form):
+    chain, window = case
+    steps = chain.A.shape[0]
+    out = solve_chain(chain.step, chain.x0, steps, tol=0.0, window=window, max_iter=steps, form=form)
+    assert out.all_converged and out.sweeps <= steps
+    torch.testing.assert_close(out.xs, chain.rollout(), atol=ROUNDING * steps, rtol=0)
+
+
+@given(chains())
+def test_a_window_smaller_than_the_chain_gives_the_same_trajectory_and_bounds_each_call(case):
+    chain, window = case
+    steps, tol = chain.A.shape[0], 1e-9
+    full = solve_chain(chain.step, chain.x0, steps, tol=tol)
+    chain.largest_call = 0
+    windowed = solve_chain(chain.step, chain.x0, steps, tol=tol, window=window)
+    assert chain.largest_call <= (window or steps)
+    check_against_rollout(chain, windowed, tol)
+    # Both are within the bound of their residuals of the rollout, hence of each other.
+    distance = torch.linalg.vector_norm(full.xs[1:] - windowed.xs[1:], dim=1)
+    allowed = error_bound(chain, full.residual) + error_bound(chain, windowed.residual)
+    assert torch.all(distance <= allowed + ROUNDING * steps)
+
+
+@given(chains(), st.sampled_from(sorted(SOLVERS)), st.sampled_from(FORMS))
+def test_evaluations_count_every_step_passed_to_step_and_nothing_else(case, solver, form):
+    chain, window = case
+    steps = chain.A.shape[0]
+    out = solve_chain(
+        chain.step, chain.x0, steps, solver=SOLVERS[solver](), tol=1e-6, window=window, form=form
+    )
+    assert out.sweeps == chain.calls
+    assert out.evaluations == int(chain.asked.sum())
+    assert torch.equal(out.evaluations_per_step, chain.asked)
+    # Final steps are never evaluated again: a step is evaluated at most once per sweep, and step 0
+    # (whose predecessor x0 is final from the start) exactly once.
+    assert int(chain.asked[0]) == 1
+    assert int(chain.asked.max()) <= out.sweeps
+
+
+def test_picard_takes_every_sweep_on_a_chain_that_never_settles_early():
+    # x_{k+1} = 2 x_k + 1 from guesses x0: step j is exact only once every step before it is.
+    steps = 12
+    calls = []
+
+    def step(k: Tensor, x: Tensor) -> Tensor:
+        calls.append(k.tolist())
+        return 2.0 * x + 1.0
+
+    out = solve_chain(step, torch.zeros(1, dtype=torch.float64), steps, tol=1e-12)
+    expected = torch.tensor([[2.0**j - 1.0] for j in range(steps + 1)], dtype=torch.float64)
+    assert torch.equal(out.xs, expected)
+    assert out.sweeps == steps
+    # Sweep s evaluates the steps s..N-1: the final prefix is never evaluated again.
+    assert calls == [list(range(s, steps)) for s in range(steps)]
+    assert out.evaluations == steps * (steps + 1) // 2
+
+
+def euler_chain(steps: int, horizon: float) -> tuple[Callable[[Tensor, Tensor], Tensor], Tensor]:
+    """Explicit Euler on ``dx/dt = tanh(W x + sin t) - x``: steps close to the identity for small ``h``."""
+    generator = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 6, generator=generator, dtype=torch.float64) / 6**0.5
+    h = horizon / steps
+
+    def step(k: Tensor, x: Tensor) -> Tensor:
+        return x + h * (torch.tanh(x @ W.T + torch.sin(h * k.to(x.dtype))[:, None]) - x)
+
+    return step, torch.randn(6, generator=generator, dtype=torch.float64)
+
+
+def test_the_cumulative_form_is_what_makes_picard_parallel_on_an_integrator():
+    # On F an error travels down the chain multiplied by J_k = I + O(h) and never fades: every sweep
+    # finalises one step. On G it is multiplied by J_k - I = O(h): Picard-Lindelof, (L T)^s / s!.
+    steps = 60
+    step, x0 = euler_chain(steps, horizon=1.0)
+    on_steps = solve_chain(step, x0, steps, tol=1e-8, form="step")
+    cumulative = solve_chain(step, x0, steps, tol=1e-8, form="cumulative")
+    assert on_steps.sweeps == steps
+    assert cumulative.all_converged and cumulative.sweeps <= steps // 3
+    torch.testing.assert_close(cumulative.xs, on_steps.xs, atol=1e-8 * steps, rtol=0)
+
+
+class StepTagRule(UpdateRule):
+    """Picard whose per-sample state is the index of the step the sample is: checks the rows follow the steps.
+
+    The chain's last coordinate is ``k + 1`` after step ``k`` whatever its input, so ``fz[:, -1]`` tags
+    each row with its step; a state row that drifted to another step would disagree with it.
+    """
+
+    def __init__(self) -> None:
+        self.checked = 0
+        self.restarted = 0
+
+    def init(self, z: Tensor, fz: Tensor) -> Tensor:
+        return fz[:, -1].clone()
+
+    def step(self, state: Tensor, z: Tensor, fz: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        known = state >= 0
+        assert torch.equal(state[known], fz[known, -1])
+        self.checked += int(known.sum())
+        return torch.lerp(z, fz, 0.8), fz[:, -1].clone()
+
+    def restart(self, state: Tensor, mask: Tensor) -> Tensor:
+        self.restarted += int(mask.sum())
+        return torch.where(mask, -1.0, state)
+
+
+@pytest.mark.parametrize("window", [None, 1, 3, 7])
+def test_a_users_rule_keeps_its_history_aligned_with_the_steps_as_the_window_slides(window):
+    steps, dim = 15, 3
+    A = 0.5 * torch.eye(dim - 1, dtype=torch.float64)
+
+    def step(k: Tensor, x: Tensor) -> Tensor:
+        body = torch.tanh(x[:, :-1] @ A.T + 0.1 * k[:, None])
+        return torch.cat([body, (k + 1).to(x.dtype)[:, None]], dim=1)
+
+    rule = StepTagRule()
+    x0 = torch.zeros(dim, dtype=torch.float64)
+    out = solve_chain(step, x0, steps, solver=rule, tol=1e-10, window=window)
+    assert out.all_converged
+    assert torch.equal(out.xs[:, -1], torch.arange(steps + 1, dtype=torch.float64))
+    assert rule.checked > 0
+    if window in (3, 7):
+        assert rule.restarted > 0  # steps entered the window while others stayed in flight
+
+
+def test_a_rule_without_restart_is_reinitialised_when_steps_enter():
+    class Counting:
+        inits = 0
+
+        def init(self, z: Tensor, fz: Tensor) -> None:
+            Counting.inits += 1
+
+        def step(self, state: None, z: Tensor, fz: Tensor, residual: Tensor | None) -> tuple[Tensor, None]:
+            return fz, state
+
+    out = solve_chain(lambda k, x: 0.5 * x + 1.0, torch.zeros(2), 30, solver=Counting(), window=4)
+    assert out.all_converged
+    assert Counting.inits >= 2
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson", "broyden"])
+def test_one_host_read_per_sweep(solver):
+    chain = ToyChain(40, 8, [0.9] * 40, seed=3, act="tanh")
+
+    def step(k: Tensor, x: Tensor) -> Tensor:  # the bare step: no counting, no host reads
+        return torch.tanh(torch.einsum("kij,kj->ki", chain.A[k], x) + chain.b[k])
+
+    with SyncCounter() as syncs:
+        out = solve_chain(step, chain.x0, 40, solver=SOLVERS[solver](), tol=1e-8, window=16)
+    assert out.all_converged and out.sweeps >= 2
+    assert syncs.count <= out.sweeps, syncs.by_op
+
+
+def test_the_budget_of_sweeps_is_respected_and_unfinished_steps_say_so():
+    chain = ToyChain(20, 4, [1.0] * 20, seed=1, act="tanh")
+    out = solve_chain(chain.step, chain.x0, 20, tol=1e-12, max_iter=3, window=5)
+    assert out.sweeps == 3
+    assert not out.all_converged
+    done = int(out.converged.sum())
+    assert 3 <= done < 20
+    assert torch.all(out.converged[:done]) and not torch.any(out.converged[done:])
+    # Known residuals are those of the returned trajectory; unknown ones are inf.
+    images = torch.tanh(torch.einsum("kij,kj->ki", chain.A, out.xs[:-1]) + chain.b)
+    actual = torch.linalg.vector_norm(images - out.xs[1:], dim=1)
+    known = torch.isfinite(out.residual)
+    torch.testing.assert_close(out.residual[known], actual[known], atol=ROUNDING, rtol=0)
+    assert not known[done] and not torch.any(known[done + 5 :])
+
+
+def test_a_step_that_returns_nan_stops_the_chain_at_the_last_finite_step():
+    def step(k: Tensor, x: Tensor) -> Tensor:
+        y = 0.5 * x + 1.0
+        return torch.where((k >= 6)[:, None], torch.nan, y)
+
+    out = solve_chain(step, torch.zeros(2, dtype=torch.float64), 10)
+    assert out.converged.tolist() == [True] * 6 + [False] * 4
+    assert bool(out.nonfinite[6]) and not torch.any(out.nonfinite[:6])
+    assert out.sweeps <= 7
+
+
+def test_states_of_any_shape_and_dtype_come_back_in_that_shape_and_dtype():
+    x0 = torch.randn(2, 3, 4)
+
+    def step(k: Tensor, x: Tensor) -> Tensor:
+        assert x.shape == (k.shape[0], 2, 3, 4) and x.dtype == torch.float32
+        return 0.5 * x + k.to(x.dtype).view(-1, 1, 1, 1)
+
+    out = solve_chain(step, x0, 6, window=4)
+    assert out.xs.shape == (7, 2, 3, 4) and out.xs.dtype == torch.float32
+    expected = x0
+    for k in range(6):
+        expected = 0.5 * expected + k
+    torch.testing.assert_close(out.xs[-1], expected)
+    assert out.residual.dtype == torch.float32 and float(out.residual.max()) <= 1e-5
+
+
+def test_no_steps_is_the_initial_state():
+    out = solve_chain(lambda k, x: x, torch.ones(3), 0)
+    assert out.xs.shape == (1, 3) and out.sweeps == 0 and out.evaluations == 0
+    assert out.all_converged
+
+
+def _ok(k: Tensor, x: Tensor) -> Tensor:
+    return 0.5 * x
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_steps": -1}, ValueError, "num_steps"),
+        ({"num_steps": 2.5}, TypeError, "num_steps"),
+        ({"num_steps": True}, TypeError, "num_steps"),
+        ({"tol": -1e-3}, ValueError, "tol"),
+        ({"tol": float("nan")}, ValueError, "tol"),
+        ({"tol": "1e-3"}, TypeError, "tol"),
+        ({"max_iter": 0}, ValueError, "max_iter"),
+        ({"window": 0}, ValueError, "window"),
+        ({"window": 2.0}, TypeError, "window"),
+        ({"stop_mode": "max"}, ValueError, "stop_mode"),
+        ({"form": "integral"}, ValueError, "form"),
+        ({"solver": lambda g, z0, **kw: None}, TypeError, "solver must be an update rule"),
+        ({"x0": [1.0, 2.0]}, TypeError, "x0"),
+        ({"x0": torch.ones(2, dtype=torch.long)}, TypeError, "floating-point"),
+        ({"step": "not callable"}, TypeError, "step"),
+    ],
+)
+def test_bad_arguments_raise_errors_that_name_them(kwargs, error, match):
+    args: dict[str, Any] = {"step": _ok, "x0": torch.ones(2), "num_steps": 4, **kwargs}
+    with pytest.raises(error, match=match):
+        solve_chain(args.pop("step"), args.pop("x0"), args.pop("num_steps"), **args)
+
+
+def test_rules_with_trial_steps_are_refused():
+    class Trial(UpdateRule):
+        def step(self, state, z, fz, residual):
+            return fz, state
+
+        def accept(self, state, residual, trial_residual):
+            return trial_residual <= residual, state
+
+    with pytest.raises(TypeError, match="accept"):
+        solve_chain(_ok, torch.ones(2), 3, solver=Trial())
+
+
+def test_a_step_that_misbehaves_is_named():
+    with pytest.raises(ValueError, match="stacked like x"):
+        solve_chain(lambda k, x: x[0], torch.ones(2), 3)
+    with pytest.raises(ValueError, match="in place"):
+        solve_chain(lambda k, x: x.mul_(0.5), torch.ones(2), 3)
+
+
+def test_the_relative_residual_does_not_depend_on_the_scale_of_the_states():
+    chain = ToyChain(20, 4, [0.7] * 20, seed=5, act="affine")
+    out = solve_chain(chain.step, chain.x0, 20, tol=1e-8, stop_mode="rel", window=6)
+    scaled = solve_chain(
+        lambda k, x: 1e6 * chain.step(k, x / 1e6), 1e6 * chain.x0, 20, tol=1e-8, stop_mode="rel", window=6
+    )
+    assert out.all_converged and scaled.all_converged and out.sweeps == scaled.sweeps
+    images = torch.einsum("kij,kj->ki", chain.A, out.xs[:-1]) + chain.b
+    relative = torch.linalg.vector_norm(images - out.xs[1:], dim=1) / (
+        torch.linalg.vector_norm(images, dim=1) + 1e-9
+    )
+    torch.testing.assert_close(out.residual, relative, atol=ROUNDING, rtol=0)
+
+
+def test_a_rule_that_proposes_non_finite_values_falls_back_to_the_image_and_is_restarted():
+    class Broken(UpdateRule):
+        restarted = 0
+
+        def step(self, state, z, fz, residual):
+            return torch.full_like(z, torch.nan), state
+
+        def restart(self, state, mask):
+            Broken.restarted += int(mask.sum())
+            return state
+
+    chain = ToyChain(12, 3, [0.5] * 12, seed=2, act="tanh")
+    out = solve_chain(chain.step, chain.x0, 12, solver=Broken(), tol=1e-9)
+    check_against_rollout(chain, out, 1e-9)
+    assert Broken.restarted > 0 and not torch.any(out.nonfinite)
