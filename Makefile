@@ -7,7 +7,16 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test docs lint format bench clean
+# The oldest supported torch and Python (pyproject: torch>=2.4, requires-python>=3.10). `make test-floor`
+# runs the library's tests (tests/ without the FPDM example's tests/fpdm/) there. torch 2.4.1 comes from
+# PyPI only as a CUDA build (about 2.5 GB with its nvidia-* packages; it runs on the CPU), so the venv lives
+# outside the tree and is reused while its Python matches: pip then installs nothing new for torch.
+FLOOR_TORCH ?= torch==2.4.1
+FLOOR_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) python3.10)
+FLOOR_VENV ?= $(HOME)/.cache/implicitdiff/venv-floor
+FLOOR_PY := $(FLOOR_VENV)/bin/python
+
+.PHONY: demo test test-floor typecheck package-check docs lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +30,25 @@ test: $(PY)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
+
+test-floor:
+	@want=$$($(FLOOR_PYTHON) -c 'import sys; print(sys.version_info[:2])') || { \
+		echo "make test-floor: no $(FLOOR_PYTHON); pass FLOOR_PYTHON=<a Python 3.10>" >&2; exit 1; }; \
+	have=$$($(FLOOR_PY) -c 'import sys; print(sys.version_info[:2])' 2>/dev/null || true); \
+	if [ "$$have" != "$$want" ]; then rm -rf $(FLOOR_VENV) && $(FLOOR_PYTHON) -m venv $(FLOOR_VENV); fi
+	$(FLOOR_PY) -m pip install --quiet --disable-pip-version-check $(FLOOR_TORCH) -e '.[dev]'
+	$(FLOOR_PY) -c 'import sys, torch, numpy; print("floor: Python", sys.version.split()[0], "torch", torch.__version__, "numpy", numpy.__version__)'
+	$(FLOOR_PY) -m pytest -q -p no:cacheprovider --ignore=tests/fpdm
+
+typecheck: $(PY)
+	$(PIP) $(TORCH) -e '.[dev]'
+	$(PY) -m mypy
+
+# Builds the sdist and the wheel, checks them, installs the wheel into a fresh venv outside the tree and
+# runs the README's quickstart and the doctests there (see .ci/package-check).
+package-check: $(PY)
+	$(PIP) $(TORCH) -e '.[dev]'
+	bash .ci/package-check $(PY) $(or $(TORCH),torch)
 
 docs: $(PY)
 	$(PIP) $(TORCH) -e '.[docs]'
@@ -39,4 +67,4 @@ bench: $(PY)
 	$(PY) benchmarks/solvers.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info docs/_build
+	rm -rf $(VENV) build dist *.egg-info docs/_build

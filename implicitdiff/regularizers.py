@@ -129,7 +129,8 @@ def spectral_radius(
 
     def normalized(v: Tensor) -> Tensor:
         norm = v.reshape(batch, -1).norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
-        return v / norm.reshape(batch, *([1] * (v.dim() - 1)))
+        out: Tensor = v / norm.reshape(batch, *([1] * (v.dim() - 1)))
+        return out
 
     v = normalized(torch.randn(image.shape, generator=generator, dtype=image.dtype).to(image.device))
     ratio = image.new_zeros(batch)
@@ -172,4 +173,8 @@ def fixed_point_correction_loss(
         raise ValueError("states must hold at least one state, got an empty sequence")
     gamma = check_real("gamma", gamma, low=0.0, low_open=True, high=1.0)
     n = len(states)
-    return sum(gamma ** (n - 1 - i) * loss_fn(state) for i, state in enumerate(states))
+    # A loop rather than sum(), whose start value 0 would make the result an int to a type checker.
+    total = gamma ** (n - 1) * loss_fn(states[0])
+    for i in range(1, n):
+        total = total + gamma ** (n - 1 - i) * loss_fn(states[i])
+    return total
