@@ -188,6 +188,12 @@ class _ScipyWorker:
                 self._solve(self._residual)
         except _StopSolve:
             pass
+        except ValueError as err:
+            # scipy < 1.16 checks its own step for NaN (``norm(dx)``) and raises where newer versions
+            # hand the NaN point back; either way scipy's arithmetic broke down, not g: the sample stops
+            # at its best iterate, as for a non-finite point.
+            if "infs or NaNs" not in str(err):
+                self.error = err
         except BaseException as err:  # handed to the caller's thread, which re-raises it
             self.error = err
         finally:
