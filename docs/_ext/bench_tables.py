@@ -205,6 +205,98 @@ def driver_table(rows: list[dict[str, Any]]) -> str:
     )
 
 
+def gpu_machine(section: dict[str, Any]) -> str:
+    m = section.get("machine") or {}
+    return f"{m.get('gpu', m.get('device', '?'))}, torch {m.get('torch', '?')}, CUDA {m.get('cuda', '?')}"
+
+
+def render_gpu(root: Path) -> dict[str, str]:
+    """Tables of ``benchmarks/results/gpu.json`` (written by ``benchmarks/gpu.py`` on a GPU machine)."""
+    path = root / "benchmarks" / "results" / "gpu.json"
+    names = ("gpu_solvers", "gpu_fpdm", "gpu_chain")
+    if not path.exists():
+        return dict.fromkeys(
+            names,
+            not_measured("`benchmarks/results/gpu.json`", "python benchmarks/gpu.py"),
+        )
+    data = json.loads(path.read_text())
+    out = {}
+    solvers = data.get("solvers")
+    if solvers:
+        compiled = table(
+            solvers.get("compile", []),
+            [
+                ("solver", "solver", _text),
+                ("tol", "tol", _text),
+                ("first_call_s", "first call s", _num(".1f")),
+                ("graphs", "graphs", _num("d")),
+                ("new_graphs_after_second_call", "new graphs after call 2", _num("d")),
+                ("compiled_vs_eager", "compiled / eager", _num(".2f")),
+            ],
+        )
+        out["gpu_solvers"] = (
+            provenance(path, root, gpu_machine(solvers))
+            + "\n"
+            + driver_table(solvers.get("rows", []))
+            + "\n\n`torch.compile` of a `DEQLayer` (f a 4x4 tanh layer, 30 evaluations):\n\n"
+            + compiled
+            + "\n"
+        )
+    fpdm = data.get("fpdm")
+    if fpdm:
+        training = table(
+            fpdm.get("training", []),
+            [
+                ("config", "configuration", _text),
+                ("batch", "batch", _num("d")),
+                ("step_ms", "step ms", _num(".1f")),
+                ("peak_GB", "peak GB", _num(".1f")),
+                ("first_step_s", "first step s", _num(".1f")),
+                ("graphs_after_warmup", "graphs after warm-up", _num("d")),
+                ("mfu", "model FLOP utilisation", _num(".2f")),
+            ],
+        )
+        sampler = table(
+            fpdm.get("sampler", []),
+            [
+                ("batch", "batch", _num("d")),
+                ("dtype", "dtype", _text),
+                ("sampler_vs_hand", "sampler / hand loop", _num(".3f")),
+                ("syncs_per_timestep", "host syncs per timestep", _num(".1f")),
+            ],
+        )
+        out["gpu_fpdm"] = (
+            provenance(path, root, gpu_machine(fpdm))
+            + "\nTraining step, bf16 autocast, fused AdamW:\n\n"
+            + training
+            + "\n\nSampling, 10 DDIM timesteps with 2 Picard iterations each:\n\n"
+            + sampler
+            + "\n"
+        )
+    chain = data.get("chain")
+    if chain:
+        rows = chain.get("rows", [])
+        columns = [
+            (key, key.replace("_", " "), _num(".3g"))
+            for key in (rows[0] if rows else {})
+        ]
+        out["gpu_chain"] = (
+            provenance(path, root, gpu_machine(chain))
+            + "\n"
+            + table(rows, columns)
+            + "\n"
+        )
+    for name in names:
+        out.setdefault(
+            name,
+            not_measured(
+                "this section of `benchmarks/results/gpu.json`",
+                "python benchmarks/gpu.py",
+            ),
+        )
+    return out
+
+
 def render_gradients(data: dict[str, Any]) -> dict[str, str]:
     p = data.get("problem", {})
     rho = p.get("spectral_radius_of_J_sample0")
@@ -302,6 +394,8 @@ def generate(root: Path, out: Path) -> dict[str, str]:
         snippets.update(
             dict.fromkeys(("gradients_estimators", "gradients_ift"), missing)
         )
+
+    snippets.update(render_gpu(root))
 
     # The FPDM sweep writes its own Markdown table and plot; we only place them on the page.
     results = root / "examples" / "fpdm" / "results"
