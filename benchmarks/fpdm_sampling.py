@@ -70,12 +70,12 @@ def hand_loop(
 ) -> Tensor:
     """The sampler's block evaluations as a plain loop: DDIM, Picard from the last step's state, guidance."""
     shape = (labels.shape[0], model.in_channels, model.input_size, model.input_size)
-    cfg = guidance != 1.0
-    y = torch.cat([labels, torch.full_like(labels, model.null_label)]) if cfg else labels
+    guided = guidance != 1.0
+    y = torch.cat([labels, torch.full_like(labels, model.null_label)]) if guided else labels
     x = torch.randn(shape, generator=generator)
     z = None
     for i, t in enumerate(timesteps):
-        x_in = torch.cat([x, x]) if cfg else x
+        x_in = torch.cat([x, x]) if guided else x
         h, c = model.embed(x_in, torch.full((x_in.shape[0],), t, dtype=torch.long), y)
         for block in model.blocks_pre:
             h = block(h, c)
@@ -87,7 +87,7 @@ def hand_loop(
         for block in model.blocks_post:
             out = block(out, c)
         eps = model.head(out, c)
-        if cfg:
+        if guided:
             eps_cond, eps_uncond = eps.chunk(2)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=2) + "\n")
 
     header = (
-        f"{'batch':>5} {'cfg':>4} {'budget':>6} {'steps':>5} {'iters':>5} {'sampler s':>10} {'hand s':>8} "
+        f"{'batch':>5} {'guid':>4} {'budget':>6} {'steps':>5} {'iters':>5} {'sampler s':>10} {'hand s':>8} "
     )
     print(header + f"{'ratio':>6} {'cpu ratio':>9} {'max|diff|':>9}")
     for r in rows:

@@ -4,8 +4,8 @@ Every dataset returns ``(x, y)`` with ``x`` a float tensor ``(C, H, W)`` scaled 
 scaled VAE latents, and ``y`` an integer class label. :func:`load_dataset` builds one from a spec string:
 
 * ``"digits"``: scikit-learn's bundled 8x8 digits (1,797 images, 10 classes, 1 channel), no download;
-* ``"digits-train"``, ``"digits-test"``: the fixed stratified 80/20 split of those (1,437 / 360 images) from
-  ``evaluate.digits_split``; train on ``digits-train`` to evaluate against the held-out ``digits-test``;
+* ``"digits-train"``, ``"digits-test"``: the fixed stratified 80/20 split of those (1,437 / 360 images),
+  :func:`digits_split`; train on ``digits-train`` to evaluate against the held-out ``digits-test``;
 * ``"folder:PATH"``: an image folder ``PATH/<class>/<image>`` read with PIL (RGB, centre-cropped and
   resized to ``image_size``); classes are the sorted sub-folder names;
 * ``"latents:FILE"``: latents written by ``extract_latents.py`` (``torch.save`` of a dict of tensors, loaded
@@ -15,23 +15,31 @@ scaled VAE latents, and ``y`` an integer class label. :func:`load_dataset` build
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from files import FileKindError, load_tensors
 from torch import Tensor
 from torch.utils.data import Dataset
 
 __all__ = [
+    "DIGITS_SPLIT_SEED",
+    "DIGITS_TEST_FRACTION",
     "IMAGE_EXTENSIONS",
     "ImageFolder",
     "LatentDataset",
     "TensorPairs",
+    "digits_split",
     "load_dataset",
     "load_digits",
     "pil_to_tensor",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+#: The digits split: ``train_test_split(test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED)``.
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
 
 
 class TensorPairs(Dataset):
@@ -67,6 +75,27 @@ def load_digits() -> TensorPairs:
     bunch = sklearn_digits()
     images = torch.from_numpy(bunch.images.astype(np.float32)).unsqueeze(1) / 8.0 - 1.0  # (N, 1, 8, 8)
     return TensorPairs(images, torch.from_numpy(bunch.target), num_classes=10)
+
+
+def digits_split(part: Literal["train", "test"]) -> TensorPairs:
+    """The fixed, stratified train/test split of the bundled digits (1,437 / 360 images, ``[-1, 1]``).
+
+    ``sklearn.model_selection.train_test_split`` on the indices with ``test_size=0.2``, ``stratify`` on the
+    labels and ``random_state=0``: every class keeps its share in both parts, and the split never changes.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if part not in ("train", "test"):
+        raise ValueError(f"part must be 'train' or 'test', got {part!r}")
+    digits = load_digits()
+    train_index, test_index = train_test_split(
+        np.arange(len(digits)),
+        test_size=DIGITS_TEST_FRACTION,
+        stratify=digits.labels.numpy(),
+        random_state=DIGITS_SPLIT_SEED,
+    )
+    index = torch.from_numpy(np.sort(train_index if part == "train" else test_index))
+    return TensorPairs(digits.images[index], digits.labels[index], digits.num_classes)
 
 
 def pil_to_tensor(image: object, image_size: int) -> Tensor:
@@ -125,16 +154,37 @@ class ImageFolder(Dataset):
 
 class LatentDataset(TensorPairs):
     """Latents written by ``extract_latents.py``: keys ``latents`` ``(N, C, h, w)`` (already multiplied
-    by the VAE's scaling factor), ``labels`` ``(N,)``, ``num_classes`` and ``scaling_factor`` (0-d)."""
+    by the VAE's scaling factor), ``labels`` ``(N,)`` in ``0 .. num_classes - 1``, ``num_classes`` and
+    ``scaling_factor`` (0-d).
+
+    Raises
+    ------
+    files.FileKindError
+        One line naming the file, when it is not such a file: unreadable, damaged, keys missing, tensors of
+        the wrong shape, non-finite latents, or labels outside the classes.
+    """
 
     def __init__(self, path: str | Path) -> None:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        missing = {"latents", "labels", "num_classes"} - set(payload)
-        if missing:
-            raise ValueError(
-                f"{path} is not a latents file from extract_latents.py (missing {sorted(missing)})"
+        kind = "a latents file written by extract_latents.py"
+        payload = load_tensors(path, kind, keys=("latents", "labels", "num_classes"))
+        latents, labels = payload["latents"], payload["labels"]
+        if not isinstance(latents, Tensor) or latents.dim() != 4 or not latents.is_floating_point():
+            raise FileKindError(f"{path}: 'latents' is not a float tensor (N, C, h, w) (expected {kind})")
+        if (
+            not isinstance(labels, Tensor)
+            or labels.shape != (latents.shape[0],)
+            or labels.is_floating_point()
+        ):
+            raise FileKindError(f"{path}: 'labels' is not an integer tensor (N,) (expected {kind})")
+        num_classes = int(payload["num_classes"])
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise FileKindError(
+                f"{path}: labels range over {int(labels.min())}..{int(labels.max())}, outside the "
+                f"{num_classes} classes 0..{num_classes - 1}"
             )
-        super().__init__(payload["latents"], payload["labels"], int(payload["num_classes"]))
+        if not torch.isfinite(latents).all():
+            raise FileKindError(f"{path}: the latents hold NaN or infinite values")
+        super().__init__(latents, labels, num_classes)
         self.scaling_factor = float(payload.get("scaling_factor", torch.tensor(1.0)))
 
 
@@ -144,8 +194,6 @@ def load_dataset(spec: str, image_size: int = 32) -> TensorPairs | ImageFolder:
     if spec == "digits":
         return load_digits()
     if spec in ("digits-train", "digits-test"):
-        from evaluate import digits_split  # here, not at the top: evaluate imports this module
-
         return digits_split(spec.removeprefix("digits-"))  # type: ignore[arg-type]
     kind, _, where = spec.partition(":")
     if kind == "folder" and where:

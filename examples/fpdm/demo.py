@@ -2,7 +2,7 @@
 
 ::
 
-    python examples/fpdm/demo.py                 # about 3.5 minutes on 2 idle cores
+    python examples/fpdm/demo.py                 # minutes on a laptop CPU (the README has timings)
     python examples/fpdm/demo.py --out runs/demo --train-steps 3000 --budget 40
 
 1. Trains ``FPDM-Digits/2`` at hidden size 64 (1 pre block, 1 weight-tied implicit block, 1 post block,
@@ -13,6 +13,10 @@
    the budget: two iterations each), solution reuse, Picard, DDIM and classifier-free guidance 3.
 3. Writes ``OUT/samples/grid.png`` (one column per class), ``OUT/samples/samples.npz``
    and ``OUT/summary.json`` (training time and loss, the spent compute per timestep), and prints the paths.
+
+Run again, the demo continues its training run (``--resume``): a finished one is not trained again, and
+``--train-steps`` can extend it; the samples are replaced. A change of the model's size in an existing
+``OUT`` is refused (exit status 2): pass another ``--out``.
 
 ``--threads 0`` (the default) uses both cores on an idle machine and one on a busy one, where torch's two
 threads would wait on each other.
@@ -34,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sample as sample_cli
+from cli import bounded_float, bounded_int, run_command
 from train import CHECKPOINT_NAME, TrainConfig, train
 
 __all__ = ["main", "parse_args", "pick_threads"]
@@ -48,27 +53,47 @@ def pick_threads(requested: int) -> int:
     return 1 if busy else min(2, cores)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The command line; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
+    positive = bounded_int(1)
     add("--out", default="runs/demo", help="run folder")
-    add("--train-steps", type=int, default=3000)
-    add("--hidden-size", type=int, default=64)
-    add("--num-heads", type=int, default=4)
-    add("--ema-decay", type=float, default=0.995, help="short enough for a few thousand steps")
-    add("--budget", type=int, default=40, help="block evaluations per sample")
-    add("--guidance", type=float, default=3.0)
-    add("--num", type=int, default=100, help="digits to sample")
-    add("--seed", type=int, default=0)
-    add("--threads", type=int, default=0, help="torch CPU threads (0: 2 if the machine is idle, else 1)")
-    add("--progress", action=argparse.BooleanOptionalAction, default=True)
-    return parser.parse_args(argv)
+    add("--train-steps", type=positive, default=3000, help="training steps")
+    add("--hidden-size", type=positive, default=64, help="width of the blocks")
+    add("--num-heads", type=positive, default=4, help="attention heads")
+    add(
+        "--ema-decay",
+        type=bounded_float(0.0, 1.0),
+        default=0.995,
+        help="short enough for a few thousand steps",
+    )
+    add("--budget", type=positive, default=40, help="block evaluations per sample")
+    add("--guidance", type=bounded_float(), default=3.0, help="classifier-free guidance scale")
+    add("--num", type=positive, default=100, help="digits to sample")
+    add("--seed", type=bounded_int(0), default=0, help="seed of training and sampling")
+    add(
+        "--threads",
+        type=bounded_int(0),
+        default=0,
+        help="torch CPU threads (0: 2 if the machine is idle, else 1)",
+    )
+    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; see the module docstring (a bad value exits with status 2)."""
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Train, sample, write the grid and the summary, print where they are."""
+    """Train, sample, write the grid and the summary, print where they are; exit status 2 on a usage error."""
     args = parse_args(argv)
+    return run_command(build_parser(), lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     threads = pick_threads(args.threads)
     torch.set_num_threads(threads)
     out = Path(args.out)
@@ -94,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ckpt_every=max(args.train_steps, 1),
         log_every=50,
         device="cpu",
+        # Continue a finished or interrupted demo run; a folder with no checkpoint has nothing to keep.
+        resume=(out / "train" / CHECKPOINT_NAME).exists(),
+        overwrite=not (out / "train" / CHECKPOINT_NAME).exists(),
         progress=args.progress,
     )
     train_summary = train(cfg)
@@ -109,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--guidance", str(args.guidance),
             "--seed", str(args.seed),
             "--threads", str(threads),
+            "--overwrite",
             "--progress" if args.progress else "--no-progress",
         ]
     )  # fmt: skip

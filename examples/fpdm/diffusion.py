@@ -13,8 +13,10 @@ linear schedule (Ho et al. 2020) and provides
   ``[999, 749, 500, 250, 0]``;
 * ``ddim_step(x_t, eps, t, t_prev, eta=0.0, noise=None)`` and ``ddpm_step(x_t, eps, t, t_prev, noise)``:
   one reverse step from timestep ``t`` to ``t_prev`` (``-1`` after the last one: the clean sample);
-* ``sample(eps_fn, shape, num_steps, method="ddim", ...)``: the plain loop over ``respace(num_steps)``
-  with ``eps_fn(x, t_batch) -> eps``.
+* ``reverse_step(x_t, eps, t, t_prev, method=..., eta=..., generator=...)``: either step, with its noise;
+* ``reverse_loop(eps_at, x, timesteps, ...)``: the sampling loop (the budgeted sampler of ``sampling.py``
+  runs it too); ``sample(eps_fn, shape, num_steps, ...)``: that loop over ``respace(num_steps)`` with
+  ``eps_fn(x, t_batch) -> eps``.
 
 ``guided_eps(model, x, t, y, guidance, **model_kwargs)``: classifier-free guidance in one batched call,
 :math:`\epsilon = \epsilon_\varnothing + w (\epsilon_y - \epsilon_\varnothing)`; with ``return_state=True``
@@ -30,10 +32,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SPACINGS", "GaussianDiffusion", "guided_eps"]
+__all__ = ["METHODS", "SPACINGS", "GaussianDiffusion", "guided_eps"]
 
 #: The timestep spacings of :meth:`GaussianDiffusion.respace`.
 SPACINGS = ("trailing", "linspace")
+#: The reverse steps: deterministic (or ``eta``-noised) DDIM, ancestral DDPM.
+METHODS = ("ddim", "ddpm")
 
 
 class GaussianDiffusion:
@@ -196,6 +200,53 @@ class GaussianDiffusion:
         variance = beta * (1 - abar_prev) / (1 - abar)
         return mean + variance**0.5 * noise
 
+    def reverse_step(
+        self,
+        x_t: Tensor,
+        eps: Tensor,
+        t: int,
+        t_prev: int,
+        *,
+        method: str = "ddim",
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """One reverse step by ``method`` (``"ddim"`` or ``"ddpm"``), drawing its noise from ``generator`` on
+        the CPU when it needs any (DDPM, or DDIM with ``eta > 0``, before the last step)."""
+        needs_noise = t_prev >= 0 and (method == "ddpm" or eta > 0)
+        noise = torch.randn(x_t.shape, generator=generator).to(x_t.device) if needs_noise else None
+        if method == "ddim":
+            return self.ddim_step(x_t, eps, t, t_prev, eta=eta, noise=noise)
+        return self.ddpm_step(x_t, eps, t, t_prev, noise=noise)
+
+    @torch.no_grad()
+    def reverse_loop(
+        self,
+        eps_at: Callable[[Tensor, int, int], Tensor],
+        x: Tensor,
+        timesteps: list[int],
+        *,
+        method: str = "ddim",
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        callback: Callable[[int, int, Tensor, Tensor, Tensor], None] | None = None,
+    ) -> Tensor:
+        """The sampling loop, the one every sampler of the example runs: for each timestep ``t`` (descending)
+        ``eps = eps_at(x, i, t)`` and one :meth:`reverse_step` to the next timestep (``-1`` after the last).
+
+        ``callback(i, t, x_t, eps, x_next)`` runs after each step.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        for i, t in enumerate(timesteps):
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            eps = eps_at(x, i, t)
+            x_next = self.reverse_step(x, eps, t, t_prev, method=method, eta=eta, generator=generator)
+            if callback is not None:
+                callback(i, t, x, eps, x_next)
+            x = x_next
+        return x
+
     @torch.no_grad()
     def sample(
         self,
@@ -209,28 +260,27 @@ class GaussianDiffusion:
         device: torch.device | str = "cpu",
         callback: Callable[[int, int, Tensor], None] | None = None,
     ) -> Tensor:
-        """Sample by ``num_steps`` reverse steps over :meth:`respace`.
+        """Sample by ``num_steps`` reverse steps over :meth:`respace` (:meth:`reverse_loop`).
 
         ``eps_fn(x, t)`` gets the batch and timesteps ``(B,)`` and returns the predicted noise (wrap a
         model with :func:`guided_eps` for guidance). Noise is drawn on the CPU from ``generator``.
-        ``callback(i, t, x)`` runs after each step.
+        ``callback(i, t, x)`` runs after each step with the new sample.
         """
-        if method not in ("ddim", "ddpm"):
-            raise ValueError(f"method must be 'ddim' or 'ddpm', got {method!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         x = torch.randn(shape, generator=generator).to(device)
-        timesteps = self.respace(num_steps)
-        for i, t in enumerate(timesteps):
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            eps = eps_fn(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
-            needs_noise = t_prev >= 0 and (method == "ddpm" or eta > 0)
-            noise = torch.randn(shape, generator=generator).to(device) if needs_noise else None
-            if method == "ddim":
-                x = self.ddim_step(x, eps, t, t_prev, eta=eta, noise=noise)
-            else:
-                x = self.ddpm_step(x, eps, t, t_prev, noise=noise)
+
+        def eps_at(x: Tensor, i: int, t: int) -> Tensor:
+            return eps_fn(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
+
+        def after(i: int, t: int, x_t: Tensor, eps: Tensor, x_next: Tensor) -> None:
             if callback is not None:
-                callback(i, t, x)
-        return x
+                callback(i, t, x_next)
+
+        timesteps = self.respace(num_steps)
+        return self.reverse_loop(
+            eps_at, x, timesteps, method=method, eta=eta, generator=generator, callback=after
+        )
 
 
 def guided_eps(

@@ -10,13 +10,13 @@ DiT and FPDM (256 px images -> 32x32x4 latents)::
 builds a small randomly initialised autoencoder instead (for tests, and machines without the weights).
 The output is a ``torch.save`` of plain tensors, read by ``data.LatentDataset`` with ``weights_only=True``:
 ``latents`` ``(N, C, h, w)`` float32, already multiplied by the VAE's ``scaling_factor``; ``labels`` ``(N,)``;
-``num_classes``, ``scaling_factor`` (0-d tensors); written atomically.
+``num_classes``, ``scaling_factor`` (0-d tensors); written atomically. An existing ``--out`` is replaced
+only with ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,9 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cli import UsageError, bounded_int, run_command
 from data import ImageFolder
+from files import save_atomically
 
-__all__ = ["encode_folder", "load_vae", "main", "tiny_vae"]
+__all__ = ["build_parser", "encode_folder", "load_vae", "main", "tiny_vae"]
 
 
 def tiny_vae(seed: int = 0) -> Any:
@@ -94,35 +96,51 @@ def encode_folder(
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line; see the module docstring."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", required=True, help="image folder root/<class>/<image>")
-    parser.add_argument("--out", required=True, help="output file (.pt)")
-    parser.add_argument("--vae", default=None, help="AutoencoderKL: Hub id or local folder")
-    parser.add_argument("--random-tiny-vae", action="store_true", help="a small random VAE (tests)")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--mean", action="store_true", help="encode to the posterior mean, not a sample")
-    parser.add_argument("--seed", type=int, default=0)
+    add = parser.add_argument
+    add("--images", required=True, help="image folder root/<class>/<image>")
+    add("--out", required=True, help="output file (.pt)")
+    add("--overwrite", action="store_true", help="replace --out if it exists")
+    add("--vae", default=None, help="AutoencoderKL: Hub id or local folder")
+    add("--random-tiny-vae", action="store_true", help="a small random VAE (tests)")
+    add("--image-size", type=bounded_int(1), default=256, help="side of the square images encoded")
+    add("--batch-size", type=bounded_int(1), default=32, help="images per batch")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="'cpu', 'cuda' or 'cuda:N'")
+    add("--mean", action="store_true", help="encode to the posterior mean, not a sample")
+    add("--seed", type=bounded_int(0), default=0, help="seed of the posterior samples")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line; see the module docstring. Exit status 2 on a usage error (an existing ``--out``
+    without ``--overwrite``, a missing image folder, no VAE named)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    vae = load_vae(args.vae, args.random_tiny_vae)
-    payload = encode_folder(
-        vae,
-        ImageFolder(args.images, args.image_size),
-        batch_size=args.batch_size,
-        device=args.device,
-        sample=not args.mean,
-        seed=args.seed,
-    )
-    out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, out)
-    shape = tuple(payload["latents"].shape)
-    print(f"wrote {shape[0]} latents of shape {shape[1:]} to {out}")
-    return 0
+
+    def command() -> int:
+        out = Path(args.out)
+        if out.exists() and not args.overwrite:
+            raise UsageError(f"{out} already exists; pass --overwrite or another --out")
+        try:
+            images = ImageFolder(args.images, args.image_size)
+            vae = load_vae(args.vae, args.random_tiny_vae)
+        except (ValueError, FileNotFoundError) as error:
+            raise UsageError(str(error)) from None
+        options = {
+            "batch_size": args.batch_size,
+            "device": args.device,
+            "sample": not args.mean,
+            "seed": args.seed,
+        }
+        payload = encode_folder(vae, images, **options)
+        save_atomically(payload, out)
+        shape = tuple(payload["latents"].shape)
+        print(f"wrote {shape[0]} latents of shape {shape[1:]} to {out}")
+        return 0
+
+    return run_command(parser, command)
 
 
 if __name__ == "__main__":

@@ -538,7 +538,7 @@ def _fpdm_digits_2(**overrides: Any) -> FPDM:
 
 
 #: Model presets by name. ``*-XL/2``: the paper's models on 32x32x4 latents of 256 px ImageNet images;
-#: ``*-Digits/2``: small models for the 8x8 digits (see ``/work/shared/CALIBRATION.md`` for their cost).
+#: ``*-Digits/2``: small models for the 8x8 digits (the example's README lists what they cost to train).
 PRESETS: dict[str, Callable[..., nn.Module]] = {
     "DiT-XL/2": _dit_xl_2,
     "FPDM-XL/2": _fpdm_xl_2,

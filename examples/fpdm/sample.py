@@ -5,9 +5,11 @@
     python examples/fpdm/sample.py runs/fpdm-digits/checkpoint.pt --budget 48 --num 100 --guidance 2 \\
         --schedule constant --solver picard --out runs/fpdm-digits/samples
 
-The checkpoint is the one ``train.py`` writes, read with ``weights_only=True``; the EMA weights are used
-unless ``--no-ema``. Labels cycle through the classes (``--labels`` picks them). The options map one to one
-onto :func:`sampling.sample` (``--steps`` omitted: picked from the budget; ``--no-reuse``: cold starts).
+The checkpoint is the one ``train.py`` writes, read with ``weights_only=True`` (another file gets one line
+naming it, and exit status 2); the EMA weights are used unless ``--no-ema``. An ``--out`` that already holds
+samples is replaced only with ``--overwrite``. Labels cycle through the classes (``--labels`` picks them,
+within the model's). The options map one to one onto :func:`sampling.sample` (``--steps`` omitted: picked
+from the budget; ``--no-reuse``: cold starts).
 Written under ``--out``: ``grid.png`` (one row per ``--nrow`` images, each upscaled to ``--pixels`` pixels),
 ``samples.npz`` (``images`` ``(N, C, H, W)`` in ``[-1, 1]``, ``labels``, and per batch and timestep
 ``timesteps``, ``spent``, ``iterations``, ``residuals``) and ``summary.json`` (options and spent compute).
@@ -16,7 +18,6 @@ Written under ``--out``: ``grid.png`` (one row per ``--nrow`` images, each upsca
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -30,11 +31,24 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from diffusion import SPACINGS, GaussianDiffusion
-from sampling import METHODS, SCHEDULES, SampleResult, block_cost, pick_steps, sample
-from train import TrainConfig, build_model, load_checkpoint, make_solver
+from cli import UsageError, bounded_float, bounded_int, run_command
+from diffusion import METHODS, SPACINGS, GaussianDiffusion
+from files import FileKindError
+from registry import SOLVERS, make_solver
+from sampling import SCHEDULES, SampleResult, plan_timesteps, sample
+from train import TrainConfig, build_model, load_checkpoint, stored_config
 
-__all__ = ["generate", "load_model", "main", "parse_args", "run", "save_grid"]
+__all__ = [
+    "OUTPUT_NAMES",
+    "build_parser",
+    "generate",
+    "load_model",
+    "main",
+    "parse_args",
+    "run",
+    "save_grid",
+    "tile",
+]
 
 
 def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> nn.Module:
@@ -44,10 +58,7 @@ def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device
     classes from the shapes of its weights, so the data set is not needed.
     """
     ckpt = load_checkpoint(path)
-    if "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint written by train.py (no 'config' or 'model')")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in fields})
+    cfg = TrainConfig(**stored_config(ckpt, TrainConfig))
     if ema and "ema" in ckpt:
         state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
     else:
@@ -83,8 +94,8 @@ def generate(
     if progress:
         from tqdm import tqdm
 
-        fixed, implicit = block_cost(model)
-        steps = options.get("steps") or pick_steps(options["budget"], fixed, implicit)
+        timesteps, _ = plan_timesteps(model, diffusion, options["budget"], options.get("steps"), "constant")
+        steps = len(timesteps)
         bar = tqdm(total=len(batches) * steps, desc="sample", unit="step", dynamic_ncols=True)
     images, results = [], []
 
@@ -102,27 +113,30 @@ def generate(
     return torch.cat(images), results
 
 
+def tile(images: Tensor, nrow: int, pad: int = 2, fill: int = 255) -> np.ndarray:
+    """Images ``(N, C, H, W)`` as one ``uint8`` array ``(rows (H + pad) + pad, nrow (W + pad) + pad, C)``,
+    ``nrow`` to a row, ``pad`` pixels of ``fill`` around each; a short last row is filled with ``fill``."""
+    n, channels, height, width = images.shape
+    rows = math.ceil(n / nrow)
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    cells = np.full((rows * nrow, height + pad, width + pad, channels), fill, dtype=np.uint8)
+    cells[:n, pad:, pad:] = pixels  # each cell: a pad above and left of its image
+    grid = cells.reshape(rows, nrow, height + pad, width + pad, channels).transpose(0, 2, 1, 3, 4)
+    grid = grid.reshape(rows * (height + pad), nrow * (width + pad), channels)
+    return np.pad(grid, ((0, pad), (0, pad), (0, 0)), constant_values=fill)  # the pad below and right
+
+
 def save_grid(images: Tensor, path: str | Path, *, nrow: int = 10, pixels: int = 48, pad: int = 2) -> Path:
-    """Write images ``(N, C, H, W)`` in ``[-1, 1]`` (1 or 3 channels) as one PNG grid, each image upscaled
-    to ``pixels`` by nearest neighbour (8x8 digits are too small to see at their size)."""
+    """Write images ``(N, C, H, W)`` in ``[-1, 1]`` (1 or 3 channels) as one PNG grid (:func:`tile`), each
+    image upscaled to ``pixels`` by nearest neighbour (8x8 digits are too small to see at their size)."""
     from PIL import Image
 
-    n, channels, height, width = images.shape
+    channels, height, width = images.shape[1:]
     if channels not in (1, 3):
         raise ValueError(f"a grid needs 1 or 3 channels, got {channels} (latents: decode them first)")
     scale = max(1, pixels // max(height, width))
-    tiles = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (N, C, H, W)
-    tiles = tiles.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-    rows = math.ceil(n / nrow)
-    tile_h, tile_w = height * scale, width * scale
-    canvas = torch.full(
-        (channels, rows * (tile_h + pad) + pad, nrow * (tile_w + pad) + pad), 255, dtype=torch.uint8
-    )
-    for k in range(n):
-        r, c = divmod(k, nrow)
-        top, left = pad + r * (tile_h + pad), pad + c * (tile_w + pad)
-        canvas[:, top : top + tile_h, left : left + tile_w] = tiles[k]
-    array = canvas.permute(1, 2, 0).numpy()
+    upscaled = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    array = tile(upscaled, nrow, pad)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array[:, :, 0] if channels == 1 else array).save(path)
@@ -142,37 +156,31 @@ def _summary(results: list[SampleResult], labels: Tensor) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Path]:
-    """Load, sample, write the grid, the arrays and the summary; returns their paths."""
-    torch.set_num_threads(args.threads)
-    model = load_model(args.checkpoint, ema=args.ema, device=args.device)
-    if args.labels:
-        labels = torch.tensor(args.labels, dtype=torch.long)
-        labels = labels.repeat(math.ceil(args.num / labels.numel()))[: args.num]
-    else:
-        labels = torch.arange(args.num) % model.num_classes
-    images, results = generate(
-        model,
-        labels.to(args.device),
-        batch_size=args.batch_size,
-        seed=args.seed,
-        progress=args.progress,
-        diffusion=GaussianDiffusion(spacing=args.spacing),
-        budget=args.budget,
-        steps=args.steps,
-        schedule=args.schedule,
-        solver=make_solver(args.solver),
-        reuse=args.reuse,
-        method=args.method,
-        eta=args.eta,
-        guidance=args.guidance,
-        tol=args.tol,
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"npz": out / "samples.npz", "summary": out / "summary.json"}
+OUTPUT_NAMES = ("grid.png", "samples.npz", "summary.json")
+
+
+def _labels(args: argparse.Namespace, num_classes: int) -> Tensor:
+    """``--num`` labels cycling through ``--labels`` (default: every class); ``UsageError`` out of range."""
+    if not args.labels:
+        return torch.arange(args.num) % num_classes
+    wrong = [label for label in args.labels if not 0 <= label < num_classes]
+    if wrong:
+        raise UsageError(f"--labels {wrong}: the model has classes 0..{num_classes - 1}")
+    labels = torch.tensor(args.labels, dtype=torch.long)
+    return labels.repeat(math.ceil(args.num / labels.numel()))[: args.num]
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    found = [name for name in OUTPUT_NAMES if (out / name).exists()]
+    if found and not overwrite:
+        raise UsageError(
+            f"{out} already holds samples ({', '.join(found)}); pass --overwrite or another --out"
+        )
+
+
+def _write_arrays(path: Path, images: Tensor, labels: Tensor, results: list[SampleResult]) -> Path:
     np.savez(
-        paths["npz"],
+        path,
         images=images.float().numpy(),
         labels=labels.cpu().numpy(),
         timesteps=np.array([r.timesteps for r in results]),
@@ -180,59 +188,109 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         iterations=np.array([r.iterations for r in results]),
         residuals=np.array([r.residuals for r in results], dtype=np.float64),
     )
+    return path
+
+
+def run(args: argparse.Namespace) -> dict[str, Path]:
+    """Load, sample, write the grid, the arrays and the summary; returns their paths.
+
+    Raises
+    ------
+    cli.UsageError
+        An output folder that holds samples (without ``--overwrite``), labels outside the model's classes,
+        a checkpoint that is not one (:class:`files.FileKindError`), or sampling options that do not fit the
+        model or the budget.
+    """
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    torch.set_num_threads(args.threads)
+    try:
+        model = load_model(args.checkpoint, ema=args.ema, device=args.device)
+    except FileKindError as error:
+        raise UsageError(str(error)) from None
+    labels = _labels(args, model.num_classes)
+    options = {"budget": args.budget, "steps": args.steps, "schedule": args.schedule, "reuse": args.reuse}
+    options.update(method=args.method, eta=args.eta, guidance=args.guidance, tol=args.tol)
+    try:
+        images, results = generate(
+            model,
+            labels.to(args.device),
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=args.progress,
+            diffusion=GaussianDiffusion(spacing=args.spacing),
+            solver=make_solver(args.solver),
+            **options,
+        )
+    except ValueError as error:  # a budget, steps or schedule that does not fit this model
+        raise UsageError(str(error)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "npz": _write_arrays(out / "samples.npz", images, labels, results),
+        "summary": out / "summary.json",
+    }
     summary = {
         "checkpoint": str(args.checkpoint),
         "spacing": args.spacing,
         "seed": args.seed,
         "ema": args.ema,
-        **_summary(results, labels),
     }
+    summary.update(_summary(results, labels))
     if images.shape[1] in (1, 3):
         paths["grid"] = save_grid(images, out / "grid.png", nrow=args.nrow, pixels=args.pixels)
     paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
     return paths
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The command line; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
+    positive = bounded_int(1)
     add("checkpoint", help="checkpoint.pt written by train.py")
     add("--out", default=None, help="output folder (default: samples/ next to the checkpoint)")
-    add("--num", type=int, default=100, help="number of images")
-    add("--budget", type=int, required=True, help="transformer-block evaluations per sample")
-    add("--steps", type=int, default=None, help="timesteps (default: picked from the budget)")
-    add("--schedule", default="constant", choices=SCHEDULES)
-    add("--solver", default="picard", choices=["picard", "anderson", "broyden"])
+    add("--overwrite", action="store_true", help="replace the samples already in --out")
+    add("--num", type=positive, default=100, help="number of images")
+    add("--budget", type=positive, required=True, help="transformer-block evaluations per sample")
+    add("--steps", type=positive, default=None, help="timesteps (default: picked from the budget)")
+    add("--schedule", default="constant", choices=SCHEDULES, help="iterations per timestep")
+    add("--solver", default="picard", choices=tuple(SOLVERS), help="fixed-point solver")
     add("--reuse", action=argparse.BooleanOptionalAction, default=True, help="warm start from the last step")
-    add("--method", default="ddim", choices=METHODS)
-    add("--eta", type=float, default=0.0, help="DDIM noise scale")
+    add("--method", default="ddim", choices=METHODS, help="reverse step")
+    add("--eta", type=bounded_float(0.0), default=0.0, help="DDIM noise scale (0: deterministic)")
     add("--spacing", default="trailing", choices=SPACINGS, help="how the timesteps are spaced (respace)")
-    add("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1: none)")
-    add("--tol", type=float, default=1e-3, help="relative residual of the 'tolerance' schedule")
-    add("--seed", type=int, default=0)
-    add("--labels", type=int, nargs="*", default=None, help="labels to cycle through (default: all classes)")
-    add("--batch-size", type=int, default=100)
+    add("--guidance", type=bounded_float(), default=2.0, help="classifier-free guidance scale (1: none)")
+    add("--tol", type=bounded_float(0.0, low_open=True), default=1e-3, help="relative residual, 'tolerance'")
+    add("--seed", type=bounded_int(0), default=0, help="seed of the noise")
+    add("--labels", type=bounded_int(0), nargs="*", default=None, help="labels to cycle (default: all)")
+    add("--batch-size", type=positive, default=100, help="images per batch")
     add("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
-    add("--nrow", type=int, default=10, help="images per row of the grid")
-    add("--pixels", type=int, default=48, help="side of each image in the grid")
-    add("--device", default="cpu")
-    add("--threads", type=int, default=min(2, torch.get_num_threads()), help="torch CPU threads")
-    add("--progress", action=argparse.BooleanOptionalAction, default=True)
-    args = parser.parse_args(argv)
+    add("--nrow", type=positive, default=10, help="images per row of the grid")
+    add("--pixels", type=positive, default=48, help="side of each image in the grid")
+    add("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
+    add("--threads", type=positive, default=min(2, torch.get_num_threads()), help="torch CPU threads")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; see the module docstring (a bad value exits with status 2)."""
+    args = build_parser().parse_args(argv)
     if args.out is None:
         args.out = str(Path(args.checkpoint).parent / "samples")
-    if args.num < 1 or args.batch_size < 1:
-        parser.error("--num and --batch-size must be >= 1")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: sample and print where the files are."""
-    paths = run(parse_args(argv))
-    for name, path in paths.items():
-        print(f"{name}: {path}")
-    return 0
+    """Entry point: sample and print where the files are; exit status 2 on a usage error."""
+    args = parse_args(argv)
+
+    def command() -> int:
+        for name, path in run(args).items():
+            print(f"{name}: {path}")
+        return 0
+
+    return run_command(build_parser(), command)
 
 
 if __name__ == "__main__":

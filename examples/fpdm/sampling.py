@@ -50,7 +50,8 @@ from fractions import Fraction
 from typing import Any
 
 import torch
-from diffusion import GaussianDiffusion, guided_eps
+from diffusion import METHODS, GaussianDiffusion, guided_eps
+from models import ModelState
 from torch import Tensor, nn
 
 from implicitdiff import Picard, Solver
@@ -63,11 +64,11 @@ __all__ = [
     "allocate",
     "block_cost",
     "pick_steps",
+    "plan_timesteps",
     "sample",
 ]
 
 SCHEDULES = ("constant", "increasing", "decreasing", "tolerance")
-METHODS = ("ddim", "ddpm")
 
 #: Fixed-point iterations per timestep that ``steps=None`` aims at (timestep smoothing): with reuse, a few
 #: iterations per timestep on many timesteps beat many iterations on few.
@@ -89,8 +90,8 @@ class SampleResult:
     timesteps : list[int]
         The diffusion timesteps visited, descending.
     allocated : list[int]
-        Per timestep, the cap in block evaluations per sample: fixed blocks plus the iterations the schedule
-        gave it (for ``"tolerance"``, plus the savings carried over to it).
+        Per timestep, the cap in block evaluations per sample: explicit blocks plus the iterations the
+        schedule gave it (for ``"tolerance"``, plus the savings carried over to it).
     spent : list[int]
         Per timestep, block evaluations per sample actually spent (the model's own count).
     iterations : list[int]
@@ -174,26 +175,28 @@ def block_cost(model: nn.Module) -> tuple[int, bool]:
     )
 
 
-def pick_steps(budget: int, fixed: int, implicit: bool, iters_per_step: int = DEFAULT_ITERS_PER_STEP) -> int:
-    """Timesteps for a budget (timestep smoothing): ``budget // (fixed + iters_per_step)``, or
-    ``budget // depth`` for DiT; at least 1.
+def pick_steps(
+    budget: int, explicit: int, implicit: bool, iters_per_step: int = DEFAULT_ITERS_PER_STEP
+) -> int:
+    """Timesteps for a budget (timestep smoothing): ``budget // (explicit + iters_per_step)``, ``explicit``
+    being the blocks outside the solve (FPDM's pre + post), or ``budget // depth`` for DiT; at least 1.
 
     Raises
     ------
     ValueError
         If the budget cannot pay for a single timestep.
     """
-    per_step = fixed + (iters_per_step if implicit else 0)
-    minimum = fixed + (1 if implicit else 0)
+    per_step = explicit + (iters_per_step if implicit else 0)
+    minimum = explicit + (1 if implicit else 0)
     if budget < minimum:
         raise ValueError(f"budget {budget} is below the cost of one timestep ({minimum} block evaluations)")
     return max(1, budget // per_step)
 
 
-def allocate(budget: int, steps: int, fixed: int, schedule: str = "constant") -> list[int]:
-    r"""Fixed-point iterations per timestep, ``n_i >= 1``, with :math:`\sum_i (\text{fixed} + n_i) = B`.
+def allocate(budget: int, steps: int, explicit: int, schedule: str = "constant") -> list[int]:
+    r"""Fixed-point iterations per timestep, ``n_i >= 1``, with :math:`\sum_i (\text{explicit} + n_i) = B`.
 
-    The ``E = B - S (\text{fixed} + 1)`` iterations beyond one per timestep are shared in proportion to a
+    The ``E = B - S (\text{explicit} + 1)`` iterations beyond one per timestep are shared in proportion to a
     weight: ``1`` (``"constant"`` and ``"tolerance"``), ``i + 1`` (``"increasing"``: more towards the clean
     end) or ``S - i`` (``"decreasing"``: more at the noisy end). Shares are rounded by largest remainder
     (exact fractions), so they add up to ``E`` exactly and an increasing schedule stays non-decreasing; a
@@ -205,15 +208,15 @@ def allocate(budget: int, steps: int, fixed: int, schedule: str = "constant") ->
         Block evaluations per sample.
     steps : int
         Number of timesteps ``S``.
-    fixed : int
-        Block evaluations per timestep outside the solve (``pre + post``).
+    explicit : int
+        Block evaluations per timestep outside the solve (FPDM's explicit blocks, ``pre + post``).
     schedule : str
         One of :data:`SCHEDULES`.
 
     Raises
     ------
     ValueError
-        If the budget is below ``S (fixed + 1)``, the least that gives every timestep one iteration.
+        If the budget is below ``S (explicit + 1)``, the least that gives every timestep one iteration.
 
     Examples
     --------
@@ -228,11 +231,12 @@ def allocate(budget: int, steps: int, fixed: int, schedule: str = "constant") ->
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    least = steps * (fixed + 1)
+    least = steps * (explicit + 1)
     if budget < least:
         raise ValueError(
-            f"budget {budget} is too small for {steps} timesteps: each costs at least {fixed + 1} block "
-            f"evaluations ({fixed} fixed + 1 iteration), {least} in all; lower steps or raise the budget"
+            f"budget {budget} is too small for {steps} timesteps: each costs at least {explicit + 1} block "
+            f"evaluations ({explicit} explicit + 1 iteration), {least} in all; lower steps or raise the "
+            "budget"
         )
     extra = budget - least
     if schedule == "increasing":
@@ -261,6 +265,88 @@ def allocate(budget: int, steps: int, fixed: int, schedule: str = "constant") ->
         left -= len(chosen)
         position += len(group)
     return iterations
+
+
+def plan_timesteps(
+    model: nn.Module, diffusion: GaussianDiffusion, budget: int, steps: int | None, schedule: str
+) -> tuple[list[int], list[int]]:
+    """The timesteps of a run and the fixed-point iterations each is given (zeros for DiT).
+
+    ``steps=None`` picks them from the budget (:func:`pick_steps`), at most the diffusion's ``T``: a budget
+    beyond what ``T`` timesteps use goes to more iterations per timestep (FPDM) or stays unspent (DiT).
+
+    Raises
+    ------
+    ValueError
+        A budget that cannot pay for the timesteps, more timesteps than the diffusion has, or a schedule
+        other than ``"constant"`` for DiT.
+    """
+    explicit, implicit = block_cost(model)
+    if steps is None:
+        steps = min(pick_steps(budget, explicit, implicit), diffusion.num_timesteps)
+    elif steps > diffusion.num_timesteps:
+        raise ValueError(f"steps ({steps}) exceeds the diffusion's {diffusion.num_timesteps} timesteps")
+    if implicit:
+        return diffusion.respace(steps), allocate(budget, steps, explicit, schedule)
+    if schedule != "constant":
+        raise ValueError(f"DiT has no iterations to schedule: use schedule='constant', got {schedule!r}")
+    if budget < steps * explicit:
+        raise ValueError(
+            f"budget {budget} is too small for {steps} DiT timesteps of {explicit} blocks each "
+            f"({steps * explicit}); lower steps or raise the budget"
+        )
+    return diffusion.respace(steps), [0] * steps
+
+
+def _check_options(method: str, schedule: str, budget: int, eta: float, guidance: float, tol: float) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive int, got {budget!r}")
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a finite number > 0, got {tol}")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number, got {guidance}")
+
+
+@dataclasses.dataclass
+class _Ledger:
+    """What each timestep was allowed and spent, filled in as the sampler runs."""
+
+    explicit: int
+    implicit: bool
+    carry_over: bool
+    allocated: list[int] = dataclasses.field(default_factory=list)
+    spent: list[int] = dataclasses.field(default_factory=list)
+    iterations: list[int] = dataclasses.field(default_factory=list)
+    residuals: list[float] = dataclasses.field(default_factory=list)
+    first_residuals: list[float] = dataclasses.field(default_factory=list)
+    carry: int = 0
+
+    def record(self, t: int, cap: int, state: ModelState) -> None:
+        """Book one timestep; ``RuntimeError`` if it spent more than its cap."""
+        nfe = state.stats.nfe if self.implicit else 0
+        if nfe > cap or state.block_evals > self.explicit + cap:
+            raise RuntimeError(
+                f"timestep {t}: the solver spent {nfe} iterations ({state.block_evals} block "
+                f"evaluations) where {cap} iterations were allowed"
+            )
+        if self.carry_over:
+            self.carry = cap - nfe
+        self.allocated.append(self.explicit + cap)
+        self.spent.append(int(state.block_evals))
+        self.iterations.append(int(nfe))
+        if self.implicit:
+            trace = state.stats.trace
+            self.residuals.append(float(state.stats.residual.max()))
+            self.first_residuals.append(float(trace[0]) if len(trace) else math.nan)
+        else:
+            self.residuals.append(math.nan)
+            self.first_residuals.append(math.nan)
 
 
 @torch.no_grad()
@@ -295,7 +381,7 @@ def sample(
     budget : int
         Transformer-block evaluations per sample, the paper's unit.
     steps : int, optional
-        Number of timesteps; by default picked from the budget by :func:`pick_steps`.
+        Number of timesteps; by default picked from the budget (:func:`plan_timesteps`).
     schedule : {"constant", "increasing", "decreasing", "tolerance"}
         How iterations are allocated across timesteps (:func:`allocate`); DiT has only ``"constant"``.
     solver : Solver, optional
@@ -305,7 +391,7 @@ def sample(
     method : {"ddim", "ddpm"}
         The reverse step.
     eta : float
-        DDIM's noise scale (``0``: deterministic).
+        DDIM's noise scale (``0``: deterministic; ``1``: the DDPM posterior's variance).
     guidance : float
         Classifier-free guidance scale; ``1`` runs the conditional model alone, any other value the doubled
         batch.
@@ -327,135 +413,73 @@ def sample(
     Raises
     ------
     ValueError
-        A budget too small for the timesteps, an unknown schedule or method, or a schedule other than
-        ``"constant"`` for DiT.
+        A budget too small for the timesteps, an unknown schedule or method, a non-finite or negative
+        number, or a schedule other than ``"constant"`` for DiT.
     RuntimeError
         If a solver evaluated the block more often than it was allowed (the budget is never exceeded
         silently).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget must be a positive int, got {budget!r}")
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol}")
+    _check_options(method, schedule, budget, eta, guidance, tol)
     if labels.dim() != 1 or labels.numel() == 0:
         raise ValueError(f"labels must have shape (B,) with B >= 1, got {tuple(labels.shape)}")
-    fixed, implicit = block_cost(model)
-    if steps is None:
-        steps = pick_steps(budget, fixed, implicit)
-    if steps > diffusion.num_timesteps:
-        raise ValueError(f"steps ({steps}) exceeds the diffusion's {diffusion.num_timesteps} timesteps")
-    if implicit:
-        iteration_plan = allocate(budget, steps, fixed, schedule)
-    else:
-        if schedule != "constant":
-            raise ValueError(f"DiT has no iterations to allocate: use schedule='constant', got {schedule!r}")
-        if budget < steps * fixed:
-            raise ValueError(
-                f"budget {budget} is too small for {steps} DiT timesteps of {fixed} blocks each "
-                f"({steps * fixed}); lower steps or raise the budget"
-            )
-        iteration_plan = [0] * steps
+    timesteps, plan = plan_timesteps(model, diffusion, budget, steps, schedule)
+    explicit, implicit = block_cost(model)
+    ledger = _Ledger(explicit, implicit, carry_over=schedule == "tolerance")
     solve_with = Picard() if solver is None else solver
-    cfg = guidance != 1.0
-    device = labels.device
+    guided = guidance != 1.0
     shape = (labels.shape[0], model.in_channels, model.input_size, model.input_size)
-    timesteps = diffusion.respace(steps)
+    warm_start: list[Tensor | None] = [None]  # the previous timestep's fixed point
+
+    def eps_at(x: Tensor, i: int, t: int) -> Tensor:
+        cap = plan[i] + ledger.carry if implicit else 0
+        options: dict[str, Any] = {"return_state": True}
+        if implicit:
+            early_stop = tol if schedule == "tolerance" else _NO_EARLY_STOP
+            z0 = warm_start[0] if reuse else None
+            options.update(max_iter=cap, tol=early_stop, solver=solve_with, z0=z0)
+        t_batch = torch.full((shape[0],), t, device=labels.device, dtype=torch.long)
+        if guided:
+            eps, state = guided_eps(
+                model, x, t_batch, labels, guidance, null_label=model.null_label, **options
+            )
+        else:
+            eps, state = model(x, t_batch, labels, **options)
+        ledger.record(t, cap, state)
+        warm_start[0] = state.z
+        return eps
+
+    def after_step(i: int, t: int, x_t: Tensor, eps: Tensor, x_next: Tensor) -> None:
+        if callback is not None:
+            info = {"i": i, "t": t, "x": x_next, "denoised": diffusion.predict_x0(x_t, eps, t)}
+            info.update(
+                spent=ledger.spent[-1], iterations=ledger.iterations[-1], residual=ledger.residuals[-1]
+            )
+            callback(info)
 
     was_training = model.training
     model.eval()
-    allocated, spent, iterations, residuals, first_residuals = [], [], [], [], []
     try:
         start = time.perf_counter()
-        x = torch.randn(shape, generator=generator).to(device)
-        z_prev: Tensor | None = None
-        carry = 0
-        for i, t in enumerate(timesteps):
-            t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
-            if implicit:
-                cap = iteration_plan[i] + carry
-                options: dict[str, Any] = {
-                    "max_iter": cap,
-                    "tol": tol if schedule == "tolerance" else _NO_EARLY_STOP,
-                    "solver": solve_with,
-                    "z0": z_prev if reuse else None,
-                    "return_state": True,
-                }
-            else:
-                cap = 0
-                options = {"return_state": True}
-            if cfg:
-                eps, state = guided_eps(
-                    model, x, t_batch, labels, guidance, null_label=model.null_label, **options
-                )
-            else:
-                eps, state = model(x, t_batch, labels, **options)
-            nfe = state.stats.nfe if implicit else 0
-            if nfe > cap or state.block_evals > fixed + cap:
-                raise RuntimeError(
-                    f"timestep {t}: the solver spent {nfe} iterations ({state.block_evals} block "
-                    f"evaluations) where {cap} iterations were allowed"
-                )
-            if schedule == "tolerance":
-                carry = cap - nfe
-            allocated.append(fixed + cap)
-            spent.append(int(state.block_evals))
-            iterations.append(int(nfe))
-            if implicit:
-                z_prev = state.z
-                residuals.append(float(state.stats.residual.max()))
-                first_residuals.append(float(state.stats.trace[0]) if state.stats.trace else math.nan)
-            else:
-                residuals.append(math.nan)
-                first_residuals.append(math.nan)
-
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            needs_noise = t_prev >= 0 and (method == "ddpm" or eta > 0)
-            noise = torch.randn(shape, generator=generator).to(device) if needs_noise else None
-            x_t = x
-            if method == "ddim":
-                x = diffusion.ddim_step(x_t, eps, t, t_prev, eta=eta, noise=noise)
-            else:
-                x = diffusion.ddpm_step(x_t, eps, t, t_prev, noise=noise)
-            if callback is not None:
-                callback(
-                    {
-                        "i": i,
-                        "t": t,
-                        "x": x,
-                        "denoised": diffusion.predict_x0(x_t, eps, t),
-                        "spent": spent[-1],
-                        "iterations": iterations[-1],
-                        "residual": residuals[-1],
-                    }
-                )
+        x = torch.randn(shape, generator=generator).to(labels.device)
+        images = diffusion.reverse_loop(
+            eps_at, x, timesteps, method=method, eta=eta, generator=generator, callback=after_step
+        )
         wall_s = time.perf_counter() - start
     finally:
         model.train(was_training)
-
+    options = {"model": type(model).__name__, "method": method, "eta": eta, "schedule": schedule}
+    options.update(solver=repr(solve_with) if implicit else None, reuse=bool(reuse and implicit))
+    options.update(guidance=guidance, tol=tol if schedule == "tolerance" else None, steps=len(timesteps))
     return SampleResult(
-        images=x,
+        images=images,
         timesteps=timesteps,
-        allocated=allocated,
-        spent=spent,
-        iterations=iterations,
-        residuals=residuals,
-        first_residuals=first_residuals,
+        allocated=ledger.allocated,
+        spent=ledger.spent,
+        iterations=ledger.iterations,
+        residuals=ledger.residuals,
+        first_residuals=ledger.first_residuals,
         budget=budget,
         wall_s=wall_s,
-        batch_factor=2 if cfg else 1,
-        options={
-            "model": type(model).__name__,
-            "method": method,
-            "eta": eta,
-            "schedule": schedule,
-            "solver": repr(solve_with) if implicit else None,
-            "reuse": bool(reuse and implicit),
-            "guidance": guidance,
-            "tol": tol if schedule == "tolerance" else None,
-            "steps": steps,
-        },
+        batch_factor=2 if guided else 1,
+        options=options,
     )

@@ -10,12 +10,25 @@ Several processes or GPUs (DistributedDataParallel; gloo on CPU, NCCL on GPU)::
         --batch-size 256 --lr 1e-4 --out runs/fpdm-xl
 
 What it does: AdamW; an EMA of the weights (``torch.optim.swa_utils.AveragedModel``); S-JFB by default
-(``--grad`` picks any estimator of ``implicitdiff``); bf16 autocast and TF32 on CUDA; a tqdm bar; a JSONL log
-(``OUT/log.jsonl``) of loss, block evaluations, solver iterations and residuals; a checkpoint
-``OUT/checkpoint.pt`` written atomically (temporary file, then ``os.replace``) and read with
-``weights_only=True``. ``--resume`` continues exactly where the checkpoint stopped: model, EMA, optimizer,
-every rank's RNG states, the estimator's own generator (S-JFB) and the data order (a function of the seed and
-the step). A non-finite loss stops training with an error and leaves the last good checkpoint in place.
+(``--grad`` picks any estimator of ``registry.ESTIMATORS``); bf16 autocast and TF32 on CUDA; a tqdm bar; a
+JSONL log (``OUT/log.jsonl``) of loss, block evaluations, solver iterations and residuals; a checkpoint
+``OUT/checkpoint.pt`` written atomically and read with ``weights_only=True``. A non-finite loss stops
+training with an error (exit status 1) and leaves the last good checkpoint in place.
+
+Run folders. A folder that already holds a run (``checkpoint.pt`` or ``log.jsonl``) is never overwritten
+unless asked: ``--resume`` continues it, ``--overwrite`` starts it again from scratch; without either the
+command stops (exit status 2). ``--resume`` continues exactly where the checkpoint stopped: model, EMA,
+optimizer, every rank's RNG states, the estimator's own generator (S-JFB) and the data order (a function of
+the seed and the step). It compares the checkpoint's stored configuration with the request, field by field:
+
+* a change of the model or the data (``--model``, ``--hidden-size``, ``--num-heads``, ``--depth``,
+  ``--pre-depth``, ``--post-depth``, ``--data``, ``--image-size``), of ``--grad`` or of ``--seed`` is refused,
+  naming each field (the checkpoint's weights, estimator state and data order belong to those);
+* any other change (``--lr`` and ``--weight-decay`` among them, set on the restored optimizer; ``--steps`` to
+  train longer) is applied, and each changed field is printed as a notice.
+
+Log lines that are not JSON (a write cut short) are skipped with a notice, so a damaged log does not stop a
+resume.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -30,7 +44,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -40,28 +54,40 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cli import UsageError, add_options, check_config, config_from_args, flag, option, run_command
 from data import TensorPairs, load_dataset
 from diffusion import GaussianDiffusion
-from models import FPDM, create_model
+from distributed import Runtime, gather_objects, setup_runtime, shutdown_runtime
+from files import FileKindError
+from models import FPDM, PRESETS, create_model
+from registry import ESTIMATORS, SOLVERS, make_estimator, make_solver
+from run_folder import (
+    CHECKPOINT_NAME,
+    LOG_NAME,
+    clear_run_folder,
+    compare_configs,
+    load_checkpoint,
+    open_run_folder,
+    save_checkpoint,
+    stored_config,
+)
 
 __all__ = [
     "CHECKPOINT_NAME",
     "LOG_NAME",
+    "REFUSED_ON_RESUME",
     "NonFiniteLossError",
     "TrainConfig",
+    "build_model",
+    "compare_configs",
     "ema_multi_avg_fn",
     "load_checkpoint",
     "main",
-    "make_estimator",
-    "make_solver",
     "parse_args",
     "save_checkpoint",
+    "stored_config",
     "train",
 ]
-
-CHECKPOINT_NAME = "checkpoint.pt"
-LOG_NAME = "log.jsonl"
-
 
 EMAUpdate = Callable[[list[Tensor], list[Tensor], Tensor], None]
 
@@ -102,86 +128,89 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything a run depends on; the command-line flags map one to one onto these fields."""
+    """Everything a run depends on; each field is a flag of the command line (``hidden_size``:
+    ``--hidden-size``), with the help and the allowed values declared here once."""
 
-    out: str = "runs/fpdm"
-    model: str = "FPDM-Digits/2"
-    hidden_size: int | None = None
-    num_heads: int | None = None
-    depth: int | None = None
-    pre_depth: int | None = None
-    post_depth: int | None = None
-    data: str = "digits"
-    image_size: int = 32
-    batch_size: int = 128
-    steps: int = 5000
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    ema_warmup: bool = False
-    class_dropout: float = 0.1
-    grad: str = "sjfb"
-    solver: str = "picard"
-    max_iter: int = 8
-    tol: float = 1e-3
-    sjfb_no_grad: tuple[int, int] = (0, 6)
-    sjfb_grad: tuple[int, int] = (1, 3)
-    phantom_k: int = 5
-    phantom_tau: float = 0.5
-    seed: int = 0
-    ckpt_every: int = 500
-    log_every: int = 10
-    resume: bool = False
-    device: str = "auto"
-    bf16: bool | None = None
-    progress: bool = True
+    out: str = option("runs/fpdm", "run folder: checkpoint.pt and log.jsonl")
+    model: str = option("FPDM-Digits/2", "model preset", choices=tuple(PRESETS))
+    hidden_size: int | None = option(None, "width of the blocks (default: the preset's)", low=1)
+    num_heads: int | None = option(None, "attention heads (default: the preset's)", low=1)
+    depth: int | None = option(None, "DiT: number of blocks (default: the preset's)", low=1)
+    pre_depth: int | None = option(None, "FPDM: explicit blocks before the implicit block", low=0)
+    post_depth: int | None = option(None, "FPDM: explicit blocks after the implicit block", low=0)
+    data: str = option("digits", "'digits', 'digits-train', 'digits-test', 'folder:PATH' or 'latents:FILE'")
+    image_size: int = option(32, "side of the images of a folder: dataset", low=1)
+    batch_size: int = option(128, "global batch, split over the processes", low=1)
+    steps: int = option(5000, "training steps (in all, counting those of a resumed run)", low=1)
+    lr: float = option(1e-3, "AdamW learning rate", low=0.0, low_open=True)
+    weight_decay: float = option(0.0, "AdamW weight decay", low=0.0)
+    grad_clip: float = option(1.0, "clip the gradient norm to this", low=0.0, low_open=True)
+    ema_decay: float = option(0.999, "decay of the EMA of the weights", low=0.0, high=1.0)
+    ema_warmup: bool = option(
+        False,
+        "EMA decay min(ema_decay, (1 + n) / (10 + n)) after n updates: an EMA that does not lag short runs",
+    )
+    class_dropout: float = option(
+        0.1, "label dropout (classifier-free guidance)", low=0.0, high=1.0, high_open=True
+    )
+    grad: str = option("sjfb", "gradient estimator of the implicit block", choices=tuple(ESTIMATORS))
+    solver: str = option("picard", "fixed-point solver of the implicit block", choices=tuple(SOLVERS))
+    max_iter: int = option(8, "cap on the forward solve's iterations (not S-JFB's draws)", low=1)
+    tol: float = option(1e-3, "relative residual that ends the forward solve", low=0.0, low_open=True)
+    sjfb_no_grad: tuple[int, int] = option(
+        (0, 6), "S-JFB: range of no-grad iterations", low=0, metavar=("MIN", "MAX")
+    )
+    sjfb_grad: tuple[int, int] = option(
+        (1, 3), "S-JFB: range of differentiable iterations", low=1, metavar=("MIN", "MAX")
+    )
+    phantom_k: int = option(5, "phantom gradient: differentiable steps", low=1)
+    phantom_tau: float = option(0.5, "phantom gradient: damping", low=0.0, high=1.0, low_open=True)
+    seed: int = option(0, "seed of the weights, the data order and the noise", low=0)
+    ckpt_every: int = option(500, "write the checkpoint every this many steps (and at the end)", low=1)
+    log_every: int = option(10, "write a log record every this many steps (and at the end)", low=1)
+    resume: bool = option(False, "continue the run in --out from its checkpoint (see the notes above)")
+    overwrite: bool = option(
+        False, "start again in a folder that holds a run, deleting its checkpoint and log"
+    )
+    device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    bf16: bool | None = option(None, "bf16 autocast (default: on CUDA)")
+    progress: bool = option(True, "show a progress bar")
+
+    #: Fields a resume refuses to change: the checkpoint's weights, estimator state and data order belong to
+    #: them (:func:`run_folder.compare_configs`).
+    REFUSED_ON_RESUME: ClassVar[tuple[str, ...]] = (
+        *("model", "hidden_size", "num_heads", "depth", "pre_depth", "post_depth", "data", "image_size"),
+        *("grad", "seed"),
+    )
+    #: Fields that say how to run, not what: never compared on resume.
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("out", "resume", "overwrite", "device", "bf16", "progress")
+
+    def check(self) -> None:
+        """Every field against its rules, and the rules between fields.
+
+        Raises
+        ------
+        ValueError
+            Naming the field, its value and what is allowed.
+        """
+        check_config(self)
+        for name in ("sjfb_no_grad", "sjfb_grad"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{name} must be (MIN, MAX) with MIN <= MAX, got {getattr(self, name)!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run, or start it again")
 
     def model_overrides(self) -> dict[str, Any]:
         """The preset's constructor arguments this run replaces."""
-        names = {
-            "hidden_size": "hidden_size",
-            "num_heads": "num_heads",
-            "depth": "depth",
-            "pre_depth": "pre_depth",
-            "post_depth": "post_depth",
-        }
-        overrides = {
-            arg: getattr(self, field) for field, arg in names.items() if getattr(self, field) is not None
-        }
+        names = ("hidden_size", "num_heads", "depth", "pre_depth", "post_depth")
+        overrides = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         overrides["class_dropout_prob"] = self.class_dropout
         return overrides
 
 
-def make_solver(name: str) -> Any:
-    """``picard``, ``anderson`` or ``broyden`` from :mod:`implicitdiff` with default options."""
-    from implicitdiff import Anderson, Broyden, Picard
-
-    solvers = {"picard": Picard, "anderson": Anderson, "broyden": Broyden}
-    if name not in solvers:
-        raise ValueError(f"unknown solver {name!r}; choose from {sorted(solvers)}")
-    return solvers[name]()
-
-
-def make_estimator(cfg: TrainConfig) -> Any:
-    """The gradient estimator named by ``cfg.grad``: ``sjfb``, ``jfb``, ``ift`` or ``phantom``."""
-    import implicitdiff.gradients as gradients
-
-    if cfg.grad == "jfb":
-        return gradients.JFB()
-    wanted = {"sjfb": "SJFB", "ift": "IFT", "phantom": "PhantomGradient"}
-    if cfg.grad not in wanted:
-        raise ValueError(
-            f"unknown gradient estimator {cfg.grad!r}; choose from ['ift', 'jfb', 'phantom', 'sjfb']"
-        )
-    cls = getattr(gradients, wanted[cfg.grad], None)
-    if cls is None:
-        raise ImportError(f"implicitdiff.gradients has no {wanted[cfg.grad]} in this version; use --grad jfb")
-    if cfg.grad == "sjfb":
-        return cls(no_grad_iters=tuple(cfg.sjfb_no_grad), grad_iters=tuple(cfg.sjfb_grad), seed=cfg.seed)
-    if cfg.grad == "ift":
-        return cls(max_iter=max(2 * cfg.max_iter, 20), tol=cfg.tol, stop_mode="rel")
-    return cls(k=cfg.phantom_k, tau=cfg.phantom_tau)
+#: Fields a resume refuses to change: the checkpoint's weights, estimator state and data order belong to them.
+REFUSED_ON_RESUME = TrainConfig.REFUSED_ON_RESUME
 
 
 def build_model(cfg: TrainConfig, in_channels: int, input_size: int, num_classes: int) -> nn.Module:
@@ -189,63 +218,12 @@ def build_model(cfg: TrainConfig, in_channels: int, input_size: int, num_classes
     overrides = cfg.model_overrides()
     overrides.update(in_channels=in_channels, input_size=input_size, num_classes=num_classes)
     if cfg.model.startswith("FPDM"):
-        overrides.update(
-            solver=make_solver(cfg.solver), grad=make_estimator(cfg), max_iter=cfg.max_iter, tol=cfg.tol
-        )
+        estimator = make_estimator(cfg.grad, cfg)
+        overrides.update(solver=make_solver(cfg.solver), grad=estimator, max_iter=cfg.max_iter, tol=cfg.tol)
     else:
         for name in ("pre_depth", "post_depth"):
             overrides.pop(name, None)
     return create_model(cfg.model, **overrides)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Distributed set-up
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Runtime:
-    """Where this process runs: rank, world size, device."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_runtime(requested: str) -> Runtime:
-    """Join the process group if launched by torchrun (``RANK`` set) and pick the device."""
-    use_cuda = torch.cuda.is_available() if requested == "auto" else requested.startswith("cuda")
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    else:
-        rank, world = 0, 1
-        device = (
-            torch.device("cuda" if use_cuda else "cpu") if requested == "auto" else torch.device(requested)
-        )
-    return Runtime(rank=rank, world_size=world, device=device)
-
-
-def gather_objects(runtime: Runtime, obj: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order (a list of one without a process group)."""
-    if not runtime.distributed:
-        return [obj]
-    gathered: list[Any] = [None] * runtime.world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,7 +236,7 @@ def batch_indices(num_items: int, batch_size: int, seed: int, step: int) -> Tens
     batch of an epoch is dropped."""
     per_epoch = num_items // batch_size
     if per_epoch == 0:
-        raise ValueError(f"batch size {batch_size} exceeds the dataset ({num_items} items)")
+        raise UsageError(f"--batch-size {batch_size} exceeds the dataset ({num_items} items)")
     epoch, k = divmod(step, per_epoch)
     order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return order[k * batch_size : (k + 1) * batch_size]
@@ -273,64 +251,214 @@ def fetch(dataset: Any, indices: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints
+# Training
 # ----------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    """Write ``payload`` atomically: a reader sees the old file or the new one, never a partial one.
+@dataclasses.dataclass
+class _Run:
+    """The objects of one training run."""
 
-    The data goes to ``path.tmp``, is flushed to disk (``fsync``), and replaces ``path`` by ``os.replace``
-    (atomic on POSIX and Windows); a process killed mid-write leaves at most a stale ``.tmp``.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    cfg: TrainConfig
+    runtime: Runtime
+    dataset: Any
+    model: nn.Module
+    net: nn.Module  # the model, wrapped in DistributedDataParallel when distributed
+    ema: AveragedModel
+    optimizer: torch.optim.Optimizer
+    noise_gen: torch.Generator
+    use_bf16: bool
+    diffusion: GaussianDiffusion = dataclasses.field(default_factory=GaussianDiffusion)
+
+    @property
+    def estimator(self) -> Any:
+        return self.model.deq.grad if isinstance(self.model, FPDM) else None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.cfg.out) / CHECKPOINT_NAME
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` (tensors and plain containers only, no pickled code)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _load_data(cfg: TrainConfig) -> Any:
+    try:
+        return load_dataset(cfg.data, cfg.image_size)
+    except FileKindError as error:
+        raise UsageError(str(error)) from None
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(f"--data {cfg.data!r}: {error}") from None
 
 
-def _rng_state(noise_gen: torch.Generator, device: torch.device) -> dict[str, Tensor]:
-    state = {"torch": torch.get_rng_state(), "noise": noise_gen.get_state()}
+def _build_run(cfg: TrainConfig, runtime: Runtime) -> _Run:
+    if cfg.batch_size % runtime.world_size:
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} is not divisible by the {runtime.world_size} processes"
+        )
+    device = runtime.device
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dataset = _load_data(cfg)
+    sample_x, _ = dataset[0]
+    # Same seed on every rank: identical initial weights (DDP also broadcasts them from rank 0).
+    torch.manual_seed(cfg.seed)
+    try:
+        model = build_model(cfg, sample_x.shape[0], sample_x.shape[-1], dataset.num_classes).to(device)
+    except ValueError as error:
+        raise UsageError(f"the model options do not fit together: {error}") from None
+    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay, cfg.ema_warmup), use_buffers=True)
+    ema.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Per-rank randomness (timesteps, noise, label dropout) differs across ranks; the estimator's draws
+    # (S-JFB) come from its own generator, seeded alike on every rank.
+    noise_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + runtime.rank)
+    torch.manual_seed(cfg.seed * 1_000_003 + runtime.rank + 7)
+    net: nn.Module = model
+    if runtime.distributed:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    use_bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+    return _Run(cfg, runtime, dataset, model, net, ema, optimizer, noise_gen, use_bf16)
+
+
+def _rng_state(run: _Run) -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state(), "noise": run.noise_gen.get_state()}
+    if run.runtime.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(run.runtime.device)
     return state
 
 
-def _set_rng_state(state: dict[str, Tensor], noise_gen: torch.Generator, device: torch.device) -> None:
+def _restore(run: _Run, ckpt: dict[str, Any]) -> int:
+    """Load a checkpoint into the run; the optimizer takes the request's ``lr`` and ``weight_decay``."""
+    ranks = len(ckpt["rng"])
+    if ranks != run.runtime.world_size:
+        raise UsageError(
+            f"{run.checkpoint_path} was written by {ranks} processes, this run has {run.runtime.world_size}: "
+            "an exact resume needs the same number"
+        )
+    run.model.load_state_dict(ckpt["model"])
+    run.ema.load_state_dict(ckpt["ema"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    for group in run.optimizer.param_groups:
+        group.update(lr=run.cfg.lr, weight_decay=run.cfg.weight_decay)
+    state = ckpt["rng"][run.runtime.rank]
     torch.set_rng_state(state["torch"])
-    noise_gen.set_state(state["noise"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    run.noise_gen.set_state(state["noise"])
+    if run.runtime.device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], run.runtime.device)
+    if run.estimator is not None and ckpt.get("estimator") is not None:
+        run.estimator.load_state_dict(ckpt["estimator"])
+    return int(ckpt["step"])
 
 
-def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop log records after ``last_step`` (written by a run that died after its last checkpoint)."""
-    if not path.exists():
-        return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line and json.loads(line).get("step", 0) <= last_step
-    ]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+def _write_checkpoint(run: _Run, step: int) -> None:
+    """Every rank's RNG state is gathered; rank 0 writes; all wait for it."""
+    rng_states = gather_objects(run.runtime, _rng_state(run))
+    if run.runtime.is_main:
+        estimator = run.estimator
+        payload = {
+            "step": step,
+            "model": run.model.state_dict(),
+            "ema": run.ema.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "rng": rng_states,
+            "estimator": estimator.state_dict() if hasattr(estimator, "state_dict") else None,
+            "config": dataclasses.asdict(run.cfg),
+        }
+        save_checkpoint(payload, run.checkpoint_path)
+    if run.runtime.distributed:
+        dist.barrier()
+
+
+def _train_step(run: _Run, step: int, last_good: int | None) -> tuple[Tensor, Tensor]:
+    """One optimisation step; returns the loss and the gradient norm before clipping."""
+    cfg, runtime = run.cfg, run.runtime
+    run.model.train()
+    local_batch = cfg.batch_size // runtime.world_size
+    indices = batch_indices(len(run.dataset), cfg.batch_size, cfg.seed, step)
+    x, y = fetch(run.dataset, indices[runtime.rank * local_batch : (runtime.rank + 1) * local_batch])
+    x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+    with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+        loss = run.diffusion.training_loss(run.net, x, y, generator=run.noise_gen)
+    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=runtime.device)
+    if runtime.distributed:
+        dist.all_reduce(bad)
+    if bad.item() > 0:
+        where = (
+            f"{run.checkpoint_path} (step {last_good})"
+            if last_good is not None
+            else "none (no checkpoint yet)"
+        )
+        raise NonFiniteLossError(
+            f"non-finite training loss ({loss.item()}) at step {step + 1} on {int(bad.item())} of "
+            f"{runtime.world_size} rank(s); training stopped. The last good checkpoint is {where}. Try a "
+            "lower --lr or --grad-clip, or check the data."
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.ema.update_parameters(run.model)
+    return loss, grad_norm
 
 
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------
+def _solve_record(model: nn.Module) -> dict[str, Any]:
+    """Block evaluations and the implicit solve's statistics of the model's last forward (FPDM only)."""
+    state = getattr(model, "last_state", None)
+    if state is None or state.stats is None:
+        return {}
+    residual = state.stats.residual.float()
+    return {
+        "block_evals": state.block_evals,
+        "nfe": state.stats.nfe,
+        "residual_max": _finite_or_none(float(residual.max())),
+        "residual_mean": _finite_or_none(float(residual.mean())),
+        "converged": float(state.stats.converged.float().mean()),
+    }
+
+
+def _check_replicas(run: _Run) -> dict[str, Any] | None:
+    """DDP keeps replicas in lockstep; check it rather than assume it (rank 0 gets the record)."""
+    flat = torch.cat([p.detach().float().flatten().cpu() for p in run.model.parameters()])
+    replicas = gather_objects(run.runtime, flat)
+    spread = max(float((r - replicas[0]).abs().max()) for r in replicas)
+    if not run.runtime.is_main:
+        return None
+    return {"step": run.cfg.steps, "world_size": run.runtime.world_size, "rank_param_max_abs_diff": spread}
+
+
+def _loop(run: _Run, start_step: int, log: Any) -> dict[str, Any]:
+    cfg, is_main = run.cfg, run.runtime.is_main
+    bar = None
+    if is_main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True)
+    summary: dict[str, Any] = {"step": start_step}
+    last_good = start_step if start_step > 0 else None
+    tick, last_logged = time.perf_counter(), start_step
+    for step in range(start_step, cfg.steps):
+        loss, grad_norm = _train_step(run, step, last_good)
+        done = step + 1
+        if is_main and (done % cfg.log_every == 0 or done == cfg.steps):
+            now = time.perf_counter()
+            summary = {"step": done, "loss": loss.item(), "grad_norm": float(grad_norm)}
+            summary.update(sec_per_step=(now - tick) / (done - last_logged), **_solve_record(run.model))
+            tick, last_logged = now, done
+            log.write(json.dumps(summary) + "\n")
+            log.flush()
+            if bar is not None:
+                bar.set_postfix(loss=f"{summary['loss']:.4f}", evals=summary.get("block_evals", "-"))
+        if bar is not None:
+            bar.update(1)
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            _write_checkpoint(run, done)
+            last_good = done
+    if bar is not None:
+        bar.close()
+    return summary
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -338,178 +466,43 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     Raises
     ------
+    ValueError
+        A field out of its allowed values (:meth:`TrainConfig.check`).
+    cli.UsageError
+        The run folder's rules (:func:`open_run_folder`), data that cannot be read, model options that do not
+        fit together.
     NonFiniteLossError
         If the loss becomes NaN or infinite on any rank; nothing is saved after the last good checkpoint.
     """
+    cfg.check()
     runtime = setup_runtime(cfg.device)
+    ended_well = False
     try:
-        return _train(cfg, runtime)
+        summary = _train(cfg, runtime)
+        ended_well = True
+        return summary
     finally:
-        if runtime.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        # The DDP wrapper's reducer holds the process group: let it go before the group is destroyed.
+        gc.collect()
+        shutdown_runtime(runtime, wait=ended_well)
 
 
 def _train(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
-    device = runtime.device
-    out = Path(cfg.out)
-    ckpt_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
-    if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    if cfg.batch_size % runtime.world_size:
-        raise ValueError(
-            f"batch size {cfg.batch_size} is not divisible by the world size {runtime.world_size}"
-        )
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    use_bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
-
-    dataset = load_dataset(cfg.data, cfg.image_size)
-    sample_x, _ = dataset[0]
-    # Same seed on every rank: identical initial weights (DDP also broadcasts them from rank 0).
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, sample_x.shape[0], sample_x.shape[-1], dataset.num_classes).to(device)
-    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay, cfg.ema_warmup), use_buffers=True)
-    ema.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    diffusion = GaussianDiffusion()
-    # Per-rank randomness (timesteps, noise, label dropout) differs across ranks; the estimator's draws
-    # (S-JFB) come from its own generator, seeded alike on every rank.
-    noise_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + runtime.rank)
-    torch.manual_seed(cfg.seed * 1_000_003 + runtime.rank + 7)
-    estimator = model.deq.grad if isinstance(model, FPDM) else None
-
-    start_step = 0
-    if cfg.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if len(ckpt["rng"]) != runtime.world_size:
-            raise ValueError(
-                f"{ckpt_path} was written by {len(ckpt['rng'])} processes, this run has "
-                f"{runtime.world_size}: "
-                "an exact resume needs the same world size"
-            )
-        _set_rng_state(ckpt["rng"][runtime.rank], noise_gen, device)
-        if estimator is not None and ckpt.get("estimator") is not None:
-            estimator.load_state_dict(ckpt["estimator"])
-        start_step = int(ckpt["step"])
-        if runtime.is_main:
-            _truncate_log(log_path, start_step)
-    elif runtime.is_main and log_path.exists():
-        log_path.unlink()
-
-    ddp_model: nn.Module = model
+    """The run, in a frame of its own: its model and DDP wrapper are freed when it returns."""
+    ckpt = open_run_folder(cfg, runtime)
+    run = _build_run(cfg, runtime)
+    start_step = _restore(run, ckpt) if ckpt is not None else 0
+    clear_run_folder(cfg, runtime, start_step)
     if runtime.distributed:
-        ddp_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    def checkpoint_payload(step: int) -> dict[str, Any] | None:
-        rng_states = gather_objects(runtime, _rng_state(noise_gen, device))
-        if not runtime.is_main:
-            return None
-        return {
-            "step": step,
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": rng_states,
-            "estimator": estimator.state_dict() if hasattr(estimator, "state_dict") else None,
-            "config": dataclasses.asdict(cfg),
-        }
-
-    def write_checkpoint(step: int) -> None:
-        payload = checkpoint_payload(step)
-        if payload is not None:
-            save_checkpoint(payload, ckpt_path)
+        dist.barrier()  # the folder is ready before any rank writes to it
+    log_path = Path(cfg.out) / LOG_NAME
+    with open(log_path, "a") if runtime.is_main else contextlib.nullcontext() as log:
+        summary = _loop(run, start_step, log)
         if runtime.distributed:
-            dist.barrier()
-
-    last_good = start_step if start_step > 0 else None
-    local_batch = cfg.batch_size // runtime.world_size
-    bar = None
-    if runtime.is_main and cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True)
-    summary: dict[str, Any] = {"step": start_step}
-    log_handle = open(log_path, "a") if runtime.is_main else contextlib.nullcontext()
-    with log_handle as log:
-        tick = time.perf_counter()
-        for step in range(start_step, cfg.steps):
-            model.train()
-            indices = batch_indices(len(dataset), cfg.batch_size, cfg.seed, step)
-            indices = indices[runtime.rank * local_batch : (runtime.rank + 1) * local_batch]
-            x, y = fetch(dataset, indices)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = diffusion.training_loss(ddp_model, x, y, generator=noise_gen)
-            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
-            if runtime.distributed:
-                dist.all_reduce(bad)
-            if bad.item() > 0:
-                where = (
-                    f"{ckpt_path} (step {last_good})" if last_good is not None else "none (no checkpoint yet)"
-                )
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({loss.item()}) at step {step + 1} on "
-                    f"{int(bad.item())} of {runtime.world_size} rank(s); training stopped. The last good "
-                    f"checkpoint is {where}. Try a lower --lr or --grad-clip, or check the data."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            ema.update_parameters(model)
-            done = step + 1
-
-            if runtime.is_main and (done % cfg.log_every == 0 or done == cfg.steps):
-                now = time.perf_counter()
-                record: dict[str, Any] = {
-                    "step": done,
-                    "loss": loss.item(),
-                    "grad_norm": float(grad_norm),
-                    "sec_per_step": (now - tick) / max(1, done - summary["step"]),
-                }
-                tick = now
-                state = getattr(model, "last_state", None)
-                if state is not None and state.stats is not None:
-                    residual = state.stats.residual.float()
-                    record.update(
-                        block_evals=state.block_evals,
-                        nfe=state.stats.nfe,
-                        residual_max=_finite_or_none(float(residual.max())),
-                        residual_mean=_finite_or_none(float(residual.mean())),
-                        converged=float(state.stats.converged.float().mean()),
-                    )
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                summary = record
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", evals=record.get("block_evals", "-"))
-            if bar is not None:
-                bar.update(1)
-            if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                write_checkpoint(done)
-                last_good = done
-
-        if runtime.distributed:
-            # DDP keeps replicas in lockstep; check it rather than assume it.
-            flat = torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
-            replicas = gather_objects(runtime, flat)
-            spread = max(float((r - replicas[0]).abs().max()) for r in replicas)
-            if runtime.is_main:
-                record = {
-                    "step": cfg.steps,
-                    "world_size": runtime.world_size,
-                    "rank_param_max_abs_diff": spread,
-                }
+            record = _check_replicas(run)
+            if record is not None:
                 log.write(json.dumps(record) + "\n")
                 summary = {**summary, **record}
-    if bar is not None:
-        bar.close()
     summary["step"] = max(int(summary.get("step", 0)), start_step)
     return summary
 
@@ -519,69 +512,48 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, generated from :class:`TrainConfig`'s fields."""
+    epilog = (
+        "A folder that holds a run is continued with --resume or started again with --overwrite, never "
+        "overwritten otherwise. --resume refuses a change of "
+        + ", ".join(flag(name) for name in REFUSED_ON_RESUME)
+        + " and applies any other change (--lr, --steps, ...) with a notice naming it. Exit status: 2 for a "
+        "usage error, 1 for a non-finite loss."
+    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=epilog)
+    add_options(parser, TrainConfig)
+    return parser
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """Parse the command line into a :class:`TrainConfig`."""
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add = parser.add_argument
-    add("--out", default=defaults.out, help="run folder: checkpoint.pt and log.jsonl")
-    add("--model", default=defaults.model, help="preset name (models.PRESETS)")
-    add("--hidden-size", type=int, default=None)
-    add("--num-heads", type=int, default=None)
-    add("--depth", type=int, default=None, help="DiT depth")
-    add("--pre-depth", type=int, default=None, help="FPDM explicit blocks before the implicit block")
-    add("--post-depth", type=int, default=None, help="FPDM explicit blocks after the implicit block")
-    add("--data", default=defaults.data, help="'digits', 'folder:PATH' or 'latents:FILE'")
-    add("--image-size", type=int, default=defaults.image_size, help="for folder: datasets")
-    add("--batch-size", type=int, default=defaults.batch_size, help="global batch, split over ranks")
-    add("--steps", type=int, default=defaults.steps)
-    add("--lr", type=float, default=defaults.lr)
-    add("--weight-decay", type=float, default=defaults.weight_decay)
-    add("--grad-clip", type=float, default=defaults.grad_clip)
-    add("--ema-decay", type=float, default=defaults.ema_decay)
-    add(
-        "--ema-warmup",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.ema_warmup,
-        help="decay min(ema_decay, (1 + n) / (10 + n)) after n updates: an EMA that does not lag short runs",
-    )
-    add("--class-dropout", type=float, default=defaults.class_dropout)
-    add("--grad", default=defaults.grad, choices=["sjfb", "jfb", "ift", "phantom"], help="gradient estimator")
-    add("--solver", default=defaults.solver, choices=["picard", "anderson", "broyden"])
-    add("--max-iter", type=int, default=defaults.max_iter, help="forward solve cap (not S-JFB's draws)")
-    add("--tol", type=float, default=defaults.tol)
-    add("--sjfb-no-grad", type=int, nargs=2, default=list(defaults.sjfb_no_grad), metavar=("MIN", "MAX"))
-    add("--sjfb-grad", type=int, nargs=2, default=list(defaults.sjfb_grad), metavar=("MIN", "MAX"))
-    add("--phantom-k", type=int, default=defaults.phantom_k)
-    add("--phantom-tau", type=float, default=defaults.phantom_tau)
-    add("--seed", type=int, default=defaults.seed)
-    add("--ckpt-every", type=int, default=defaults.ckpt_every)
-    add("--log-every", type=int, default=defaults.log_every)
-    add("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
-    add("--device", default=defaults.device, help="'auto', 'cpu', 'cuda'")
-    add(
-        "--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)"
-    )
-    add("--progress", action=argparse.BooleanOptionalAction, default=True)
-    args = parser.parse_args(argv)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    values["sjfb_no_grad"] = tuple(values["sjfb_no_grad"])
-    values["sjfb_grad"] = tuple(values["sjfb_grad"])
-    return TrainConfig(**values)
+    """Parse the command line into a checked :class:`TrainConfig` (a bad value exits with status 2)."""
+    parser = build_parser()
+    cfg = config_from_args(TrainConfig, parser.parse_args(argv))
+    try:
+        cfg.check()
+    except ValueError as error:
+        parser.error(str(error))
+    return cfg
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse, train, report; exit status 1 on a non-finite loss."""
+    """Entry point: parse, train, report; exit status 2 on a usage error, 1 on a non-finite loss."""
     cfg = parse_args(argv)
-    try:
-        summary = train(cfg)
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps(summary))
-    return 0
+
+    def command() -> int:
+        try:
+            summary = train(cfg)
+        except FileKindError as error:
+            raise UsageError(str(error)) from None
+        except NonFiniteLossError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(json.dumps(summary))
+        return 0
+
+    return run_command(build_parser(), command)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,30 @@
-"""Fréchet distance and KID (examples/fpdm/evaluate.py): the metrics, the digits classifier and its cache."""
+"""Fréchet distance and KID (metrics.py, evaluate.py); the digits classifier and its cache."""
 
 import json
+import math
 from collections import Counter
 
+import digits_classifier
 import evaluate
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from data import load_digits
-from evaluate import (
+from data import digits_split, load_digits
+from digits_classifier import (
     ClassifierSettings,
     DigitsClassifier,
-    InceptionFeatures,
     classifier_cache_path,
-    digits_split,
-    evaluate_images,
+    load_digits_classifier,
+)
+from evaluate import evaluate_images
+from inception import InceptionFeatures, inception_extractor
+from metrics import (
     extract_features,
     frechet_distance,
     frechet_distance_from_statistics,
-    inception_extractor,
     kernel_inception_distance,
-    load_digits_classifier,
     mmd2_unbiased,
     polynomial_kernel,
 )
@@ -30,7 +32,7 @@ from evaluate import (
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The matrices here are small (at most 1437 x 64): on a shared 2-core machine, a second thread for torch
+    """The matrices here are small (at most 1437 x 64): a second thread for torch
     or BLAS costs more in synchronisation than it saves (an eigh 100x slower, measured under load)."""
     from threadpoolctl import threadpool_limits
 
@@ -114,7 +116,7 @@ def test_cache_is_written_once_atomically_and_reused_without_retraining(cache_di
     def no_training(settings):
         raise AssertionError("the cached classifier was retrained")
 
-    monkeypatch.setattr(evaluate, "train_digits_classifier", no_training)
+    monkeypatch.setattr(digits_classifier, "train_digits_classifier", no_training)
     reloaded = load_digits_classifier(cache_dir)
     assert path.stat().st_mtime_ns == mtime
     for name, tensor in payload["state_dict"].items():
@@ -128,7 +130,7 @@ def test_classifier_is_trained_only_when_its_cache_file_is_missing(tmp_path, mon
         calls.append(settings)
         return DigitsClassifier(settings.hidden, settings.feature_dim)
 
-    monkeypatch.setattr(evaluate, "train_digits_classifier", fake_training)
+    monkeypatch.setattr(digits_classifier, "train_digits_classifier", fake_training)
     settings = ClassifierSettings(epochs=1)
     load_digits_classifier(tmp_path, settings)
     load_digits_classifier(tmp_path, settings)
@@ -161,9 +163,21 @@ def test_frechet_distance_matches_the_closed_form_for_commuting_covariances():
     mu_a, mu_b = np.zeros(5), np.array([1.0, -2.0, 0.0, 0.5, 0.0])
     sigma_a, sigma_b = (q * a.double()) @ q.T, (q * b.double()) @ q.T
     expected = float(np.sum((mu_a - mu_b) ** 2) + ((a.sqrt() - b.sqrt()) ** 2).sum())
-    assert frechet_distance_from_statistics(mu_a, sigma_a.numpy(), mu_b, sigma_b.numpy()) == pytest.approx(
-        expected, rel=1e-10
-    )
+    # sigma_a is singular. Rounding perturbs its zero eigenvalue by about delta = d * eps * |sigma_a|, and
+    # the square root turns that into sqrt(delta * |sigma_b|) in tr((sigma_a^1/2 sigma_b sigma_a^1/2)^1/2),
+    # whatever the algorithm: FD, which takes that trace twice, is accurate to about
+    # 2 sqrt(d eps |sigma_a| |sigma_b|) (2e-7 here), not to a relative 1e-10; the last digits depend on the
+    # BLAS kernel and its threads. Allow twice the bound.
+    d, eps = 5, np.finfo(np.float64).eps
+    bound = 2 * math.sqrt(d * eps * float(a.max()) * float(b.max()))
+    got = frechet_distance_from_statistics(mu_a, sigma_a.numpy(), mu_b, sigma_b.numpy())
+    assert got == pytest.approx(expected, rel=1e-12, abs=2 * bound)
+    # Non-singular covariances have no square root of a rounding error: relative accuracy near eps.
+    a_pd = a.double().clamp(min=0.5)
+    sigma_pd = (q * a_pd.double()) @ q.T
+    expected_pd = float(np.sum((mu_a - mu_b) ** 2) + ((a_pd.sqrt() - b.double().sqrt()) ** 2).sum())
+    got_pd = frechet_distance_from_statistics(mu_a, sigma_pd.numpy(), mu_b, sigma_b.numpy())
+    assert got_pd == pytest.approx(expected_pd, rel=1e-10)
     # In one dimension: (m_a - m_b)^2 + (s_a - s_b)^2.
     assert frechet_distance_from_statistics([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4.0 + 1.0)
 

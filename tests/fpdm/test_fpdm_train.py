@@ -114,7 +114,7 @@ def test_a_run_killed_while_writing_a_checkpoint_leaves_the_previous_one_loadabl
     args = ["--out", str(out), *TINY, "--steps", "4", "--ckpt-every", "2", "--grad", "jfb"]
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
-    assert (out / (CHECKPOINT_NAME + ".tmp")).exists()  # the partial write
+    assert list(out.glob(f".{CHECKPOINT_NAME}.*.tmp"))  # the partial write
     ckpt = load_checkpoint(out / CHECKPOINT_NAME)
     assert ckpt["step"] == 2
     # Resuming finishes the run from step 2.
@@ -164,6 +164,10 @@ def test_two_process_torchrun_ends_with_identical_parameters_on_every_rank(tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, timeout=120, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    # Each rank leaves the process group before it exits: no abort from the collective library's threads.
+    assert b"terminate called" not in proc.stderr and b"SIGABRT" not in proc.stderr, proc.stderr.decode()[
+        -3000:
+    ]
     records = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()]
     final = records[-1]
     assert final["world_size"] == 2 and final["rank_param_max_abs_diff"] == 0.0

@@ -69,3 +69,11 @@ def test_demo_trains_samples_and_reports_where_the_files_are(tmp_path, capsys):
     for path in (summary["files"]["grid"], summary["files"]["npz"], str(tmp_path / "demo" / "summary.json")):
         assert path in printed
     assert (tmp_path / "demo" / "train" / CHECKPOINT_NAME).exists()
+    # Run again, the demo continues its finished run (no training) and replaces its samples ...
+    checkpoint = (tmp_path / "demo" / "train" / CHECKPOINT_NAME).read_bytes()
+    assert demo.main(argv) == 0
+    assert (tmp_path / "demo" / "train" / CHECKPOINT_NAME).read_bytes() == checkpoint
+    # ... and refuses, in one line, to continue it with another model.
+    with pytest.raises(SystemExit) as stop:
+        demo.main([*argv, "--hidden-size", "32"])
+    assert stop.value.code == 2 and "--hidden-size 16 -> 32" in capsys.readouterr().err

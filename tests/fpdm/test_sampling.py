@@ -140,6 +140,31 @@ def test_reuse_lowers_the_first_iteration_residual(fpdm):
         assert w < 0.1 * c
 
 
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_reuse_starts_each_solve_from_the_previous_timesteps_fixed_point(fpdm, monkeypatch, guidance):
+    calls = []
+    forward = fpdm.forward
+
+    def spy(*args, z0=None, return_state=False, **kwargs):
+        eps, state = forward(*args, z0=z0, return_state=True, **kwargs)
+        calls.append((z0, state.z))
+        return (eps, state) if return_state else eps
+
+    monkeypatch.setattr(fpdm, "forward", spy)
+    result = sample(fpdm, GaussianDiffusion(), torch.arange(3), budget=24, steps=6, guidance=guidance,
+                    generator=seeded())  # fmt: skip
+    assert len(calls) == len(result.timesteps) == 6
+    assert calls[0][0] is None  # nothing to reuse at the first timestep
+    for i in range(1, 6):
+        assert torch.equal(calls[i][0], calls[i - 1][1]), f"timestep {i} did not start from timestep {i - 1}"
+        if i >= 2:  # the fixed points move with the timestep: the first one is not the previous one
+            assert not torch.equal(calls[i][0], calls[0][1])
+    # Without reuse, every solve starts from the pre blocks' output.
+    calls.clear()
+    sample(fpdm, GaussianDiffusion(), torch.arange(3), budget=24, steps=6, reuse=False, generator=seeded())
+    assert all(z0 is None for z0, _ in calls)
+
+
 def test_tolerance_schedule_spends_less_than_its_cap_when_residuals_are_small(fpdm):
     diffusion, labels, budget = GaussianDiffusion(), torch.arange(3), 60
     loose = sample(

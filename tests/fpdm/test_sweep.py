@@ -8,7 +8,9 @@ import time
 
 import pytest
 import sweep
+import sweep_stats
 import torch
+from cli import UsageError
 from train import TrainConfig, load_checkpoint
 
 from implicitdiff.gradients import SJFB
@@ -54,7 +56,7 @@ def test_every_method_and_budget_is_scored_over_every_seed_within_its_budget(qui
         assert row["spent_max"] <= row["budget"]
         fds = [s["fd"] for s in row["per_seed"]]
         assert math.isclose(row["fd_mean"], sum(fds) / seeds) and row["fd_std"] >= 0
-        for metric in sweep.METRICS:
+        for metric in sweep_stats.METRICS:
             assert all(math.isfinite(s[metric]) for s in row["per_seed"])
             assert math.isclose(row[metric + "_mean"], sum(s[metric] for s in row["per_seed"]) / seeds)
         assert all(0 <= s["agreement"] <= 1 and s["fd_pixels"] >= 0 for s in row["per_seed"])
@@ -131,7 +133,15 @@ def test_reuse_checkpoints_skips_training_only_for_the_same_configuration(quick,
     wall_s, last, reused = sweep._train_or_reuse(cfg, reuse=True)
     assert reused and log.read_text() == before and last["step"] == cfg.steps and wall_s > 0
     changed = dataclasses.replace(cfg, lr=cfg.lr / 2)
-    assert sweep._train_or_reuse(changed, reuse=True)[2] is False
+    # Another configuration is not trained over without --overwrite; the error names the field.
+    with pytest.raises(UsageError, match=r"--lr 0\.001 -> 0\.0005.*--overwrite"):
+        sweep._train_or_reuse(changed, reuse=True)
+    assert log.read_text() == before
+    # Without --reuse-checkpoints, a run in --work is not trained over either.
+    with pytest.raises(UsageError, match=r"holds a run of an earlier sweep.*--reuse-checkpoints"):
+        sweep._train_or_reuse(cfg, reuse=False)
+    assert log.read_text() == before
+    assert sweep._train_or_reuse(changed, reuse=True, overwrite=True)[2] is False
     assert "another configuration" in capsys.readouterr().out
     assert load_checkpoint(work / "fpdm" / "checkpoint.pt")["config"]["lr"] == cfg.lr / 2
 
@@ -141,7 +151,7 @@ def test_paired_differences_are_taken_seed_by_seed(quick):
     report = json.loads((out / "results" / "sweep.json").read_text())
     by = {(r["name"], r["budget"]): r for r in report["results"]}
     paired = {item["label"]: item for item in report["paired_differences"]["fd"]}
-    assert set(paired) == {label for label, _, _ in sweep.comparisons([5, 6])}
+    assert set(paired) == {label for label, _, _ in sweep_stats.comparisons([5, 6])}
     item = paired["smoothing"]
     for budget in (5, 12):
         method, baseline = by[(item["method"], budget)], by[(item["baseline"], budget)]

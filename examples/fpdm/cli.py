@@ -1,0 +1,228 @@
+"""Command lines generated from dataclasses, with checked values: one source of truth per option.
+
+A config is a dataclass whose fields are declared with :func:`option`: default, help text, and what values
+are allowed (``low``/``high`` bounds, ``choices``). :func:`add_options` turns the fields into flags
+(``hidden_size`` -> ``--hidden-size``; ``bool`` -> ``--x/--no-x``; ``tuple[int, int]`` -> two values);
+:func:`check_config` checks a config built from Python with the same rules. A bad value on the command line
+ends in argparse's own one-line error and exit status 2:
+
+    train.py: error: argument --batch-size: must be an int >= 1, got 0
+
+:class:`UsageError` is for what can only be checked later (a run folder in use, a checkpoint of another
+configuration, a file of the wrong kind); :func:`run_command` turns it into the same kind of exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = [
+    "UsageError",
+    "add_options",
+    "bounded_float",
+    "bounded_int",
+    "check_config",
+    "check_value",
+    "config_from_args",
+    "flag",
+    "option",
+    "run_command",
+]
+
+
+class UsageError(ValueError):
+    """A request the command line cannot carry out as asked; the message is one line for the user."""
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    choices: Sequence[Any] | None = None,
+    metavar: str | tuple[str, ...] | None = None,
+    cli: bool = True,
+) -> Any:
+    """A dataclass field with its command-line help and allowed values (``cli=False``: no flag)."""
+    metadata = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open}
+    metadata["choices"] = choices
+    metadata.update(metavar=metavar, cli=cli)
+    if isinstance(default, list | dict | set):
+        raise TypeError("use a tuple default, not a mutable one")
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag(name: str) -> str:
+    """``hidden_size`` -> ``--hidden-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def _allowed(kind: type, low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    text = "an int" if kind is int else "a finite number"
+    if low is not None:
+        text += f" {'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        text += f"{' and' if low is not None else ''} {'<' if high_open else '<='} {high:g}"
+    return text
+
+
+def check_value(
+    value: Any,
+    kind: type,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Any:
+    """``value`` as ``kind`` (``int`` or ``float``) within the bounds; ``ValueError`` with what is allowed.
+
+    Floats must be finite (``nan`` and ``inf`` are refused); bools are not numbers here.
+    """
+    allowed = _allowed(kind, low, high, low_open, high_open)
+    wrong_type = not isinstance(value, int | float) or (kind is int and isinstance(value, float))
+    if isinstance(value, bool) or wrong_type:
+        raise ValueError(f"must be {allowed}, got {value!r}")
+    value = kind(value)
+    bad = kind is float and not math.isfinite(value)
+    if low is not None:
+        bad = bad or (value <= low if low_open else value < low)
+    if high is not None:
+        bad = bad or (value >= high if high_open else value > high)
+    if bad:
+        raise ValueError(f"must be {allowed}, got {value!r}")
+    return value
+
+
+def _parser_type(
+    kind: type, low: float | None, high: float | None, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], Any]:
+    """An argparse ``type=``: parse the text as ``kind`` and check the bounds."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = int(text) if kind is int else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be {_allowed(kind, low, high, low_open, high_open)}, got {text!r}"
+            ) from None
+        try:
+            return check_value(value, kind, low=low, high=high, low_open=low_open, high_open=high_open)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+def bounded_int(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type=`` for an int within ``[low, high]``."""
+    return _parser_type(int, low, high)
+
+
+def bounded_float(
+    low: float | None = None, high: float | None = None, low_open: bool = False
+) -> Callable[[str], float]:
+    """An argparse ``type=`` for a finite float within the bounds (``low_open``: strictly above ``low``)."""
+    return _parser_type(float, low, high, low_open)
+
+
+def _field_kind(annotation: Any) -> tuple[type, bool, int | None]:
+    """``(base type, optional, nargs)`` of ``int``, ``int | None``, ``tuple[int, int]``, ``bool | None``..."""
+    args = typing.get_args(annotation)
+    optional = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        optional = type(None) in args
+        (annotation,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is tuple:
+        return args[0], optional, len(args)
+    return annotation, optional, None
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field, type, bool, int | None]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, *_field_kind(hints[f.name])) for f in dataclasses.fields(cls)]
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of the dataclass ``cls`` declared with :func:`option`."""
+    for field, kind, _, nargs in _fields(cls):
+        meta = field.metadata
+        if not meta.get("cli", False):
+            continue
+        name, default = flag(field.name), field.default
+        help_text = meta["help"] + (" (default: %(default)s)" if default is not None else "")
+        if kind is bool:
+            parser.add_argument(
+                name, action=argparse.BooleanOptionalAction, default=default, help=meta["help"]
+            )
+            continue
+        kwargs: dict[str, Any] = {"default": default, "help": help_text, "metavar": meta.get("metavar")}
+        if kind in (int, float):
+            kwargs["type"] = _parser_type(
+                kind, meta["low"], meta["high"], meta["low_open"], meta["high_open"]
+            )
+        if meta.get("choices") is not None:
+            kwargs["choices"] = meta["choices"]
+            kwargs.pop("metavar")
+        if nargs is not None:
+            kwargs["nargs"] = nargs
+            kwargs["default"] = list(default)
+        parser.add_argument(name, **kwargs)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
+    """The dataclass ``cls`` from parsed ``args`` (lists become tuples), with ``extra`` fields set."""
+    values = {}
+    for field, _, _, nargs in _fields(cls):
+        if hasattr(args, field.name):
+            value = getattr(args, field.name)
+            values[field.name] = tuple(value) if nargs is not None and value is not None else value
+    return cls(**{**values, **extra})
+
+
+def check_config(config: Any) -> None:
+    """Check every field of a dataclass built with :func:`option` against its rules.
+
+    Raises
+    ------
+    ValueError
+        Naming the field, the value and what is allowed.
+    """
+    for field, kind, optional, nargs in _fields(type(config)):
+        meta, value = field.metadata, getattr(config, field.name)
+        if "help" not in meta or (optional and value is None):
+            continue
+        values = value if nargs is not None else (value,)
+        if nargs is not None and (not isinstance(value, tuple | list) or len(value) != nargs):
+            raise ValueError(f"{field.name} must be {nargs} values, got {value!r}")
+        for item in values:
+            if kind is bool:
+                if not isinstance(item, bool):
+                    raise ValueError(f"{field.name} must be a bool, got {item!r}")
+            elif kind in (int, float):
+                try:
+                    bounds = {k: meta[k] for k in ("low", "high", "low_open", "high_open")}
+                    check_value(item, kind, **bounds)
+                except ValueError as error:
+                    raise ValueError(f"{field.name} {error}") from None
+            elif meta.get("choices") is not None and item not in meta["choices"]:
+                raise ValueError(f"{field.name} must be one of {list(meta['choices'])}, got {item!r}")
+
+
+def run_command(parser: argparse.ArgumentParser, command: Callable[[], int]) -> int:
+    """Run ``command``; a :class:`UsageError` ends like argparse's errors: one line, exit status 2."""
+    try:
+        return command()
+    except UsageError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")

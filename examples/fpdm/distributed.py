@@ -1,0 +1,83 @@
+"""Where a training process runs: alone or as a rank of a ``torchrun`` launch (gloo on CPU, NCCL on GPU).
+
+:func:`setup_runtime` joins the process group when ``torchrun`` set ``RANK`` and ``WORLD_SIZE`` and picks the
+device; :func:`shutdown_runtime` leaves it cleanly, which a process must do before it exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from cli import UsageError
+
+__all__ = ["Runtime", "gather_objects", "setup_runtime", "shutdown_runtime"]
+
+
+@dataclasses.dataclass
+class Runtime:
+    """Where this process runs: rank, world size, device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _device(requested: str, local_rank: int) -> torch.device:
+    """The device asked for; ``UsageError`` for a malformed name or CUDA on a machine without it."""
+    use_cuda = torch.cuda.is_available() if requested == "auto" else requested.startswith("cuda")
+    if requested != "auto":
+        try:
+            torch.device(requested)
+        except RuntimeError:
+            raise UsageError(
+                f"--device {requested!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+            ) from None
+    if use_cuda and not torch.cuda.is_available():
+        raise UsageError(f"--device {requested!r}: CUDA is not available here; use --device cpu")
+    if not use_cuda:
+        return torch.device("cpu" if requested == "auto" else requested)
+    return torch.device("cuda", local_rank) if requested in ("auto", "cuda") else torch.device(requested)
+
+
+def setup_runtime(requested: str) -> Runtime:
+    """Join the process group if launched by torchrun (``RANK`` set) and pick the device."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Runtime(rank=0, world_size=1, device=_device(requested, 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = _device(requested, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+
+
+def shutdown_runtime(runtime: Runtime, *, wait: bool) -> None:
+    """Leave the process group cleanly: after a run that ended well, wait for every rank; then destroy the
+    group (a process that exits with it alive is aborted by the collective library's threads). After an
+    error no rank waits: its peers may be stuck in another collective."""
+    if runtime.distributed and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def gather_objects(runtime: Runtime, obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a list of one without a process group)."""
+    if not runtime.distributed:
+        return [obj]
+    gathered: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
