@@ -131,8 +131,8 @@ def test_nan_loss_stops_training_with_a_clear_message_and_keeps_the_last_good_ch
 
     def loss_that_goes_nan(self, *args, **kwargs):
         calls.append(1)
-        loss = real_loss(self, *args, **kwargs)
-        return loss * float("nan") if len(calls) == 3 else loss
+        loss, state = real_loss(self, *args, **kwargs)  # train.py asks for the model's state
+        return (loss * float("nan") if len(calls) == 3 else loss), state
 
     monkeypatch.setattr(GaussianDiffusion, "training_loss", loss_that_goes_nan)
     with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at step 3") as error:
@@ -150,7 +150,9 @@ def test_nan_loss_stops_training_with_a_clear_message_and_keeps_the_last_good_ch
 def test_command_line_exits_with_status_1_and_the_message_on_nan(tmp_path, capsys, monkeypatch):
     import train as train_module
 
-    monkeypatch.setattr(GaussianDiffusion, "training_loss", lambda self, *a, **k: torch.tensor(float("inf")))
+    monkeypatch.setattr(
+        GaussianDiffusion, "training_loss", lambda self, *a, **k: (torch.tensor(float("inf")), None)
+    )
     status = train_module.main(["--out", str(tmp_path / "run"), *TINY, "--steps", "2", "--grad", "jfb"])
     assert status == 1
     assert "non-finite training loss (inf) at step 1" in capsys.readouterr().err
