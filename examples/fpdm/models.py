@@ -319,7 +319,9 @@ class _Backbone(nn.Module):
                 f"x must have shape (N, {self.in_channels}, {self.input_size}, {self.input_size}), "
                 f"got {tuple(x.shape)}"
             )
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
+        # Contiguous: the transposed layout would reach the compiled blocks with other strides than the
+        # blocks' own outputs, and each layout is a graph of its own (compile_blocks).
+        tokens = (self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed).contiguous()  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         return tokens, c
 
@@ -524,7 +526,8 @@ class FPDM(_Backbone):
             raise ValueError(
                 f"z0 must have shape {tuple(h.shape)} (a previous state.z), got {tuple(z0.shape)}"
             )
-        out = self.deq(x_inj, z0.to(h.dtype), max_iter=max_iter, tol=tol, solver=solver, c=c)
+        z0 = z0.to(h.dtype).contiguous()  # the layout of the solver's iterates: one graph of f
+        out = self.deq(x_inj, z0, max_iter=max_iter, tol=tol, solver=solver, c=c)
         z = out.z
         if not z.requires_grad and isinstance(out.stats.fz, Tensor):
             z = out.stats.fz  # one application further than stats.z, already computed
