@@ -9,10 +9,10 @@ Run::
 Per preset (FPDM-Digits/2 with S-JFB's random draws, DiT-Digits/2), one training step (loss, backward,
 AdamW) in three ways: ``eager``; ``blocks``, :func:`models.compile_blocks` with the inductor backend (the
 solver loop and S-JFB's draws stay eager); and, with ``--whole``, ``torch.compile`` of the whole model.
-Reported: the median step time after warm-up (wall-clock and the process's CPU time; the machine is
-shared, so the CPU time and the ratio of medians measured side by side are the figures to quote), the
-first steps' time (compilation), and the graphs compiled during warm-up and after it (dynamo's
-``unique_graphs``: a graph after warm-up is a recompilation).
+Reported: the median step time after warm-up, the modes' steps interleaved one by one (wall-clock and the
+process's CPU time; the machine is shared, so the CPU time and the ratio of medians measured side by side
+are the figures to quote), the warm-up steps' time (compilation), and the graphs compiled during warm-up
+and after it (dynamo's ``unique_graphs``: a graph after warm-up is a recompilation).
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ def _graphs() -> int:
 
 
 def _stepper(preset: str, mode: str, batch: int) -> Any:
-    """A training step of a fresh model (same weights and data for every mode)."""
-    torch._dynamo.reset()
+    """A training step of a fresh model (same weights, data and S-JFB draws for every mode)."""
     torch.manual_seed(0)
     overrides: dict[str, Any] = {}
     if preset.startswith("FPDM"):
@@ -75,31 +74,30 @@ def _stepper(preset: str, mode: str, batch: int) -> Any:
     return step
 
 
-def bench(preset: str, mode: str, batch: int, steps: int) -> dict[str, Any]:
-    """Warm-up (compilation), then ``steps`` timed steps."""
-    step = _stepper(preset, mode, batch)
-    graphs_before = _graphs()
-    start = time.perf_counter()
-    for _ in range(WARMUP):
-        step()
-    warmup_s = time.perf_counter() - start
-    graphs_warm = _graphs()
-    walls, cpus = [], []
-    for _ in range(steps):
-        wall, cpu = time.perf_counter(), time.process_time()
-        step()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return {
-        "preset": preset,
-        "mode": mode,
-        "batch": batch,
-        "step_ms": 1e3 * statistics.median(walls),
-        "step_cpu_ms": 1e3 * statistics.median(cpus),
-        "warmup_s": warmup_s,
-        "graphs_warmup": graphs_warm - graphs_before,
-        "graphs_after_warmup": _graphs() - graphs_warm,
-    }
+def bench(preset: str, modes: list[str], batch: int, steps: int) -> list[dict[str, Any]]:
+    """Warm up every mode (compilation), then time ``steps`` steps of each, interleaved step by step."""
+    torch._dynamo.reset()
+    steppers, rows = {}, {}
+    for mode in modes:
+        steppers[mode] = _stepper(preset, mode, batch)
+        graphs_before, start = _graphs(), time.perf_counter()
+        for _ in range(WARMUP):
+            steppers[mode]()
+        rows[mode] = {"preset": preset, "mode": mode, "batch": batch, "warmup_s": time.perf_counter() - start}
+        rows[mode].update(graphs_warmup=_graphs() - graphs_before, graphs_after_warmup=0, walls=[], cpus=[])
+    for rep in range(steps):
+        # Alternate the order, so that a change of the machine's load hits every mode alike.
+        for mode in modes if rep % 2 == 0 else modes[::-1]:
+            graphs_before = _graphs()
+            wall, cpu = time.perf_counter(), time.process_time()
+            steppers[mode]()
+            rows[mode]["walls"].append(time.perf_counter() - wall)
+            rows[mode]["cpus"].append(time.process_time() - cpu)
+            rows[mode]["graphs_after_warmup"] += _graphs() - graphs_before
+    for row in rows.values():
+        row["step_ms"] = 1e3 * statistics.median(row.pop("walls"))
+        row["step_cpu_ms"] = 1e3 * statistics.median(row.pop("cpus"))
+    return list(rows.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,9 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     rows = []
     for preset in ("FPDM-Digits/2", "DiT-Digits/2"):
-        for mode in modes:
-            rows.append(bench(preset, mode, args.batch, steps))
-            print(json.dumps(rows[-1]), file=sys.stderr)
+        rows.extend(bench(preset, modes, args.batch, steps))
+        print(json.dumps(rows[-len(modes) :]), file=sys.stderr)
         eager = next(r for r in rows if r["preset"] == preset and r["mode"] == "eager")
         for row in rows:
             if row["preset"] == preset:
