@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
+import os
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -86,11 +88,13 @@ def check_value(
 ) -> Any:
     """``value`` as ``kind`` (``int`` or ``float``) within the bounds; ``ValueError`` with what is allowed.
 
-    Floats must be finite (``nan`` and ``inf`` are refused); bools are not numbers here.
+    Floats must be finite (``nan`` and ``inf`` are refused); numpy numbers are accepted, bools are not
+    numbers here.
     """
     allowed = _allowed(kind, low, high, low_open, high_open)
-    wrong_type = not isinstance(value, int | float) or (kind is int and isinstance(value, float))
-    if isinstance(value, bool) or wrong_type:
+    # numpy numbers count as numbers; bools (numpy's too) do not.
+    wrong_type = not isinstance(value, numbers.Integral if kind is int else numbers.Real)
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or wrong_type:
         raise ValueError(f"must be {allowed}, got {value!r}")
     value = kind(value)
     bad = kind is float and not math.isfinite(value)
@@ -191,8 +195,31 @@ def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
     return cls(**{**values, **extra})
 
 
+def _checked(name: str, item: Any, kind: type, meta: Any) -> Any:
+    """One value of a field, checked and converted to a plain Python value."""
+    if kind is bool:
+        if not isinstance(item, bool) and type(item).__name__ != "bool_":
+            raise ValueError(f"{name} must be a bool, got {item!r}")
+        return bool(item)
+    if kind in (int, float):
+        bounds = {k: meta[k] for k in ("low", "high", "low_open", "high_open")}
+        try:
+            return check_value(item, kind, **bounds)
+        except ValueError as error:
+            raise ValueError(f"{name} {error}") from None
+    if kind is str:
+        item = os.fspath(item) if isinstance(item, os.PathLike) else item
+        if not isinstance(item, str):
+            raise ValueError(f"{name} must be a string, got {item!r}")
+    if meta.get("choices") is not None and item not in meta["choices"]:
+        raise ValueError(f"{name} must be one of {list(meta['choices'])}, got {item!r}")
+    return item
+
+
 def check_config(config: Any) -> None:
-    """Check every field of a dataclass built with :func:`option` against its rules.
+    """Check every field of a dataclass built with :func:`option` against its rules, and store each as a
+    plain Python value (numpy numbers become ``int``/``float``, paths ``str``, lists tuples), so that the
+    config saves and loads with ``torch.load(weights_only=True)``.
 
     Raises
     ------
@@ -203,21 +230,12 @@ def check_config(config: Any) -> None:
         meta, value = field.metadata, getattr(config, field.name)
         if "help" not in meta or (optional and value is None):
             continue
-        values = value if nargs is not None else (value,)
-        if nargs is not None and (not isinstance(value, tuple | list) or len(value) != nargs):
+        if nargs is None:
+            setattr(config, field.name, _checked(field.name, value, kind, meta))
+            continue
+        if not isinstance(value, tuple | list) or len(value) != nargs:
             raise ValueError(f"{field.name} must be {nargs} values, got {value!r}")
-        for item in values:
-            if kind is bool:
-                if not isinstance(item, bool):
-                    raise ValueError(f"{field.name} must be a bool, got {item!r}")
-            elif kind in (int, float):
-                try:
-                    bounds = {k: meta[k] for k in ("low", "high", "low_open", "high_open")}
-                    check_value(item, kind, **bounds)
-                except ValueError as error:
-                    raise ValueError(f"{field.name} {error}") from None
-            elif meta.get("choices") is not None and item not in meta["choices"]:
-                raise ValueError(f"{field.name} must be one of {list(meta['choices'])}, got {item!r}")
+        setattr(config, field.name, tuple(_checked(field.name, item, kind, meta) for item in value))
 
 
 def run_command(parser: argparse.ArgumentParser, command: Callable[[], int]) -> int:

@@ -81,6 +81,28 @@ def test_train_config_from_python_is_checked_with_the_same_rules():
             train.train(TrainConfig(**changes))
 
 
+def test_config_checks_accept_numpy_numbers_and_refuse_bools():
+    cfg = TrainConfig(
+        out=Path("runs/x"), batch_size=np.int64(16), lr=np.float32(0.5), sjfb_grad=[1, np.int8(2)]
+    )
+    cfg.check()
+    # Stored as plain Python values: the config saves and loads with weights_only=True.
+    assert (type(cfg.out), type(cfg.batch_size), type(cfg.lr), cfg.sjfb_grad) == (str, int, float, (1, 2))
+    assert all(type(v) is int for v in cfg.sjfb_grad)
+    for changes in ({"batch_size": np.bool_(True)}, {"lr": False}, {"steps": 2.0}, {"tol": "1e-3"}):
+        with pytest.raises(ValueError, match=next(iter(changes))):
+            TrainConfig(**changes).check()
+
+
+def test_the_sampler_refuses_non_finite_and_negative_options():
+    torch.manual_seed(0)
+    fpdm = create_model("FPDM-Digits/2", hidden_size=16, num_heads=2).eval()
+    nan, inf = float("nan"), float("inf")
+    for bad in ({"eta": -0.1}, {"eta": nan}, {"guidance": inf}, {"tol": nan}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            sample(fpdm, GaussianDiffusion(), torch.arange(2), budget=8, **bad)
+
+
 def test_a_run_folder_is_not_touched_without_resume_or_overwrite(run_dir, capsys):
     before = {name: (run_dir / name).read_bytes() for name in (CHECKPOINT_NAME, LOG_NAME)}
     status, err = exit_status(
