@@ -6,8 +6,9 @@ API
 linear schedule (Ho et al. 2020) and provides
 
 * ``q_sample(x0, t, noise)``: :math:`x_t = \sqrt{\bar\alpha_t} x_0 + \sqrt{1 - \bar\alpha_t} \epsilon`;
-* ``training_loss(model, x0, y, generator=None)``: the epsilon-prediction loss
-  :math:`E_{t, \epsilon} \|\epsilon - \epsilon_\theta(x_t, t, y)\|^2` (mean over elements);
+* ``training_loss(model, x0, y, generator=None, model_kwargs=None)``: the epsilon-prediction loss
+  :math:`E_{t, \epsilon} \|\epsilon - \epsilon_\theta(x_t, t, y)\|^2` (mean over elements); with
+  ``model_kwargs={"return_state": True}`` it returns ``(loss, state)``, the model's counts with it;
 * ``respace(num_steps)``: evenly spaced timesteps, descending: ``"trailing"`` (default)
   ``[999, 799, 599, 399, 199]`` for 5 steps, or ``"linspace"`` (DiT's and improved-diffusion's)
   ``[999, 749, 500, 250, 0]``;

@@ -448,7 +448,8 @@ def sample(
         same order as :meth:`GaussianDiffusion.sample`: a seeded run is reproducible.
     callback : callable, optional
         Called after each timestep with a dict: ``i``, ``t``, ``x`` (the new sample), ``denoised`` (the
-        predicted clean sample), ``spent``, ``iterations``, ``residual``.
+        predicted clean sample), ``spent``, ``iterations``, ``residual`` (a float: reading it from the
+        device is the one host synchronisation per timestep a callback adds).
 
     Returns
     -------
