@@ -28,7 +28,8 @@ from ``activations`` (start of backward) to ``param_grads`` (end), and the peak 
 ``max(activations, param_grads)`` plus transients. ``peak_set_by`` says which term it is. For DiT-XL/2 at
 batch 2 the gradients (675 M x 4 B = 2.70 GB) outweigh the activations (1.33 GB), so ``fwd_bwd`` is the
 gradients with and without checkpointing (2.70 GB both, 0.006 GB of transients) although checkpointing
-cuts the activations from 1.33 to 0.07 GB; activations (0.67 GB per sample) set the peak from batch 5 on,
+cuts the activations from 1.33 to 0.07 GB (at batch 1, ``results/fpdm_memory_batch1.json``, the
+activations halve to 0.67 GB and ``fwd_bwd`` stays at 2.70 GB); activations set the peak from batch 5 on,
 and on a GPU at training batches (tens of samples per device) they dominate, which is where checkpointing
 halves the peak. ``activation_saving`` reports the saving the total cannot show at a small batch.
 ``--rederive FILE`` recomputes these fields and the table from a saved report without running anything.
