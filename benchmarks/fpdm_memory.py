@@ -19,7 +19,20 @@ on a GPU. The numbers per configuration (GB = 1e9 bytes):
   backward, the gradients, transients), measured after a warm-up step so one-off buffers are excluded;
 * ``adamw_states``: AdamW's two fp32 moments, 8 bytes per parameter, computed, not run (running DiT-XL/2's
   optimizer would need 5.4 GB more on a shared machine, and its size is exact by construction);
-* ``total = weights + fwd_bwd + adamw_states``: the peak of a training step.
+* ``total = weights + fwd_bwd + adamw_states``: the peak of a training step;
+* ``param_grads``: the parameter gradients, 4 bytes per fp32 parameter (computed).
+
+What sets the peak. In the backward pass the activations are freed block by block while the parameter
+gradients are allocated block by block, so for a stack of similar blocks the memory in use moves linearly
+from ``activations`` (start of backward) to ``param_grads`` (end), and the peak is about
+``max(activations, param_grads)`` plus transients. ``peak_set_by`` says which term it is. For DiT-XL/2 at
+batch 2 the gradients (675 M x 4 B = 2.70 GB) outweigh the activations (1.33 GB), so ``fwd_bwd`` is the
+gradients with and without checkpointing (2.70 GB both, 0.006 GB of transients) although checkpointing
+cuts the activations from 1.33 to 0.07 GB (at batch 1, ``results/fpdm_memory_batch1.json``, the
+activations halve to 0.67 GB and ``fwd_bwd`` stays at 2.70 GB); activations set the peak from batch 5 on,
+and on a GPU at training batches (tens of samples per device) they dominate, which is where checkpointing
+halves the peak. ``activation_saving`` reports the saving the total cannot show at a small batch.
+``--rederive FILE`` recomputes these fields and the table from a saved report without running anything.
 
 FPDM runs S-JFB at its most expensive draw (6 no-grad and 3 differentiable iterations of the implicit block)
 and at its cheapest differentiable draw (1, i.e. JFB). Writes ``benchmarks/results/fpdm_memory.json``.
@@ -86,18 +99,18 @@ def child(name: str, batch: int, threads: int) -> dict:
     x = torch.randn(batch, 4, 32, 32)
     y = torch.randint(0, 1000, (batch,))
 
-    def step() -> tuple[float, int]:
+    def step() -> tuple[float, int, int]:
         start = time.perf_counter()
-        loss = diffusion.training_loss(model, x, y)
+        loss, state = diffusion.training_loss(model, x, y, model_kwargs={"return_state": True})
         after_forward = _status_kb("VmRSS")  # the graph holds the activations saved for backward
         loss.backward()
-        return time.perf_counter() - start, after_forward
+        return time.perf_counter() - start, after_forward, state.block_evals
 
     step()  # warm-up: allocates the gradients and one-off buffers
     model.zero_grad(set_to_none=True)
     base = _status_kb("VmRSS")
     _reset_peak()
-    seconds, after_forward = step()
+    seconds, after_forward, block_evals = step()
     fwd_bwd_kb = _status_kb("VmHWM") - base
     gb = 1024 / 1e9
     result = {
@@ -112,10 +125,37 @@ def child(name: str, batch: int, threads: int) -> dict:
         "step_seconds": seconds,
     }
     if preset.startswith("FPDM"):
-        state = model.last_state
-        result["block_evals"] = state.block_evals
+        result["block_evals"] = block_evals
     result["total_GB"] = result["weights_GB"] + result["fwd_bwd_GB"] + result["adamw_states_GB"]
     return result
+
+
+def derive(report: dict) -> dict:
+    """Add the derived fields to every row: gradients, which term sets the peak, the activation saving."""
+    rows = report["results"]
+    for row in rows.values():
+        row["param_grads_GB"] = 4 * row["params_M"] * 1e6 / 1e9
+        activations, grads = row["saved_activations_GB"], row["param_grads_GB"]
+        row["peak_set_by"] = "parameter gradients" if grads >= activations else "activations"
+        # What the peak holds beyond max(activations, gradients): transients and the overlap of the two.
+        row["fwd_bwd_beyond_max_GB"] = row["fwd_bwd_GB"] - max(activations, grads)
+    dit = rows.get("DiT-XL/2")
+    for row in rows.values():
+        if dit is not None:
+            row["total_vs_dit"] = row["total_GB"] / dit["total_GB"]
+            row["fwd_bwd_vs_dit"] = row["fwd_bwd_GB"] / dit["fwd_bwd_GB"]
+            row["activations_vs_dit"] = row["saved_activations_GB"] / dit["saved_activations_GB"]
+    checkpointed = rows.get("DiT-XL/2 + grad. checkpointing")
+    if dit is not None and checkpointed is not None:
+        per_sample = dit["saved_activations_GB"] / report["batch"]
+        report["activation_saving"] = {
+            "dit_activations_GB": dit["saved_activations_GB"],
+            "checkpointed_activations_GB": checkpointed["saved_activations_GB"],
+            "saved_GB": dit["saved_activations_GB"] - checkpointed["saved_activations_GB"],
+            "dit_activations_per_sample_GB": per_sample,
+            "batch_from_which_activations_set_the_peak": int(dit["param_grads_GB"] // per_sample) + 1,
+        }
+    return report
 
 
 def run_all(batch: int, threads: int, only: list[str] | None) -> dict:
@@ -136,12 +176,7 @@ def run_all(batch: int, threads: int, only: list[str] | None) -> dict:
             raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
         rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"  measured {name}: total {rows[name]['total_GB']:.2f} GB", file=sys.stderr)
-    dit = rows.get("DiT-XL/2")
-    for row in rows.values():
-        if dit is not None:
-            row["total_vs_dit"] = row["total_GB"] / dit["total_GB"]
-            row["fwd_bwd_vs_dit"] = row["fwd_bwd_GB"] / dit["fwd_bwd_GB"]
-    return {
+    report = {
         "benchmark": "fpdm_memory",
         "method": "peak RSS (VmHWM) delta in a fresh subprocess per configuration; glibc mmap threshold "
         "64 KiB; AdamW states computed as 8 bytes/parameter",
@@ -151,23 +186,32 @@ def run_all(batch: int, threads: int, only: list[str] | None) -> dict:
         "input": "32x32x4 latents (256 px images), 256 tokens",
         "results": rows,
     }
+    return derive(report)
 
 
 def print_table(report: dict) -> None:
     head = (
-        f"{'configuration':<38} {'params':>8} {'weights':>8} {'activ.':>7} {'fwd+bwd':>8} {'AdamW':>7} "
-        f"{'total':>7} {'vs DiT':>7}"
+        f"{'configuration':<38} {'params':>8} {'weights':>8} {'activ.':>7} {'grads':>7} {'fwd+bwd':>8} "
+        f"{'peak set by':>19} {'AdamW':>7} {'total':>7} {'vs DiT':>7}"
     )
     print(head)
     print("-" * len(head))
     for name, row in report["results"].items():
         print(
             f"{name:<38} {row['params_M']:>7.1f}M {row['weights_GB']:>7.2f}G "
-            f"{row['saved_activations_GB']:>6.2f}G {row['fwd_bwd_GB']:>7.2f}G "
-            f"{row['adamw_states_GB']:>6.2f}G {row['total_GB']:>6.2f}G "
+            f"{row['saved_activations_GB']:>6.2f}G {row['param_grads_GB']:>6.2f}G {row['fwd_bwd_GB']:>7.2f}G "
+            f"{row['peak_set_by']:>19} {row['adamw_states_GB']:>6.2f}G {row['total_GB']:>6.2f}G "
             f"{row.get('total_vs_dit', float('nan')):>7.2f}"
         )
     print(f"batch {report['batch']}, {report['input']}; GB = 1e9 bytes")
+    saving = report.get("activation_saving")
+    if saving is not None:
+        print(
+            f"gradient checkpointing: activations {saving['dit_activations_GB']:.2f} -> "
+            f"{saving['checkpointed_activations_GB']:.2f} GB (-{saving['saved_GB']:.2f} GB); the fwd+bwd "
+            "peak is max(activations, gradients) + transients, so the saving shows in it from batch "
+            f"{saving['batch_from_which_activations_set_the_peak']} on"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,10 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=None, help="configuration names to run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rederive", default=None, help="recompute the derived fields of a saved report")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(args.child, args.batch, args.threads)))
+        return 0
+    if args.rederive is not None:
+        report = derive(json.loads(Path(args.rederive).read_text()))
+        Path(args.rederive).write_text(json.dumps(report, indent=2) + "\n")
+        print_table(report)
         return 0
     report = run_all(args.batch, args.threads, args.only)
     out = Path(args.out)

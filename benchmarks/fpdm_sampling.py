@@ -17,11 +17,13 @@ Per configuration (batch, budget, guidance), two ways to compute the same sample
 
 Both run under ``torch.no_grad`` on the same weights and noise; the script checks that they give the same
 images (``max_abs_diff``) and reports the median wall-clock of ``--reps`` interleaved repetitions (after one
-warm-up each) and ``ratio = sampler / hand``. The target is ``ratio <= 1.05``. ``cpu_ratio`` is the same
-with the process's CPU time, which a busy machine disturbs less (with one thread). Wall-clock on a shared
-machine is noise: the JSON records the load average before and after; re-run on a quiet machine for figures
-to quote. The weights do not change the cost (a constant schedule never stops early); random ones are used
-unless ``--checkpoint`` is given.
+warm-up each) and ``ratio = sampler / hand``. The target is ``ratio <= 1.05``. ``syncs_per_timestep``
+counts the sampler's host synchronisations (:class:`implicitdiff.diagnostics.SyncCounter`; a fixed
+schedule reads the residuals once at the end of the run, so it is about ``1 / steps``). ``cpu_ratio`` is
+the same with the process's CPU time, which a busy machine disturbs less (with one thread). Wall-clock on
+a shared machine is noise: the JSON records the load average before and after; re-run on a quiet machine
+for figures to quote. The weights do not change the cost (a constant schedule never stops early); random
+ones are used unless ``--checkpoint`` is given.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "fpdm"
 from diffusion import GaussianDiffusion
 from models import FPDM, create_model
 from sampling import allocate, block_cost, pick_steps, sample
+
+from implicitdiff.diagnostics import SyncCounter
 
 RESULTS = Path(__file__).parent / "results" / "fpdm_sampling.json"
 
@@ -131,6 +135,10 @@ def bench_config(
             _, wall, cpu = fn()
             walls[name].append(wall)
             cpus[name].append(cpu)
+    with SyncCounter() as sampler_syncs:
+        run_sampler()
+    with SyncCounter() as hand_syncs:
+        run_hand()
     sampler_s, hand_s = statistics.median(walls["sampler"]), statistics.median(walls["hand"])
     sampler_cpu, hand_cpu = statistics.median(cpus["sampler"]), statistics.median(cpus["hand"])
     return {
@@ -149,6 +157,9 @@ def bench_config(
         "hand_cpu_s": hand_cpu,
         "cpu_ratio": sampler_cpu / hand_cpu,
         "max_abs_diff": float((images_sampler - images_hand).abs().max()),
+        "syncs_per_timestep": sampler_syncs.count / steps,
+        "hand_syncs_per_timestep": hand_syncs.count / steps,
+        "syncs_by_op": dict(sampler_syncs.by_op),
     }
 
 
@@ -200,12 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"{'batch':>5} {'guid':>4} {'budget':>6} {'steps':>5} {'iters':>5} {'sampler s':>10} {'hand s':>8} "
     )
-    print(header + f"{'ratio':>6} {'cpu ratio':>9} {'max|diff|':>9}")
+    print(header + f"{'ratio':>6} {'cpu ratio':>9} {'max|diff|':>9} {'syncs/step':>10}")
     for r in rows:
         print(
             f"{r['batch']:>5} {r['guidance']:>4g} {r['budget']:>6} {r['steps']:>5} "
             f"{r['iterations_per_step']:>5} {r['sampler_s']:>10.3f} {r['hand_s']:>8.3f} {r['ratio']:>6.3f} "
-            f"{r['cpu_ratio']:>9.3f} {r['max_abs_diff']:>9.1e}"
+            f"{r['cpu_ratio']:>9.3f} {r['max_abs_diff']:>9.1e} {r['syncs_per_timestep']:>10.2f}"
         )
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; wrote {out}")
     return 0

@@ -6,8 +6,9 @@ API
 linear schedule (Ho et al. 2020) and provides
 
 * ``q_sample(x0, t, noise)``: :math:`x_t = \sqrt{\bar\alpha_t} x_0 + \sqrt{1 - \bar\alpha_t} \epsilon`;
-* ``training_loss(model, x0, y, generator=None)``: the epsilon-prediction loss
-  :math:`E_{t, \epsilon} \|\epsilon - \epsilon_\theta(x_t, t, y)\|^2` (mean over elements);
+* ``training_loss(model, x0, y, generator=None, model_kwargs=None)``: the epsilon-prediction loss
+  :math:`E_{t, \epsilon} \|\epsilon - \epsilon_\theta(x_t, t, y)\|^2` (mean over elements); with
+  ``model_kwargs={"return_state": True}`` it returns ``(loss, state)``, the model's counts with it;
 * ``respace(num_steps)``: evenly spaced timesteps, descending: ``"trailing"`` (default)
   ``[999, 799, 599, 399, 199]`` for 5 steps, or ``"linspace"`` (DiT's and improved-diffusion's)
   ``[999, 749, 500, 250, 0]``;
@@ -32,12 +33,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["METHODS", "SPACINGS", "GaussianDiffusion", "guided_eps"]
+__all__ = ["METHODS", "SPACINGS", "GaussianDiffusion", "guided_eps", "to_device"]
 
 #: The timestep spacings of :meth:`GaussianDiffusion.respace`.
 SPACINGS = ("trailing", "linspace")
 #: The reverse steps: deterministic (or ``eta``-noised) DDIM, ancestral DDPM.
 METHODS = ("ddim", "ddpm")
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device``; to CUDA through pinned memory without making the host wait.
+
+    A plain ``.to("cuda")`` of pageable memory waits for the copy (the host stalls until the device's
+    queue reaches it); a copy from pinned memory with ``non_blocking=True`` is queued like a kernel.
+    The pinned buffer is fresh and never written again, so the copy cannot see a later change.
+    """
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class GaussianDiffusion:
@@ -83,6 +96,10 @@ class GaussianDiffusion:
         # Kept in float64: 1 - alpha_bar near t = 0 is tiny and loses digits in float32.
         self.betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        # Host copies for the sampling loop (Python floats: reading them never waits for a device) and,
+        # per device and dtype, the tables of q_sample (indexing them on the device needs no copy back).
+        self._abar_host: list[float] = [1.0, *self.alphas_cumprod.tolist()]
+        self._q_tables: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def alpha_bar(self, t: int | Tensor) -> Tensor:
         r""":math:`\bar\alpha_t` in float64; ``t = -1`` gives 1 (no noise)."""
@@ -90,19 +107,30 @@ class GaussianDiffusion:
         padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
         return padded[t + 1]
 
-    @staticmethod
-    def _per_sample(values: Tensor, like: Tensor) -> Tensor:
-        """Broadcast ``values`` (scalar or ``(B,)``) against ``like`` ``(B, ...)``, in its dtype/device."""
-        values = values.to(device=like.device, dtype=like.dtype)
-        return values.reshape(-1, *([1] * (like.dim() - 1))) if values.dim() else values
+    def _abar(self, t: int) -> float:
+        r""":math:`\bar\alpha_t` of one integer timestep as a Python float (``t = -1`` gives 1)."""
+        if not -1 <= t < self.num_timesteps:
+            raise IndexError(f"timestep {t} is outside [-1, {self.num_timesteps})")
+        return self._abar_host[t + 1]
+
+    def _q_table(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        r"""``(T, 2)``: :math:`\sqrt{\bar\alpha_t}` and :math:`\sqrt{1 - \bar\alpha_t}` (float64 maths)."""
+        key = (device, dtype)
+        if key not in self._q_tables:
+            abar = self.alphas_cumprod
+            table = torch.stack([abar.sqrt(), (1 - abar).sqrt()], dim=1)
+            self._q_tables[key] = table.to(device=device, dtype=dtype)
+        return self._q_tables[key]
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         r"""Noise clean data to timesteps ``t`` ``(B,)``.
 
         :math:`x_t = \sqrt{\bar\alpha_t} x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon`.
+        The coefficients are looked up on ``t``'s device (no copy back to the host).
         """
-        abar = self._per_sample(self.alpha_bar(t.cpu()), x0)
-        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        coef = self._q_table(t.device, x0.dtype if x0.is_floating_point() else torch.float32)[t]  # (B, 2)
+        coef = coef.to(x0.device).reshape(-1, 2, *([1] * (x0.dim() - 1)))
+        return coef[:, 0] * x0 + coef[:, 1] * noise
 
     def training_loss(
         self,
@@ -112,20 +140,25 @@ class GaussianDiffusion:
         *,
         generator: torch.Generator | None = None,
         model_kwargs: dict[str, Any] | None = None,
-    ) -> Tensor:
+    ) -> Any:
         r"""Epsilon-prediction loss :math:`\text{mean}\,\|\epsilon - \epsilon_\theta(x_t, t, y)\|^2`.
 
         Timesteps are uniform over ``0 .. T-1`` and the noise standard normal, both drawn from
-        ``generator`` (the global RNG when ``None``) on the CPU and moved to ``x0``'s device, so a run is
-        reproducible across devices.
+        ``generator`` (the global RNG when ``None``) on the CPU and moved to ``x0``'s device (from pinned
+        memory without waiting, on CUDA), so a run is reproducible across devices. With
+        ``return_state=True`` in ``model_kwargs`` the model returns ``(eps, state)`` and so does this:
+        ``(loss, state)`` (the model's counts travel with the result; DDP passes the tuple through).
         """
         batch = x0.shape[0]
         t = torch.randint(0, self.num_timesteps, (batch,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-        t = t.to(x0.device)
+        noise = to_device(torch.randn(x0.shape, generator=generator, dtype=x0.dtype), x0.device)
+        t = to_device(t, x0.device)
         x_t = self.q_sample(x0, t, noise)
-        eps = model(x_t, t, y, **(model_kwargs or {}))
-        return (eps.float() - noise.float()).pow(2).mean()
+        kwargs = model_kwargs or {}
+        out = model(x_t, t, y, **kwargs)
+        eps, state = out if kwargs.get("return_state", False) else (out, None)
+        loss = (eps.float() - noise.float()).pow(2).mean()
+        return (loss, state) if kwargs.get("return_state", False) else loss
 
     def respace(self, num_steps: int) -> list[int]:
         """``num_steps`` evenly spaced timesteps, descending from ``T - 1``, by ``self.spacing``."""
@@ -145,7 +178,7 @@ class GaussianDiffusion:
 
         :math:`\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\epsilon) / \sqrt{\bar\alpha_t}`.
         """
-        abar = float(self.alpha_bar(t))
+        abar = self._abar(t)
         x0 = (x_t - (1 - abar) ** 0.5 * eps) / abar**0.5
         return x0.clamp(-1, 1) if self.clip_denoised else x0
 
@@ -164,7 +197,7 @@ class GaussianDiffusion:
         """
         if t_prev >= t:
             raise ValueError(f"t_prev ({t_prev}) must be below t ({t})")
-        abar, abar_prev = float(self.alpha_bar(t)), float(self.alpha_bar(t_prev))
+        abar, abar_prev = self._abar(t), self._abar(t_prev)
         x0 = self.predict_x0(x_t, eps, t)
         eps = (x_t - abar**0.5 * x0) / (1 - abar) ** 0.5
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)) ** 0.5
@@ -187,7 +220,7 @@ class GaussianDiffusion:
         """
         if t_prev >= t:
             raise ValueError(f"t_prev ({t_prev}) must be below t ({t})")
-        abar, abar_prev = float(self.alpha_bar(t)), float(self.alpha_bar(t_prev))
+        abar, abar_prev = self._abar(t), self._abar(t_prev)
         beta = 1 - abar / abar_prev
         x0 = self.predict_x0(x_t, eps, t)
         mean = (abar_prev**0.5 * beta / (1 - abar)) * x0 + (
@@ -214,7 +247,7 @@ class GaussianDiffusion:
         """One reverse step by ``method`` (``"ddim"`` or ``"ddpm"``), drawing its noise from ``generator`` on
         the CPU when it needs any (DDPM, or DDIM with ``eta > 0``, before the last step)."""
         needs_noise = t_prev >= 0 and (method == "ddpm" or eta > 0)
-        noise = torch.randn(x_t.shape, generator=generator).to(x_t.device) if needs_noise else None
+        noise = to_device(torch.randn(x_t.shape, generator=generator), x_t.device) if needs_noise else None
         if method == "ddim":
             return self.ddim_step(x_t, eps, t, t_prev, eta=eta, noise=noise)
         return self.ddpm_step(x_t, eps, t, t_prev, noise=noise)
@@ -268,7 +301,7 @@ class GaussianDiffusion:
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        x = torch.randn(shape, generator=generator).to(device)
+        x = to_device(torch.randn(shape, generator=generator), torch.device(device))
 
         def eps_at(x: Tensor, i: int, t: int) -> Tensor:
             return eps_fn(x, torch.full((shape[0],), t, device=device, dtype=torch.long))

@@ -9,20 +9,31 @@ Both models map ``(x, t, y)`` to the predicted noise, ``eps`` shaped like ``x``:
 
 ``DiT.forward(x, t, y, *, return_state=False)``
 
-``FPDM.forward(x, t, y, *, max_iter=None, tol=None, solver=None, z0=None, return_state=False)``
+``FPDM.forward(x, t, y, *, max_iter=None, tol="layer", solver=None, z0=None, return_state=False)``
 
 * ``x``: ``(B, C, H, W)`` noisy input; ``t``: ``(B,)`` integer timesteps in ``[0, 1000)`` (respaced
   samplers pass the original timestep); ``y``: ``(B,)`` class labels, ``num_classes`` being the null
   label of classifier-free guidance.
 * ``max_iter``, ``tol``, ``solver``: this call's options for the implicit solve (defaults: the model's
-  ``DEQLayer``). ``z0``: the starting point of the solve, shaped like ``state.z`` of an earlier call
-  (warm start); by default the output of the pre blocks, as in the reference FPDM.
-* ``return_state=True`` returns ``(eps, ModelState)`` (FPDM also keeps the last one in ``model.last_state``):
-  ``state.z`` is the fixed point (detached, ``(B, T, D)``), ``state.stats`` the
-  :class:`~implicitdiff.SolverResult` of the solve, and
-  ``state.block_evals`` the transformer-block evaluations the call spent: pre blocks + post blocks + one
-  per evaluation of the implicit block (solver iterations, plus the estimator's differentiable
-  evaluations when a gradient is built). For DiT it is the depth; ``z`` and ``stats`` are ``None``.
+  ``DEQLayer``; ``tol`` left out keeps the layer's tolerance, ``tol=None`` asks for a fixed budget of
+  ``max_iter`` evaluations with no host reads). ``z0``: the starting point of the solve, shaped like
+  ``state.z`` of an earlier call (warm start); by default the output of the pre blocks, as in the
+  reference FPDM.
+* ``return_state=True`` returns ``(eps, ModelState)``: ``state.z`` is the block output the post blocks
+  saw (detached, ``(B, T, D)``, the next call's warm start), ``state.stats`` the
+  :class:`~implicitdiff.SolverResult` of the solve, ``state.grad_evals`` the estimator's differentiable
+  evaluations and ``state.block_evals`` the transformer-block evaluations the call spent: pre blocks +
+  post blocks + ``stats.nfe`` + ``grad_evals``. For DiT it is the depth; ``z`` and ``stats`` are
+  ``None``. Counts travel with the result, never through attributes set on the module (those would make
+  ``torch.compile`` guard on them and recompile at every call).
+
+Without a gradient, ``n`` iterations are ``n`` applications of the implicit block (the paper's Picard,
+``f^n(z_0)``): the solver's iterate ``stats.z`` is one application behind, and its image
+``stats.fz = f(stats.z)``, which the solver computed already, is what the post blocks see and what
+``state.z`` hands on as the next warm start.
+
+``compile_blocks(model, **compile_kwargs)`` compiles the static parts (blocks, implicit block, final
+layer, embedders) with ``torch.compile`` and leaves the solver's loop eager.
 
 FPDM
 ----
@@ -44,7 +55,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +74,7 @@ __all__ = [
     "LabelEmbedder",
     "ModelState",
     "TimestepEmbedder",
+    "compile_blocks",
     "count_parameters",
     "create_model",
     "sincos_pos_embed_2d",
@@ -76,16 +88,22 @@ class ModelState:
     Attributes
     ----------
     block_evals : int
-        Transformer-block evaluations per sample in this call.
+        Transformer-block evaluations per sample in this call: pre + post + ``stats.nfe`` +
+        ``grad_evals`` for FPDM, the depth for DiT.
     z : Tensor or None
-        FPDM's fixed point ``(B, T, D)``, detached; pass it back as ``z0`` to warm-start the next call.
+        FPDM's implicit-block output ``(B, T, D)`` (the one the post blocks saw), detached; pass it back as
+        ``z0`` to warm-start the next call.
     stats : SolverResult or None
-        Statistics of FPDM's forward solve.
+        Statistics of FPDM's forward solve (no-grad evaluations: ``stats.nfe``).
+    grad_evals : int
+        Evaluations of the implicit block made by the gradient estimator (``DEQOutput.grad_evals``):
+        S-JFB's differentiable steps, JFB's one; ``0`` without a gradient.
     """
 
     block_evals: int
     z: Tensor | None = None
     stats: SolverResult | None = None
+    grad_evals: int = 0
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -301,7 +319,9 @@ class _Backbone(nn.Module):
                 f"x must have shape (N, {self.in_channels}, {self.input_size}, {self.input_size}), "
                 f"got {tuple(x.shape)}"
             )
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
+        # Contiguous: the transposed layout would reach the compiled blocks with other strides than the
+        # blocks' own outputs, and each layout is a graph of its own (compile_blocks).
+        tokens = (self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed).contiguous()  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         return tokens, c
 
@@ -383,8 +403,8 @@ class DiT(_Backbone):
 class ImplicitBlock(nn.Module):
     r"""FPDM's weight-tied block, :math:`f(z; x, c) = \text{Block}(\text{fuse}([z, x]), c)`.
 
-    ``calls`` counts evaluations (a plain Python counter, not state), so the model can report the
-    block evaluations a solve spent, including those of a gradient estimator.
+    A pure function of its inputs and weights (no counters, no attributes set in ``forward``), so that
+    ``torch.compile`` traces it once; evaluations are counted by the solver and the estimator.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
@@ -395,10 +415,8 @@ class ImplicitBlock(nn.Module):
             nn.Linear(2 * hidden_size, hidden_size),
         )
         self.block = DiTBlock(hidden_size, num_heads, mlp_ratio)
-        self.calls = 0
 
     def forward(self, z: Tensor, x_inj: Tensor, c: Tensor) -> Tensor:
-        self.calls += 1
         out = self.block(self.fuse(torch.cat([z, x_inj], dim=-1)), c)  # (N, T, D)
         # Under autocast the block may return another dtype than the state's; the solver needs it fixed.
         return out.to(z.dtype)
@@ -471,7 +489,6 @@ class FPDM(_Backbone):
         self.blocks_post = nn.ModuleList(
             [DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(post_depth)]
         )
-        self.last_state: ModelState | None = None
         self.initialize_weights()
 
     @property
@@ -486,12 +503,19 @@ class FPDM(_Backbone):
         y: Tensor,
         *,
         max_iter: int | None = None,
-        tol: float | None = None,
+        tol: float | Literal["layer"] | None = "layer",
         solver: Solver | None = None,
         z0: Tensor | None = None,
         return_state: bool = False,
     ) -> Tensor | tuple[Tensor, ModelState]:
-        """Predict the noise in ``x``; see the module docstring for the options and the state."""
+        """Predict the noise in ``x``; see the module docstring for the options and the state.
+
+        ``tol`` left out (``"layer"``) keeps the layer's tolerance; ``tol=None`` is a fixed budget of
+        ``max_iter`` evaluations without host reads (what a sampler with a fixed schedule asks for).
+        Without a gradient the post blocks see ``stats.fz = f(stats.z)`` (when the solver provides it),
+        so that ``n`` iterations are ``n`` applications of the implicit block; with a gradient they see
+        the estimator's output.
+        """
         h, c = self.embed(x, t, y)  # (N, T, D), (N, D)
         for block in self.blocks_pre:
             h = block(h, c)
@@ -502,19 +526,82 @@ class FPDM(_Backbone):
             raise ValueError(
                 f"z0 must have shape {tuple(h.shape)} (a previous state.z), got {tuple(z0.shape)}"
             )
-        calls_before = self.implicit_block.calls
-        out = self.deq(x_inj, z0.to(h.dtype), max_iter=max_iter, tol=tol, solver=solver, c=c)
-        implicit_evals = self.implicit_block.calls - calls_before
-        h = out.z
+        z0 = z0.to(h.dtype).contiguous()  # the layout of the solver's iterates: one graph of f
+        out = self.deq(x_inj, z0, max_iter=max_iter, tol=tol, solver=solver, c=c)
+        z = out.z
+        if not z.requires_grad and isinstance(out.stats.fz, Tensor):
+            z = out.stats.fz  # one application further than stats.z, already computed
+        h = z
         for block in self.blocks_post:
             h = block(h, c)
         eps = self.head(h, c)  # (N, C, H, W)
+        if not return_state:
+            return eps
+        implicit_evals = int(out.stats.nfe) + int(out.grad_evals)
         state = ModelState(
-            block_evals=self.pre_depth + self.post_depth + implicit_evals, z=out.z.detach(), stats=out.stats
+            block_evals=self.pre_depth + self.post_depth + implicit_evals,
+            z=z.detach(),
+            stats=out.stats,
+            grad_evals=int(out.grad_evals),
         )
-        # Also kept on the module, for callers that cannot take a tuple (the training loss, DDP).
-        self.last_state = state
-        return (eps, state) if return_state else eps
+        return eps, state
+
+
+#: The module types :func:`compile_blocks` compiles: what a forward pass calls with tensors of fixed shapes
+#: and no Python state (the solver loop around the implicit block stays eager).
+COMPILED_PARTS: tuple[type[nn.Module], ...] = (
+    DiTBlock,
+    ImplicitBlock,
+    FinalLayer,
+    TimestepEmbedder,
+)
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
+    """Compile the static parts of DiT or FPDM in place and return the model.
+
+    Each DiT block, FPDM's implicit block ``f`` (fusion and block), the final layer and the timestep
+    embedder are compiled with ``torch.compile`` (``module.compile(**compile_kwargs)``, which
+    keeps the parameter names, so state dicts and checkpoints are unchanged). FPDM's solver loop and
+    gradient estimator stay eager: the number of evaluations (S-JFB's random draws, a tolerance) is
+    decided by Python code that calls the compiled block, so a new draw does not recompile anything.
+    Graphs are specialised on grad mode and on ``training`` (a few variants, compiled during warm-up).
+    The label embedder stays eager: its label dropout draws random numbers, which a compiler may draw
+    differently from eager mode (a compiled run would not match an eager one or resume exactly).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A :class:`DiT` or :class:`FPDM` (any module: every submodule of the types above is compiled).
+    **compile_kwargs
+        Passed to ``torch.compile`` (``backend``, ``mode``, ``dynamic``, ...).
+
+    Returns
+    -------
+    nn.Module
+        The same model object.
+
+    Raises
+    ------
+    TypeError
+        If the model contains none of the parts above.
+    """
+    compiled = 0
+    for module in model.modules():
+        if isinstance(module, COMPILED_PARTS) and not _inside_implicit_block(model, module):
+            module.compile(**compile_kwargs)
+            compiled += 1
+    if compiled == 0:
+        raise TypeError(f"compile_blocks found no block to compile in {type(model).__name__}")
+    return model
+
+
+def _inside_implicit_block(model: nn.Module, module: nn.Module) -> bool:
+    """Whether ``module`` is a DiT block inside an implicit block (compiled with it, not on its own)."""
+    if not isinstance(module, DiTBlock):
+        return False
+    return any(module is inner for part in model.modules() if isinstance(part, ImplicitBlock)
+               for inner in part.modules())  # fmt: skip
 
 
 def _dit_xl_2(**overrides: Any) -> DiT:

@@ -24,10 +24,18 @@ The paper's two ideas, and what we add:
   callable with the ``Solver`` call), **DDPM or DDIM**, classifier-free guidance, a ``torch.Generator`` for
   reproducible noise.
 
-Each solve continues from the block's output at the solver's best iterate, ``f(z_best)``, which the solver has
-already computed (``SolverResult.fz``; :func:`implicitdiff.fixed_point` uses it): ``n`` Picard iterations
+Each solve continues from the block's output at the solver's iterate, ``f(z)``, which the solver has
+already computed (``SolverResult.fz``; ``FPDM.forward`` uses it without a gradient): ``n`` Picard iterations
 compute ``f^n(z_0)`` as the paper's code does, and one iteration per timestep does apply the implicit block.
-The reported residual is the one the solver measured, ``||f(z) - z|| / ||f(z)||`` at ``z_best``.
+The reported residual is the one the solver measured, ``||f(z) - z|| / ||f(z)||`` at that iterate (the best
+one in tolerance mode, the last one with a fixed budget).
+
+Host synchronisations. Fixed schedules run each solve with a fixed budget (``tol=None``: the driver reads
+nothing from the device); the per-timestep residuals and first residuals stay on the device and are read
+once, at the end of the run. Noise drawn on the CPU goes to the device from pinned memory without waiting.
+So a fixed schedule makes no host read per timestep unless a ``callback`` is given (it gets the residual as
+a float: one read per timestep); the ``"tolerance"`` schedule reads the solver's "all converged?" flag
+every ``check_every`` iterations.
 
 Budgets are per sample: with guidance the model runs on the doubled batch (conditional and unconditional),
 which the paper counts once; :attr:`SampleResult.guided_evals` reports the doubled count.
@@ -50,11 +58,12 @@ from fractions import Fraction
 from typing import Any
 
 import torch
-from diffusion import METHODS, GaussianDiffusion, guided_eps
+from diffusion import METHODS, GaussianDiffusion, guided_eps, to_device
 from models import ModelState
 from torch import Tensor, nn
 
 from implicitdiff import Picard, Solver
+from implicitdiff.solvers import residual_norm
 
 __all__ = [
     "DEFAULT_ITERS_PER_STEP",
@@ -73,10 +82,6 @@ SCHEDULES = ("constant", "increasing", "decreasing", "tolerance")
 #: Fixed-point iterations per timestep that ``steps=None`` aims at (timestep smoothing): with reuse, a few
 #: iterations per timestep on many timesteps beat many iterations on few.
 DEFAULT_ITERS_PER_STEP = 2
-
-# With a fixed schedule a solve must use all its iterations: the smallest positive float32 tolerance
-# stops it only at an exact fixed point.
-_NO_EARLY_STOP = float(torch.finfo(torch.float32).tiny)
 
 
 @dataclasses.dataclass
@@ -313,9 +318,43 @@ def _check_options(method: str, schedule: str, budget: int, eta: float, guidance
         raise ValueError(f"guidance must be a finite number, got {guidance}")
 
 
+class _FirstResidual:
+    """A solver wrapper that keeps, on the device, the largest relative residual of the starting point.
+
+    The first evaluation of ``g`` is at the starting point; its residual is what solution reuse lowers.
+    With a fixed budget the solver keeps no trace, so it is measured here (one norm per timestep, no host
+    read). The wrapped solver sees the same calls.
+    """
+
+    def __init__(self, solver: Solver) -> None:
+        self.solver = solver
+        self.value: Tensor | None = None
+
+    def __repr__(self) -> str:
+        return repr(self.solver)
+
+    def __call__(self, g: Callable[[Tensor], Tensor], z0: Tensor, **options: Any) -> Any:
+        first = [True]
+
+        def g_first(z: Tensor) -> Tensor:
+            fz = g(z)
+            if first[0]:
+                first[0] = False
+                flat = (fz.flatten(1).float(), z.flatten(1).float())
+                self.value = residual_norm(*flat, "rel").max()
+            return fz
+
+        self.value = None
+        return self.solver(g_first, z0, **options)
+
+
 @dataclasses.dataclass
 class _Ledger:
-    """What each timestep was allowed and spent, filled in as the sampler runs."""
+    """What each timestep was allowed and spent, filled in as the sampler runs.
+
+    Counts are host integers (the host decides how many evaluations happen); residuals stay on the device,
+    one scalar per timestep, until :meth:`read_residuals` reads them all at once.
+    """
 
     explicit: int
     implicit: bool
@@ -323,11 +362,11 @@ class _Ledger:
     allocated: list[int] = dataclasses.field(default_factory=list)
     spent: list[int] = dataclasses.field(default_factory=list)
     iterations: list[int] = dataclasses.field(default_factory=list)
-    residuals: list[float] = dataclasses.field(default_factory=list)
-    first_residuals: list[float] = dataclasses.field(default_factory=list)
+    device_residuals: list[Tensor] = dataclasses.field(default_factory=list)
+    device_first: list[Tensor] = dataclasses.field(default_factory=list)
     carry: int = 0
 
-    def record(self, t: int, cap: int, state: ModelState) -> None:
+    def record(self, t: int, cap: int, state: ModelState, first: Tensor | None) -> None:
         """Book one timestep; ``RuntimeError`` if it spent more than its cap."""
         nfe = state.stats.nfe if self.implicit else 0
         if nfe > cap or state.block_evals > self.explicit + cap:
@@ -341,12 +380,18 @@ class _Ledger:
         self.spent.append(int(state.block_evals))
         self.iterations.append(int(nfe))
         if self.implicit:
-            trace = state.stats.trace
-            self.residuals.append(float(state.stats.residual.max()))
-            self.first_residuals.append(float(trace[0]) if len(trace) else math.nan)
-        else:
-            self.residuals.append(math.nan)
-            self.first_residuals.append(math.nan)
+            residual = torch.as_tensor(state.stats.residual).float().max()
+            self.device_residuals.append(residual)
+            nan = torch.full_like(residual, math.nan)
+            self.device_first.append(nan if first is None else first.to(residual.device))
+
+    def read_residuals(self) -> tuple[list[float], list[float]]:
+        """Per timestep, the largest residual and the largest first residual (``nan`` for DiT): one read."""
+        if not self.device_residuals:
+            nans = [math.nan] * len(self.spent)
+            return nans, list(nans)
+        both = torch.stack([torch.stack(self.device_residuals), torch.stack(self.device_first)]).tolist()
+        return both[0], both[1]
 
 
 @torch.no_grad()
@@ -403,7 +448,8 @@ def sample(
         same order as :meth:`GaussianDiffusion.sample`: a seeded run is reproducible.
     callback : callable, optional
         Called after each timestep with a dict: ``i``, ``t``, ``x`` (the new sample), ``denoised`` (the
-        predicted clean sample), ``spent``, ``iterations``, ``residual``.
+        predicted clean sample), ``spent``, ``iterations``, ``residual`` (a float: reading it from the
+        device is the one host synchronisation per timestep a callback adds).
 
     Returns
     -------
@@ -426,17 +472,19 @@ def sample(
     explicit, implicit = block_cost(model)
     ledger = _Ledger(explicit, implicit, carry_over=schedule == "tolerance")
     solve_with = Picard() if solver is None else solver
+    measured = _FirstResidual(solve_with)
     guided = guidance != 1.0
     shape = (labels.shape[0], model.in_channels, model.input_size, model.input_size)
-    warm_start: list[Tensor | None] = [None]  # the previous timestep's fixed point
+    warm_start: list[Tensor | None] = [None]  # the previous timestep's block output
 
     def eps_at(x: Tensor, i: int, t: int) -> Tensor:
         cap = plan[i] + ledger.carry if implicit else 0
         options: dict[str, Any] = {"return_state": True}
         if implicit:
-            early_stop = tol if schedule == "tolerance" else _NO_EARLY_STOP
+            # A fixed schedule spends its whole allocation: a fixed budget, with no host reads.
+            early_stop = tol if schedule == "tolerance" else None
             z0 = warm_start[0] if reuse else None
-            options.update(max_iter=cap, tol=early_stop, solver=solve_with, z0=z0)
+            options.update(max_iter=cap, tol=early_stop, solver=measured, z0=z0)
         t_batch = torch.full((shape[0],), t, device=labels.device, dtype=torch.long)
         if guided:
             eps, state = guided_eps(
@@ -444,26 +492,26 @@ def sample(
             )
         else:
             eps, state = model(x, t_batch, labels, **options)
-        ledger.record(t, cap, state)
+        ledger.record(t, cap, state, measured.value if implicit else None)
         warm_start[0] = state.z
         return eps
 
     def after_step(i: int, t: int, x_t: Tensor, eps: Tensor, x_next: Tensor) -> None:
         if callback is not None:
             info = {"i": i, "t": t, "x": x_next, "denoised": diffusion.predict_x0(x_t, eps, t)}
-            info.update(
-                spent=ledger.spent[-1], iterations=ledger.iterations[-1], residual=ledger.residuals[-1]
-            )
+            residual = float(ledger.device_residuals[-1]) if implicit else math.nan  # the one read asked for
+            info.update(spent=ledger.spent[-1], iterations=ledger.iterations[-1], residual=residual)
             callback(info)
 
     was_training = model.training
     model.eval()
     try:
         start = time.perf_counter()
-        x = torch.randn(shape, generator=generator).to(labels.device)
+        x = to_device(torch.randn(shape, generator=generator), labels.device)
         images = diffusion.reverse_loop(
             eps_at, x, timesteps, method=method, eta=eta, generator=generator, callback=after_step
         )
+        residuals, first_residuals = ledger.read_residuals()
         wall_s = time.perf_counter() - start
     finally:
         model.train(was_training)
@@ -476,8 +524,8 @@ def sample(
         allocated=ledger.allocated,
         spent=ledger.spent,
         iterations=ledger.iterations,
-        residuals=ledger.residuals,
-        first_residuals=ledger.first_residuals,
+        residuals=residuals,
+        first_residuals=first_residuals,
         budget=budget,
         wall_s=wall_s,
         batch_factor=2 if guided else 1,

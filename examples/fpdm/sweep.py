@@ -18,7 +18,7 @@
    respect to both the input and the weights, about twice a forward's multiply-adds). FPDM's forward
    evaluations are counted exactly from its training log (``block_evals`` of every step: pre + post + every
    evaluation of the implicit block, the no-grad ones included); its backward passes are pre + post + the
-   differentiable S-JFB steps, whose numbers are replayed exactly from the estimator's seeded generator. DiT
+   differentiable S-JFB steps, which the log records per step as ``grad_evals``. DiT
    costs ``3 * depth`` per step, so each DiT gets ``round(C_FPDM / (3 * depth))`` steps. Why not wall-clock:
    it depends on the machine and its load, and the budgets of the sampling side are block evaluations too; the
    wall-clock of both runs is reported next to it. Caveat: FPDM's implicit block also runs its fusion MLP
@@ -225,14 +225,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def training_compute(log_path: Path, cfg: TrainConfig, pre_post: int) -> dict[str, Any]:
-    """Block passes of an FPDM training run: forward evaluations from its log, backward ones replayed.
+    """Block passes of an FPDM training run, read from its log: forward evaluations and backward ones.
+
+    Every step's record carries its forward evaluations (``block_evals``) and, of those, the gradient
+    estimator's differentiable ones (``grad_evals``: S-JFB's grad draw), which the backward pass goes
+    through again with the explicit blocks; ``nfe`` is the no-grad rest.
 
     Parameters
     ----------
     log_path : Path
-        ``log.jsonl`` of a run trained with ``log_every=1`` (one record with ``block_evals`` per step).
+        ``log.jsonl`` of a run trained with ``log_every=1`` (one record per step).
     cfg : TrainConfig
-        Its configuration (S-JFB ranges and seed, steps).
+        Its configuration (the number of steps).
     pre_post : int
         Explicit blocks per forward (pre + post).
 
@@ -244,24 +248,27 @@ def training_compute(log_path: Path, cfg: TrainConfig, pre_post: int) -> dict[st
     Raises
     ------
     ValueError
-        If the log does not have one record per step, or the replayed draws disagree with it.
+        If the log does not have one record per step, was written before ``grad_evals`` were logged (train
+        again), or a record's counts do not add up (``block_evals = pre_post + nfe + grad_evals``).
     """
     records = [r for r in read_jsonl(log_path)[0] if "block_evals" in r]
     if [r["step"] for r in records] != list(range(1, cfg.steps + 1)):
         raise ValueError(f"{log_path} needs one record with block_evals per step (train with log_every=1)")
-    # The S-JFB estimator draws (no-grad, grad) once per training forward from a generator seeded by cfg.seed.
-    generator = torch.Generator().manual_seed(cfg.seed)
     forward = backward = 0
     for record in records:
-        n_nograd = int(torch.randint(cfg.sjfb_no_grad[0], cfg.sjfb_no_grad[1] + 1, (1,), generator=generator))
-        n_grad = int(torch.randint(cfg.sjfb_grad[0], cfg.sjfb_grad[1] + 1, (1,), generator=generator))
-        implicit = int(record["block_evals"]) - pre_post
-        if not n_grad <= implicit <= n_grad + min(n_nograd, cfg.max_iter):
+        if "grad_evals" not in record or "nfe" not in record:
             raise ValueError(
-                f"step {record['step']}: {implicit} implicit evaluations, drawn {n_nograd}+{n_grad}"
+                f"{log_path}, step {record['step']}: no grad_evals/nfe: the log was written by an older "
+                "train.py that did not record the estimator's evaluations; train the run again"
+            )
+        implicit = int(record["nfe"]) + int(record["grad_evals"])
+        if int(record["block_evals"]) != pre_post + implicit:
+            raise ValueError(
+                f"step {record['step']}: block_evals {record['block_evals']} is not {pre_post} explicit + "
+                f"{record['nfe']} no-grad + {record['grad_evals']} grad evaluations (implicit evaluations)"
             )
         forward += int(record["block_evals"])
-        backward += pre_post + n_grad
+        backward += pre_post + int(record["grad_evals"])
     return {
         "forward": forward,
         "backward": backward,
@@ -515,7 +522,7 @@ REPORT_UNITS = {
     "compute_unit": (
         "transformer-block passes: a block forward counts 1, a block backward 2; FPDM's forward "
         "evaluations from its training log, its backward passes (pre + post + S-JFB's differentiable "
-        "steps) replayed from the estimator's seeded generator; DiT: 3 * depth per step"
+        "steps, logged per step as grad_evals); DiT: 3 * depth per step"
     ),
     "budget_unit": "block evaluations per sample; guidance's doubled batch counted once",
     "reference_metric": (

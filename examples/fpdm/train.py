@@ -9,11 +9,14 @@ Several processes or GPUs (DistributedDataParallel; gloo on CPU, NCCL on GPU)::
     torchrun --nproc_per_node 8 examples/fpdm/train.py --model FPDM-XL/2 --data latents:imagenet256.pt \\
         --batch-size 256 --lr 1e-4 --out runs/fpdm-xl
 
-What it does: AdamW; an EMA of the weights (``torch.optim.swa_utils.AveragedModel``); S-JFB by default
-(``--grad`` picks any estimator of ``registry.ESTIMATORS``); bf16 autocast and TF32 on CUDA; a tqdm bar; a
-JSONL log (``OUT/log.jsonl``) of loss, block evaluations, solver iterations and residuals; a checkpoint
-``OUT/checkpoint.pt`` written atomically and read with ``weights_only=True``. A non-finite loss stops
-training with an error (exit status 1) and leaves the last good checkpoint in place.
+What it does: AdamW (fused where available); ``--compile`` compiles the blocks (``models.compile_blocks``:
+the solver loop and S-JFB's draws stay eager, so nothing recompiles from step to step); an EMA of the
+weights (``torch.optim.swa_utils.AveragedModel``); S-JFB by default (``--grad`` picks any estimator of
+``registry.ESTIMATORS``); bf16 autocast and TF32 on CUDA; a tqdm bar; a JSONL log (``OUT/log.jsonl``) of
+loss, block evaluations (``block_evals``; of which ``nfe`` without a gradient and ``grad_evals`` by the
+estimator), residuals; a checkpoint ``OUT/checkpoint.pt`` written atomically and read with
+``weights_only=True``. A non-finite loss stops training with an error (exit status 1) and leaves the last
+good checkpoint in place.
 
 Run folders. A folder that already holds a run (``checkpoint.pt`` or ``log.jsonl``) is never overwritten
 unless asked: ``--resume`` continues it, ``--overwrite`` starts it again from scratch; without either the
@@ -59,7 +62,7 @@ from data import TensorPairs, load_dataset
 from diffusion import GaussianDiffusion
 from distributed import Runtime, gather_objects, setup_runtime, shutdown_runtime
 from files import FileKindError
-from models import FPDM, PRESETS, create_model
+from models import FPDM, PRESETS, compile_blocks, create_model
 from registry import ESTIMATORS, SOLVERS, make_estimator, make_solver
 from run_folder import (
     CHECKPOINT_NAME,
@@ -83,6 +86,7 @@ __all__ = [
     "ema_multi_avg_fn",
     "load_checkpoint",
     "main",
+    "make_optimizer",
     "parse_args",
     "save_checkpoint",
     "stored_config",
@@ -175,6 +179,10 @@ class TrainConfig:
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
     bf16: bool | None = option(None, "bf16 autocast (default: on CUDA)")
     progress: bool = option(True, "show a progress bar")
+    compile: bool = option(
+        False,
+        "compile the blocks with torch.compile (models.compile_blocks); the solver loop stays eager",
+    )
 
     #: Fields a resume refuses to change: the checkpoint's weights, estimator state and data order belong to
     #: them (:func:`run_folder.compare_configs`).
@@ -183,7 +191,9 @@ class TrainConfig:
         *("grad", "seed"),
     )
     #: Fields that say how to run, not what: never compared on resume.
-    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("out", "resume", "overwrite", "device", "bf16", "progress")
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = (
+        *("out", "resume", "overwrite", "device", "bf16", "progress", "compile"),
+    )
 
     def check(self) -> None:
         """Every field against its rules, and the rules between fields.
@@ -307,7 +317,10 @@ def _build_run(cfg: TrainConfig, runtime: Runtime) -> _Run:
         raise UsageError(f"the model options do not fit together: {error}") from None
     ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay, cfg.ema_warmup), use_buffers=True)
     ema.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.compile:
+        # After the EMA's copy: the copy must not share the compiled callables of the model.
+        compile_blocks(model)
     # Per-rank randomness (timesteps, noise, label dropout) differs across ranks; the estimator's draws
     # (S-JFB) come from its own generator, seeded alike on every rank.
     noise_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + runtime.rank)
@@ -317,6 +330,19 @@ def _build_run(cfg: TrainConfig, runtime: Runtime) -> _Run:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     use_bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
     return _Run(cfg, runtime, dataset, model, net, ema, optimizer, noise_gen, use_bf16)
+
+
+def make_optimizer(params: Any, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters) where this torch supports it for their device.
+
+    ``fused=True`` runs on CUDA since torch 2.0 and on the CPU since 2.4; where it is refused (an older
+    torch, another device) the optimizer falls back to the default implementation.
+    """
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def _rng_state(run: _Run) -> dict[str, Tensor]:
@@ -336,9 +362,11 @@ def _restore(run: _Run, ckpt: dict[str, Any]) -> int:
         )
     run.model.load_state_dict(ckpt["model"])
     run.ema.load_state_dict(ckpt["ema"])
+    # The implementation (fused, foreach) is this machine's choice, not the checkpoint's.
+    chosen = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in run.optimizer.param_groups]
     run.optimizer.load_state_dict(ckpt["optimizer"])
-    for group in run.optimizer.param_groups:
-        group.update(lr=run.cfg.lr, weight_decay=run.cfg.weight_decay)
+    for group, implementation in zip(run.optimizer.param_groups, chosen, strict=True):
+        group.update(lr=run.cfg.lr, weight_decay=run.cfg.weight_decay, **implementation)
     state = ckpt["rng"][run.runtime.rank]
     torch.set_rng_state(state["torch"])
     run.noise_gen.set_state(state["noise"])
@@ -368,8 +396,13 @@ def _write_checkpoint(run: _Run, step: int) -> None:
         dist.barrier()
 
 
-def _train_step(run: _Run, step: int, last_good: int | None) -> tuple[Tensor, Tensor]:
-    """One optimisation step; returns the loss and the gradient norm before clipping."""
+def _train_step(run: _Run, step: int, last_good: int | None) -> tuple[Tensor, Tensor, Any]:
+    """One optimisation step; returns the loss, the gradient norm before clipping and the model's state.
+
+    The model's counts (block evaluations, the estimator's evaluations) and its solve's statistics come back
+    with its output (``return_state=True``; DDP passes the tuple through), never through attributes that
+    the forward pass sets on the module.
+    """
     cfg, runtime = run.cfg, run.runtime
     run.model.train()
     local_batch = cfg.batch_size // runtime.world_size
@@ -377,7 +410,9 @@ def _train_step(run: _Run, step: int, last_good: int | None) -> tuple[Tensor, Te
     x, y = fetch(run.dataset, indices[runtime.rank * local_batch : (runtime.rank + 1) * local_batch])
     x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
     with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
-        loss = run.diffusion.training_loss(run.net, x, y, generator=run.noise_gen)
+        loss, state = run.diffusion.training_loss(
+            run.net, x, y, generator=run.noise_gen, model_kwargs={"return_state": True}
+        )
     bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=runtime.device)
     if runtime.distributed:
         dist.all_reduce(bad)
@@ -397,22 +432,28 @@ def _train_step(run: _Run, step: int, last_good: int | None) -> tuple[Tensor, Te
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
     run.optimizer.step()
     run.ema.update_parameters(run.model)
-    return loss, grad_norm
+    return loss, grad_norm, state
 
 
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _solve_record(model: nn.Module) -> dict[str, Any]:
-    """Block evaluations and the implicit solve's statistics of the model's last forward (FPDM only)."""
-    state = getattr(model, "last_state", None)
-    if state is None or state.stats is None:
+def _solve_record(state: Any) -> dict[str, Any]:
+    """Block evaluations and the implicit solve's statistics of one training forward (FPDM only).
+
+    ``block_evals`` = pre + post + ``nfe`` + ``grad_evals``: ``nfe`` evaluations of the implicit block
+    without a gradient (the solver's; S-JFB's no-grad draw, or fewer when the tolerance stopped it) and
+    ``grad_evals`` differentiable ones (the estimator's; S-JFB's grad draw), which the backward pass
+    goes through again.
+    """
+    if state is None or getattr(state, "stats", None) is None:
         return {}
     residual = state.stats.residual.float()
     return {
         "block_evals": state.block_evals,
         "nfe": state.stats.nfe,
+        "grad_evals": state.grad_evals,
         "residual_max": _finite_or_none(float(residual.max())),
         "residual_mean": _finite_or_none(float(residual.mean())),
         "converged": float(state.stats.converged.float().mean()),
@@ -440,12 +481,12 @@ def _loop(run: _Run, start_step: int, log: Any) -> dict[str, Any]:
     last_good = start_step if start_step > 0 else None
     tick, last_logged = time.perf_counter(), start_step
     for step in range(start_step, cfg.steps):
-        loss, grad_norm = _train_step(run, step, last_good)
+        loss, grad_norm, state = _train_step(run, step, last_good)
         done = step + 1
         if is_main and (done % cfg.log_every == 0 or done == cfg.steps):
             now = time.perf_counter()
             summary = {"step": done, "loss": loss.item(), "grad_norm": float(grad_norm)}
-            summary.update(sec_per_step=(now - tick) / (done - last_logged), **_solve_record(run.model))
+            summary.update(sec_per_step=(now - tick) / (done - last_logged), **_solve_record(state))
             tick, last_logged = now, done
             log.write(json.dumps(summary) + "\n")
             log.flush()

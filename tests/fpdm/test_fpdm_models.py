@@ -132,13 +132,22 @@ def test_warm_start_from_the_previous_solution_converges_at_once(trained_fpdm):
 def test_block_evals_count_pre_post_and_every_implicit_evaluation(trained_fpdm):
     x, y = digits_batch(4)
     t = torch.full((4,), 500)
+    # Counts travel with the result: a forward pass sets no attribute on any module (torch.compile would
+    # guard on it and recompile).
+    snapshot = {id(m): {k: id(v) for k, v in vars(m).items()} for m in trained_fpdm.modules()}
     with torch.no_grad():
         _, state = trained_fpdm(x, t, y, max_iter=5, tol=1e-12, return_state=True)
-    assert state.stats.nfe == 5 and state.block_evals == 1 + 1 + 5
-    assert trained_fpdm.last_state is state
+    assert state.stats.nfe == 5 and state.block_evals == 1 + 1 + 5 and state.grad_evals == 0
+    # A fixed budget (tol=None) spends exactly max_iter evaluations too, with no host reads.
+    with torch.no_grad():
+        _, fixed = trained_fpdm(x, t, y, max_iter=5, tol=None, return_state=True)
+    assert fixed.stats.nfe == 5 and fixed.block_evals == 7
+    # Without a gradient the state is f(stats.z): five iterations are five applications of the block.
+    torch.testing.assert_close(fixed.z, fixed.stats.fz)
     # With a gradient, JFB adds one differentiable evaluation (eval mode: S-JFB acts as JFB).
     _, state = trained_fpdm(x, t, y, max_iter=5, tol=1e-12, return_state=True)
-    assert state.block_evals == 1 + 1 + 5 + 1
+    assert state.block_evals == 1 + 1 + 5 + 1 and state.grad_evals == 1
+    assert snapshot == {id(m): {k: id(v) for k, v in vars(m).items()} for m in trained_fpdm.modules()}
 
 
 def test_dit_gradient_checkpointing_gives_the_same_gradients():

@@ -294,3 +294,25 @@ def test_the_docstring_examples_hold():
 
     failures, attempted = doctest.testmod(sampling)
     assert failures == 0 and attempted >= 3
+
+
+@pytest.mark.parametrize("name", ["FPDM-Digits/2", "DiT-Digits/2"])
+def test_a_fixed_schedule_makes_at_most_one_host_sync_per_timestep(name):
+    from implicitdiff.diagnostics import SyncCounter
+
+    model = contractive_model(name, **({"depth": 4} if name.startswith("DiT") else {}))
+    diffusion, labels = GaussianDiffusion(), torch.arange(4)  # the schedule's host tables are built here
+    with SyncCounter() as syncs:
+        result = sample(model, diffusion, labels, budget=40, steps=10, schedule="constant", guidance=2.0,
+                        generator=seeded())  # fmt: skip
+    assert len(result.timesteps) == 10
+    # The residuals are read once, at the end (18 reads per timestep before the driver's fixed budget).
+    assert syncs.count / 10 <= 1, dict(syncs.by_op)
+    if name.startswith("FPDM"):
+        assert syncs.count == 1 and all(math.isfinite(r) for r in result.residuals + result.first_residuals)
+    else:
+        assert syncs.count == 0
+    # A callback that asks for the residual costs one read per timestep, no more.
+    with SyncCounter() as syncs:
+        sample(model, diffusion, labels, budget=40, steps=10, callback=lambda info: None, generator=seeded())
+    assert syncs.count <= 10 + 1, dict(syncs.by_op)

@@ -9,11 +9,8 @@ import time
 import pytest
 import sweep
 import sweep_stats
-import torch
 from cli import UsageError
 from train import TrainConfig, load_checkpoint
-
-from implicitdiff.gradients import SJFB
 
 
 @pytest.fixture(scope="module")
@@ -94,30 +91,30 @@ def test_training_compute_is_matched_and_parameters_reported(quick):
         assert f"| {method.name} |" in markdown
 
 
-def test_training_compute_counts_the_log_and_the_replayed_draws(tmp_path):
+def test_training_compute_counts_the_estimators_evaluations_from_the_log(tmp_path):
     cfg = TrainConfig(steps=3, seed=5, sjfb_no_grad=(0, 6), sjfb_grad=(1, 3), max_iter=8)
-    # The draws the library's S-JFB estimator makes with that seed, one (no-grad, grad) pair per forward.
-    estimator = SJFB(no_grad_iters=(0, 6), grad_iters=(1, 3), seed=5)
-    draws = []
-    for _ in range(3):
-        estimator.forward_budget(8, training=True)
-        estimator.attach(lambda z: z, torch.zeros(1), training=True)
-        draws.append(estimator.last_draw)
+    draws = [(4, 1), (0, 3), (6, 2)]  # per step: no-grad (solver) and differentiable (estimator) evaluations
     log = tmp_path / "log.jsonl"
-    log.write_text(
-        "".join(
-            json.dumps({"step": i + 1, "block_evals": 2 + a + b}) + "\n" for i, (a, b) in enumerate(draws)
-        )
+
+    def write(records):
+        log.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    write(
+        {"step": i + 1, "block_evals": 2 + a + b, "nfe": a, "grad_evals": b} for i, (a, b) in enumerate(draws)
     )
     compute = sweep.training_compute(log, cfg, pre_post=2)
     assert compute["forward"] == sum(2 + a + b for a, b in draws)
     assert compute["backward"] == sum(2 + b for _, b in draws)
     assert compute["passes"] == compute["forward"] + 2 * compute["backward"]
-    # A log that disagrees with the draws (fewer implicit evaluations than differentiable steps) is refused.
-    log.write_text("".join(json.dumps({"step": i + 1, "block_evals": 2}) + "\n" for i in range(3)))
+    # Counts that do not add up are refused.
+    write({"step": i + 1, "block_evals": 2, "nfe": a, "grad_evals": b} for i, (a, b) in enumerate(draws))
     with pytest.raises(ValueError, match="implicit evaluations"):
         sweep.training_compute(log, cfg, pre_post=2)
-    log.write_text(json.dumps({"step": 2, "block_evals": 5}) + "\n")
+    # A log written before the estimator's evaluations were recorded is refused, saying so.
+    write({"step": i + 1, "block_evals": 2 + a + b} for i, (a, b) in enumerate(draws))
+    with pytest.raises(ValueError, match="older train"):
+        sweep.training_compute(log, cfg, pre_post=2)
+    write([{"step": 2, "block_evals": 5}])
     with pytest.raises(ValueError, match="one record"):
         sweep.training_compute(log, cfg, pre_post=2)
 
