@@ -21,11 +21,14 @@ the implicit block (a fixed budget, no early stop), and the implicit state is *r
 solve of timestep :math:`k` starts from the state it reached at timestep :math:`k` in the previous sweep
 (kept in a ``(N, F B, T, D)`` tensor, ``F = 2`` with guidance), and a timestep evaluated for the first time
 starts from the state of the timestep before it, as the sequential sampler's reuse does; the first sweep
-starts cold. Since the states keep improving from sweep to sweep, the joint fixed point of the states and
-the trajectory is DDIM with the *exact* fixed point of the implicit block at every timestep, which the
-sequential sampler approaches only as its iterations per timestep grow. ``reuse=False`` starts every solve
-cold: the step map is then the same function as :func:`sampling.sample` with ``reuse=False``, and the two
-agree up to the chain's tolerance.
+starts cold. With reuse the step map changes from sweep to sweep (its states do), so the chain's guarantee
+is against the maps as last evaluated: a timestep becomes final as soon as its sample meets ``tol``, with
+the states it has reached by then. Early timesteps, final after a sweep or two, have had about as many
+iterations as in the sequential sampler with reuse, and the parallel samples land close to that sampler's
+(not exactly on them: a state here continues from the previous sweep's estimate at the same timestep, there
+from the previous timestep's). ``reuse=False`` starts every solve cold: the step map is then one fixed
+function, the one of :func:`sampling.sample` with ``reuse=False``, and the two agree up to the chain's
+tolerance.
 
 **Tolerance.** ``tol`` is on the root mean square per entry of the per-timestep residual
 :math:`\|s(k, X_k) - X_{k+1}\|_2 / \sqrt{B C H W}`, so it does not depend on the batch size. With steps
@@ -355,7 +358,8 @@ def sample_parallel(
         model.train(was_training)
     options = {"model": type(model).__name__, "method": "ddim", "eta": 0.0, "parallel": True}
     options.update(solver=repr(solver) if solver is not None else "Picard()", form=form, tol=tol)
-    options.update(window=window, guidance=guidance, steps=steps, iterations=iters if implicit else None)
+    options.update(window=window, guidance=guidance, steps=steps)
+    options["iterations_per_call"] = iters if implicit else None
     options.update(reuse=bool(reuse and implicit), block_solver=repr(block_solver) if block_solver else None)
     return ParallelResult(
         images=chain.xs[-1],
