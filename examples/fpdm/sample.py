@@ -13,6 +13,16 @@ from the budget; ``--no-reuse``: cold starts).
 Written under ``--out``: ``grid.png`` (one row per ``--nrow`` images, each upscaled to ``--pixels`` pixels),
 ``samples.npz`` (``images`` ``(N, C, H, W)`` in ``[-1, 1]``, ``labels``, and per batch and timestep
 ``timesteps``, ``spent``, ``iterations``, ``residuals``) and ``summary.json`` (options and spent compute).
+
+``--parallel`` samples by deterministic DDIM with all timesteps solved at once
+(:func:`parallel.sample_parallel`, ParaDiGMS / ParaTAA): the timesteps and FPDM's iterations per timestep are
+those of the sequential run the budget pays for (``--budget // --steps`` blocks per timestep), the chain
+runs ``--chain-solver`` on the ``--form`` map to ``--chain-tol`` (root mean square per entry) with at most
+``--window`` timesteps per sweep, and ``--reuse`` warm-starts each timestep from its previous sweep. It spends
+more block evaluations than the budget, in fewer sequential rounds (``sweeps`` in the summary)::
+
+    python examples/fpdm/sample.py runs/fpdm-digits/checkpoint.pt --budget 200 --steps 50 --parallel \\
+        --chain-solver picard --chain-tol 1e-6
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli import UsageError, bounded_float, bounded_int, run_command
 from diffusion import METHODS, SPACINGS, GaussianDiffusion
 from files import FileKindError
+from parallel import FORMS, ParallelResult, sample_parallel_batches
 from registry import SOLVERS, make_solver
 from sampling import SCHEDULES, SampleResult, plan_timesteps, sample
 from train import TrainConfig, build_model, load_checkpoint, stored_config
@@ -143,17 +154,20 @@ def save_grid(images: Tensor, path: str | Path, *, nrow: int = 10, pixels: int =
     return path
 
 
-def _summary(results: list[SampleResult], labels: Tensor) -> dict[str, Any]:
+def _summary(results: list[SampleResult] | list[ParallelResult], labels: Tensor) -> dict[str, Any]:
     first = results[0].summary()
     per_step = ("timesteps", "allocated", "spent", "iterations", "residuals", "first_residuals")
-    return {
+    summary = {
         **{k: v for k, v in first.items() if k not in (*per_step, "wall_s", "num_images")},
         "num_images": int(labels.numel()),
         "batches": len(results),
         "wall_s": sum(r.wall_s for r in results),
         "spent_per_sample_max": max(r.spent_total for r in results),
-        "per_step_first_batch": {k: first[k] for k in per_step},
+        "per_step_first_batch": {k: first[k] for k in per_step if k in first},
     }
+    if isinstance(results[0], ParallelResult):
+        summary["sweeps"] = max(r.sweeps for r in results)
+    return summary
 
 
 OUTPUT_NAMES = ("grid.png", "samples.npz", "summary.json")
@@ -178,7 +192,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
 
 
-def _write_arrays(path: Path, images: Tensor, labels: Tensor, results: list[SampleResult]) -> Path:
+def _write_arrays(
+    path: Path, images: Tensor, labels: Tensor, results: list[SampleResult] | list[ParallelResult]
+) -> Path:
     np.savez(
         path,
         images=images.float().numpy(),
@@ -189,6 +205,52 @@ def _write_arrays(path: Path, images: Tensor, labels: Tensor, results: list[Samp
         residuals=np.array([r.residuals for r in results], dtype=np.float64),
     )
     return path
+
+
+def _generate(
+    model: nn.Module, labels: Tensor, args: argparse.Namespace
+) -> tuple[Tensor, list[SampleResult]]:
+    options = {"budget": args.budget, "steps": args.steps, "schedule": args.schedule, "reuse": args.reuse}
+    options.update(method=args.method, eta=args.eta, guidance=args.guidance, tol=args.tol)
+    return generate(
+        model,
+        labels.to(args.device),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=args.progress,
+        diffusion=GaussianDiffusion(spacing=args.spacing),
+        solver=make_solver(args.solver),
+        **options,
+    )
+
+
+def _generate_parallel(
+    model: nn.Module, labels: Tensor, args: argparse.Namespace
+) -> tuple[Tensor, list[ParallelResult]]:
+    """``--parallel``: the timesteps and iterations of the sequential run the budget pays for, in parallel."""
+    if args.method != "ddim" or args.eta != 0:
+        raise UsageError(
+            f"--parallel is deterministic DDIM: use --method ddim --eta 0, got --method {args.method} "
+            f"--eta {args.eta:g}"
+        )
+    diffusion = GaussianDiffusion(spacing=args.spacing)
+    timesteps, plan = plan_timesteps(model, diffusion, args.budget, args.steps, "constant")
+    options: dict[str, Any] = {"steps": len(timesteps), "reuse": args.reuse}
+    if hasattr(model, "pre_depth"):
+        options.update(iterations=min(plan), block_solver=make_solver(args.solver))
+    return sample_parallel_batches(
+        model,
+        labels.to(args.device),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        diffusion=diffusion,
+        solver=make_solver(args.chain_solver),
+        tol=args.chain_tol,
+        window=args.window,
+        form=args.form,
+        guidance=args.guidance,
+        **options,
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Path]:
@@ -209,19 +271,8 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     except FileKindError as error:
         raise UsageError(str(error)) from None
     labels = _labels(args, model.num_classes)
-    options = {"budget": args.budget, "steps": args.steps, "schedule": args.schedule, "reuse": args.reuse}
-    options.update(method=args.method, eta=args.eta, guidance=args.guidance, tol=args.tol)
     try:
-        images, results = generate(
-            model,
-            labels.to(args.device),
-            batch_size=args.batch_size,
-            seed=args.seed,
-            progress=args.progress,
-            diffusion=GaussianDiffusion(spacing=args.spacing),
-            solver=make_solver(args.solver),
-            **options,
-        )
+        images, results = (_generate_parallel if args.parallel else _generate)(model, labels, args)
     except ValueError as error:  # a budget, steps or schedule that does not fit this model
         raise UsageError(str(error)) from None
     out.mkdir(parents=True, exist_ok=True)
@@ -261,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--spacing", default="trailing", choices=SPACINGS, help="how the timesteps are spaced (respace)")
     add("--guidance", type=bounded_float(), default=2.0, help="classifier-free guidance scale (1: none)")
     add("--tol", type=bounded_float(0.0, low_open=True), default=1e-3, help="relative residual, 'tolerance'")
+    add("--parallel", action="store_true", help="DDIM with every timestep solved at once (parallel.py)")
+    add("--chain-solver", default="picard", choices=tuple(SOLVERS), help="--parallel: the chain's solver")
+    add("--chain-tol", type=bounded_float(0.0), default=1e-6, help="--parallel: residual, RMS per entry")
+    add("--window", type=positive, default=None, help="--parallel: timesteps per sweep (default: all)")
+    add("--form", default="cumulative", choices=FORMS, help="--parallel: the map iterated")
     add("--seed", type=bounded_int(0), default=0, help="seed of the noise")
     add("--labels", type=bounded_int(0), nargs="*", default=None, help="labels to cycle (default: all)")
     add("--batch-size", type=positive, default=100, help="images per batch")

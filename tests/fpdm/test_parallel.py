@@ -1,0 +1,376 @@
+"""Parallel DDIM (parallel.py): agreement with sequential DDIM, sweeps, warm starts, accounting, errors."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import sample as sample_cli
+import torch
+from diffusion import GaussianDiffusion
+from models import DiTBlock
+from parallel import ddim_steps, sample_parallel
+from sampling import sample
+from test_sampling import contractive_model
+
+from implicitdiff import Anderson, Picard
+
+STEPS = 12
+DIFFUSION = GaussianDiffusion()
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread runs them faster than two, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return contractive_model("DiT-Digits/2", depth=2)
+
+
+@pytest.fixture(scope="module")
+def fpdm():
+    return contractive_model()
+
+
+def sequential(model, labels, *, iterations=2, reuse=True, guidance=1.0, trajectory=None):
+    """Sequential DDIM with the budgeted sampler: ``iterations`` per timestep (FPDM), same noise (seed 0)."""
+    per_step = model.depth if hasattr(model, "depth") else model.pre_depth + model.post_depth + iterations
+    callback = None if trajectory is None else (lambda info: trajectory.append(info["x"]))
+    return sample(
+        model,
+        DIFFUSION,
+        labels,
+        budget=STEPS * per_step,
+        steps=STEPS,
+        reuse=reuse,
+        guidance=guidance,
+        generator=seeded(),
+        callback=callback,
+    )
+
+
+def lipschitz_bound(model, labels, trajectory, factor=2.0):
+    """Largest finite-difference Lipschitz estimate of the DDIM steps along the sequential trajectory
+    (times a safety ``factor``): the chain's contraction (here an expansion) that amplifies a defect."""
+    t = torch.tensor(DIFFUSION.respace(STEPS))
+    t_prev = torch.tensor([*t[1:].tolist(), -1])
+    gen, worst = seeded(1), 0.0
+    for k, x in enumerate(trajectory):
+        x = x.detach()
+        delta = torch.randn(x.shape, generator=gen) * 1e-2
+        with torch.no_grad():
+            eps_a, eps_b = (model(z, t[k].repeat(x.shape[0]), labels) for z in (x, x + delta))
+        a, b = (
+            ddim_steps(DIFFUSION, z[None], e[None], t[k : k + 1], t_prev[k : k + 1])
+            for z, e in ((x, eps_a), (x + delta, eps_b))
+        )
+        worst = max(worst, float((b - a).norm() / delta.norm()))
+    return factor * worst
+
+
+@pytest.mark.parametrize("form", ["cumulative", "step"])
+@pytest.mark.parametrize("solver", [Picard, Anderson])
+def test_dit_matches_sequential_ddim_within_the_chains_bound(dit, solver, form):
+    labels = torch.arange(3)
+    trajectory = []
+    reference = sequential(dit, labels, trajectory=trajectory)
+    tol = 1e-6
+    out = sample_parallel(
+        dit, DIFFUSION, labels, steps=STEPS, solver=solver(), tol=tol, form=form, generator=seeded()
+    )
+    assert out.converged and out.sweeps <= STEPS
+    # Each step's defect is at most tol * sqrt(n) (2-norm); a defect grows by at most L per later step.
+    x0 = torch.randn(reference.images.shape, generator=seeded())
+    lip = lipschitz_bound(dit, labels, [x0, *trajectory[:-1]])
+    n = reference.images.numel()
+    bound = tol * math.sqrt(n) * sum(lip**i for i in range(STEPS)) + 1e-5  # + float32 rounding
+    assert float((out.images - reference.images).norm()) <= bound
+    assert out.block_evals >= reference.spent_total  # never cheaper in evaluations than the recurrence
+
+
+def test_tol_zero_reproduces_the_sequential_sampler_and_picard_takes_at_most_steps_sweeps(dit, fpdm):
+    labels = torch.arange(2)
+    for model, kwargs in ((dit, {}), (fpdm, {"iterations": 2, "reuse": False})):
+        reference = sequential(model, labels, reuse=False)
+        for form in ("cumulative", "step"):
+            out = sample_parallel(
+                model, DIFFUSION, labels, steps=STEPS, tol=0.0, form=form, generator=seeded(), **kwargs
+            )
+            assert out.converged and out.sweeps <= STEPS
+            assert float((out.images - reference.images).abs().max()) < 1e-5
+    # Picard on the step map finalises exactly one timestep per sweep when nothing is exact sooner.
+    out = sample_parallel(dit, DIFFUSION, labels, steps=STEPS, tol=0.0, form="step", generator=seeded())
+    assert out.sweeps == STEPS
+
+
+def test_cumulative_picard_takes_far_fewer_sweeps_than_steps(dit):
+    out = sample_parallel(dit, DIFFUSION, torch.arange(2), steps=40, tol=1e-4, generator=seeded())
+    assert out.converged and out.sweeps <= 40 // 2
+
+
+def test_fpdm_with_cold_starts_matches_the_sequential_sampler_with_cold_starts(fpdm):
+    labels = torch.arange(3)
+    reference = sequential(fpdm, labels, iterations=3, reuse=False)
+    for solver in (Picard(), Anderson()):
+        out = sample_parallel(
+            fpdm,
+            DIFFUSION,
+            labels,
+            steps=STEPS,
+            iterations=3,
+            reuse=False,
+            solver=solver,
+            tol=1e-7,
+            generator=seeded(),
+        )
+        assert out.converged
+        assert float((out.images - reference.images).abs().max()) < 1e-4
+
+
+def test_fpdm_with_reuse_lands_near_the_sequential_sampler_with_reuse(fpdm):
+    # With reuse the map changes from sweep to sweep; the samples land near the sequential sampler's with
+    # reuse (the same number of iterations, warm-started), much nearer than cold starts do.
+    labels = torch.arange(3)
+    reference = sequential(fpdm, labels, iterations=1).images
+    warm = sample_parallel(fpdm, DIFFUSION, labels, steps=STEPS, iterations=1, tol=1e-7, generator=seeded())
+    cold = sample_parallel(
+        fpdm, DIFFUSION, labels, steps=STEPS, iterations=1, tol=1e-7, reuse=False, generator=seeded()
+    )
+    assert warm.converged and cold.converged
+    warm_err = float((warm.images - reference).abs().max())
+    cold_err = float((cold.images - reference).abs().max())
+    assert warm_err < cold_err / 5
+    # With enough iterations per timestep every state is at its fixed point, and reuse changes nothing.
+    reference = sequential(fpdm, labels, iterations=10).images
+    warm = sample_parallel(fpdm, DIFFUSION, labels, steps=STEPS, iterations=10, tol=1e-7, generator=seeded())
+    assert float((warm.images - reference).abs().max()) < 1e-4
+
+
+class CallRecorder:
+    """Wraps FPDM's forward: records each call's warm start and returned state, per timestep."""
+
+    def __init__(self, model, batch):
+        self.model, self.batch, self.calls = model, batch, []
+        self.forward = model.forward
+
+    def __enter__(self):
+        def forward(x, t, y, **options):
+            eps, state = self.forward(x, t, y, **options)
+            steps = x.shape[0] // self.batch
+            z0 = options["z0"]
+            self.calls.append(
+                (
+                    t[:: self.batch].tolist(),
+                    None if z0 is None else z0.reshape(steps, self.batch, -1),
+                    state.z.reshape(steps, self.batch, -1),
+                )
+            )
+            return eps, state
+
+        self.model.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.forward
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_fpdm_warm_starts_each_timestep_from_its_previous_sweeps_state(fpdm, window):
+    labels = torch.arange(2)
+    with CallRecorder(fpdm, 2) as recorder:
+        out = sample_parallel(
+            fpdm, DIFFUSION, labels, steps=STEPS, iterations=2, tol=1e-6, window=window, generator=seeded()
+        )
+    assert len(recorder.calls) == out.sweeps >= 3
+    assert recorder.calls[0][1] is None  # the first sweep starts cold
+    last: dict[int, torch.Tensor] = {}
+    for timesteps, z0, z in recorder.calls:
+        for j, t in enumerate(timesteps):
+            if z0 is not None:
+                # Its own state from the previous sweep, or (first visit) the nearest earlier timestep's.
+                source = last[t] if t in last else last[min(s for s in last if s > t)]
+                assert torch.equal(z0[j], source)
+        last.update({t: z[j] for j, t in enumerate(timesteps)})
+
+
+def test_guidance_matches_the_sequential_sampler(dit, fpdm):
+    labels = torch.arange(2)
+    for model, kwargs in ((dit, {}), (fpdm, {"iterations": 2, "reuse": False})):
+        reference = sequential(model, labels, reuse=False, guidance=2.0)
+        out = sample_parallel(
+            model, DIFFUSION, labels, steps=STEPS, tol=0.0, guidance=2.0, generator=seeded(), **kwargs
+        )
+        assert float((out.images - reference.images).abs().max()) < 1e-5
+        assert out.guided_evals == 2 * out.block_evals
+    with CallRecorder(fpdm, 4) as recorder:  # guided: (2 B) rows per timestep, [cond, uncond]
+        sample_parallel(fpdm, DIFFUSION, labels, steps=STEPS, tol=1e-6, guidance=2.0, generator=seeded())
+    assert len(recorder.calls) >= 2 and recorder.calls[1][1] is not None
+
+
+class RowCounter:
+    """Counts every DiTBlock call (pre, implicit, post) with the rows it ran on: an independent tally."""
+
+    def __init__(self, model):
+        self.rows = 0
+        self.handles = [
+            m.register_forward_pre_hook(self.hook) for m in model.modules() if isinstance(m, DiTBlock)
+        ]
+
+    def hook(self, module, args):
+        self.rows += args[0].shape[0]
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("name", ["dit", "fpdm"])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_block_evaluations_counted_match_the_calls(name, guidance, request):
+    model = request.getfixturevalue(name)
+    labels = torch.arange(3)
+    kwargs = {"iterations": 2} if name == "fpdm" else {}
+    counter = RowCounter(model)
+    try:
+        out = sample_parallel(
+            model,
+            DIFFUSION,
+            labels,
+            steps=STEPS,
+            tol=1e-5,
+            window=5,
+            guidance=guidance,
+            solver=Anderson(),
+            generator=seeded(),
+            **kwargs,
+        )
+    finally:
+        counter.remove()
+    assert counter.rows == out.guided_evals * 3  # block rows = per-sample evaluations x batch (x 2 guided)
+    assert sum(out.spent) == out.block_evals
+    per_step = 2 + 2 if name == "fpdm" else 2
+    assert out.block_evals == per_step * out.chain.evaluations
+    assert out.sequential_block_evals == STEPS * per_step
+    if name == "fpdm":
+        assert out.iterations == [2 * int(n) for n in out.chain.evaluations_per_step]
+
+
+def test_max_sweeps_caps_the_rounds_and_reports_no_convergence(dit):
+    out = sample_parallel(
+        dit, DIFFUSION, torch.arange(2), steps=STEPS, tol=0.0, max_sweeps=3, form="step", generator=seeded()
+    )
+    assert out.sweeps == 3 and not out.converged
+
+
+@pytest.mark.parametrize(
+    "changes, error, message",
+    [
+        ({"steps": 0}, ValueError, "steps must be an int >= 1"),
+        ({"steps": 2000}, ValueError, "exceeds the diffusion's 1000 timesteps"),
+        ({"tol": -1.0}, ValueError, "tol must be a finite number >= 0"),
+        ({"tol": float("nan")}, ValueError, "tol must be"),
+        ({"guidance": float("inf")}, ValueError, "guidance must be a finite number"),
+        ({"form": "sum"}, ValueError, "form must be one of"),
+        ({"window": 0}, ValueError, "window"),
+        ({"max_sweeps": 0}, ValueError, "max_iter"),
+        ({"solver": "picard"}, TypeError, "solver must be an update rule"),
+        ({"iterations": 0}, ValueError, "iterations must be an int >= 1"),
+        ({"labels": torch.zeros(2, 2, dtype=torch.long)}, ValueError, r"labels must have shape \(B,\)"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(fpdm, changes, error, message):
+    options = {"labels": torch.arange(2), "steps": 4, **changes}
+    labels = options.pop("labels")
+    with pytest.raises(error, match=message):
+        sample_parallel(fpdm, DIFFUSION, labels, **options)
+
+
+def test_dit_refuses_iterations(dit):
+    with pytest.raises(ValueError, match="DiT has no implicit block"):
+        sample_parallel(dit, DIFFUSION, torch.arange(2), steps=4, iterations=2)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from train import CHECKPOINT_NAME, TrainConfig, train
+
+    out = tmp_path_factory.mktemp("train")
+    cfg = TrainConfig(
+        out=str(out),
+        hidden_size=16,
+        num_heads=2,
+        batch_size=32,
+        steps=2,
+        ckpt_every=2,
+        device="cpu",
+        progress=False,
+        log_every=1,
+    )
+    train(cfg)
+    return out / CHECKPOINT_NAME
+
+
+def test_sample_cli_parallel_mode(checkpoint, tmp_path, capsys):
+    common = [
+        str(checkpoint),
+        "--num",
+        "3",
+        "--batch-size",
+        "2",
+        "--budget",
+        "24",
+        "--steps",
+        "6",
+        "--guidance",
+        "1",
+        "--no-progress",
+    ]
+    assert sample_cli.main([*common, "--out", str(tmp_path / "seq"), "--no-reuse"]) == 0
+    argv = [
+        *common,
+        "--out",
+        str(tmp_path / "par"),
+        "--parallel",
+        "--chain-solver",
+        "anderson",
+        "--chain-tol",
+        "0",
+        "--no-reuse",
+    ]
+    assert sample_cli.main(argv) == 0
+    assert str(tmp_path / "par" / "samples.npz") in capsys.readouterr().out
+    seq, par = (np.load(tmp_path / name / "samples.npz") for name in ("seq", "par"))
+    assert np.abs(seq["images"] - par["images"]).max() < 1e-5  # same noise, same model, exact chain
+    summary = json.loads((tmp_path / "par" / "summary.json").read_text())
+    assert (
+        summary["parallel"] is True and summary["batches"] == 2 and summary["solver"].startswith("Anderson")
+    )
+    assert summary["iterations_per_call"] == 2 and 1 <= summary["sweeps"] <= 6  # 24 // 6 - (1 pre + 1 post)
+
+
+def test_sample_cli_parallel_refuses_ddpm_and_eta(checkpoint, tmp_path, capsys):
+    base = [str(checkpoint), "--budget", "8", "--out", str(tmp_path / "s"), "--no-progress", "--parallel"]
+    for extra, message in (
+        (["--method", "ddpm"], "--parallel is deterministic DDIM"),
+        (["--eta", "0.5"], "--parallel is deterministic DDIM"),
+        (["--chain-tol", "-1"], "--chain-tol"),
+        (["--window", "0"], "--window"),
+        (["--form", "sum"], "invalid choice"),
+    ):
+        try:
+            status = sample_cli.main([*base, *extra])
+        except SystemExit as stop:
+            status = stop.code
+        err = capsys.readouterr().err
+        assert status == 2 and message in err, (extra, err)
+    assert not (tmp_path / "s").exists()
