@@ -64,7 +64,7 @@ def _compile(model: nn.Module, name: str, quick: bool) -> nn.Module:
     return torch.compile(model, backend=backend)
 
 
-def training_rows(device: torch.device, quick: bool, budget_s: float = 240.0) -> list[dict[str, Any]]:
+def training_rows(device: torch.device, quick: bool, budget_s: float = 150.0) -> list[dict[str, Any]]:
     """Step time, memory, compile time, graphs and FLOP utilisation of each training configuration."""
     if quick:
         fpdm, dit, batch, steps = "FPDM-Digits/2", "DiT-Digits/2", 4, 2
