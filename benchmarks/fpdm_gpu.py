@@ -19,6 +19,7 @@ Quick mode runs the digits presets on the CPU in seconds; its numbers mean nothi
 
 from __future__ import annotations
 
+import gc
 import statistics
 import sys
 import time
@@ -96,6 +97,9 @@ def _training_row(
     import torch._dynamo
 
     torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the previous row's model and optimizer are gone
     torch.manual_seed(0)
     model = create_model(preset, **overrides).to(device).train()
     net = _compile(model, label, quick) if compiled else model
