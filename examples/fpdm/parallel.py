@@ -17,7 +17,8 @@ DDIM's steps are close to the identity; ``solver=Anderson()`` accelerates it in 
 sweep makes at least one more timestep exact, so Picard never takes more sweeps than timesteps.
 
 **FPDM.** Each timestep evaluated costs ``pre + post`` explicit blocks plus ``iterations`` evaluations of
-the implicit block (a fixed budget, no early stop), and the implicit state is *reused across sweeps*: the
+the implicit block (a fixed budget, no early stop). With ``reuse=True`` the implicit state is *reused across
+sweeps*: the
 solve of timestep :math:`k` starts from the state it reached at timestep :math:`k` in the previous sweep
 (kept in a ``(N, F B, T, D)`` tensor, ``F = 2`` with guidance), and a timestep evaluated for the first time
 starts from the state of the timestep before it, as the sequential sampler's reuse does; the first sweep
@@ -283,7 +284,7 @@ def sample_parallel(
     max_sweeps: int | None = None,
     form: str = "cumulative",
     guidance: float = 1.0,
-    reuse: bool = True,
+    reuse: bool = False,
     block_solver: Solver | None = None,
     generator: torch.Generator | None = None,
 ) -> ParallelResult:
@@ -316,7 +317,10 @@ def sample_parallel(
     guidance : float
         Classifier-free guidance scale; ``1``: the conditional model alone.
     reuse : bool
-        FPDM: warm-start each timestep's implicit solve from its state of the previous sweep.
+        FPDM: warm-start each timestep's implicit solve from its state of the previous sweep. Off by
+        default: on the digits it took more sweeps than cold starts (the states moving under the chain
+        keep its residuals up) and its samples differ from every sequential sampler's
+        (``benchmarks/fpdm_parallel.py``).
     block_solver : Solver, optional
         FPDM's solver of the implicit block; the model's own by default.
     generator : torch.Generator, optional

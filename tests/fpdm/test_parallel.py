@@ -142,7 +142,9 @@ def test_fpdm_with_reuse_lands_near_the_sequential_sampler_with_reuse(fpdm):
     # reuse (the same number of iterations, warm-started), much nearer than cold starts do.
     labels = torch.arange(3)
     reference = sequential(fpdm, labels, iterations=1).images
-    warm = sample_parallel(fpdm, DIFFUSION, labels, steps=STEPS, iterations=1, tol=1e-7, generator=seeded())
+    warm = sample_parallel(
+        fpdm, DIFFUSION, labels, steps=STEPS, iterations=1, tol=1e-7, reuse=True, generator=seeded()
+    )
     cold = sample_parallel(
         fpdm, DIFFUSION, labels, steps=STEPS, iterations=1, tol=1e-7, reuse=False, generator=seeded()
     )
@@ -152,7 +154,9 @@ def test_fpdm_with_reuse_lands_near_the_sequential_sampler_with_reuse(fpdm):
     assert warm_err < cold_err / 5
     # With enough iterations per timestep every state is at its fixed point, and reuse changes nothing.
     reference = sequential(fpdm, labels, iterations=10).images
-    warm = sample_parallel(fpdm, DIFFUSION, labels, steps=STEPS, iterations=10, tol=1e-7, generator=seeded())
+    warm = sample_parallel(
+        fpdm, DIFFUSION, labels, steps=STEPS, iterations=10, tol=1e-7, reuse=True, generator=seeded()
+    )
     assert float((warm.images - reference).abs().max()) < 1e-4
 
 
@@ -189,10 +193,19 @@ def test_fpdm_warm_starts_each_timestep_from_its_previous_sweeps_state(fpdm, win
     labels = torch.arange(2)
     with CallRecorder(fpdm, 2) as recorder:
         out = sample_parallel(
-            fpdm, DIFFUSION, labels, steps=STEPS, iterations=2, tol=1e-6, window=window, generator=seeded()
+            fpdm,
+            DIFFUSION,
+            labels,
+            steps=STEPS,
+            iterations=2,
+            tol=1e-6,
+            window=window,
+            reuse=True,
+            generator=seeded(),
         )
     assert len(recorder.calls) == out.sweeps >= 3
-    assert recorder.calls[0][1] is None  # the first sweep starts cold
+    assert recorder.calls[0][1] is None  # the first sweep starts cold, every later one warm
+    assert all(z0 is not None for _, z0, _ in recorder.calls[1:])
     last: dict[int, torch.Tensor] = {}
     for timesteps, z0, z in recorder.calls:
         for j, t in enumerate(timesteps):
@@ -212,9 +225,26 @@ def test_guidance_matches_the_sequential_sampler(dit, fpdm):
         )
         assert float((out.images - reference.images).abs().max()) < 1e-5
         assert out.guided_evals == 2 * out.block_evals
-    with CallRecorder(fpdm, 4) as recorder:  # guided: (2 B) rows per timestep, [cond, uncond]
-        sample_parallel(fpdm, DIFFUSION, labels, steps=STEPS, tol=1e-6, guidance=2.0, generator=seeded())
-    assert len(recorder.calls) >= 2 and recorder.calls[1][1] is not None
+    # Guided, a call's rows are [cond of every timestep, uncond of every timestep]: the second sweep's warm
+    # starts are the first sweep's states of the same timesteps, halves kept apart.
+    calls, forward = [], fpdm.forward
+
+    def recorded(x, t, y, **options):
+        eps, state = forward(x, t, y, **options)
+        calls.append((options["z0"], state.z))
+        return eps, state
+
+    fpdm.forward = recorded
+    try:
+        sample_parallel(
+            fpdm, DIFFUSION, labels, steps=STEPS, tol=1e-6, guidance=2.0, reuse=True, generator=seeded()
+        )
+    finally:
+        del fpdm.forward
+    first = calls[0][1].reshape(2, STEPS, 2, -1)
+    warm = calls[1][0]
+    steps = warm.shape[0] // 4
+    assert calls[0][0] is None and torch.equal(warm.reshape(2, steps, 2, -1), first[:, STEPS - steps :])
 
 
 class RowCounter:
@@ -323,29 +353,14 @@ def checkpoint(tmp_path_factory):
 def test_sample_cli_parallel_mode(checkpoint, tmp_path, capsys):
     common = [
         str(checkpoint),
-        "--num",
-        "3",
-        "--batch-size",
-        "2",
-        "--budget",
-        "24",
-        "--steps",
-        "6",
-        "--guidance",
-        "1",
-        "--no-progress",
+        *"--num 3 --batch-size 2 --budget 24 --steps 6 --guidance 1 --no-progress".split(),
     ]
     assert sample_cli.main([*common, "--out", str(tmp_path / "seq"), "--no-reuse"]) == 0
     argv = [
         *common,
         "--out",
         str(tmp_path / "par"),
-        "--parallel",
-        "--chain-solver",
-        "anderson",
-        "--chain-tol",
-        "0",
-        "--no-reuse",
+        *"--parallel --chain-solver anderson --chain-tol 0".split(),
     ]
     assert sample_cli.main(argv) == 0
     assert str(tmp_path / "par" / "samples.npz") in capsys.readouterr().out
@@ -355,6 +370,7 @@ def test_sample_cli_parallel_mode(checkpoint, tmp_path, capsys):
     assert (
         summary["parallel"] is True and summary["batches"] == 2 and summary["solver"].startswith("Anderson")
     )
+    assert summary["reuse"] is False  # cold starts by default in the parallel mode
     assert summary["iterations_per_call"] == 2 and 1 <= summary["sweeps"] <= 6  # 24 // 6 - (1 pre + 1 post)
 
 
