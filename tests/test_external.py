@@ -24,6 +24,11 @@ from test_solvers import (
 from implicitdiff import DEQLayer
 from implicitdiff.solvers import Anderson, Broyden, ScipySolver, TorchDEQSolver
 
+# The adapters compare against other libraries: without them (pip install implicitdiff[bench]) these
+# tests cannot run; the core's own correctness tests (tests/test_driver.py) need neither.
+pytest.importorskip("torchdeq", reason="the torchdeq adapter's tests need torchdeq (the bench extra)")
+pytest.importorskip("scipy", reason="the scipy adapter's tests need scipy (the bench extra)")
+
 EXTERNAL = {
     "torchdeq_anderson": TorchDEQSolver("anderson", m=5, lam=1e-8),
     "torchdeq_broyden": TorchDEQSolver("broyden", LBFGS_thres=10),
