@@ -248,11 +248,6 @@ def fixed_point(
             options["check_every"] = check_every
         with torch.no_grad():
             stats = solver(f_x, z_init, **options)
-        if _autocast_on(z_init.device.type) and not _compiling():
-            # Autocast caches the low-precision copies of the weights; before torch 2.5 a copy made in
-            # this no-grad solve is reused by the estimator's evaluation with grad, which then has no
-            # graph back to the weights.
-            torch.clear_autocast_cache()
     if not isinstance(getattr(stats, "z", None), Tensor):
         raise TypeError(
             f"solver {solver!r} must return a SolverResult (with a tensor z), got {type(stats).__name__}"
@@ -272,6 +267,11 @@ def fixed_point(
         # An estimator that continues the iteration with grad (S-JFB) starts from g(stats.z), which the
         # solver computed already: n no-grad evaluations then give n steps, none evaluated twice.
         z_star = image.detach()
+    if budget > 0 and _autocast_on(z_init.device.type) and not _compiling():
+        # Autocast caches the low-precision copies of the weights; before torch 2.5 a copy made in the
+        # no-grad solve is reused by the estimator's evaluation with grad, which then has no graph back
+        # to the weights. Only a gradient needs the cache cleared.
+        torch.clear_autocast_cache()
     before = calls[0]
     z = grad.attach(f_x, z_star, training=training)
     return DEQOutput(z=z, stats=stats, grad_evals=calls[0] - before)
