@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ._validate import check_int, check_real
 from .solvers._base import STOP_MODES, residual_norm, working_dtype
-from .solvers._driver import UpdateRule
+from .solvers._driver import UpdateRule, call_watching_input
 from .solvers.picard import Picard
 
 __all__ = ["ChainResult", "solve_chain"]
@@ -313,13 +313,12 @@ def _solve(
 
     def evaluate(k: Tensor, x: Tensor) -> Tensor:
         x_in = x.reshape(k.shape[0], *shape).to(x0.dtype)
-        version = x_in._version
-        out = step(k, x_in)
+        out, modified = call_watching_input(step, x_in, k)
         want = (k.shape[0], *shape)
         if not isinstance(out, Tensor) or out.shape != want:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"step(k, x) must return the next states stacked like x {want}, got {got}")
-        if x_in._version != version:
+        if modified:
             raise ValueError(
                 "step(k, x) modified its input x in place; the chain cannot measure s(k, x_k) - x_{k+1} "
                 "then. Compute on a copy or out of place."

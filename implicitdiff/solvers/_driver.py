@@ -58,6 +58,19 @@ def write_into(out: Tensor, op: Callable[..., Tensor], *args: Any) -> None:
         op(*args, out=out)
 
 
+def call_watching_input(fn: Callable[..., Any], x: Tensor, *leading: Any) -> tuple[Any, bool]:
+    """``fn(*leading, x)`` and whether it wrote into ``x`` in place.
+
+    The version counter sees in-place writes for free (no copy), but ``torch.compile`` cannot trace it:
+    under compilation the write is not detected and ``False`` is returned.
+    """
+    if _compiling():
+        return fn(*leading, x), False
+    version = x._version
+    out = fn(*leading, x)
+    return out, x._version != version
+
+
 class Evaluator:
     """``g`` on flat ``(B, n)`` states in the working dtype, with the checks every solve needs.
 
@@ -87,18 +100,14 @@ class Evaluator:
 
     def __call__(self, z: Tensor) -> Tensor:
         z_in = self.unflat(z)
-        # The version counter sees in-place writes for free, but torch.compile cannot trace it: the
-        # check runs in eager mode only.
-        check = not _compiling()
-        version = z_in._version if check else 0
-        out = self._g(z_in)
+        out, modified = call_watching_input(self._g, z_in)
         self.nfe += 1
         if not isinstance(out, Tensor) or out.shape != self.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
                 f"the fixed-point map must return a tensor shaped like z0 {tuple(self.shape)}, got {got}"
             )
-        if check and z_in._version != version:
+        if modified:
             raise ValueError(
                 "the fixed-point map modified its input z in place (e.g. z.mul_(...) or "
                 "nn.ReLU(inplace=True) applied to z); the solver cannot measure g(z) - z then. "
