@@ -63,10 +63,7 @@ def _needs_grad(f: Callable[..., Tensor], x: Tensor, f_kwargs: Mapping[str, Any]
 
 
 def _autocast_on(device_type: str) -> bool:
-    try:
-        return bool(torch.is_autocast_enabled(device_type))
-    except TypeError:  # torch < 2.4 takes no device type
-        return bool(torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled())
+    return bool(torch.is_autocast_enabled(device_type))
 
 
 def _checked_map(

@@ -40,10 +40,7 @@ __all__ = ["Evaluator", "Progress", "UpdateRule", "iterate"]
 
 
 def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return bool(compiler.is_compiling())
-    return bool(torch._dynamo.is_compiling())
+    return bool(torch.compiler.is_compiling())
 
 
 def write_into(out: Tensor, op: Callable[..., Tensor], *args: Any) -> None:
