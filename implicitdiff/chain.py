@@ -51,8 +51,8 @@ import torch
 from torch import Tensor
 
 from ._validate import check_int, check_real
-from .solvers._base import STOP_MODES, residual_norm, working_dtype
-from .solvers._driver import UpdateRule, call_watching_input
+from .solvers._base import check_stop_mode, residual_norm, working_dtype
+from .solvers._driver import Evaluator, UpdateRule, as_update_rule
 from .solvers.picard import Picard
 
 __all__ = ["ChainResult", "solve_chain"]
@@ -143,26 +143,14 @@ def _take_rows(state: Any, index: Tensor, rows: int) -> Any:
     return state
 
 
-def _restarts(rule: Any) -> bool:
-    """Whether the rule can forget the history of some samples (a ``restart`` of its own)."""
-    restart = getattr(type(rule), "restart", None)
-    return restart is not None and restart is not UpdateRule.restart
-
-
-def _check_solver(solver: Any) -> Any:
-    if solver is None:
-        return Picard()
-    if not callable(getattr(solver, "step", None)) or not callable(getattr(solver, "init", None)):
-        raise TypeError(
-            "solver must be an update rule with init(z, fz) and step(state, z, fz, residual) (Picard(), "
-            f"Anderson(), Broyden() or a subclass of implicitdiff.solvers.UpdateRule), got {solver!r}"
-        )
-    if getattr(solver, "accept", None) is not None:
+def _check_solver(solver: object) -> UpdateRule:
+    rule = Picard() if solver is None else as_update_rule(solver, "solver")
+    if rule.judges_trials:
         raise TypeError(
             f"solver {solver!r} has accept(): trial steps are judged against a residual that the chain's "
             "moving predecessors make stale, so rules with accept are not supported by solve_chain"
         )
-    return solver
+    return rule
 
 
 def solve_chain(
@@ -278,128 +266,150 @@ def solve_chain(
     tol = _default_tol(wdtype) if tol is None else check_real("tol", tol, low=0.0)
     max_iter = max(num_steps, 1) if max_iter is None else check_int("max_iter", max_iter, low=1)
     window = num_steps if window is None else check_int("window", window, low=1)
-    if stop_mode not in STOP_MODES:
-        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
+    stop_mode = check_stop_mode(stop_mode)
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     with torch.no_grad():
-        return _solve(
-            step, x0, num_steps, rule, tol, max_iter, max(window, 1), stop_mode, wdtype, form == "cumulative"
+        return _Chain(step, x0, num_steps, rule, tol, window, stop_mode, form == "cumulative").run(max_iter)
+
+
+class _Chain:
+    """The state of one :func:`solve_chain` call and its named steps.
+
+    Rows ``xs[: lo + 1]`` of the trajectory are final; ``z`` holds the estimates of the ``rows`` steps in
+    flight, ``xs[lo + 1 : lo + rows + 1]``. A sweep evaluates them (:meth:`sweep`), finalises the prefix
+    that is now exact or within the tolerance (:meth:`finalise`), lets the rule propose the next estimates
+    (:meth:`propose`) and slides the window past the final prefix (:meth:`slide`).
+    """
+
+    def __init__(
+        self,
+        step: StepFn,
+        x0: Tensor,
+        num_steps: int,
+        rule: UpdateRule,
+        tol: float,
+        window: int,
+        stop_mode: str,
+        cumulative: bool,
+    ) -> None:
+        self.evaluate = Evaluator(
+            step,
+            x0.shape,
+            x0.dtype,
+            name="step(k, x)",
+            returns="the next states stacked like x",
+            argument="x",
+        )
+        self.rule, self.tol, self.window, self.stop_mode = rule, tol, window, stop_mode
+        self.cumulative, self.num_steps = cumulative, num_steps
+        self.shape, self.dtype, self.device = x0.shape, x0.dtype, x0.device
+        wdtype = self.evaluate.wdtype
+        self.xs = x0.detach().reshape(1, -1).to(wdtype).repeat(num_steps + 1, 1)
+        self.residual = torch.full((num_steps,), math.inf, dtype=wdtype, device=self.device)
+        self.converged = torch.zeros(num_steps, dtype=torch.bool, device=self.device)
+        self.nonfinite = torch.zeros(num_steps, dtype=torch.bool, device=self.device)
+        self.per_step = torch.zeros(num_steps, dtype=torch.long, device=self.device)
+        self.evaluations = 0
+        self.lo, self.rows = 0, min(window, num_steps)
+        self.z = self.xs[1 : self.rows + 1].clone()
+        self.state: Any = None  # the rule's state; None until the next sweep initialises it
+
+    def run(self, max_iter: int) -> ChainResult:
+        while self.lo < self.num_steps and self.evaluate.nfe < max_iter:
+            prev, fz = self.sweep()
+            res = residual_norm(fz, self.z, self.stop_mode)
+            advance = self.finalise(fz, res)
+            if self.lo + advance >= self.num_steps or self.evaluate.nfe >= max_iter or advance == 0:
+                # Steps not final keep the estimates last evaluated; those never evaluated the last one.
+                hi = self.lo + self.rows
+                self.xs[self.lo + advance + 1 : hi + 1] = self.z[advance:]
+                self.xs[hi + 1 :] = self.xs[hi : hi + 1]
+                break
+            self.slide(advance, self.propose(prev, fz, res))
+        return ChainResult(
+            xs=self.xs.reshape(self.num_steps + 1, *self.shape).to(self.dtype),
+            residual=self.residual,
+            converged=self.converged,
+            sweeps=self.evaluate.nfe,
+            evaluations=self.evaluations,
+            evaluations_per_step=self.per_step,
+            nonfinite=self.nonfinite,
         )
 
+    def sweep(self) -> tuple[Tensor, Tensor]:
+        """Evaluate every step in flight once: their predecessors and images ``(rows, n)``."""
+        lo, rows = self.lo, self.rows
+        k = torch.arange(lo, lo + rows, device=self.device)
+        prev = torch.cat([self.xs[lo : lo + 1], self.z[:-1]])  # each step's predecessor
+        fz = self.evaluate(prev, k)
+        self.evaluations += rows
+        self.per_step[lo : lo + rows] += 1
+        return prev, fz
 
-def _solve(
-    step: StepFn,
-    x0: Tensor,
-    num_steps: int,
-    rule: Any,
-    tol: float,
-    max_iter: int,
-    window: int,
-    stop_mode: str,
-    wdtype: torch.dtype,
-    cumulative: bool,
-) -> ChainResult:
-    device, shape = x0.device, x0.shape
-    n = x0.numel()
-    # The trajectory in the working dtype: rows up to ``lo`` are final, the rest are filled in at the end.
-    xs = x0.detach().reshape(1, n).to(wdtype).repeat(num_steps + 1, 1)
-    residual = torch.full((num_steps,), math.inf, dtype=wdtype, device=device)
-    converged = torch.zeros(num_steps, dtype=torch.bool, device=device)
-    nonfinite = torch.zeros(num_steps, dtype=torch.bool, device=device)
-    per_step = torch.zeros(num_steps, dtype=torch.long, device=device)
-    sweeps = evaluations = 0
-    restarts = _restarts(rule)
+    def finalise(self, fz: Tensor, res: Tensor) -> int:
+        """Make final the leading run of steps within the tolerance, and the next one at its image.
 
-    def evaluate(k: Tensor, x: Tensor) -> Tensor:
-        x_in = x.reshape(k.shape[0], *shape).to(x0.dtype)
-        out, modified = call_watching_input(step, x_in, k)
-        want = (k.shape[0], *shape)
-        if not isinstance(out, Tensor) or out.shape != want:
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"step(k, x) must return the next states stacked like x {want}, got {got}")
-        if modified:
-            raise ValueError(
-                "step(k, x) modified its input x in place; the chain cannot measure s(k, x_k) - x_{k+1} "
-                "then. Compute on a copy or out of place."
-            )
-        return out.reshape(k.shape[0], n).to(wdtype)
-
-    lo = 0  # the first step that is not final: xs[: lo + 1] is final
-    rows = min(window, num_steps)
-    z = xs[1 : rows + 1].clone()  # estimates of xs[lo + 1 : lo + rows + 1], the steps in flight
-    state: Any = None
-    while lo < num_steps and sweeps < max_iter:
-        hi = lo + rows
-        k = torch.arange(lo, hi, device=device)
-        prev = torch.cat([xs[lo : lo + 1], z[:-1]])  # each step's predecessor
-        fz = evaluate(k, prev)  # (rows, n)
-        sweeps += 1
-        evaluations += rows
-        per_step[lo:hi] += 1
-        res = residual_norm(fz, z, stop_mode)
+        The first step that misses the tolerance but whose predecessors are final is exact at its image
+        (that is the sequential value) if the image is finite. Returns how many steps became final: the
+        one host read of a sweep.
+        """
+        lo, rows, z = self.lo, self.rows, self.z
         finite = torch.isfinite(fz).all(dim=1)
-        # Steps final now: the leading run with r <= tol, then the next one at its image (its
-        # predecessor is final, so the image is the sequential value), if that image is finite.
-        within = torch.cumprod((res <= tol).to(torch.long), dim=0).sum()
+        within = torch.cumprod((res <= self.tol).to(torch.long), dim=0).sum()
         image_ok = finite.index_select(0, within.clamp(max=rows - 1).view(1)).squeeze(0) & (within < rows)
-        advance = int(within + image_ok)  # the one host read of the sweep
-        at_image = torch.arange(rows, device=device) >= within
-        nonfinite[lo:hi] = ~finite
-        residual[lo:hi] = res
+        advance = int(within + image_ok)
+        at_image = torch.arange(rows, device=self.device) >= within
+        self.nonfinite[lo : lo + rows] = ~finite
+        self.residual[lo : lo + rows] = res
+        self.finite = finite
         if advance:
-            final = slice(lo + 1, lo + 1 + advance)
-            xs[final] = torch.where(at_image[:, None], fz, z)[:advance]
-            residual[lo : lo + advance] = torch.where(at_image, 0.0, res)[:advance]
-            converged[lo : lo + advance] = True
+            self.xs[lo + 1 : lo + 1 + advance] = torch.where(at_image[:, None], fz, z)[:advance]
+            self.residual[lo : lo + advance] = torch.where(at_image, 0.0, res)[:advance]
+            self.converged[lo : lo + advance] = True
         if advance < rows:
             # Evaluated against the estimate its predecessor has just left (or it is non-finite).
-            residual[lo + advance] = math.inf
-        new_lo = lo + advance
-        if new_lo >= num_steps or sweeps >= max_iter or advance == 0:
-            # Steps not final keep the estimates last evaluated; those never evaluated the last one.
-            xs[new_lo + 1 : hi + 1] = z[advance:]
-            xs[hi + 1 :] = xs[hi : hi + 1]
-            break
-        if cumulative:
+            self.residual[lo + advance] = math.inf
+        return advance
+
+    def propose(self, prev: Tensor, fz: Tensor, res: Tensor) -> Tensor:
+        """The rule's next estimates of the steps in flight, from their images under ``F`` or ``G``."""
+        if self.cumulative:
             # The image under G: the final state plus the running sum of the increments s(k, X_k) - X_k.
-            gz = torch.cumsum(fz - prev, dim=0).add_(xs[lo : lo + 1])
-            gres = residual_norm(gz, z, stop_mode)
+            gz = torch.cumsum(fz - prev, dim=0).add_(self.xs[self.lo : self.lo + 1])
+            gres = residual_norm(gz, self.z, self.stop_mode)
         else:
             gz, gres = fz, res
-        if state is None:
-            state = rule.init(z, gz)
-        z_next, state = rule.step(state, z, gz, gres)
+        if self.state is None:
+            self.state = self.rule.init(self.z, gz)
+        z_next, self.state = self.rule.step(self.state, self.z, gz, gres)
         # A rule that produced non-finite values for a step falls back to its image and forgets it.
-        broken = ~torch.isfinite(z_next).all(dim=1) | ~finite
-        z_next = torch.where(broken[:, None], fz, z_next)
-        if restarts:
-            state = rule.restart(state, broken)
-        # Slide: the kept steps move up by ``advance`` rows; entering steps start from the estimate of
-        # the step before them and with no history.
-        new_rows = min(window, num_steps - new_lo)
+        broken = ~torch.isfinite(z_next).all(dim=1) | ~self.finite
+        if self.rule.can_restart:
+            self.state = self.rule.restart(self.state, broken)
+        return torch.where(broken[:, None], fz, z_next)
+
+    def slide(self, advance: int, z_next: Tensor) -> None:
+        """Move the window past the ``advance`` steps made final; entering steps start with no history.
+
+        The kept steps move up by ``advance`` rows, each with its rows of the rule's state; an entering
+        step starts from the estimate of the step before it.
+        """
+        rows, n = self.rows, z_next.shape[1]
+        new_lo = self.lo + advance
+        new_rows = min(self.window, self.num_steps - new_lo)
         kept = rows - advance
         entering = new_rows - kept
-        index = torch.arange(advance, rows, device=device)
-        guess = z_next[-1:] if kept else xs[new_lo : new_lo + 1]
-        z = torch.cat([z_next.index_select(0, index), guess.expand(entering, n)])
-        if entering:
-            if restarts and kept:
+        index = torch.arange(advance, rows, device=self.device)
+        guess = z_next[-1:] if kept else self.xs[new_lo : new_lo + 1]
+        self.z = torch.cat([z_next.index_select(0, index), guess.expand(entering, n)])
+        if entering and not (self.rule.can_restart and kept):
+            self.state = None  # re-initialised at the next sweep
+        elif self.state is not None:
+            if entering:
                 index = torch.cat([index, index.new_zeros(entering)])
-                state = _take_rows(state, index, rows)
-                fresh = torch.arange(new_rows, device=device) >= kept
-                state = rule.restart(state, fresh)
-            else:
-                state = None  # re-initialised at the next evaluation
-        elif state is not None:
-            state = _take_rows(state, index, rows)
-        lo, rows = new_lo, new_rows
-    return ChainResult(
-        xs=xs.reshape(num_steps + 1, *shape).to(x0.dtype),
-        residual=residual,
-        converged=converged,
-        sweeps=sweeps,
-        evaluations=evaluations,
-        evaluations_per_step=per_step,
-        nonfinite=nonfinite,
-    )
+            self.state = _take_rows(self.state, index, rows)
+            if entering:
+                fresh = torch.arange(new_rows, device=self.device) >= kept
+                self.state = self.rule.restart(self.state, fresh)
+        self.lo, self.rows = new_lo, new_rows

@@ -9,13 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_bool
+from ._validate import check_bool, check_int
 from .gradients import JFB, GradientEstimator
+from .gradients._base import StartsFromImage
 from .solvers import Anderson, Solver, SolverResult
-from .solvers._base import check_solve_args
-from .solvers._driver import _compiling
+from .solvers._driver import compiling
 
-__all__ = ["DEQOutput", "fixed_point"]
+__all__ = ["BoundMap", "DEQOutput", "fixed_point"]
 
 
 @dataclass
@@ -66,69 +66,79 @@ def _autocast_on(device_type: str) -> bool:
     return bool(torch.is_autocast_enabled(device_type))
 
 
-def _checked_map(
-    f: Callable[..., Tensor], x: Tensor, z0: Tensor, f_kwargs: Mapping[str, Any], calls: list[int]
-) -> Callable[[Tensor], Tensor]:
-    """``z -> f(z, x, **f_kwargs)`` that checks the output's shape, dtype and device against ``z0``.
+class BoundMap:
+    """``z -> f(z, x, **f_kwargs)`` with the inputs bound, checking each output against the state ``z0``.
 
     The state keeps ``z0``'s dtype. Under ``torch.autocast`` an ``f`` ending in a matrix product returns
     the autocast dtype (bfloat16, float16); its output is cast back to the state's dtype (differentiably),
     so the solver and every estimator work on states of one dtype. Outside autocast another dtype is an
-    error. Every call adds one to ``calls[0]``.
+    error. Every call adds one to :attr:`calls`.
 
-    The returned map also carries ``explicit_inputs`` (``x`` and the tensors in ``f_kwargs``, in that
-    order) and ``with_inputs(*tensors)``, which returns the same map with those tensors replaced. An
-    estimator that differentiates with respect to the inputs explicitly (``IFT``) uses them.
+    An estimator that differentiates with respect to the inputs explicitly (:class:`~implicitdiff.IFT`)
+    reads :attr:`inputs` (``x`` and the tensors in ``f_kwargs``, in that order) and calls
+    :meth:`with_inputs` for the same map on other tensors.
     """
-    name = getattr(f, "__name__", type(f).__name__)
-    tensor_keys = [key for key, value in f_kwargs.items() if isinstance(value, Tensor)]
 
-    def bind(x_bound: Tensor, items: tuple[tuple[str, Any], ...]) -> Callable[[Tensor], Tensor]:
-        # The keyword arguments travel as a tuple of pairs: dynamo before torch 2.5 fails to guard a
-        # dict that it also sees in the caller's frame.
-        kwargs_bound = dict(items)
+    def __init__(
+        self, f: Callable[..., Tensor], x: Tensor, z0: Tensor, f_kwargs: Mapping[str, Any], counter: list[int]
+    ) -> None:
+        self.f, self.x, self.z0 = f, x, z0
+        # Kept as a tuple of pairs: dynamo before torch 2.5 fails to guard a dict that it also sees in the
+        # caller's frame.
+        self._items = tuple(f_kwargs.items())
+        self._tensor_keys = tuple(key for key, value in self._items if isinstance(value, Tensor))
+        self._counter = counter
+        self._name = getattr(f, "__name__", type(f).__name__)
 
-        def f_x(z: Tensor) -> Tensor:
-            out = f(z, x_bound, **dict(items)) if items else f(z, x_bound)
-            calls[0] += 1
-            if not isinstance(out, Tensor):
-                raise TypeError(f"f ({name}) must return a Tensor, got {type(out).__name__}")
-            if (
-                out.dtype != z0.dtype
-                and out.dtype.is_floating_point
-                and out.device == z0.device
-                and _autocast_on(out.device.type)
-            ):
-                out = out.to(z0.dtype)
-            if out.shape != z0.shape:
-                raise ValueError(
-                    f"f ({name}) must return a tensor shaped like z {tuple(z0.shape)}, got shape "
-                    f"{tuple(out.shape)}. If the state is not shaped like x, pass z0."
-                )
-            if out.dtype != z0.dtype or out.device != z0.device:
-                raise ValueError(
-                    f"f ({name}) must return a tensor of the state's dtype and device ({z0.dtype} on "
-                    f"{z0.device}), got {out.dtype} on {out.device}. The state takes the dtype of z0 (of "
-                    "x when z0 is not given): pass a z0 of the dtype f computes in, or cast f's output; "
-                    "under torch.autocast the output is cast back for you."
-                )
-            return out
+    @property
+    def calls(self) -> int:
+        """Evaluations of ``f`` by this map and every map made from it by :meth:`with_inputs`."""
+        return self._counter[0]
 
-        def with_inputs(*tensors: Tensor) -> Callable[[Tensor], Tensor]:
-            replaced = {**kwargs_bound, **dict(zip(tensor_keys, tensors[1:], strict=True))}
-            return bind(tensors[0], tuple(replaced.items()))
+    @property
+    def inputs(self) -> tuple[Tensor, ...]:
+        """The tensors ``f`` receives explicitly: ``x``, then the tensors of ``f_kwargs``."""
+        kwargs = dict(self._items)
+        return (self.x, *(kwargs[key] for key in self._tensor_keys))
 
-        f_x.explicit_inputs = (x_bound, *(kwargs_bound[key] for key in tensor_keys))  # type: ignore[attr-defined]
-        f_x.with_inputs = with_inputs  # type: ignore[attr-defined]
-        return f_x
+    def with_inputs(self, *tensors: Tensor) -> BoundMap:
+        """The same map with :attr:`inputs` replaced by ``tensors`` (same order)."""
+        kwargs = {**dict(self._items), **dict(zip(self._tensor_keys, tensors[1:], strict=True))}
+        return BoundMap(self.f, tensors[0], self.z0, kwargs, self._counter)
 
-    return bind(x, tuple(f_kwargs.items()))
+    def __call__(self, z: Tensor) -> Tensor:
+        z0 = self.z0
+        out = self.f(z, self.x, **dict(self._items)) if self._items else self.f(z, self.x)
+        self._counter[0] += 1
+        if not isinstance(out, Tensor):
+            raise TypeError(f"f ({self._name}) must return a Tensor, got {type(out).__name__}")
+        if (
+            out.dtype != z0.dtype
+            and out.dtype.is_floating_point
+            and out.device == z0.device
+            and _autocast_on(out.device.type)
+        ):
+            out = out.to(z0.dtype)
+        if out.shape != z0.shape:
+            raise ValueError(
+                f"f ({self._name}) must return a tensor shaped like z {tuple(z0.shape)}, got shape "
+                f"{tuple(out.shape)}. If the state is not shaped like x, pass z0."
+            )
+        if out.dtype != z0.dtype or out.device != z0.device:
+            raise ValueError(
+                f"f ({self._name}) must return a tensor of the state's dtype and device ({z0.dtype} on "
+                f"{z0.device}), got {out.dtype} on {out.device}. The state takes the dtype of z0 (of "
+                "x when z0 is not given): pass a z0 of the dtype f computes in, or cast f's output; "
+                "under torch.autocast the output is cast back for you."
+            )
+        return out
 
 
-def _check_parts(solver: object, grad: object) -> None:
+def check_parts(solver: object, grad: object) -> None:
+    """A ``TypeError`` unless ``solver`` is callable and ``grad`` is a gradient estimator."""
     if not callable(solver):
         raise TypeError(f"solver must be callable like a Solver, got {type(solver).__name__}")
-    if not (callable(getattr(grad, "forward_budget", None)) and callable(getattr(grad, "attach", None))):
+    if not isinstance(grad, GradientEstimator):
         raise TypeError(
             f"grad must be a gradient estimator with forward_budget() and attach(), got {type(grad).__name__}"
         )
@@ -226,13 +236,45 @@ def fixed_point(
     """
     solver = Anderson() if solver is None else solver
     grad = JFB() if grad is None else grad
-    _check_parts(solver, grad)
-    max_iter, tol, stop_mode, _ = check_solve_args(max_iter, tol, stop_mode, check_every)
+    check_parts(solver, grad)
+    # Checked here, where the call enters; the solver checks tol, stop_mode and check_every, which it
+    # is the one to use.
+    max_iter = check_int("max_iter", max_iter, low=1)
     raise_on_nonfinite = check_bool("raise_on_nonfinite", raise_on_nonfinite)
-    f_kwargs = {} if f_kwargs is None else dict(f_kwargs)
+    return solve_and_attach(
+        f,
+        x,
+        z0,
+        solver=solver,
+        grad=grad,
+        max_iter=max_iter,
+        tol=tol,
+        stop_mode=stop_mode,
+        check_every=check_every,
+        training=training,
+        raise_on_nonfinite=raise_on_nonfinite,
+        f_kwargs={} if f_kwargs is None else dict(f_kwargs),
+    )
+
+
+def solve_and_attach(
+    f: Callable[..., Tensor],
+    x: Tensor,
+    z0: Tensor | None,
+    *,
+    solver: Solver,
+    grad: GradientEstimator,
+    max_iter: int,
+    tol: float | None,
+    stop_mode: str,
+    check_every: int | None,
+    training: bool,
+    raise_on_nonfinite: bool,
+    f_kwargs: dict[str, Any],
+) -> DEQOutput:
+    """:func:`fixed_point` on arguments its callers have checked (the layer, ``fixed_point`` itself)."""
     z_init = _initial_state(x, z0)
-    calls = [0]
-    f_x = _checked_map(f, x, z_init, f_kwargs, calls)
+    f_x = BoundMap(f, x, z_init, f_kwargs, [0])
 
     budget = grad.forward_budget(max_iter, training=training)
     if budget == 0:
@@ -245,12 +287,10 @@ def fixed_point(
             options["check_every"] = check_every
         with torch.no_grad():
             stats = solver(f_x, z_init, **options)
-    if not isinstance(getattr(stats, "z", None), Tensor):
-        raise TypeError(
-            f"solver {solver!r} must return a SolverResult (with a tensor z), got {type(stats).__name__}"
-        )
+    if not isinstance(stats, SolverResult):
+        raise TypeError(f"solver {solver!r} must return a SolverResult, got {type(stats).__name__}")
     z_star = stats.z.detach()
-    nonfinite = getattr(stats, "nonfinite", None)
+    nonfinite = stats.nonfinite
     if raise_on_nonfinite and nonfinite is not None and bool(nonfinite.any()):
         bad = torch.nonzero(nonfinite).flatten().tolist()
         raise FloatingPointError(
@@ -259,16 +299,15 @@ def fixed_point(
         )
     if not _needs_grad(f, x, f_kwargs):
         return DEQOutput(z=z_star, stats=stats)
-    image = getattr(stats, "fz", None)
-    if getattr(grad, "starts_from_image", False) and isinstance(image, Tensor):
+    if isinstance(grad, StartsFromImage) and grad.starts_from_image and stats.fz is not None:
         # An estimator that continues the iteration with grad (S-JFB) starts from g(stats.z), which the
         # solver computed already: n no-grad evaluations then give n steps, none evaluated twice.
-        z_star = image.detach()
-    if budget > 0 and _autocast_on(z_init.device.type) and not _compiling():
+        z_star = stats.fz.detach()
+    if budget > 0 and _autocast_on(z_init.device.type) and not compiling():
         # Autocast caches the low-precision copies of the weights; before torch 2.5 a copy made in the
         # no-grad solve is reused by the estimator's evaluation with grad, which then has no graph back
         # to the weights. Only a gradient needs the cache cleared.
         torch.clear_autocast_cache()
-    before = calls[0]
+    before = f_x.calls
     z = grad.attach(f_x, z_star, training=training)
-    return DEQOutput(z=z, stats=stats, grad_evals=calls[0] - before)
+    return DEQOutput(z=z, stats=stats, grad_evals=f_x.calls - before)

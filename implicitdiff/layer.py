@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from ._validate import check_bool
-from .functional import DEQOutput, _check_parts, fixed_point
+from ._validate import check_bool, check_int
+from .functional import DEQOutput, check_parts, solve_and_attach
 from .gradients import JFB, GradientEstimator
 from .solvers import Anderson, Solver
 from .solvers._base import check_solve_args
@@ -74,7 +74,7 @@ class DEQLayer(nn.Module):
         self.f = f
         self.solver = Anderson() if solver is None else solver
         self.grad = JFB() if grad is None else grad
-        _check_parts(self.solver, self.grad)
+        check_parts(self.solver, self.grad)
         self.max_iter, self.tol, self.stop_mode, _ = check_solve_args(max_iter, tol, stop_mode, check_every)
         self.check_every = check_every
         self.raise_on_nonfinite = check_bool("raise_on_nonfinite", raise_on_nonfinite)
@@ -115,7 +115,13 @@ class DEQLayer(nn.Module):
         DEQOutput
             ``out.z`` (the solution) and ``out.stats`` (the forward solve's statistics).
         """
-        return fixed_point(
+        # The defaults were checked at construction; an override is checked here, once per call (the
+        # solver checks the tolerance it is given).
+        if max_iter is not None:
+            max_iter = check_int("max_iter", max_iter, low=1)
+        if solver is not None:
+            check_parts(solver, self.grad)
+        return solve_and_attach(
             self.f,
             x,
             z0,

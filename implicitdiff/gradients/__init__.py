@@ -1,6 +1,6 @@
 """Gradient estimators: how the output of an implicit layer passes gradients back."""
 
-from ._base import GradientEstimator
+from ._base import ExplicitInputs, GradientEstimator, StartsFromImage
 from .ift import IFT, BackwardSolveError, BackwardSolveWarning
 from .jfb import JFB
 from .phantom import PhantomGradient
@@ -12,6 +12,8 @@ __all__ = [
     "SJFB",
     "BackwardSolveError",
     "BackwardSolveWarning",
+    "ExplicitInputs",
     "GradientEstimator",
     "PhantomGradient",
+    "StartsFromImage",
 ]

@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["GradientEstimator"]
+__all__ = ["ExplicitInputs", "GradientEstimator", "StartsFromImage"]
 
 
 @runtime_checkable
@@ -29,3 +29,34 @@ class GradientEstimator(Protocol):
     def forward_budget(self, max_iter: int, *, training: bool) -> int: ...
 
     def attach(self, f_x: Callable[[Tensor], Tensor], z_star: Tensor, *, training: bool) -> Tensor: ...
+
+
+@runtime_checkable
+class StartsFromImage(Protocol):
+    """The optional part of an estimator: ``starts_from_image = True`` to be given ``g(stats.z)``.
+
+    An estimator that continues the solver's iteration with grad (:class:`~implicitdiff.SJFB`) wants
+    the image ``g(z)`` of the solver's iterate, which the solver computed already: then ``n`` no-grad
+    evaluations give ``n`` steps and none is evaluated twice. Estimators without the attribute get
+    ``stats.z``.
+    """
+
+    starts_from_image: bool
+
+
+@runtime_checkable
+class ExplicitInputs(Protocol):
+    """A map ``f_x(z) = f(z, x, ...)`` that says which tensors it receives explicitly.
+
+    The layer's maps (:class:`~implicitdiff.functional.BoundMap`) are such maps: :attr:`inputs` is
+    ``x`` and the tensors of ``f_kwargs``, and :meth:`with_inputs` the same map on other tensors. An
+    estimator that differentiates with respect to the inputs explicitly (:class:`~implicitdiff.IFT`)
+    uses them; any other callable is differentiated through the leaves its graph reaches.
+    """
+
+    @property
+    def inputs(self) -> tuple[Tensor, ...]: ...
+
+    def with_inputs(self, *tensors: Tensor) -> Callable[[Tensor], Tensor]: ...
+
+    def __call__(self, z: Tensor) -> Tensor: ...

@@ -7,15 +7,16 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from .._validate import check_bool, check_int, check_real
+from .._validate import check_int, check_real
 from ..solvers import Anderson, Solver, SolverResult
+from ..solvers._base import check_stop_mode
+from ._base import ExplicitInputs
 from ._implicit import implicit_attach
 
 __all__ = ["IFT", "BackwardSolveError", "BackwardSolveWarning"]
 
 #: What :class:`IFT` does when a backward solve misses its tolerance.
 ON_FAILURE = ("warn", "raise", "ignore")
-STOP_MODES = ("abs", "rel")
 
 
 class BackwardSolveError(RuntimeError):
@@ -85,9 +86,6 @@ class IFT:
 
         Unlike the forward solve, which reports ``out.stats.converged`` to the caller, the backward
         solve runs inside ``backward()`` where nobody looks at a return value, hence a warning.
-    raise_on_failure : bool, optional
-        Older spelling: ``True`` is ``on_failure="raise"``, ``False`` is ``on_failure="warn"``. Giving
-        both with different meanings is a ``ValueError``.
     on_backward : callable, optional
         Called with the :class:`~implicitdiff.solvers.SolverResult` of every backward solve (for
         logging; e.g. ``lambda r: writer.add_scalar("b_nfe", r.nfe)``).
@@ -116,29 +114,23 @@ class IFT:
         max_iter: int = 50,
         tol: float = 1e-6,
         stop_mode: str = "abs",
-        on_failure: str | None = None,
-        raise_on_failure: bool | None = None,
+        on_failure: str = "warn",
         on_backward: Callable[[SolverResult], None] | None = None,
     ) -> None:
         solver = Anderson() if solver is None else solver
         if not callable(solver):
             raise TypeError(f"solver must be callable like a Solver, got {type(solver).__name__}")
-        if not isinstance(stop_mode, str) or stop_mode not in STOP_MODES:
-            raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
         if on_backward is not None and not callable(on_backward):
             raise TypeError(f"on_backward must be callable or None, got {type(on_backward).__name__}")
         self.solver = solver
         self.max_iter = check_int("max_iter", max_iter, low=1)
         self.tol = check_real("tol", tol, low=0.0, low_open=True)
-        self.stop_mode = stop_mode
-        self.on_failure = _resolve_on_failure(on_failure, raise_on_failure)
+        self.stop_mode = check_stop_mode(stop_mode)
+        if not isinstance(on_failure, str) or on_failure not in ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+        self.on_failure = on_failure
         self.on_backward = on_backward
         self.last_backward: SolverResult | None = None
-
-    @property
-    def raise_on_failure(self) -> bool:
-        """Whether a failed backward solve raises (``on_failure == "raise"``)."""
-        return self.on_failure == "raise"
 
     def __repr__(self) -> str:
         return (
@@ -153,17 +145,22 @@ class IFT:
     def attach(self, f_x: Callable[[Tensor], Tensor], z_star: Tensor, *, training: bool) -> Tensor:
         """Attach ``z_star`` to autograd with the exact implicit gradient.
 
-        ``f_x`` may expose ``explicit_inputs`` and ``with_inputs`` (the layer's maps do); a plain
-        callable is differentiated with respect to the leaves its graph reaches.
+        ``f_x`` may say which tensors it receives (:class:`~implicitdiff.gradients.ExplicitInputs`, as
+        the layer's maps do); a plain callable is differentiated with respect to the leaves its graph
+        reaches.
         """
-        explicit = tuple(getattr(f_x, "explicit_inputs", ()))
-        with_inputs = getattr(f_x, "with_inputs", None)
-        if not (explicit and with_inputs is not None):
-            explicit, with_inputs = (), None
+        if isinstance(f_x, ExplicitInputs) and f_x.inputs:
+            bound = f_x
+            explicit = bound.inputs
 
-        def phi(z: Tensor, *inputs: Tensor) -> Tensor:
-            image: Tensor = with_inputs(*inputs)(z) if with_inputs is not None else f_x(z)
-            return image
+            def phi(z: Tensor, *inputs: Tensor) -> Tensor:
+                return bound.with_inputs(*inputs)(z)
+
+        else:
+            explicit = ()
+
+            def phi(z: Tensor, *inputs: Tensor) -> Tensor:
+                return f_x(z)
 
         return implicit_attach(phi, z_star.detach(), explicit, self._solve)
 
@@ -181,7 +178,7 @@ class IFT:
             f"(samples {bad[:10]}{' ...' if len(bad) > 10 else ''}), max residual "
             f"{float(result.residual.max()):.3e}, nfe {result.nfe}"
         )
-        nonfinite = getattr(result, "nonfinite", None)
+        nonfinite = result.nonfinite
         if nonfinite is not None and bool(nonfinite.any()):
             message += f", non-finite values in {int(nonfinite.sum())} samples"
         if self.on_failure == "raise":
@@ -194,20 +191,3 @@ class IFT:
             stacklevel=1,  # our callers are autograd's engine and our own code: point at the check
         )
         return result
-
-
-def _resolve_on_failure(on_failure: object, raise_on_failure: object) -> str:
-    """``on_failure``, with the older ``raise_on_failure`` flag as an alias; conflicts are errors."""
-    if on_failure is not None and (not isinstance(on_failure, str) or on_failure not in ON_FAILURE):
-        raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
-    if raise_on_failure is None:
-        return "warn" if on_failure is None else on_failure
-    raise_on_failure = check_bool("raise_on_failure", raise_on_failure)
-    if on_failure is None:
-        return "raise" if raise_on_failure else "warn"
-    if raise_on_failure != (on_failure == "raise"):
-        raise ValueError(
-            f"raise_on_failure={raise_on_failure} contradicts on_failure={on_failure!r}; pass only "
-            "on_failure (one of 'warn', 'raise', 'ignore')"
-        )
-    return on_failure

@@ -10,7 +10,6 @@ from ._base import DEFAULT_CHECK_EVERY, Solver, SolverResult, residual_norm
 from ._driver import UpdateRule, iterate
 from .anderson import Anderson
 from .broyden import Broyden
-from .external import ScipySolver, TorchDEQSolver
 from .picard import Picard
 
 __all__ = [
@@ -18,10 +17,8 @@ __all__ = [
     "Anderson",
     "Broyden",
     "Picard",
-    "ScipySolver",
     "Solver",
     "SolverResult",
-    "TorchDEQSolver",
     "UpdateRule",
     "iterate",
     "residual_norm",

@@ -23,6 +23,7 @@ __all__ = [
     "Solver",
     "SolverResult",
     "check_solve_args",
+    "check_stop_mode",
     "residual_norm",
     "working_dtype",
 ]
@@ -151,10 +152,15 @@ def check_solve_args(
     max_iter = check_int("max_iter", max_iter, low=1)
     if tol is not None:
         tol = check_real("tol", tol, low=0.0, low_open=True)
-    if stop_mode not in STOP_MODES:
-        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
     every = DEFAULT_CHECK_EVERY if check_every is None else check_int("check_every", check_every, low=1)
-    return max_iter, tol, str(stop_mode), every
+    return max_iter, tol, check_stop_mode(stop_mode), every
+
+
+def check_stop_mode(stop_mode: object) -> str:
+    """``stop_mode`` if it is one of :data:`STOP_MODES`, else ``ValueError``."""
+    if not isinstance(stop_mode, str) or stop_mode not in STOP_MODES:
+        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
+    return stop_mode
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,45 +1,49 @@
 r"""One driver for every solver: solvers are update rules, :func:`iterate` owns the loop.
 
-An update rule says how to start and how to take a step, on tensors only:
+An update rule (a subclass of :class:`UpdateRule`) says how to start and how to take a step, on
+tensors only:
 
 * ``init(z, fz) -> state``: the state after the first evaluation :math:`g(z_0)`;
 * ``step(state, z, fz, residual) -> (z_next, state)``: the next point to evaluate;
 
-and optionally
+and, where the rule needs them, the optional parts that :class:`UpdateRule` declares with defaults:
 
 * ``accept(state, residual, trial_residual) -> (accepted, state)``: a per-sample verdict on the point
   ``step`` proposed, once it has been evaluated (line searches, trust regions). A rejected sample stays
   where it was and ``step`` is asked again;
 * ``restart(state, mask) -> state``: forget the history of the masked samples; the driver calls it when a
   sample's residual grows past ``restart_factor`` times the best it has seen, after moving that sample
-  back to its best iterate.
+  back to its best iterate;
+* ``restart_factor`` and ``needs_residual``, plain class attributes.
 
 The driver evaluates ``g``, computes per-sample residuals, freezes converged samples with
 ``torch.where``, keeps per sample the best iterate and its image, detects non-finite values, and counts
 evaluations per sample, all on the device. The host reads one flag, "is any sample still iterating?",
-every ``check_every`` iterations; with ``tol=None`` (a fixed budget) it reads nothing at all, so a
-solve can be compiled into one graph or captured in a CUDA graph.
+every ``check_every`` iterations; with ``tol=None`` (a fixed budget) it reads nothing at all.
 
-A rule keeps no Python state that changes from step to step (no counters, no ``.item()``, no boolean
-indexing): everything it needs travels in ``state``, a tensor or a tuple of tensors. That is what lets
-``torch.compile`` trace a step once and lets the loop run without waiting for the device.
+**What a rule's state may hold.** The state is the rule's own object (a tensor, a tuple or a dataclass
+of tensors); the driver only hands it back. Two rules apply to it: tensors whose first dimension is the
+batch are per sample (:func:`~implicitdiff.solve_chain` selects their rows when its window slides, and
+anything else it keeps as it is), and a step reads no value from the device (no ``.item()``, no boolean
+indexing), so that the loop never waits for the device.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from ._base import SolverResult, check_solve_args, residual_norm, working_dtype
 
-__all__ = ["Evaluator", "Progress", "UpdateRule", "iterate"]
+__all__ = ["Evaluator", "Progress", "UpdateRule", "as_update_rule", "iterate"]
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the caller."""
     return bool(torch.compiler.is_compiling())
 
 
@@ -49,7 +53,7 @@ def write_into(out: Tensor, op: Callable[..., Tensor], *args: Any) -> None:
     ``torch.compile`` refuses ``out=`` into a strided view (a slot of a history buffer); there the
     result is copied in, and the compiler fuses the two.
     """
-    if _compiling():
+    if compiling():
         out.copy_(op(*args))
     else:
         op(*args, out=out)
@@ -61,7 +65,7 @@ def call_watching_input(fn: Callable[..., Any], x: Tensor, *leading: Any) -> tup
     The version counter sees in-place writes for free (no copy), but ``torch.compile`` cannot trace it:
     under compilation the write is not detected and ``False`` is returned.
     """
-    if _compiling():
+    if compiling():
         return fn(*leading, x), False
     version = x._version
     out = fn(*leading, x)
@@ -69,48 +73,64 @@ def call_watching_input(fn: Callable[..., Any], x: Tensor, *leading: Any) -> tup
 
 
 class Evaluator:
-    """``g`` on flat ``(B, n)`` states in the working dtype, with the checks every solve needs.
+    """A map on flat ``(rows, n)`` states in the working dtype, with the checks every solve needs.
 
-    Counts batched evaluations in :attr:`nfe` (a host integer: the host decides how many calls happen).
-    A map that writes into its input is refused: it would make the residual compare ``g(z)`` with a
-    ``z`` that ``g`` itself changed, and report a false convergence.
+    The map sees states of their own shape: ``fn(*leading, x)`` with ``x`` of shape ``(rows, *item)``
+    in ``dtype``; what it returns must have the same shape. Counts batched evaluations in :attr:`nfe` (a
+    host integer: the host decides how many calls happen). A map that writes into its input is refused:
+    it would make the residual compare ``g(z)`` with a ``z`` that ``g`` itself changed, and report a false
+    convergence. The driver evaluates ``g(z)`` on ``(B, ...)`` states; :func:`~implicitdiff.solve_chain`
+    evaluates ``step(k, x)`` on the steps in flight.
     """
 
-    def __init__(self, g: Callable[[Tensor], Tensor], z0: Tensor) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Tensor],
+        item: torch.Size,
+        dtype: torch.dtype,
+        *,
+        name: str = "the fixed-point map",
+        returns: str = "a tensor shaped like z0",
+        argument: str = "z",
+    ) -> None:
+        self._fn = fn
+        self.item = item
+        self.dtype = dtype
+        self.wdtype = working_dtype(dtype)
+        self.nfe = 0
+        self._name, self._returns, self._argument = name, returns, argument
+
+    @classmethod
+    def of_map(cls, g: Callable[[Tensor], Tensor], z0: Tensor) -> Evaluator:
+        """The evaluator of a batched fixed-point map ``g`` started from ``z0`` ``(B, ...)``."""
         if not isinstance(z0, Tensor):
             raise TypeError(f"z0 must be a Tensor, got {type(z0).__name__}")
         if z0.dim() < 1 or z0.shape[0] == 0:
             raise ValueError(f"z0 must have shape (B, ...) with B >= 1, got {tuple(z0.shape)}")
-        self._g = g
-        self.shape = z0.shape
-        self.dtype = z0.dtype
-        self.wdtype = working_dtype(z0.dtype)
-        self.nfe = 0
+        return cls(g, z0.shape[1:], z0.dtype)
 
     def flat(self, z: Tensor) -> Tensor:
-        """A state of the original shape as a flat ``(B, n)`` tensor in the working dtype."""
-        return z.detach().reshape(self.shape[0], -1).to(self.wdtype)
+        """States of the original shape as a flat ``(rows, n)`` tensor in the working dtype."""
+        return z.detach().reshape(z.shape[0], -1).to(self.wdtype)
 
     def unflat(self, z: Tensor) -> Tensor:
-        """A flat working state back in the shape and dtype of ``z0``."""
-        return z.reshape(self.shape).to(self.dtype)
+        """Flat working states back in their own shape and dtype."""
+        return z.reshape(z.shape[0], *self.item).to(self.dtype)
 
-    def __call__(self, z: Tensor) -> Tensor:
+    def __call__(self, z: Tensor, *leading: Any) -> Tensor:
         z_in = self.unflat(z)
-        out, modified = call_watching_input(self._g, z_in)
+        out, modified = call_watching_input(self._fn, z_in, *leading)
         self.nfe += 1
-        if not isinstance(out, Tensor) or out.shape != self.shape:
+        if not isinstance(out, Tensor) or out.shape != z_in.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                f"the fixed-point map must return a tensor shaped like z0 {tuple(self.shape)}, got {got}"
-            )
+            raise ValueError(f"{self._name} must return {self._returns} {tuple(z_in.shape)}, got {got}")
         if modified:
             raise ValueError(
-                "the fixed-point map modified its input z in place (e.g. z.mul_(...) or "
-                "nn.ReLU(inplace=True) applied to z); the solver cannot measure g(z) - z then. "
-                "Compute on a copy or out of place."
+                f"{self._name} modified its input {self._argument} in place (e.g. {self._argument}.mul_(...) "
+                f"or nn.ReLU(inplace=True) applied to {self._argument}); the residual cannot be measured "
+                "then. Compute on a copy or out of place."
             )
-        return out.reshape(self.shape[0], -1).to(self.wdtype)
+        return out.reshape(z.shape[0], -1).to(self.wdtype)
 
 
 class Progress:
@@ -177,14 +197,28 @@ class Progress:
 class UpdateRule:
     """Base class of solvers written as update rules; calling one runs :func:`iterate`.
 
-    Subclasses implement :meth:`step` (and :meth:`init` when they keep a history); see the module
-    docstring for the optional ``accept`` and ``restart``. Set ``restart_factor`` (``> 1``) to have
-    the driver send a sample whose residual grew past that multiple of its best back to its best
-    iterate, and ``needs_residual = True`` if :meth:`step` reads the residual even with a fixed budget.
+    Subclasses implement :meth:`step`, and :meth:`init` when they keep a history. The optional parts
+    are declared here with defaults that do nothing, so the driver reads them directly:
+
+    * :meth:`accept`, for rules that judge trial steps; a subclass that defines it has
+      :attr:`judges_trials` set to ``True`` when the class is created;
+    * :meth:`restart`, for rules with a history to forget; defining it sets :attr:`can_restart`;
+    * :attr:`restart_factor` (``> 1``): a sample whose residual grows past this multiple of its best
+      is sent back to its best iterate and restarted (``inf``, the default, never);
+    * :attr:`needs_residual`: :meth:`step` reads the residual even with a fixed budget.
     """
 
     restart_factor: float = math.inf
     needs_residual: bool = False
+    #: Whether the class defines :meth:`accept` (set when a subclass is created).
+    judges_trials: ClassVar[bool] = False
+    #: Whether the class defines :meth:`restart` (set when a subclass is created).
+    can_restart: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.judges_trials = cls.accept is not UpdateRule.accept
+        cls.can_restart = cls.restart is not UpdateRule.restart
 
     def init(self, z: Tensor, fz: Tensor) -> Any:
         """The rule's state after the first evaluation ``fz = g(z)``; ``None`` by default."""
@@ -193,6 +227,10 @@ class UpdateRule:
     def step(self, state: Any, z: Tensor, fz: Tensor, residual: Tensor | None) -> tuple[Tensor, Any]:
         """The next point to evaluate, from the current ``z`` and ``fz = g(z)``, flat ``(B, n)``."""
         raise NotImplementedError
+
+    def accept(self, state: Any, residual: Tensor, trial_residual: Tensor) -> tuple[Tensor, Any]:
+        """Per sample, whether to keep the trial point ``step`` proposed; every one by default."""
+        return torch.ones_like(residual, dtype=torch.bool), state
 
     def restart(self, state: Any, mask: Tensor) -> Any:
         """Forget the history of the samples in ``mask`` ``(B,)``; the default keeps the state."""
@@ -212,13 +250,49 @@ class UpdateRule:
         return iterate(self, g, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, check_every=check_every)
 
 
+@runtime_checkable
+class _RuleLike(Protocol):
+    def init(self, z: Tensor, fz: Tensor) -> Any: ...
+
+    def step(self, state: Any, z: Tensor, fz: Tensor, residual: Tensor | None) -> tuple[Tensor, Any]: ...
+
+
+class _Wrapped(UpdateRule):
+    """An object with just ``init`` and ``step`` (duck-typed) as an :class:`UpdateRule`."""
+
+    def __init__(self, rule: _RuleLike) -> None:
+        self.rule = rule
+
+    def init(self, z: Tensor, fz: Tensor) -> Any:
+        return self.rule.init(z, fz)
+
+    def step(self, state: Any, z: Tensor, fz: Tensor, residual: Tensor | None) -> tuple[Tensor, Any]:
+        return self.rule.step(state, z, fz, residual)
+
+
+def as_update_rule(rule: object, name: str = "rule") -> UpdateRule:
+    """``rule`` itself if it is an :class:`UpdateRule`; an object with ``init`` and ``step`` wrapped as one.
+
+    Only subclasses of :class:`UpdateRule` can have the optional parts (``accept``, ``restart``,
+    ``restart_factor``): a plain object is taken as having none.
+    """
+    if isinstance(rule, UpdateRule):
+        return rule
+    if isinstance(rule, _RuleLike):
+        return _Wrapped(rule)
+    raise TypeError(
+        f"{name} must be an update rule with init(z, fz) and step(state, z, fz, residual) (Picard(), "
+        f"Anderson(), Broyden() or a subclass of implicitdiff.solvers.UpdateRule), got {rule!r}"
+    )
+
+
 def _select(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """Per sample ``a`` where ``mask`` ``(B,)`` else ``b``; ``a`` and ``b`` are ``(B, ...)``."""
     return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
 
 
 def iterate(
-    rule: Any,
+    rule: UpdateRule | Any,
     g: Callable[[Tensor], Tensor],
     z0: Tensor,
     *,
@@ -231,8 +305,9 @@ def iterate(
 
     Parameters
     ----------
-    rule : UpdateRule or any object with ``init`` and ``step``
-        The solver's maths (see the module docstring).
+    rule : UpdateRule
+        The solver's maths (see the module docstring); an object with only ``init`` and ``step`` is
+        taken as a rule without the optional parts.
     g : callable
         The batched map, ``(B, ...) -> (B, ...)``; samples are independent along dim 0.
     z0 : Tensor
@@ -259,12 +334,25 @@ def iterate(
     SolverResult
     """
     max_iter, tol, stop_mode, check_every = check_solve_args(max_iter, tol, stop_mode, check_every)
-    evaluate = Evaluator(g, z0)
-    accept = getattr(rule, "accept", None)
+    return _run(as_update_rule(rule), g, z0, max_iter, tol, stop_mode, check_every)
+
+
+def _run(
+    rule: UpdateRule,
+    g: Callable[[Tensor], Tensor],
+    z0: Tensor,
+    max_iter: int,
+    tol: float | None,
+    stop_mode: str,
+    check_every: int,
+) -> SolverResult:
+    """:func:`iterate` on checked arguments."""
+    evaluate = Evaluator.of_map(g, z0)
+    judges = rule.judges_trials
     # A fixed budget keeps no books (no best iterate, so no restarts either) unless the rule asks.
-    track = tol is not None or accept is not None
-    restart_factor = float(getattr(rule, "restart_factor", math.inf)) if track else math.inf
-    need_res = track or bool(getattr(rule, "needs_residual", False))
+    track = tol is not None or judges
+    restart_factor = rule.restart_factor if track else math.inf
+    need_res = track or rule.needs_residual
 
     z = evaluate.flat(z0)
     fz = evaluate(z)
@@ -283,9 +371,9 @@ def iterate(
             z_next = _select(progress.active, z_next, z)  # frozen samples do not move
         fz_next = evaluate(z_next)
         res_next = residual_norm(fz_next, z_next, stop_mode) if need_res else None
-        if accept is not None:
+        if judges:
             assert res is not None and res_next is not None
-            accepted, state = accept(state, res, res_next)
+            accepted, state = rule.accept(state, res, res_next)
             z, fz, res = (
                 _select(accepted, z_next, z),
                 _select(accepted, fz_next, fz),

@@ -1,6 +1,8 @@
 """Adapters that run torchdeq's and scipy's solvers through our :class:`~implicitdiff.solvers.Solver` call.
 
-They exist to compare against: the benchmarks and the tests check our solvers against them. Both
+They exist to compare against: the tests check our solvers against them. They live with the tests, not in
+the package: driving scipy's per-sample root finders on a batched map takes threads and queues, which is
+scaffolding for a comparison, not something the library offers. Both
 adapters wrap ``g`` so that *we* count every evaluation, compute every residual with our rule
 (:func:`~implicitdiff.solvers.residual_norm`), keep per sample the best iterate seen, freeze a
 sample once it has converged or produced a non-finite value, and stop the external solver as soon
@@ -8,8 +10,8 @@ as every sample has converged or ``max_iter`` evaluations are spent. The result 
 the :class:`~implicitdiff.solvers.SolverResult` contract whatever the external solver's own
 stopping rule and bookkeeping are.
 
-torchdeq and scipy are imported when an adapter is constructed, never when ``implicitdiff`` is
-imported: the core depends on torch and numpy only. Install them with ``pip install implicitdiff[bench]``.
+torchdeq and scipy are imported when an adapter is constructed. Install them with
+``pip install implicitdiff[bench]``.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._base import SolverResult, check_solve_args, residual_norm
-from ._driver import Evaluator, Progress
+from implicitdiff.solvers import SolverResult, residual_norm
+from implicitdiff.solvers._base import check_solve_args
+from implicitdiff.solvers._driver import Evaluator, Progress
 
 __all__ = ["ScipySolver", "TorchDEQSolver"]
 
@@ -129,7 +132,7 @@ class TorchDEQSolver:
         stop_mode: str = "abs",
     ) -> SolverResult:
         max_iter, tol, stop_mode, _ = check_solve_args(max_iter, tol, stop_mode)
-        evaluate = Evaluator(g, z0)
+        evaluate = Evaluator.of_map(g, z0)
         start = evaluate.flat(z0)
         progress = Progress(start, tol, max_iter)
 
@@ -277,7 +280,7 @@ class ScipySolver:
         stop_mode: str = "abs",
     ) -> SolverResult:
         max_iter, tol, stop_mode, _ = check_solve_args(max_iter, tol, stop_mode)
-        evaluate = Evaluator(g, z0)
+        evaluate = Evaluator.of_map(g, z0)
         progress = Progress(evaluate.flat(z0), tol, max_iter)
         start = progress.best_z.to("cpu", torch.float64).numpy()  # (B, n)
         options = self._scipy_options(max_iter, z0.dtype)
