@@ -119,7 +119,9 @@ def solvers_machine(data: dict[str, Any]) -> str:
     m = data.get("machine") or {}
     if not m:
         return "not recorded in the file"
-    processor = m.get("processor") or f"processor not recorded; {m.get('platform', '?')}"
+    processor = (
+        m.get("processor") or f"processor not recorded; {m.get('platform', '?')}"
+    )
     parts = [
         f"{m.get('cpus', '?')} CPUs ({processor})",
         f"{m.get('torch_threads', '?')} torch threads",
