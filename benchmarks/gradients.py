@@ -317,6 +317,8 @@ def machine() -> dict[str, object]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": "cpu",
+        # 1, 5 and 15-minute load averages when the run ended: the machine may be shared
+        "load_average": list(os.getloadavg()),
     }
 
 

@@ -128,6 +128,9 @@ def solvers_machine(data: dict[str, Any]) -> str:
         f"torch {m.get('torch', '?')}",
         f"Python {m.get('python', '?')}",
     ]
+    load = m.get("load_average")
+    if isinstance(load, list) and load:
+        parts.append(f"load average {load[0]:.2f} when the run ended")
     return ", ".join(parts)
 
 
