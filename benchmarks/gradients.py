@@ -18,15 +18,23 @@ Memory, two honest measures of one forward + backward of ``loss = sum(z^2)``:
   It includes the solvers' working memory (Anderson's history) and the backward's temporaries.
 
 A run of the unrolled solve (backpropagating through every Picard step) is included to show that both
-measures do see memory that grows with the iterations.
+measures do see memory that grows with the iterations. S-JFB runs like for like: its no-grad draw is
+pinned to the cap and its differentiable steps to 3 (the most its default draws).
+
+IFT against torchdeq compares backward against backward: both libraries' backward solves start from
+the same ``z*``, solved in float64 to a residual far below the backward tolerance, so each gradient
+error is that of the backward solve alone (see ``compare_with_torchdeq``).
 
 Run: ``python benchmarks/gradients.py`` (writes ``benchmarks/results/gradients.json``).
 """
 
 from __future__ import annotations
 
+import datetime
 import gc
 import json
+import os
+import platform
 import statistics
 import time
 import weakref
@@ -42,6 +50,7 @@ from implicitdiff import IFT, JFB, SJFB, Anderson, Broyden, DEQLayer, PhantomGra
 D, BATCH, NORM, X_SCALE, SEED = 256, 32, 0.9, 0.1, 0
 CAPS = (5, 50)
 B_TOL, B_MAX_ITER = 1e-6, 100
+REF_TOL, REF_MAX_ITER = 1e-12, 300
 REPEATS = 3
 OUT = Path(__file__).resolve().parent / "results" / "gradients.json"
 
@@ -82,15 +91,18 @@ class Unrolled:
 
 
 def estimators():
+    """Each estimator, made for one forward cap (only S-JFB's settings depend on it)."""
     return {
-        "IFT(Anderson)": lambda: IFT(solver=Anderson(), max_iter=B_MAX_ITER, tol=B_TOL),
-        "IFT(Broyden)": lambda: IFT(solver=Broyden(), max_iter=B_MAX_ITER, tol=B_TOL),
-        "IFT(Picard)": lambda: IFT(solver=Picard(), max_iter=B_MAX_ITER, tol=B_TOL),
-        "JFB": JFB,
-        "Phantom(k=5,unrolled)": lambda: PhantomGradient(k=5, tau=0.5),
-        "Phantom(k=5,neumann)": lambda: PhantomGradient(k=5, tau=0.5, mode="neumann"),
-        "SJFB": lambda: SJFB(seed=0),
-        "unrolled (baseline)": Unrolled,
+        "IFT(Anderson)": lambda cap: IFT(solver=Anderson(), max_iter=B_MAX_ITER, tol=B_TOL),
+        "IFT(Broyden)": lambda cap: IFT(solver=Broyden(), max_iter=B_MAX_ITER, tol=B_TOL),
+        "IFT(Picard)": lambda cap: IFT(solver=Picard(), max_iter=B_MAX_ITER, tol=B_TOL),
+        "JFB": lambda cap: JFB(),
+        "Phantom(k=5,unrolled)": lambda cap: PhantomGradient(k=5, tau=0.5),
+        "Phantom(k=5,neumann)": lambda cap: PhantomGradient(k=5, tau=0.5, mode="neumann"),
+        # Like for like: S-JFB's no-grad draw pinned to the cap (its default draws 0 to 6 whatever the
+        # cap) and its differentiable steps pinned to 3, the most its default (1 to 3) draws.
+        "SJFB(no-grad = cap, grad 3)": lambda cap: SJFB(no_grad_iters=(cap, cap), grad_iters=(3, 3)),
+        "unrolled (baseline)": lambda cap: Unrolled(),
     }
 
 
@@ -157,7 +169,7 @@ def measure_estimators(W, x):
     rows = []
     for name, make in estimators().items():
         for cap in CAPS:
-            grad = make()
+            grad = make(cap)
             deq = DEQLayer(TanhCell(W), solver=Anderson(), grad=grad, max_iter=cap, tol=1e-30).train()
 
             def step(backward: bool, deq=deq):
@@ -202,30 +214,51 @@ def exact_gradient(W, x, z_star):
     return (u * (1 - z**2)).T @ z, float(torch.linalg.eigvals(J[0]).abs().max())
 
 
-def compare_with_torchdeq(W, x, f_max_iter: int = 50):
-    from torchdeq import get_deq
+def reference_solution(W, x):
+    """``z*`` solved far below the backward tolerance (float64, residual ~1e-13): the point both backward
+    solves start from, and at which the dense reference gradient is taken."""
+    cell = TanhCell(W)
+    with torch.no_grad():
+        stats = DEQLayer(cell, solver=Anderson(), max_iter=REF_MAX_ITER, tol=REF_TOL)(x).stats
+    assert stats.all_converged, f"reference solve missed {REF_TOL}: {float(stats.residual.max()):.1e}"
+    return stats.z.detach(), float(stats.residual.max())
+
+
+def compare_with_torchdeq(W, x):
+    """Backward against backward: each library's IFT backward solve from the same ``z*``.
+
+    Both start from ``z_ref`` (``reference_solution``), so the gradient error in each row comes from its
+    backward solve alone, not from how well a forward solve found the fixed point. Ours is
+    ``IFT.attach`` (what ``DEQLayer`` does after its forward solve); torchdeq's is the IFT gradient
+    function that ``get_deq(ift=True)`` builds (``torchdeq.grad.backward_factory(grad_type="ift")``,
+    its ``torch.autograd.Function`` variant), given the same ``z_ref``. torchdeq linearises at
+    ``f(z_ref)`` and we at ``z_ref``: at a residual of ~1e-13 the two points are the same to far below
+    the tolerance.
+    """
+    from torchdeq.grad import backward_factory
+    from torchdeq.solver import get_solver
 
     rows = []
-    # A tight forward solve, so both backward solves see the same z*.
-    cell = TanhCell(W)
-    z_ref = DEQLayer(cell, max_iter=200, tol=1e-7)(x).z.detach()
+    z_ref, ref_residual = reference_solution(W, x)
     exact_dW, rho = exact_gradient(W, x, z_ref)
 
-    def timed_backward(loss, params):
+    def timed_backward(loss):
         start = time.perf_counter()
         loss.backward()
         return 1e3 * (time.perf_counter() - start)
 
+    def rel_err(cell):
+        return float((cell.weight.grad - exact_dW).norm() / exact_dW.norm())
+
     for b_solver in ("anderson", "broyden", "fixed_point_iter"):
         ours_solver = {"anderson": Anderson(), "broyden": Broyden(), "fixed_point_iter": Picard()}[b_solver]
-        # ours
-        times, ift = [], None
+        # ours: the estimator attaches z_ref exactly as the layer does after its forward solve
+        times, ift, cell = [], None, None
         for _ in range(REPEATS):
             cell = TanhCell(W)
-            ift = IFT(solver=ours_solver, max_iter=B_MAX_ITER, tol=B_TOL)
-            deq = DEQLayer(cell, solver=Anderson(), grad=ift, max_iter=f_max_iter, tol=1e-7)
-            times.append(timed_backward(deq(x).z.pow(2).sum(), cell))
-        grad_err = float((cell.weight.grad - exact_dW).norm() / exact_dW.norm())
+            ift = IFT(solver=ours_solver, max_iter=B_MAX_ITER, tol=B_TOL, on_failure="ignore")
+            z = ift.attach(lambda z, cell=cell: cell(z, x), z_ref, training=True)
+            times.append(timed_backward(z.pow(2).sum()))
         rows.append(
             {
                 "library": "implicitdiff",
@@ -234,28 +267,21 @@ def compare_with_torchdeq(W, x, f_max_iter: int = 50):
                 "backward_nfe": ift.last_backward.nfe,
                 "backward_residual": float(ift.last_backward.residual.max()),
                 "converged": ift.last_backward.all_converged,
-                "grad_rel_err": grad_err,
+                "grad_rel_err": rel_err(cell),
             }
         )
-        # torchdeq
+        # torchdeq: its IFT gradient function, from the same z_ref
         times, infos = [], []
         for _ in range(REPEATS):
             cell = TanhCell(W)
-            deq = get_deq(
-                ift=True,
-                f_solver="anderson",
-                f_max_iter=f_max_iter,
-                f_tol=1e-7,
-                b_solver=b_solver,
-                b_max_iter=B_MAX_ITER,
-                b_tol=B_TOL,
-                b_stop_mode="abs",
+            produce_grad = backward_factory(
+                grad_type="ift",
+                b_solver=get_solver(b_solver),
+                b_solver_kwargs={"max_iter": B_MAX_ITER, "tol": B_TOL, "stop_mode": "abs"},
             )
-            deq.train()
-            z_out, _ = deq(lambda z, cell=cell: cell(z, x), torch.zeros_like(x), backward_writer=infos.append)
-            times.append(timed_backward(z_out[-1].pow(2).sum(), cell))
+            (z,) = produce_grad(None, lambda z, cell=cell: cell(z, x), z_ref.clone(), writer=infos.append)
+            times.append(timed_backward(z.pow(2).sum()))
         info = infos[-1]
-        grad_err = float((cell.weight.grad - exact_dW).norm() / exact_dW.norm())
         residual = float(info["abs_lowest"].max())
         rows.append(
             {
@@ -265,10 +291,35 @@ def compare_with_torchdeq(W, x, f_max_iter: int = 50):
                 "backward_nfe": int(info["nstep"].max()),
                 "backward_residual": residual,
                 "converged": residual <= B_TOL,
-                "grad_rel_err": grad_err,
+                "grad_rel_err": rel_err(cell),
             }
         )
-    return rows, rho
+    return rows, rho, ref_residual
+
+
+def processor_name() -> str:
+    """The CPU's model name (``platform.processor()`` is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, object]:
+    return {
+        "platform": platform.platform(),
+        "processor": processor_name(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": "cpu",
+        # 1, 5 and 15-minute load averages when the run ended: the machine may be shared
+        "load_average": list(os.getloadavg()),
+    }
 
 
 def table(rows, columns) -> str:
@@ -289,7 +340,7 @@ def main() -> None:
     torch.manual_seed(SEED)
     W, x = make_problem()
     memory_rows = measure_estimators(W, x)
-    torchdeq_rows, rho = compare_with_torchdeq(W, x)
+    torchdeq_rows, rho, ref_residual = compare_with_torchdeq(W, x)
     result = {
         "problem": {
             "f": "tanh(W z + x)",
@@ -301,8 +352,10 @@ def main() -> None:
             "spectral_radius_of_J_sample0": rho,
             "b_tol": B_TOL,
             "b_max_iter": B_MAX_ITER,
+            "z_ref_residual": ref_residual,
         },
-        "threads": torch.get_num_threads(),
+        "machine": machine(),
+        "date": datetime.date.today().isoformat(),
         "estimators": memory_rows,
         "ift_vs_torchdeq": torchdeq_rows,
     }
@@ -325,7 +378,10 @@ def main() -> None:
             ],
         )
     )
-    print(f"\n# IFT backward, b_tol {B_TOL} (abs), cap {B_MAX_ITER}: implicitdiff vs torchdeq\n")
+    print(
+        f"\n# IFT backward, b_tol {B_TOL} (abs), cap {B_MAX_ITER}: implicitdiff vs torchdeq,"
+        f" both from the same z* (residual {ref_residual:.1e})\n"
+    )
     print(
         table(
             torchdeq_rows,

@@ -54,6 +54,9 @@ napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 # An "Attributes" section must not create attribute entries that autodoc makes as well.
 napoleon_use_ivar = True
+# Parameters as one field list rendered by napoleon itself, so that a NumPy entry naming several
+# parameters ("max_iter, tol, stop_mode") stays one entry instead of one copy per name.
+napoleon_use_param = False
 # "Return type" once, from the docstring, not a second time from the hint.
 napoleon_use_rtype = True
 

@@ -6,8 +6,8 @@ At the start of every build this reads
 * ``benchmarks/results/gradients.json`` (written by ``benchmarks/gradients.py``),
 * ``examples/fpdm/results/sweep.md``, ``sweep.png`` and ``grids.png`` (written by the FPDM sweep),
 
-and writes ``docs/_generated/*.md`` (and copies the plot there). A file that does not exist yet gives
-a clearly marked "not measured yet" box instead of a table, never made-up numbers, so the docs build
+and writes ``docs/_generated/*.md`` (and copies the plot there). A file that does not exist gives
+a clearly marked "no results file" box instead of a table, never made-up numbers, so the docs build
 before and after the benchmarks are run. Re-running a benchmark and rebuilding the docs updates every
 table; each table names the JSON it came from, the date of that file and the machine it records.
 """
@@ -104,8 +104,8 @@ def file_date(path: Path, root: Path) -> str:
 
 def not_measured(what: str, command: str) -> str:
     return (
-        ":::{admonition} Not measured yet\n:class: warning\n\n"
-        f"{what} does not exist in this checkout, so there is no table here. Run `{command}` and "
+        ":::{admonition} No results file\n:class: warning\n\n"
+        f"{what} is not in this checkout, so there is no table here. Run `{command}` and "
         "rebuild the docs; the table is generated from the file at build time.\n:::\n"
     )
 
@@ -119,12 +119,18 @@ def solvers_machine(data: dict[str, Any]) -> str:
     m = data.get("machine") or {}
     if not m:
         return "not recorded in the file"
+    processor = (
+        m.get("processor") or f"processor not recorded; {m.get('platform', '?')}"
+    )
     parts = [
-        f"{m.get('cpus', '?')} CPUs ({m.get('processor') or m.get('platform', '?')})",
+        f"{m.get('cpus', '?')} CPUs ({processor})",
         f"{m.get('torch_threads', '?')} torch threads",
         f"torch {m.get('torch', '?')}",
         f"Python {m.get('python', '?')}",
     ]
+    load = m.get("load_average")
+    if isinstance(load, list) and load:
+        parts.append(f"load average {load[0]:.2f} when the run ended")
     return ", ".join(parts)
 
 
@@ -329,8 +335,14 @@ def render_gradients(data: dict[str, Any]) -> dict[str, str]:
     )
     ift = (
         f"Exact (IFT) backward to an absolute tolerance of {p.get('b_tol', '?')} (cap "
-        f"{p.get('b_max_iter', '?')}), against torchdeq on the same problem; *rel err* is the relative error "
-        "of dL/dW against a dense float64 solve of the adjoint equation.\n\n"
+        f"{p.get('b_max_iter', '?')}), ours against torchdeq's, both from the same z*"
+        + (
+            f" (residual {ref:.0e})"
+            if isinstance(ref := p.get("z_ref_residual"), (int, float))
+            else ""
+        )
+        + "; *rel err* is the relative error of dL/dW against a dense float64 solve of the adjoint "
+        "equation at that z*. Times are the median of the backward call alone.\n\n"
         + table(
             data.get("ift_vs_torchdeq", []),
             [
@@ -414,8 +426,8 @@ def generate(root: Path, out: Path) -> dict[str, str]:
         snippets["fpdm_sweep"] = "\n".join(parts)
     else:
         snippets["fpdm_sweep"] = (
-            ":::{admonition} Sweep results go here\n:class: warning\n\n"
-            "The sweep has not been run in this checkout: `examples/fpdm/results/sweep.md` (the table) and "
+            ":::{admonition} No sweep results\n:class: warning\n\n"
+            "This checkout has no sweep results: `examples/fpdm/results/sweep.md` (the table) and "
             "`examples/fpdm/results/sweep.png` (the plot) do not exist. They are written by the sweep and "
             "placed here at build time. No numbers are shown until they are measured.\n:::\n"
         )
@@ -430,7 +442,7 @@ def generate(root: Path, out: Path) -> dict[str, str]:
     else:
         snippets["fpdm_grids"] = (
             ":::{admonition} Sample grids go here\n:class: warning\n\n"
-            "No sample grid has been produced in this checkout yet: `examples/fpdm/results/grids.png` is "
+            "This checkout has no sample grid: `examples/fpdm/results/grids.png` is "
             "written by the sweep and placed here at build time. Nothing on this page is an illustration of "
             "results that were not measured.\n:::\n"
         )
