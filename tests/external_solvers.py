@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from implicitdiff.solvers import SolverResult, residual_norm
+from implicitdiff.solvers import SolverResult
 from implicitdiff.solvers._base import check_solve_args
 from implicitdiff.solvers._driver import Evaluator, Progress
+from implicitdiff.solvers._driver import residual as driver_residual
 
 __all__ = ["ScipySolver", "TorchDEQSolver"]
 
@@ -60,6 +61,12 @@ _SCIPY_NONLIN = (
 
 # Arguments of a torchdeq solver that the adapter sets itself.
 _TORCHDEQ_CONTROLLED = ("func", "x0", "max_iter", "tol", "stop_mode", "indexing", "return_final")
+
+
+def _one(like: Tensor, i: int) -> Tensor:
+    mask = torch.zeros_like(like)
+    mask[i] = True
+    return mask
 
 
 class _StopSolve(Exception):
@@ -134,7 +141,7 @@ class TorchDEQSolver:
         max_iter, tol, stop_mode, _ = check_solve_args(max_iter, tol, stop_mode)
         evaluate = Evaluator.of_map(g, z0)
         start = evaluate.flat(z0)
-        progress = Progress(start, tol, max_iter)
+        progress = Progress(start, tol)
 
         def done() -> bool:
             # The host reads a flag at every evaluation: external solvers run their own loop.
@@ -144,7 +151,7 @@ class TorchDEQSolver:
             if done():
                 raise _StopSolve
             fz = evaluate(z)
-            progress.record(z, fz, residual_norm(fz, z, stop_mode))
+            progress.record(z, fz, driver_residual(fz, z, stop_mode))
             if done():
                 raise _StopSolve
             # A sample that went non-finite is over for us; show torchdeq a harmless fixed point so
@@ -281,7 +288,7 @@ class ScipySolver:
     ) -> SolverResult:
         max_iter, tol, stop_mode, _ = check_solve_args(max_iter, tol, stop_mode)
         evaluate = Evaluator.of_map(g, z0)
-        progress = Progress(evaluate.flat(z0), tol, max_iter)
+        progress = Progress(evaluate.flat(z0), tol)
         start = progress.best_z.to("cpu", torch.float64).numpy()  # (B, n)
         options = self._scipy_options(max_iter, z0.dtype)
 
@@ -300,11 +307,11 @@ class ScipySolver:
                     if point is None:
                         alive.discard(i)
                         # scipy gave up or finished by its own rule: the sample keeps its best iterate.
-                        progress.active[i] = False
+                        progress.retire(_one(progress.active, i))
                     elif not np.isfinite(point).all():
                         # scipy's own arithmetic broke down; g is not to blame, so it is not evaluated.
                         workers[i].replies.put(None)
-                        progress.active[i] = False
+                        progress.retire(_one(progress.active, i))
                     else:
                         pending[i] = point
                 if not pending:
@@ -314,7 +321,7 @@ class ScipySolver:
                 z = progress.best_z.clone()
                 z[rows] = torch.from_numpy(np.stack([pending[i] for i in rows])).to(z)
                 fz = evaluate(z)
-                progress.record(z, fz, residual_norm(fz, z, stop_mode))
+                progress.record(z, fz, driver_residual(fz, z, stop_mode))
                 residual = (fz - z).to("cpu", torch.float64).numpy()
                 stop_all = evaluate.nfe >= max_iter or not progress.any_active()
                 for i in rows:

@@ -65,7 +65,8 @@ def call_watching_input(fn: Callable[..., Any], x: Tensor, *leading: Any) -> tup
     The version counter sees in-place writes for free (no copy), but ``torch.compile`` cannot trace it:
     under compilation the write is not detected and ``False`` is returned.
     """
-    if compiling():
+    if compiling() or x.is_inference():
+        # Inference tensors have no version counter: under torch.inference_mode() the check is skipped.
         return fn(*leading, x), False
     version = x._version
     out = fn(*leading, x)
@@ -133,64 +134,112 @@ class Evaluator:
         return out.reshape(z.shape[0], -1).to(self.wdtype)
 
 
-class Progress:
-    """Per-sample bookkeeping of a solve, on the device: best iterate, active, non-finite, counts.
+def residual(fz: Tensor, z: Tensor, stop_mode: str) -> Tensor:
+    r"""Per-sample residual of flat states: :func:`residual_norm`, but NaN where it is not finite.
 
-    Used by :func:`iterate` and by the adapters of external solvers, which call :meth:`record` for every
-    evaluation and read :meth:`any_active` on the host when they must.
+    ``abs`` is one fused kernel (``cdist`` of each row with its image). Coding a non-finite residual as
+    NaN (not ``inf``) lets one comparison both test the tolerance and stop a sample that went non-finite:
+    NaN compares false with everything.
+    """
+    if stop_mode == "abs":
+        res = torch.cdist(fz.unsqueeze(1), z.unsqueeze(1)).view(-1)
+    else:
+        res = residual_norm(fz, z, stop_mode)
+    return torch.nan_to_num(res, nan=math.nan, posinf=math.nan)
+
+
+class Progress:
+    """Per-sample bookkeeping of a solve, on the device: best iterate, active samples, what each step saw.
+
+    Used by :func:`iterate` and by adapters of external solvers, which call :meth:`record` for every
+    evaluation and read :meth:`any_active` on the host when they must. On a GPU each operation is a kernel
+    launch, which costs about as much as a small map, so :meth:`record` is five of them: one row of the
+    step log (the residual of each sample still iterating), and the best residual, iterate and image. The
+    trace, the per-sample evaluation counts and the non-finite flags are read off the log at the end.
+    Memory grows with the evaluations done (one ``(B,)`` row each), never with ``max_iter``.
     """
 
-    def __init__(self, z0: Tensor, tol: float | None, trace_len: int) -> None:
+    #: Rows of the step log; a full log is reduced into the trace and the counts, and reused.
+    CHUNK = 64
+
+    def __init__(self, z0: Tensor, tol: float | None) -> None:
         batch = z0.shape[0]
         self.tol = tol
         # A sample that never sees a finite value keeps its start (and its start as "image").
         self.best_z, self.best_fz = z0, z0
         self.best_res = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
         self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
-        self.nonfinite = torch.zeros(batch, dtype=torch.bool, device=z0.device)
-        self.evaluations = torch.zeros(batch, dtype=torch.long, device=z0.device)
-        # Per evaluation, the largest residual of the samples still iterating: trace_len scalars.
-        self.trace = torch.zeros(trace_len, dtype=z0.dtype, device=z0.device)
+        # Per evaluation, each sample's residual if it was still iterating, else -1 (NaN: non-finite).
+        self._log = z0.new_empty(self.CHUNK, batch)
+        self._frozen = torch.full((), -1.0, dtype=z0.dtype, device=z0.device)
+        self._trace: list[Tensor] = []
+        self._evaluations = torch.zeros(batch, dtype=torch.long, device=z0.device)
+        self._retired = torch.zeros(batch, dtype=torch.bool, device=z0.device)
         self.count = 0
 
-    def record(self, z: Tensor, fz: Tensor, res: Tensor) -> None:
-        """Take the evaluation ``fz = g(z)`` with residual ``res`` into account (no host reads).
-
-        ``res`` is ``inf`` where the evaluation was not finite (:func:`residual_norm` makes it so). Each
-        operation here is a kernel launch, which on a GPU costs about as much as a small map: they are
-        kept few.
-        """
-        was_active = self.active
-        if self.count < self.trace.shape[0]:
-            write_into(self.trace[self.count], torch.amax, torch.where(was_active, res, 0.0), 0)
+    def _row(self) -> Tensor:
+        index = self.count % self.CHUNK
+        if index == 0 and self.count:
+            self._flush(self.CHUNK)
         self.count += 1
-        self.evaluations += was_active
-        better = was_active & (res < self.best_res)  # inf never improves on inf
+        return self._log[index]
+
+    def _flush(self, rows: int) -> None:
+        """Reduce the first ``rows`` rows of the log into the trace and the per-sample counts."""
+        log = self._log[:rows]
+        self._trace.append(log.nan_to_num(nan=math.inf).amax(dim=1).clamp(min=0.0))
+        self._evaluations += (~(log < 0)).sum(dim=0)
+
+    def record(self, z: Tensor, fz: Tensor, res: Tensor) -> None:
+        """Take the evaluation ``fz = g(z)`` with residual ``res`` (NaN if not finite) into account.
+
+        No host reads. A sample stops iterating once its residual is within ``tol`` or not finite; a
+        frozen sample's residual does not change (neither does its iterate), so it never counts as better.
+        """
+        row = self._row()
+        write_into(row, torch.where, self.active, res, self._frozen)
+        better = res < self.best_res  # NaN never improves
         self.best_res = torch.where(better, res, self.best_res)
         self.best_z = torch.where(better[:, None], z, self.best_z)
         self.best_fz = torch.where(better[:, None], fz, self.best_fz)
-        failed = was_active & (res == math.inf)
-        self.nonfinite = self.nonfinite | failed
-        # A sample whose map went non-finite cannot continue meaningfully: it keeps its best iterate.
-        self.active = was_active & ~failed if self.tol is None else was_active & (res > self.tol) & ~failed
+        # Without a tolerance (a rule that judges trials) only a non-finite value stops a sample.
+        self.active = row > self.tol if self.tol is not None else row >= 0
 
     def any_active(self) -> bool:
         """Whether a sample is still iterating: the one host read of a tolerance-mode solve."""
         return bool(self.active.any())
 
+    def retire(self, mask: Tensor) -> None:
+        """Stop the samples in ``mask`` where they are, neither converged nor failed (an external
+        solver gave up on them)."""
+        mask = mask & self.active  # a sample that already stopped keeps its reason
+        self.active = self.active & ~mask
+        self._retired = self._retired | mask
+
+    @property
+    def converged(self) -> Tensor:
+        """``(B,)`` bool: the best residual is within the tolerance (all ``False`` without one)."""
+        return self.best_res <= self.tol if self.tol is not None else torch.zeros_like(self.active)
+
+    @property
+    def nonfinite(self) -> Tensor:
+        """``(B,)`` bool: stopped by a non-finite value (a sample stops early only by converging, by
+        going non-finite, or by being retired)."""
+        return ~self.active & ~self.converged & ~self._retired
+
     def result(self, unflat: Callable[[Tensor], Tensor], nfe: int) -> SolverResult:
         """The :class:`SolverResult` of the best iterates."""
-        tol = self.tol
-        converged = self.best_res <= tol if tol is not None else torch.zeros_like(self.active)
+        if self.count:
+            self._flush((self.count - 1) % self.CHUNK + 1)
         return SolverResult(
             z=unflat(self.best_z),
             residual=self.best_res,
-            converged=converged,
+            converged=self.converged,
             nfe=nfe,
-            trace=self.trace[: min(self.count, self.trace.shape[0])],
+            trace=torch.cat(self._trace) if self._trace else self.best_res.new_zeros(0),
             nonfinite=self.nonfinite,
             fz=unflat(self.best_fz),
-            evaluations=self.evaluations,
+            evaluations=self._evaluations,
         )
 
 
@@ -332,9 +381,12 @@ def iterate(
     Returns
     -------
     SolverResult
+        Its tensors carry no autograd history: the solve runs under ``torch.no_grad()`` (gradients
+        through a solution come from an estimator, never from the solver's iterations).
     """
     max_iter, tol, stop_mode, check_every = check_solve_args(max_iter, tol, stop_mode, check_every)
-    return _run(as_update_rule(rule), g, z0, max_iter, tol, stop_mode, check_every)
+    with torch.no_grad():
+        return _run(as_update_rule(rule), g, z0, max_iter, tol, stop_mode, check_every)
 
 
 def _run(
@@ -353,11 +405,14 @@ def _run(
     track = tol is not None or judges
     restart_factor = rule.restart_factor if track else math.inf
     need_res = track or rule.needs_residual
+    # A state stored in less than float32 is iterated on its own grid, so that the residual the solve
+    # reports is the one of the z it returns (rounding a float32 iterate afterwards would change it).
+    rounds = evaluate.dtype != evaluate.wdtype
 
     z = evaluate.flat(z0)
     fz = evaluate(z)
-    res = residual_norm(fz, z, stop_mode) if need_res else None
-    progress = Progress(z, tol, max_iter) if track else None
+    res = residual(fz, z, stop_mode) if need_res else None
+    progress = Progress(z, tol) if track else None
     if progress is not None:
         assert res is not None
         progress.record(z, fz, res)
@@ -369,30 +424,31 @@ def _run(
         z_next, state = rule.step(state, z, fz, res)
         if progress is not None and tol is not None:
             z_next = _select(progress.active, z_next, z)  # frozen samples do not move
+        if rounds:
+            z_next = z_next.to(evaluate.dtype).to(evaluate.wdtype)
         fz_next = evaluate(z_next)
-        res_next = residual_norm(fz_next, z_next, stop_mode) if need_res else None
+        res_next = residual(fz_next, z_next, stop_mode) if need_res else None
         if judges:
             assert res is not None and res_next is not None
             accepted, state = rule.accept(state, res, res_next)
-            z, fz, res = (
-                _select(accepted, z_next, z),
-                _select(accepted, fz_next, fz),
-                torch.where(accepted, res_next, res),
-            )
+            z, fz = _select(accepted, z_next, z), _select(accepted, fz_next, fz)
+            res = torch.where(accepted, res_next, res)
         else:
             z, fz, res = z_next, fz_next, res_next
         if progress is not None:
             assert res is not None
             progress.record(z, fz, res)
             if restart_factor < math.inf:
-                blown = progress.active & (res > restart_factor * progress.best_res)
-                z = _select(blown, progress.best_z, z)
-                fz = _select(blown, progress.best_fz, fz)
-                res = torch.where(blown, progress.best_res, res)
+                # Back to the best iterate, without its history, once the residual has blown up.
+                blown = res > progress.best_res * restart_factor
+                z, fz = _select(blown, progress.best_z, z), _select(blown, progress.best_fz, fz)
+                if need_res and (judges or rule.needs_residual):
+                    res = torch.where(blown, progress.best_res, res)
                 state = rule.restart(state, blown)
     if progress is not None:
         return progress.result(evaluate.unflat, evaluate.nfe)
-    res = residual_norm(fz, z, stop_mode) if res is None else res
+    # Once per solve: the residual of the returned iterate by the public rule (inf where not finite).
+    res = residual_norm(fz, z, stop_mode)
     return SolverResult(
         z=evaluate.unflat(z),
         residual=res,
