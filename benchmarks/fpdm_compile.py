@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 
+# The example's package (examples/fpdm/fpdm/) is not installed: this is the one path entry.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "fpdm"))
 
-from diffusion import GaussianDiffusion
-from models import compile_blocks, create_model
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.models import compile_blocks, create_model
 
 from implicitdiff import SJFB
 

@@ -31,10 +31,11 @@ import torch
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
+# The example's package (examples/fpdm/fpdm/) is not installed: this is the one path entry.
 sys.path.insert(0, str(ROOT / "examples" / "fpdm"))
 
-from diffusion import GaussianDiffusion  # noqa: E402
-from models import FPDM, create_model  # noqa: E402
+from fpdm.diffusion import GaussianDiffusion  # noqa: E402
+from fpdm.models import FPDM, create_model  # noqa: E402
 
 from implicitdiff import SJFB, Picard  # noqa: E402
 from implicitdiff.diagnostics import SyncCounter  # noqa: E402
@@ -57,7 +58,7 @@ def _graph_count() -> int:
 def _compile(model: nn.Module, name: str, quick: bool) -> nn.Module:
     backend = "eager" if quick else "inductor"
     if isinstance(model, FPDM):
-        import models
+        from fpdm import models
 
         compile_blocks = getattr(models, "compile_blocks", None)
         if compile_blocks is not None:
@@ -178,7 +179,7 @@ def sampler_rows(device: torch.device, quick: bool) -> list[dict[str, Any]]:
 
 
 def _sampler_row(model: nn.Module, batch: int, dtype: torch.dtype, device: torch.device, reps: int) -> dict:
-    from sampling import sample
+    from fpdm.sampling import sample
 
     steps, iters = 10, 2
     diffusion = GaussianDiffusion()

@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import torch
-from diffusion import GaussianDiffusion
-from models import DiTBlock, FinalLayer, ImplicitBlock, TimestepEmbedder, compile_blocks, create_model
-from sampling import sample
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.models import DiTBlock, FinalLayer, ImplicitBlock, TimestepEmbedder, compile_blocks, create_model
+from fpdm.sampling import sample
 
 from implicitdiff import SJFB
 

@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from data import ImageFolder, LatentDataset, load_dataset, load_digits
-from diffusion import GaussianDiffusion, guided_eps
+from fpdm.data import ImageFolder, LatentDataset, load_dataset, load_digits
+from fpdm.diffusion import GaussianDiffusion, guided_eps
 
 
 def test_linear_schedule_matches_its_definition():
@@ -156,7 +156,7 @@ def test_image_folder_reads_real_images_with_labels_from_class_folders(tmp_path)
 def test_extract_latents_script_writes_latents_the_dataset_loads(tmp_path):
     write_image_folder(tmp_path / "images")
     out = tmp_path / "latents.pt"
-    import extract_latents
+    from fpdm import latents as extract_latents
 
     argv = ["--images", str(tmp_path / "images"), "--out", str(out), "--random-tiny-vae",
             "--image-size", "16", "--batch-size", "4", "--device", "cpu"]  # fmt: skip
@@ -176,7 +176,7 @@ def test_unknown_dataset_spec_is_a_clear_error():
 
 
 def test_digits_train_and_test_specs_are_the_evaluation_split():
-    from data import digits_split
+    from fpdm.data import digits_split
 
     train, test = load_dataset("digits-train"), load_dataset("digits-test")
     assert (len(train), len(test)) == (1437, 360) and train.num_classes == 10

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from diffusion import GaussianDiffusion
-from models import FPDM, count_parameters, create_model, sincos_pos_embed_2d
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.models import FPDM, count_parameters, create_model, sincos_pos_embed_2d
 
 from implicitdiff import JFB, Anderson, Broyden, Picard
 from implicitdiff.gradients import IFT, SJFB
@@ -22,7 +22,7 @@ def tiny_fpdm(grad=None, **overrides) -> FPDM:
 
 
 def digits_batch(n: int = 16):
-    from data import load_digits
+    from fpdm.data import load_digits
 
     data = load_digits()
     return data.images[:n], data.labels[:n]

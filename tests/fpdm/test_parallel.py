@@ -5,12 +5,12 @@ import math
 
 import numpy as np
 import pytest
-import sample as sample_cli
 import torch
-from diffusion import GaussianDiffusion
-from models import DiTBlock
-from parallel import ddim_steps, sample_parallel
-from sampling import sample
+from fpdm import generation as sample_cli
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.models import DiTBlock
+from fpdm.parallel import ddim_steps, sample_parallel
+from fpdm.sampling import sample
 from test_sampling import contractive_model
 
 from implicitdiff import Anderson, Picard
@@ -332,7 +332,7 @@ def test_dit_refuses_iterations(dit):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from train import CHECKPOINT_NAME, TrainConfig, train
+    from fpdm.training import CHECKPOINT_NAME, TrainConfig, train
 
     out = tmp_path_factory.mktemp("train")
     cfg = TrainConfig(

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-from diffusion import GaussianDiffusion, guided_eps
-from models import DiTBlock, create_model
-from sampling import SCHEDULES, allocate, pick_steps, sample
+from fpdm.diffusion import GaussianDiffusion, guided_eps
+from fpdm.models import DiTBlock, create_model
+from fpdm.sampling import SCHEDULES, allocate, pick_steps, sample
 
 from implicitdiff import Anderson, Broyden, Picard, SolverResult
 
@@ -290,7 +290,7 @@ def test_callback_sees_every_step_and_the_model_mode_is_restored(fpdm):
 def test_the_docstring_examples_hold():
     import doctest
 
-    import sampling
+    from fpdm import sampling
 
     failures, attempted = doctest.testmod(sampling)
     assert failures == 0 and attempted >= 3

@@ -62,10 +62,10 @@ import time
 from typing import Any
 
 import torch
-from diffusion import GaussianDiffusion, guided_eps
-from sampling import DEFAULT_ITERS_PER_STEP, block_cost
 from torch import Tensor, nn
 
+from fpdm.diffusion import GaussianDiffusion, guided_eps
+from fpdm.sampling import DEFAULT_ITERS_PER_STEP, block_cost
 from implicitdiff import ChainResult, Solver, solve_chain
 from implicitdiff.chain import FORMS
 

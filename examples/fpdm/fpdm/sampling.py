@@ -58,10 +58,10 @@ from fractions import Fraction
 from typing import Any
 
 import torch
-from diffusion import METHODS, GaussianDiffusion, guided_eps, to_device
-from models import ModelState
 from torch import Tensor, nn
 
+from fpdm.diffusion import METHODS, GaussianDiffusion, guided_eps, to_device
+from fpdm.models import ModelState
 from implicitdiff import Picard, Solver
 from implicitdiff.solvers import residual_norm
 
