@@ -66,7 +66,7 @@ def _stepper(preset: str, mode: str, batch: int) -> Any:
     y = torch.randint(0, model.num_classes, (batch,), generator=gen)
 
     def step() -> float:
-        loss = diffusion.training_loss(net, x, y, generator=gen)
+        loss, _ = diffusion.training_loss(net, x, y, generator=gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

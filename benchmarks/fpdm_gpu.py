@@ -114,7 +114,7 @@ def _training_row(
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = diffusion.training_loss(net, x, y, generator=gen)
+            loss, _ = diffusion.training_loss(net, x, y, generator=gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -200,7 +200,7 @@ def _sampler_row(model: nn.Module, batch: int, dtype: torch.dtype, device: torch
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=autocast):
             for i, t in enumerate(timesteps):
                 t_batch = torch.full((batch,), t, device=device, dtype=torch.long)
-                eps, state = model(x, t_batch, labels, max_iter=iters, tol=None, z0=z, return_state=True)
+                eps, state = model(x, t_batch, labels, max_iter=iters, tol=None, z0=z)
                 z = state.z
                 t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
                 x = diffusion.ddim_step(x, eps, t, t_prev)

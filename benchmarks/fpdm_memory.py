@@ -102,7 +102,7 @@ def child(name: str, batch: int, threads: int) -> dict:
 
     def step() -> tuple[float, int, int]:
         start = time.perf_counter()
-        loss, state = diffusion.training_loss(model, x, y, model_kwargs={"return_state": True})
+        loss, state = diffusion.training_loss(model, x, y)
         after_forward = _status_kb("VmRSS")  # the graph holds the activations saved for backward
         loss.backward()
         return time.perf_counter() - start, after_forward, state.block_evals

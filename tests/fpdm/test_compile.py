@@ -58,7 +58,10 @@ def train_step(model, optimizer, step: int):
     torch.manual_seed(1000 + step)  # label dropout
     x, y = batch(step)
     loss, state = GaussianDiffusion().training_loss(
-        model, x, y, generator=torch.Generator().manual_seed(step), model_kwargs={"return_state": True}
+        model,
+        x,
+        y,
+        generator=torch.Generator().manual_seed(step),
     )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

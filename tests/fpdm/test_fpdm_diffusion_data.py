@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 from fpdm.data import ImageFolder, LatentDataset, load_dataset, load_digits
-from fpdm.diffusion import GaussianDiffusion, guided_eps
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.reverse import model_eps
 
 
 def test_linear_schedule_matches_its_definition():
@@ -103,12 +104,12 @@ def test_ddpm_posterior_variance_matches_empirical_variance_of_the_forward_proce
 
 def test_classifier_free_guidance_interpolates_conditional_and_unconditional():
     def model(x, t, y):
-        return x * 0 + y.view(-1, 1, 1, 1).float()  # eps = the label
+        return x * 0 + y.view(-1, 1, 1, 1).float(), None  # eps = the label
 
     x = torch.zeros(2, 1, 8, 8)
     t, y = torch.tensor([10, 10]), torch.tensor([3, 5])
     for w in (0.0, 1.0, 4.0):
-        eps = guided_eps(model, x, t, y, w, null_label=10)
+        eps, _ = model_eps(model, x, t, y, guidance=w, null_label=10)
         expected = 10 + w * (y.float() - 10)
         torch.testing.assert_close(eps[:, 0, 0, 0], expected)
 

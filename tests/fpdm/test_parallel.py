@@ -9,7 +9,7 @@ import torch
 from fpdm import generation as sample_cli
 from fpdm.diffusion import GaussianDiffusion
 from fpdm.models import DiTBlock
-from fpdm.parallel import ddim_steps, sample_parallel
+from fpdm.parallel import sample_parallel
 from fpdm.sampling import sample
 from test_sampling import contractive_model
 
@@ -69,9 +69,9 @@ def lipschitz_bound(model, labels, trajectory, factor=2.0):
         x = x.detach()
         delta = torch.randn(x.shape, generator=gen) * 1e-2
         with torch.no_grad():
-            eps_a, eps_b = (model(z, t[k].repeat(x.shape[0]), labels) for z in (x, x + delta))
+            eps_a, eps_b = (model(z, t[k].repeat(x.shape[0]), labels)[0] for z in (x, x + delta))
         a, b = (
-            ddim_steps(DIFFUSION, z[None], e[None], t[k : k + 1], t_prev[k : k + 1])
+            DIFFUSION.ddim_step(z[None], e[None], t[k : k + 1], t_prev[k : k + 1])
             for z, e in ((x, eps_a), (x + delta, eps_b))
         )
         worst = max(worst, float((b - a).norm() / delta.norm()))

@@ -142,11 +142,11 @@ def places(pattern: str) -> list[str]:
 
 def test_the_ddim_update_and_the_guidance_are_written_once():
     # DDIM: x' = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps; written with ** 0.5 or .sqrt().
-    root = r"(\*\* 0\.5|\.sqrt\(\))"
-    ddim = places(rf"abar_prev{root} \* x0 \+ ")
+    root = r"\s*(\*\*\s*0\.5|\.sqrt\(\))\s*"
+    ddim = places(rf"abar_prev{root}\*\s*x0\s*\+")
     assert len(ddim) == 1, ddim
     # x0 from eps: (x - sqrt(1 - abar) eps) / sqrt(abar).
-    x0 = places(rf"\(1 - abar\){root} \* eps\) / ")
+    x0 = places(rf"\(1 - abar\){root}\*\s*eps\)\s*/")
     assert len(x0) == 1, x0
     # Classifier-free guidance: eps_uncond + w (eps_cond - eps_uncond).
     guidance = places(r"\+ guidance \* \(")

@@ -1,27 +1,9 @@
-r"""The Gaussian diffusion process: noise schedule, training loss, DDPM and DDIM steps, guidance.
+r"""The Gaussian diffusion process: linear noise schedule, training loss, DDPM and DDIM reverse steps.
 
-API
----
-``GaussianDiffusion(num_timesteps=1000, beta_start=1e-4, beta_end=0.02, spacing="trailing")`` holds the
-linear schedule (Ho et al. 2020) and provides
-
-* ``q_sample(x0, t, noise)``: :math:`x_t = \sqrt{\bar\alpha_t} x_0 + \sqrt{1 - \bar\alpha_t} \epsilon`;
-* ``training_loss(model, x0, y, generator=None, model_kwargs=None)``: the epsilon-prediction loss
-  :math:`E_{t, \epsilon} \|\epsilon - \epsilon_\theta(x_t, t, y)\|^2` (mean over elements); with
-  ``model_kwargs={"return_state": True}`` it returns ``(loss, state)``, the model's counts with it;
-* ``respace(num_steps)``: evenly spaced timesteps, descending: ``"trailing"`` (default)
-  ``[999, 799, 599, 399, 199]`` for 5 steps, or ``"linspace"`` (DiT's and improved-diffusion's)
-  ``[999, 749, 500, 250, 0]``;
-* ``ddim_step(x_t, eps, t, t_prev, eta=0.0, noise=None)`` and ``ddpm_step(x_t, eps, t, t_prev, noise)``:
-  one reverse step from timestep ``t`` to ``t_prev`` (``-1`` after the last one: the clean sample);
-* ``reverse_step(x_t, eps, t, t_prev, method=..., eta=..., generator=...)``: either step, with its noise;
-* ``reverse_loop(eps_at, x, timesteps, ...)``: the sampling loop (the budgeted sampler of ``sampling.py``
-  runs it too); ``sample(eps_fn, shape, num_steps, ...)``: that loop over ``respace(num_steps)`` with
-  ``eps_fn(x, t_batch) -> eps``.
-
-``guided_eps(model, x, t, y, guidance, **model_kwargs)``: classifier-free guidance in one batched call,
-:math:`\epsilon = \epsilon_\varnothing + w (\epsilon_y - \epsilon_\varnothing)`; with ``return_state=True``
-in ``model_kwargs`` it also returns the model's state for the doubled batch (FPDM's warm start).
+:class:`GaussianDiffusion` holds the schedule (Ho et al. 2020, as DiT uses it) and the maths of a step;
+the samplers (``sampling.py``, ``parallel.py``) decide which steps to take and what the model costs.
+Schedule values are kept in float64 and read on the host as Python floats, so a sampling loop never waits
+on the device for them.
 """
 
 from __future__ import annotations
@@ -33,12 +15,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["METHODS", "SPACINGS", "GaussianDiffusion", "guided_eps", "to_device"]
+__all__ = ["METHODS", "SPACINGS", "GaussianDiffusion", "to_device"]
 
 #: The timestep spacings of :meth:`GaussianDiffusion.respace`.
 SPACINGS = ("trailing", "linspace")
 #: The reverse steps: deterministic (or ``eta``-noised) DDIM, ancestral DDPM.
 METHODS = ("ddim", "ddpm")
+
+
+def _at_least_zero(value: Any) -> Any:
+    """``max(value, 0)`` of a float or a tensor (rounding can take ``1 - abar' - sigma^2`` below 0)."""
+    return value.clamp(min=0) if isinstance(value, Tensor) else max(value, 0.0)
 
 
 def to_device(tensor: Tensor, device: torch.device) -> Tensor:
@@ -134,31 +121,29 @@ class GaussianDiffusion:
 
     def training_loss(
         self,
-        model: Callable[..., Tensor] | nn.Module,
+        model: Callable[..., tuple[Tensor, Any]] | nn.Module,
         x0: Tensor,
         y: Tensor,
         *,
         generator: torch.Generator | None = None,
         model_kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        r"""Epsilon-prediction loss :math:`\text{mean}\,\|\epsilon - \epsilon_\theta(x_t, t, y)\|^2`.
+    ) -> tuple[Tensor, Any]:
+        r"""Epsilon-prediction loss :math:`\text{mean}\,\|\epsilon - \epsilon_\theta(x_t, t, y)\|^2` and the
+        model's state.
 
         Timesteps are uniform over ``0 .. T-1`` and the noise standard normal, both drawn from
         ``generator`` (the global RNG when ``None``) on the CPU and moved to ``x0``'s device (from pinned
-        memory without waiting, on CUDA), so a run is reproducible across devices. With
-        ``return_state=True`` in ``model_kwargs`` the model returns ``(eps, state)`` and so does this:
-        ``(loss, state)`` (the model's counts travel with the result; DDP passes the tuple through).
+        memory without waiting, on CUDA), so a run is reproducible across devices. ``model(x_t, t, y,
+        **model_kwargs)`` returns ``(eps, state)``; the state travels with the loss (DDP passes the tuple
+        through).
         """
         batch = x0.shape[0]
         t = torch.randint(0, self.num_timesteps, (batch,), generator=generator)
         noise = to_device(torch.randn(x0.shape, generator=generator, dtype=x0.dtype), x0.device)
         t = to_device(t, x0.device)
         x_t = self.q_sample(x0, t, noise)
-        kwargs = model_kwargs or {}
-        out = model(x_t, t, y, **kwargs)
-        eps, state = out if kwargs.get("return_state", False) else (out, None)
-        loss = (eps.float() - noise.float()).pow(2).mean()
-        return (loss, state) if kwargs.get("return_state", False) else loss
+        eps, state = model(x_t, t, y, **(model_kwargs or {}))
+        return (eps.float() - noise.float()).pow(2).mean(), state
 
     def respace(self, num_steps: int) -> list[int]:
         """``num_steps`` evenly spaced timesteps, descending from ``T - 1``, by ``self.spacing``."""
@@ -173,19 +158,42 @@ class GaussianDiffusion:
         steps = torch.linspace(T - 1, 0, num_steps, dtype=torch.float64).round().long()
         return steps.tolist()
 
-    def predict_x0(self, x_t: Tensor, eps: Tensor, t: int) -> Tensor:
-        r"""The predicted clean data, clipped if asked.
+    def _abars(self, t: int | Tensor, t_prev: int | Tensor, like: Tensor) -> tuple[Any, Any]:
+        r""":math:`\bar\alpha` at ``t`` and ``t_prev``: host floats for integer timesteps; for ``(K,)``
+        timesteps, ``(K, 1, ...)`` tensors on ``like``'s device and dtype (``like`` being ``(K, B, ...)``)."""
+        if not isinstance(t, Tensor):
+            if t_prev >= t:
+                raise ValueError(f"t_prev ({t_prev}) must be below t ({t})")
+            return self._abar(int(t)), self._abar(int(t_prev))
+        shape = (-1, *([1] * (like.dim() - 1)))
+        return tuple(
+            self.alpha_bar(s.cpu()).to(device=like.device, dtype=like.dtype).reshape(shape)
+            for s in (t, t_prev)
+        )
 
-        :math:`\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\epsilon) / \sqrt{\bar\alpha_t}`.
-        """
-        abar = self._abar(t)
+    def _x0(self, x_t: Tensor, eps: Tensor, abar: Any) -> Tensor:
+        r""":math:`\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\epsilon) / \sqrt{\bar\alpha_t}`, clipped if asked
+        (``abar``: a float or a tensor that broadcasts)."""
         x0 = (x_t - (1 - abar) ** 0.5 * eps) / abar**0.5
         return x0.clamp(-1, 1) if self.clip_denoised else x0
 
+    def predict_x0(self, x_t: Tensor, eps: Tensor, t: int) -> Tensor:
+        r"""The predicted clean data at timestep ``t``, clipped if asked.
+
+        :math:`\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\epsilon) / \sqrt{\bar\alpha_t}`.
+        """
+        return self._x0(x_t, eps, self._abar(t))
+
     def ddim_step(
-        self, x_t: Tensor, eps: Tensor, t: int, t_prev: int, eta: float = 0.0, noise: Tensor | None = None
+        self,
+        x_t: Tensor,
+        eps: Tensor,
+        t: int | Tensor,
+        t_prev: int | Tensor,
+        eta: float = 0.0,
+        noise: Tensor | None = None,
     ) -> Tensor:
-        r"""One DDIM step (Song et al. 2021) from ``t`` to ``t_prev < t``.
+        r"""One DDIM step (Song et al. 2021) from ``t`` to ``t_prev < t``, or many at once.
 
         .. math:: x_{t'} = \sqrt{\bar\alpha_{t'}}\,\hat x_0
                   + \sqrt{1 - \bar\alpha_{t'} - \sigma^2}\,\hat\epsilon + \sigma z,
@@ -193,15 +201,19 @@ class GaussianDiffusion:
                   \big(1 - \tfrac{\bar\alpha_t}{\bar\alpha_{t'}}\big)}
 
         where :math:`\hat\epsilon` is recomputed from the (possibly clipped) :math:`\hat x_0`. ``eta = 0``
-        is deterministic; ``noise`` is required when ``eta > 0`` and ``t_prev >= 0``.
+        is deterministic; ``noise`` is required when ``eta > 0`` and ``t_prev >= 0``. With ``(K,)`` tensors
+        ``t`` and ``t_prev`` and ``(K, B, ...)`` inputs, the ``K`` deterministic steps of the parallel
+        sampler in one go (``eta`` must then be 0).
         """
-        if t_prev >= t:
-            raise ValueError(f"t_prev ({t_prev}) must be below t ({t})")
-        abar, abar_prev = self._abar(t), self._abar(t_prev)
-        x0 = self.predict_x0(x_t, eps, t)
+        abar, abar_prev = self._abars(t, t_prev, x_t)
+        sigma = 0.0
+        if eta != 0 and isinstance(t, Tensor):
+            raise ValueError("ddim_step over many timesteps is deterministic: eta must be 0")
+        if eta != 0:
+            sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)) ** 0.5
+        x0 = self._x0(x_t, eps, abar)
         eps = (x_t - abar**0.5 * x0) / (1 - abar) ** 0.5
-        sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)) ** 0.5
-        x_prev = abar_prev**0.5 * x0 + max(1 - abar_prev - sigma**2, 0.0) ** 0.5 * eps
+        x_prev = abar_prev**0.5 * x0 + _at_least_zero(1 - abar_prev - sigma**2) ** 0.5 * eps
         if sigma > 0:
             if noise is None:
                 raise ValueError("ddim_step with eta > 0 needs noise")
@@ -218,11 +230,9 @@ class GaussianDiffusion:
         :math:`\beta' \frac{1-\bar\alpha_{t'}}{1-\bar\alpha_t}`. The last step (``t_prev = -1``) returns
         the mean, without noise.
         """
-        if t_prev >= t:
-            raise ValueError(f"t_prev ({t_prev}) must be below t ({t})")
-        abar, abar_prev = self._abar(t), self._abar(t_prev)
+        abar, abar_prev = self._abars(t, t_prev, x_t)
         beta = 1 - abar / abar_prev
-        x0 = self.predict_x0(x_t, eps, t)
+        x0 = self._x0(x_t, eps, abar)
         mean = (abar_prev**0.5 * beta / (1 - abar)) * x0 + (
             (1 - beta) ** 0.5 * (1 - abar_prev) / (1 - abar)
         ) * x_t
@@ -296,7 +306,7 @@ class GaussianDiffusion:
         """Sample by ``num_steps`` reverse steps over :meth:`respace` (:meth:`reverse_loop`).
 
         ``eps_fn(x, t)`` gets the batch and timesteps ``(B,)`` and returns the predicted noise (wrap a
-        model with :func:`guided_eps` for guidance). Noise is drawn on the CPU from ``generator``.
+        model with :func:`fpdm.reverse.model_eps` for guidance). Noise is drawn on the CPU from ``generator``.
         ``callback(i, t, x)`` runs after each step with the new sample.
         """
         if method not in METHODS:
@@ -314,32 +324,3 @@ class GaussianDiffusion:
         return self.reverse_loop(
             eps_at, x, timesteps, method=method, eta=eta, generator=generator, callback=after
         )
-
-
-def guided_eps(
-    model: Callable[..., Any],
-    x: Tensor,
-    t: Tensor,
-    y: Tensor,
-    guidance: float,
-    *,
-    null_label: int,
-    **model_kwargs: Any,
-) -> Any:
-    r"""Classifier-free guidance (Ho & Salimans 2021) in one call on the doubled batch.
-
-    .. math:: \hat\epsilon = \epsilon_\theta(x, t, \varnothing) + w\,(\epsilon_\theta(x, t, y)
-              - \epsilon_\theta(x, t, \varnothing))
-
-    The model sees ``cat([x, x])``, ``cat([t, t])`` and ``cat([y, null])``; ``guidance = 1`` is the
-    conditional model. Extra keyword arguments go to the model; with ``return_state=True`` the result is
-    ``(eps, state)`` with the state of the doubled batch (its ``z`` is what to pass back as ``z0``).
-    """
-    batch = x.shape[0]
-    out = model(
-        torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]), **model_kwargs
-    )
-    eps_both, state = out if isinstance(out, tuple) else (out, None)
-    eps_cond, eps_uncond = eps_both[:batch], eps_both[batch:]
-    eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-    return (eps, state) if model_kwargs.get("return_state", False) else eps

@@ -398,7 +398,7 @@ def _train_step(run: _Run, step: int, last_good: int | None) -> tuple[Tensor, Te
     """One optimisation step; returns the loss, the gradient norm before clipping and the model's state.
 
     The model's counts (block evaluations, the estimator's evaluations) and its solve's statistics come back
-    with its output (``return_state=True``; DDP passes the tuple through), never through attributes that
+    with its output (DDP passes the tuple through), never through attributes that
     the forward pass sets on the module.
     """
     cfg, runtime = run.cfg, run.runtime
@@ -408,9 +408,7 @@ def _train_step(run: _Run, step: int, last_good: int | None) -> tuple[Tensor, Te
     x, y = fetch(run.dataset, indices[runtime.rank * local_batch : (runtime.rank + 1) * local_batch])
     x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
     with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
-        loss, state = run.diffusion.training_loss(
-            run.net, x, y, generator=run.noise_gen, model_kwargs={"return_state": True}
-        )
+        loss, state = run.diffusion.training_loss(run.net, x, y, generator=run.noise_gen)
     bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=runtime.device)
     if runtime.distributed:
         dist.all_reduce(bad)
