@@ -100,6 +100,7 @@ from fpdm.training import (
 __all__ = [
     "FPDM_METHODS",
     "Method",
+    "build_parser",
     "main",
     "methods",
     "parse_args",
@@ -161,8 +162,8 @@ def methods(dit_depths: Sequence[int]) -> tuple[Method, ...]:
     return tuple(Method(f"DiT-{d}", f"dit{d}") for d in dit_depths) + FPDM_METHODS
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line; see the module docstring. ``--quick`` replaces the sizes by tiny ones."""
+def build_parser() -> argparse.ArgumentParser:
+    """The sweep's command line (``sweep.py``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     positive = bounded_int(1)
@@ -205,6 +206,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--reuse-checkpoints", action="store_true", help="sample existing checkpoints in --work")
     add("--overwrite", action="store_true", help="train again the runs in --work that cannot be reused")
     add("--progress", action=argparse.BooleanOptionalAction, default=False)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; see the module docstring. ``--quick`` replaces the sizes by tiny ones."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
         args.fpdm_steps, args.hidden_size, args.num_heads, args.dit_depths = 4, 16, 2, [5, 6]
