@@ -1,25 +1,10 @@
-"""The FPDM demo: train a small FPDM on the bundled digits on the CPU, then sample digits under a budget.
+"""The demo (``demo.py``, ``make demo``): a small FPDM trained on the digits on a CPU, then sampled.
 
-::
-
-    python examples/fpdm/demo.py                 # minutes on a laptop CPU (the README has timings)
-    python examples/fpdm/demo.py --out runs/demo --train-steps 3000 --budget 40
-
-1. Trains ``FPDM-Digits/2`` at hidden size 64 (1 pre block, 1 weight-tied implicit block, 1 post block,
-   0.28 M parameters) with ``train.py``'s :func:`train.train`: lr 1e-3, batch 128, S-JFB with 0-4 no-grad and
-   1-2 differentiable Picard iterations, EMA. The checkpoint goes to ``OUT/train/checkpoint.pt``.
-2. Samples 100 digits (ten of each class) from the EMA weights with :func:`sampling.sample` under a budget of
-   ``--budget`` block evaluations per sample, with timestep smoothing (the number of timesteps picked from
-   the budget: two iterations each), solution reuse, Picard, DDIM and classifier-free guidance 3.
-3. Writes ``OUT/samples/grid.png`` (one column per class), ``OUT/samples/samples.npz``
-   and ``OUT/summary.json`` (training time and loss, the spent compute per timestep), and prints the paths.
-
-Run again, the demo continues its training run (``--resume``): a finished one is not trained again, and
-``--train-steps`` can extend it; the samples are replaced. A change of the model's size in an existing
-``OUT`` is refused (exit status 2): pass another ``--out``.
-
-``--threads 0`` (the default) uses both cores on an idle machine and one on a busy one, where torch's two
-threads would wait on each other.
+It trains ``FPDM-Digits/2`` at hidden size 64 with :func:`fpdm.training.train` (S-JFB, EMA), samples 100
+digits (ten per class) from the EMA weights under ``--budget`` block evaluations per sample with timestep
+smoothing, solution reuse and guidance, and writes the grid, the arrays and ``summary.json``. Run again,
+it continues its own run (``--resume``) instead of training from scratch. ``--threads 0`` uses one thread
+on a busy machine, where torch's two threads would wait on each other.
 """
 
 from __future__ import annotations

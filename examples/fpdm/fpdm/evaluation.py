@@ -1,25 +1,9 @@
 """Fréchet distance and KID between generated and real images, in the feature space of any extractor.
 
-Command line (the arrays written by ``sample.py``: key ``images``, ``(N, C, H, W)`` in ``[-1, 1]``, and,
-when present, ``labels``, the classes that were asked for)::
-
-    python examples/fpdm/evaluate.py --samples samples.npz --real digits-test
-
-From Python (what the sweep calls)::
-
-    from fpdm.evaluation import evaluate_images
-    metrics = evaluate_images(images, real="digits-test", labels=labels)
-    metrics["fd"], metrics["kid_mean"], metrics["kid_std"], metrics["class_agreement"]
-
-The parts, one module each: ``metrics.py`` (Fréchet distance, KID, class agreement of any features),
-``digits_classifier.py`` (the default feature space for 1x8x8 digits: a small classifier trained offline on
-``digits-train`` and cached), ``inception.py`` (Inception-v3 features for other images, where installed).
-The digits split (``data.digits_split``) is a stratified 80/20 split of scikit-learn's 1,797 digits (1,437
-and 360 images); train diffusion models on ``digits-train`` only, so that the held-out ``digits-test`` is a
-fair reference for them and for the classifier.
-
-The matrices here are small (the digits' features are 64-dimensional): one torch and BLAS thread
-(``torch.set_num_threads(1)``, ``threadpoolctl.threadpool_limits(1)``) often runs them faster than several.
+:func:`evaluate_images` is what ``evaluate.py`` and the sweep call. For 1x8x8 digits the features are a
+small classifier's, trained offline on ``digits-train`` and cached (:mod:`fpdm.digits_classifier`), so the
+held-out ``digits-test`` is a fair reference; other images use Inception-v3 features where installed
+(:mod:`fpdm.inception`). The metrics themselves are in :mod:`fpdm.metrics`.
 """
 
 from __future__ import annotations

@@ -1,29 +1,10 @@
-"""Sample a trained FPDM (or DiT) under a budget of block evaluations; write an image grid and the arrays.
+"""Sampling a checkpoint of ``train.py`` to an image grid and arrays (``sample.py``).
 
-::
-
-    python examples/fpdm/sample.py runs/fpdm-digits/checkpoint.pt --budget 48 --num 100 --guidance 2 \\
-        --schedule constant --solver picard --out runs/fpdm-digits/samples
-
-The checkpoint is the one ``train.py`` writes, read with ``weights_only=True`` (another file gets one line
-naming it, and exit status 2); the EMA weights are used unless ``--no-ema``. An ``--out`` that already holds
-samples is replaced only with ``--overwrite``. Labels cycle through the classes (``--labels`` picks them,
-within the model's). The options map one to one onto :func:`sampling.sample` (``--steps`` omitted: picked
-from the budget; ``--no-reuse``: cold starts).
-Written under ``--out``: ``grid.png`` (one row per ``--nrow`` images, each upscaled to ``--pixels`` pixels),
-``samples.npz`` (``images`` ``(N, C, H, W)`` in ``[-1, 1]``, ``labels``, and per batch and timestep
-``timesteps``, ``spent``, ``iterations``, ``residuals``) and ``summary.json`` (options and spent compute).
-
-``--parallel`` samples by deterministic DDIM with all timesteps solved at once
-(:func:`parallel.sample_parallel`, ParaDiGMS / ParaTAA): the timesteps and FPDM's iterations per timestep are
-those of the sequential run the budget pays for (``--budget // --steps`` blocks per timestep), the chain
-runs ``--chain-solver`` on the ``--form`` map to ``--chain-tol`` (root mean square per entry) with at most
-``--window`` timesteps per sweep; ``--reuse`` warm-starts each timestep from its previous sweep (off by
-default there: cold starts took fewer sweeps on the digits). It spends more block evaluations than the
-budget, in fewer sequential rounds (``sweeps`` in the summary)::
-
-    python examples/fpdm/sample.py runs/fpdm-digits/checkpoint.pt --budget 200 --steps 50 --parallel \\
-        --chain-solver picard --chain-tol 1e-6
+:func:`load_model` rebuilds the model from the checkpoint alone (``weights_only=True``; the EMA weights
+unless asked otherwise); :func:`generate` samples in batches with one seeded generator, so the images
+depend only on the seed and the batch size; :func:`main` writes ``grid.png``, ``samples.npz`` and
+``summary.json``. The options map one to one onto :func:`fpdm.sampling.sample`, or with ``--parallel``
+onto :func:`fpdm.parallel.sample_parallel`.
 """
 
 from __future__ import annotations
@@ -90,11 +71,11 @@ def generate(
     diffusion: GaussianDiffusion | None = None,
     **options: Any,
 ) -> tuple[Tensor, list[SampleResult]]:
-    """Sample one image per label in batches of ``batch_size`` with :func:`sampling.sample`.
+    """Sample one image per label in batches of ``batch_size`` with :func:`fpdm.sampling.sample`.
 
     One generator, seeded once, serves all batches, so the images depend on ``seed`` and ``batch_size``
-    only. ``options`` go to :func:`sampling.sample` (``budget`` among them). Returns the images ``(N, C, H,
-    W)`` on the CPU and each batch's :class:`~sampling.SampleResult`.
+    only. ``options`` go to :func:`fpdm.sampling.sample` (``budget`` among them). Returns the images
+    ``(N, C, H, W)`` on the CPU and each batch's :class:`~fpdm.sampling.SampleResult`.
     """
     diffusion = GaussianDiffusion() if diffusion is None else diffusion
     generator = torch.Generator().manual_seed(seed)

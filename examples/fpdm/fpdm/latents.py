@@ -1,17 +1,10 @@
-"""Encode an image folder into VAE latents for latent-space training (``--data latents:FILE``).
+"""Encoding an image folder into VAE latents for latent-space training (``extract_latents.py``).
 
 Uses diffusers' ``AutoencoderKL`` (``pip install implicitdiff[latents]``), e.g. Stable Diffusion's VAE as in
-DiT and FPDM (256 px images -> 32x32x4 latents)::
-
-    python examples/fpdm/extract_latents.py --images /data/imagenet/train --out imagenet256.pt \\
-        --vae stabilityai/sd-vae-ft-ema --image-size 256
-
-``--vae`` is a Hub id or a local folder saved with ``AutoencoderKL.save_pretrained``. ``--random-tiny-vae``
-builds a small randomly initialised autoencoder instead (for tests, and machines without the weights).
-The output is a ``torch.save`` of plain tensors, read by ``data.LatentDataset`` with ``weights_only=True``:
-``latents`` ``(N, C, h, w)`` float32, already multiplied by the VAE's ``scaling_factor``; ``labels`` ``(N,)``;
-``num_classes``, ``scaling_factor`` (0-d tensors); written atomically. An existing ``--out`` is replaced
-only with ``--overwrite``.
+DiT and FPDM (256 px images to 32x32x4 latents); ``--random-tiny-vae`` builds a small random one instead,
+for tests. The output is a ``torch.save`` of plain tensors (``latents`` already scaled by the VAE's
+``scaling_factor``, ``labels``), written atomically and read by ``fpdm.data.LatentDataset`` with
+``weights_only=True``.
 """
 
 from __future__ import annotations

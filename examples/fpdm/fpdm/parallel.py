@@ -242,7 +242,7 @@ def sample_parallel(
     block_solver : Solver, optional
         FPDM's solver of the implicit block; the model's own by default.
     generator : torch.Generator, optional
-        CPU generator of the initial noise, drawn as :func:`sampling.sample` draws it: same seed, same
+        CPU generator of the initial noise, drawn as :func:`fpdm.sampling.sample` draws it: same seed, same
         noise.
 
     Returns
@@ -305,9 +305,9 @@ def sample_parallel_batches(
 ) -> tuple[Tensor, list[ParallelResult]]:
     """:func:`sample_parallel` on ``labels`` in batches of ``batch_size`` (``sample.py --parallel``).
 
-    One generator, seeded once, serves all batches, as in ``sample.generate``: the initial noise is the
-    sequential sampler's for the same seed and batch size. Returns the images on the CPU and each batch's
-    result.
+    One generator, seeded once, serves all batches, as in :func:`fpdm.generation.generate`: the initial
+    noise is the sequential sampler's for the same seed and batch size. Returns the images on the CPU and
+    each batch's result.
     """
     diffusion = GaussianDiffusion() if diffusion is None else diffusion
     generator = torch.Generator().manual_seed(seed)

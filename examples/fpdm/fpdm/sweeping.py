@@ -1,61 +1,13 @@
-"""Quality against compute: FPDM and DiT trained with the same compute, sampled under a range of budgets.
+"""Quality against compute: FPDM and DiTs trained with the same compute, sampled under a range of budgets.
 
-::
-
-    python examples/fpdm/sweep.py            # the full sweep (the README has its wall-clock)
-    python examples/fpdm/sweep.py --quick --out /tmp/sweep --work /tmp/sweep-runs   # smoke test, seconds
-
-1. Trains ``FPDM-Digits/2`` (hidden 64, 1 pre, 1 weight-tied implicit, 1 post block; S-JFB with 0-6 no-grad
-   and 1-3 differentiable Picard iterations) and one ``DiT-Digits/2`` (hidden 64) per depth of
-   ``--dit-depths`` (5 and 12) on the training split of the digits (``data="digits-train"``:
-   ``data.digits_split("train")``, 1,437 images), lr 1e-3, batch 128, EMA 0.995, with ``train.py``'s
-   :func:`train.train`. Depth 5 costs what FPDM costs per training step (3 x 5 = 15 block passes, FPDM's
-   expected number) and has a similar parameter count. Depth 12 mirrors the paper's pairing, a DiT several
-   times larger than the FPDM (DiT-XL/2: 28 blocks, 675 M parameters, against FPDM-XL/2's 86 M), so at a
-   small sampling budget it affords few timesteps.
-2. **Same training compute**, counted in transformer-block passes, the unit of the sampling budget: a block's
-   forward pass counts 1 and its backward pass 2 (the usual estimate: a backward computes the gradients with
-   respect to both the input and the weights, about twice a forward's multiply-adds). FPDM's forward
-   evaluations are counted exactly from its training log (``block_evals`` of every step: pre + post + every
-   evaluation of the implicit block, the no-grad ones included); its backward passes are pre + post + the
-   differentiable S-JFB steps, which the log records per step as ``grad_evals``. DiT
-   costs ``3 * depth`` per step, so each DiT gets ``round(C_FPDM / (3 * depth))`` steps. Why not wall-clock:
-   it depends on the machine and its load, and the budgets of the sampling side are block evaluations too; the
-   wall-clock of both runs is reported next to it. Caveat: FPDM's implicit block also runs its fusion MLP
-   (about half a DiT block's multiply-adds per token), which block counting, the paper's unit, leaves out.
-3. Samples each model under every budget of ``--budgets`` (block evaluations per sample, guidance's doubled
-   batch counted once, as in the paper), DDIM with trailing timesteps, guidance ``--guidance`` (1: none, the
-   best FD here; guidance trades diversity for class fidelity), with ``--seeds`` sampling seeds of
-   ``--num`` samples each, for these methods:
-
-   * ``DiT-<depth>``: ``budget // depth`` timesteps; a budget below the depth buys none (an empty cell);
-   * ``FPDM plain``: the number of timesteps of the first DiT (``budget // dit_depths[0]``), the rest of the
-     budget as Picard iterations, every solve from the pre blocks' output (no reuse);
-   * ``FPDM smoothing``: the sampler's timestep smoothing (``budget // (pre + post + 2)`` timesteps), no
-     reuse;
-   * ``FPDM reuse``: the DiT-like timesteps, each solve warm-started from the previous fixed point;
-   * ``FPDM smoothing+reuse``; ``FPDM 1 iteration/step`` and ``FPDM 1 iteration/step+reuse``: smoothing
-     taken to its end, ``budget // (pre + post + 1)`` timesteps of one iteration each, without and with
-     reuse;
-   * ``FPDM reuse, Anderson``: the DiT-like timesteps (3 iterations each with ``dit_depths[0] = 5``) with
-     ``Anderson()`` in the sampler; ``FPDM smoothing+reuse, Anderson``: the same at 2 iterations per
-     timestep (where Anderson is Picard by construction: its first two evaluations are Picard steps);
-   * ``FPDM tolerance``: smoothing, reuse and the ``"tolerance"`` schedule (``--tol``).
-
-   Every method draws its initial noise from the same seeds, so differences between methods are paired;
-   ``sweep.md`` also reports the paired differences of the main comparisons, mean ± std over the seeds.
-
-4. Scores each set of samples against the held-out ``digits-test`` split (360 images): the Fréchet distance
-   and KID in the digits classifier's features (``evaluate.py``), the Fréchet distance of the raw 64 pixels,
-   and the class agreement. The classifier's features have a blind spot: they map some noise images near
-   digits (one-step samples, pure noise, score a better feature FD than some blurry digits do), and the
-   pixel FD, which puts noise far away, is the check on it. Reports mean and standard deviation over the
-   sampling seeds, and the same scores of the training split itself (real against real, the floor these
-   sample sizes allow).
-5. Writes ``OUT/sweep.json`` (everything), ``OUT/sweep.md`` (tables) and ``OUT/sweep.png`` (the three
-   distances against the budget, error bars one standard deviation over the seeds); ``OUT`` is
-   ``examples/fpdm/results`` by default. Checkpoints go to ``--work`` (``runs/sweep``);
-   ``--reuse-checkpoints`` samples existing ones instead of training again.
+The sweep (``sweep.py``) trains ``FPDM-Digits/2`` and one ``DiT-Digits/2`` per depth of ``--dit-depths``
+on ``digits-train`` with the same training compute, counted in transformer-block passes (a forward counts
+1, a backward 2; FPDM's counted exactly from its training log, :func:`training_compute`), so that the
+comparison is the paper's: block evaluations on both the training and the sampling side, not wall-clock,
+which depends on the machine. It then samples every method of :func:`methods` under every budget with
+paired seeds (every method starts from the same noise), scores the samples against ``digits-test``
+(:func:`fpdm.evaluation.evaluate_images`) and writes ``sweep.json``, ``sweep.md``, ``sweep.png`` and
+``grids.png``. Block counting leaves out FPDM's fusion MLP (about half a block's multiply-adds per token).
 """
 
 from __future__ import annotations

@@ -1,37 +1,11 @@
-"""Train FPDM (or DiT) on digits, an image folder or VAE latents; one command line from a laptop to a cluster.
+"""Training of FPDM and DiT: :class:`TrainConfig` (one field per command-line flag) and :func:`train`.
 
-Laptop (CPU, the bundled digits)::
-
-    python examples/fpdm/train.py --out runs/fpdm-digits --steps 5000
-
-Several processes or GPUs (DistributedDataParallel; gloo on CPU, NCCL on GPU)::
-
-    torchrun --nproc_per_node 8 examples/fpdm/train.py --model FPDM-XL/2 --data latents:imagenet256.pt \\
-        --batch-size 256 --lr 1e-4 --out runs/fpdm-xl
-
-What it does: AdamW (fused where available); ``--compile`` compiles the blocks (``models.compile_blocks``:
-the solver loop and S-JFB's draws stay eager, so nothing recompiles from step to step); an EMA of the
-weights (``torch.optim.swa_utils.AveragedModel``); S-JFB by default (``--grad`` picks any estimator of
-``registry.ESTIMATORS``); bf16 autocast and TF32 on CUDA; a tqdm bar; a JSONL log (``OUT/log.jsonl``) of
-loss, block evaluations (``block_evals``; of which ``nfe`` without a gradient and ``grad_evals`` by the
-estimator), residuals; a checkpoint ``OUT/checkpoint.pt`` written atomically and read with
-``weights_only=True``. A non-finite loss stops training with an error (exit status 1) and leaves the last
-good checkpoint in place.
-
-Run folders. A folder that already holds a run (``checkpoint.pt`` or ``log.jsonl``) is never overwritten
-unless asked: ``--resume`` continues it, ``--overwrite`` starts it again from scratch; without either the
-command stops (exit status 2). ``--resume`` continues exactly where the checkpoint stopped: model, EMA,
-optimizer, every rank's RNG states, the estimator's own generator (S-JFB) and the data order (a function of
-the seed and the step). It compares the checkpoint's stored configuration with the request, field by field:
-
-* a change of the model or the data (``--model``, ``--hidden-size``, ``--num-heads``, ``--depth``,
-  ``--pre-depth``, ``--post-depth``, ``--data``, ``--image-size``), of ``--grad`` or of ``--seed`` is refused,
-  naming each field (the checkpoint's weights, estimator state and data order belong to those);
-* any other change (``--lr`` and ``--weight-decay`` among them, set on the restored optimizer; ``--steps`` to
-  train longer) is applied, and each changed field is printed as a notice.
-
-Log lines that are not JSON (a write cut short) are skipped with a notice, so a damaged log does not stop a
-resume.
+One loop from a laptop to a cluster: AdamW, an EMA of the weights, S-JFB by default (any estimator of
+:mod:`fpdm.registry`), bf16 autocast and TF32 on CUDA, DistributedDataParallel under ``torchrun``. A run
+folder is never overwritten unless asked (``--resume`` continues it exactly, ``--overwrite`` starts
+again), and ``--resume`` refuses a change of what the checkpoint's weights, estimator state and data
+order belong to (:data:`REFUSED_ON_RESUME`). A non-finite loss stops training and keeps the last good
+checkpoint. The model's counts come back with its output, so the JSONL log records what each step spent.
 """
 
 from __future__ import annotations
@@ -170,7 +144,7 @@ class TrainConfig:
     seed: int = option(0, "seed of the weights, the data order and the noise", low=0)
     ckpt_every: int = option(500, "write the checkpoint every this many steps (and at the end)", low=1)
     log_every: int = option(10, "write a log record every this many steps (and at the end)", low=1)
-    resume: bool = option(False, "continue the run in --out from its checkpoint (see the notes above)")
+    resume: bool = option(False, "continue the run in --out from its checkpoint (the rules are below)")
     overwrite: bool = option(
         False, "start again in a folder that holds a run, deleting its checkpoint and log"
     )
