@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 
+# The example's package (examples/fpdm/fpdm/) is not installed: this is the one path entry.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "fpdm"))
 
-from diffusion import GaussianDiffusion
-from models import compile_blocks, create_model
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.models import compile_blocks, create_model
 
 from implicitdiff import SJFB
 
@@ -65,7 +66,7 @@ def _stepper(preset: str, mode: str, batch: int) -> Any:
     y = torch.randint(0, model.num_classes, (batch,), generator=gen)
 
     def step() -> float:
-        loss = diffusion.training_loss(net, x, y, generator=gen)
+        loss, _ = diffusion.training_loss(net, x, y, generator=gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

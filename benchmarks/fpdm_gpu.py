@@ -31,10 +31,11 @@ import torch
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
+# The example's package (examples/fpdm/fpdm/) is not installed: this is the one path entry.
 sys.path.insert(0, str(ROOT / "examples" / "fpdm"))
 
-from diffusion import GaussianDiffusion  # noqa: E402
-from models import FPDM, create_model  # noqa: E402
+from fpdm.diffusion import GaussianDiffusion  # noqa: E402
+from fpdm.models import FPDM, create_model  # noqa: E402
 
 from implicitdiff import SJFB, Picard  # noqa: E402
 from implicitdiff.diagnostics import SyncCounter  # noqa: E402
@@ -57,7 +58,7 @@ def _graph_count() -> int:
 def _compile(model: nn.Module, name: str, quick: bool) -> nn.Module:
     backend = "eager" if quick else "inductor"
     if isinstance(model, FPDM):
-        import models
+        from fpdm import models
 
         compile_blocks = getattr(models, "compile_blocks", None)
         if compile_blocks is not None:
@@ -113,7 +114,7 @@ def _training_row(
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = diffusion.training_loss(net, x, y, generator=gen)
+            loss, _ = diffusion.training_loss(net, x, y, generator=gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -178,7 +179,7 @@ def sampler_rows(device: torch.device, quick: bool) -> list[dict[str, Any]]:
 
 
 def _sampler_row(model: nn.Module, batch: int, dtype: torch.dtype, device: torch.device, reps: int) -> dict:
-    from sampling import sample
+    from fpdm.sampling import sample
 
     steps, iters = 10, 2
     diffusion = GaussianDiffusion()
@@ -199,7 +200,7 @@ def _sampler_row(model: nn.Module, batch: int, dtype: torch.dtype, device: torch
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=autocast):
             for i, t in enumerate(timesteps):
                 t_batch = torch.full((batch,), t, device=device, dtype=torch.long)
-                eps, state = model(x, t_batch, labels, max_iter=iters, tol=None, z0=z, return_state=True)
+                eps, state = model(x, t_batch, labels, max_iter=iters, tol=None, z0=z)
                 z = state.z
                 t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
                 x = diffusion.ddim_step(x, eps, t, t_prev)

@@ -33,12 +33,13 @@ import torch
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
+# The example's package (examples/fpdm/fpdm/) is not installed: this is the one path entry.
 sys.path.insert(0, str(ROOT / "examples" / "fpdm"))
 
-from diffusion import GaussianDiffusion  # noqa: E402
-from models import create_model  # noqa: E402
-from parallel import sample_parallel  # noqa: E402
-from sampling import block_cost, sample  # noqa: E402
+from fpdm.diffusion import GaussianDiffusion  # noqa: E402
+from fpdm.models import create_model  # noqa: E402
+from fpdm.parallel import sample_parallel  # noqa: E402
+from fpdm.sampling import block_cost, sample  # noqa: E402
 
 from implicitdiff import Anderson, Picard  # noqa: E402
 
@@ -51,8 +52,8 @@ TRAIN = {"steps": 400, "lr": 2e-3, "batch_size": 128, "ema_warmup": True, "data"
 
 def trained_model(name: str, quick: bool) -> nn.Module:
     """The preset ``name`` trained with ``train.py`` (``TRAIN``), loaded with its EMA weights; cached."""
-    import sample as sample_cli
-    from train import CHECKPOINT_NAME, TrainConfig, train
+    from fpdm import generation as sample_cli
+    from fpdm.training import CHECKPOINT_NAME, TrainConfig, train
 
     steps = 3 if quick else TRAIN["steps"]
     out = RUNS / f"{name.split('-')[0].lower()}-{steps}"
@@ -65,7 +66,7 @@ def trained_model(name: str, quick: bool) -> nn.Module:
 def _metrics(images: Tensor, labels: Tensor, quick: bool) -> dict[str, float | None]:
     if quick:
         return {"fd": None, "kid": None}
-    from evaluate import evaluate_images
+    from fpdm.evaluation import evaluate_images
 
     result = evaluate_images(images, labels=labels, kid_subsets=50, kid_subset_size=100)
     return {"fd": result["fd"], "kid": result["kid_mean"]}

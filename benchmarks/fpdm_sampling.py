@@ -40,11 +40,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+# The example's package (examples/fpdm/fpdm/) is not installed: this is the one path entry.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "fpdm"))
 
-from diffusion import GaussianDiffusion
-from models import FPDM, create_model
-from sampling import allocate, block_cost, pick_steps, sample
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.models import FPDM, create_model
+from fpdm.sampling import allocate, block_cost, pick_steps, sample
 
 from implicitdiff.diagnostics import SyncCounter
 
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.checkpoint:
-        from sample import load_model
+        from fpdm.generation import load_model
 
         model = load_model(args.checkpoint)
         if not isinstance(model, FPDM):

@@ -4,22 +4,22 @@ import json
 from fractions import Fraction
 from pathlib import Path
 
-import demo
-import evaluate
-import extract_latents
 import numpy as np
 import pytest
-import sample as sample_cli
-import sweep
 import torch
-import train
-from cli import UsageError
-from data import LatentDataset, load_dataset
-from diffusion import GaussianDiffusion
-from files import FileKindError, load_tensors
-from models import create_model
-from sampling import sample
-from train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, load_checkpoint
+from fpdm import demo
+from fpdm import evaluation as evaluate
+from fpdm import generation as sample_cli
+from fpdm import latents as extract_latents
+from fpdm import sweeping as sweep
+from fpdm import training as train
+from fpdm.cli import UsageError
+from fpdm.data import LatentDataset, load_dataset
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.files import FileKindError, load_tensors
+from fpdm.models import create_model
+from fpdm.sampling import sample
+from fpdm.training import CHECKPOINT_NAME, LOG_NAME, TrainConfig, load_checkpoint
 
 TINY = ["--hidden-size", "16", "--num-heads", "2", "--batch-size", "16", "--no-progress", "--log-every", "1"]
 

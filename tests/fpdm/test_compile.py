@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import torch
-from diffusion import GaussianDiffusion
-from models import DiTBlock, FinalLayer, ImplicitBlock, TimestepEmbedder, compile_blocks, create_model
-from sampling import sample
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.models import DiTBlock, FinalLayer, ImplicitBlock, TimestepEmbedder, compile_blocks, create_model
+from fpdm.sampling import sample
 
 from implicitdiff import SJFB
 
@@ -58,7 +58,10 @@ def train_step(model, optimizer, step: int):
     torch.manual_seed(1000 + step)  # label dropout
     x, y = batch(step)
     loss, state = GaussianDiffusion().training_loss(
-        model, x, y, generator=torch.Generator().manual_seed(step), model_kwargs={"return_state": True}
+        model,
+        x,
+        y,
+        generator=torch.Generator().manual_seed(step),
     )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -4,23 +4,23 @@ import json
 import math
 from collections import Counter
 
-import digits_classifier
-import evaluate
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from data import digits_split, load_digits
-from digits_classifier import (
+from fpdm import digits_classifier
+from fpdm import evaluation as evaluate
+from fpdm.data import digits_split, load_digits
+from fpdm.digits_classifier import (
     ClassifierSettings,
     DigitsClassifier,
     classifier_cache_path,
     load_digits_classifier,
 )
-from evaluate import evaluate_images
-from inception import InceptionFeatures, inception_extractor
-from metrics import (
+from fpdm.evaluation import evaluate_images
+from fpdm.inception import InceptionFeatures, inception_extractor
+from fpdm.metrics import (
     extract_features,
     frechet_distance,
     frechet_distance_from_statistics,

@@ -5,8 +5,9 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from data import ImageFolder, LatentDataset, load_dataset, load_digits
-from diffusion import GaussianDiffusion, guided_eps
+from fpdm.data import ImageFolder, LatentDataset, load_dataset, load_digits
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.reverse import model_eps
 
 
 def test_linear_schedule_matches_its_definition():
@@ -103,12 +104,12 @@ def test_ddpm_posterior_variance_matches_empirical_variance_of_the_forward_proce
 
 def test_classifier_free_guidance_interpolates_conditional_and_unconditional():
     def model(x, t, y):
-        return x * 0 + y.view(-1, 1, 1, 1).float()  # eps = the label
+        return x * 0 + y.view(-1, 1, 1, 1).float(), None  # eps = the label
 
     x = torch.zeros(2, 1, 8, 8)
     t, y = torch.tensor([10, 10]), torch.tensor([3, 5])
     for w in (0.0, 1.0, 4.0):
-        eps = guided_eps(model, x, t, y, w, null_label=10)
+        eps, _ = model_eps(model, x, t, y, guidance=w, null_label=10)
         expected = 10 + w * (y.float() - 10)
         torch.testing.assert_close(eps[:, 0, 0, 0], expected)
 
@@ -156,7 +157,7 @@ def test_image_folder_reads_real_images_with_labels_from_class_folders(tmp_path)
 def test_extract_latents_script_writes_latents_the_dataset_loads(tmp_path):
     write_image_folder(tmp_path / "images")
     out = tmp_path / "latents.pt"
-    import extract_latents
+    from fpdm import latents as extract_latents
 
     argv = ["--images", str(tmp_path / "images"), "--out", str(out), "--random-tiny-vae",
             "--image-size", "16", "--batch-size", "4", "--device", "cpu"]  # fmt: skip
@@ -176,7 +177,7 @@ def test_unknown_dataset_spec_is_a_clear_error():
 
 
 def test_digits_train_and_test_specs_are_the_evaluation_split():
-    from data import digits_split
+    from fpdm.data import digits_split
 
     train, test = load_dataset("digits-train"), load_dataset("digits-test")
     assert (len(train), len(test)) == (1437, 360) and train.num_classes == 10

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from diffusion import GaussianDiffusion
-from models import FPDM, count_parameters, create_model, sincos_pos_embed_2d
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.models import FPDM, count_parameters, create_model, sincos_pos_embed_2d
 
 from implicitdiff import JFB, Anderson, Broyden, Picard
 from implicitdiff.gradients import IFT, SJFB
@@ -22,7 +22,7 @@ def tiny_fpdm(grad=None, **overrides) -> FPDM:
 
 
 def digits_batch(n: int = 16):
-    from data import load_digits
+    from fpdm.data import load_digits
 
     data = load_digits()
     return data.images[:n], data.labels[:n]
@@ -45,7 +45,7 @@ def test_models_predict_zero_noise_at_init_and_have_the_input_shape():
     t = torch.tensor([0, 10, 500, 999])
     for name in ("DiT-Digits/2", "FPDM-Digits/2"):
         model = create_model(name, hidden_size=32, num_heads=2)
-        eps = model(x, t, y)
+        eps, _ = model(x, t, y)
         assert eps.shape == x.shape
         assert torch.count_nonzero(eps) == 0  # adaLN-Zero: the final layer starts at zero
 
@@ -68,7 +68,7 @@ def overfit(model, steps: int, lr: float = 1e-2) -> tuple[float, float]:
     model.train()
     losses = []
     for _ in range(steps):
-        loss = (model(x_t, t, y) - noise).pow(2).mean()
+        loss = (model(x_t, t, y)[0] - noise).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -106,7 +106,7 @@ def test_fpdm_fixed_point_converges_under_the_librarys_solvers(solver, when, tra
     x, y = digits_batch(8)
     t = torch.linspace(0, 999, 8).long()
     with torch.no_grad():
-        eps, state = model(x, t, y, solver=solver, max_iter=60, tol=1e-4, return_state=True)
+        eps, state = model(x, t, y, solver=solver, max_iter=60, tol=1e-4)
         assert state.stats.all_converged, state.stats.summary()
         assert state.stats.nfe < 60
         # The returned z is a fixed point of the implicit block.
@@ -123,8 +123,8 @@ def test_warm_start_from_the_previous_solution_converges_at_once(trained_fpdm):
     x, y = digits_batch(8)
     t = torch.full((8,), 300)
     with torch.no_grad():
-        _, cold = trained_fpdm(x, t, y, max_iter=60, tol=1e-5, return_state=True)
-        _, warm = trained_fpdm(x, t, y, max_iter=60, tol=1e-5, z0=cold.z, return_state=True)
+        _, cold = trained_fpdm(x, t, y, max_iter=60, tol=1e-5)
+        _, warm = trained_fpdm(x, t, y, max_iter=60, tol=1e-5, z0=cold.z)
     assert cold.stats.nfe > 3
     assert warm.stats.nfe == 1 and warm.stats.all_converged
 
@@ -136,16 +136,16 @@ def test_block_evals_count_pre_post_and_every_implicit_evaluation(trained_fpdm):
     # guard on it and recompile).
     snapshot = {id(m): {k: id(v) for k, v in vars(m).items()} for m in trained_fpdm.modules()}
     with torch.no_grad():
-        _, state = trained_fpdm(x, t, y, max_iter=5, tol=1e-12, return_state=True)
+        _, state = trained_fpdm(x, t, y, max_iter=5, tol=1e-12)
     assert state.stats.nfe == 5 and state.block_evals == 1 + 1 + 5 and state.grad_evals == 0
     # A fixed budget (tol=None) spends exactly max_iter evaluations too, with no host reads.
     with torch.no_grad():
-        _, fixed = trained_fpdm(x, t, y, max_iter=5, tol=None, return_state=True)
+        _, fixed = trained_fpdm(x, t, y, max_iter=5, tol=None)
     assert fixed.stats.nfe == 5 and fixed.block_evals == 7
     # Without a gradient the state is f(stats.z): five iterations are five applications of the block.
     torch.testing.assert_close(fixed.z, fixed.stats.fz)
     # With a gradient, JFB adds one differentiable evaluation (eval mode: S-JFB acts as JFB).
-    _, state = trained_fpdm(x, t, y, max_iter=5, tol=1e-12, return_state=True)
+    _, state = trained_fpdm(x, t, y, max_iter=5, tol=1e-12)
     assert state.block_evals == 1 + 1 + 5 + 1 and state.grad_evals == 1
     assert snapshot == {id(m): {k: id(v) for k, v in vars(m).items()} for m in trained_fpdm.modules()}
 
@@ -161,7 +161,7 @@ def test_dit_gradient_checkpointing_gives_the_same_gradients():
         with torch.no_grad():  # leave adaLN-Zero so that every block contributes a gradient
             for p in model.parameters():
                 p.add_(0.02 * torch.randn_like(p))
-        model(x, t, y).square().mean().backward()
+        model(x, t, y)[0].square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[0], grads[1])

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusion import GaussianDiffusion
-from train import (
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.training import (
     CHECKPOINT_NAME,
     LOG_NAME,
     NonFiniteLossError,
@@ -87,8 +87,8 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, ema_warmup):
 KILL_DURING_SAVE = textwrap.dedent(
     """
     import os, signal, sys
-    sys.path.insert(0, {example!r})
-    import torch, train
+    import torch
+    from fpdm import training as train
 
     real_save = torch.save
     saves = []
@@ -110,9 +110,10 @@ KILL_DURING_SAVE = textwrap.dedent(
 def test_a_run_killed_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path):
     out = tmp_path / "run"
     script = tmp_path / "kill_during_save.py"
-    script.write_text(KILL_DURING_SAVE.format(example=str(EXAMPLE_DIR)))
+    script.write_text(KILL_DURING_SAVE)
     args = ["--out", str(out), *TINY, "--steps", "4", "--ckpt-every", "2", "--grad", "jfb"]
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLE_DIR), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, timeout=120, env=env)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert list(out.glob(f".{CHECKPOINT_NAME}.*.tmp"))  # the partial write
     ckpt = load_checkpoint(out / CHECKPOINT_NAME)
@@ -148,7 +149,7 @@ def test_nan_loss_stops_training_with_a_clear_message_and_keeps_the_last_good_ch
 
 
 def test_command_line_exits_with_status_1_and_the_message_on_nan(tmp_path, capsys, monkeypatch):
-    import train as train_module
+    from fpdm import training as train_module
 
     monkeypatch.setattr(
         GaussianDiffusion, "training_loss", lambda self, *a, **k: (torch.tensor(float("inf")), None)
@@ -212,7 +213,7 @@ def test_ema_options_are_checked_and_parsed():
 
 
 def test_compile_flag_compiles_the_blocks_and_trains_like_eager(tmp_path, monkeypatch):
-    import train as train_module
+    from fpdm import training as train_module
 
     graphs = []
 

@@ -5,12 +5,12 @@ import math
 
 import numpy as np
 import pytest
-import sample as sample_cli
 import torch
-from diffusion import GaussianDiffusion
-from models import DiTBlock
-from parallel import ddim_steps, sample_parallel
-from sampling import sample
+from fpdm import generation as sample_cli
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.models import DiTBlock
+from fpdm.parallel import sample_parallel
+from fpdm.sampling import sample
 from test_sampling import contractive_model
 
 from implicitdiff import Anderson, Picard
@@ -69,9 +69,9 @@ def lipschitz_bound(model, labels, trajectory, factor=2.0):
         x = x.detach()
         delta = torch.randn(x.shape, generator=gen) * 1e-2
         with torch.no_grad():
-            eps_a, eps_b = (model(z, t[k].repeat(x.shape[0]), labels) for z in (x, x + delta))
+            eps_a, eps_b = (model(z, t[k].repeat(x.shape[0]), labels)[0] for z in (x, x + delta))
         a, b = (
-            ddim_steps(DIFFUSION, z[None], e[None], t[k : k + 1], t_prev[k : k + 1])
+            DIFFUSION.ddim_step(z[None], e[None], t[k : k + 1], t_prev[k : k + 1])
             for z, e in ((x, eps_a), (x + delta, eps_b))
         )
         worst = max(worst, float((b - a).norm() / delta.norm()))
@@ -332,7 +332,7 @@ def test_dit_refuses_iterations(dit):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from train import CHECKPOINT_NAME, TrainConfig, train
+    from fpdm.training import CHECKPOINT_NAME, TrainConfig, train
 
     out = tmp_path_factory.mktemp("train")
     cfg = TrainConfig(

@@ -2,13 +2,13 @@
 
 import json
 
-import demo
 import numpy as np
 import pytest
-import sample as sample_cli
 import torch
+from fpdm import demo
+from fpdm import generation as sample_cli
+from fpdm.training import CHECKPOINT_NAME, TrainConfig, train
 from PIL import Image
-from train import CHECKPOINT_NAME, TrainConfig, train
 
 
 @pytest.fixture(scope="module")

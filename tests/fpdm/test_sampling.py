@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
-from diffusion import GaussianDiffusion, guided_eps
-from models import DiTBlock, create_model
-from sampling import SCHEDULES, allocate, pick_steps, sample
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.models import DiTBlock, create_model
+from fpdm.reverse import model_eps
+from fpdm.sampling import SCHEDULES, allocate, pick_steps, sample
 
 from implicitdiff import Anderson, Broyden, Picard, SolverResult
 
@@ -145,10 +146,10 @@ def test_reuse_starts_each_solve_from_the_previous_timesteps_fixed_point(fpdm, m
     calls = []
     forward = fpdm.forward
 
-    def spy(*args, z0=None, return_state=False, **kwargs):
-        eps, state = forward(*args, z0=z0, return_state=True, **kwargs)
+    def spy(*args, z0=None, **kwargs):
+        eps, state = forward(*args, z0=z0, **kwargs)
         calls.append((z0, state.z))
-        return (eps, state) if return_state else eps
+        return eps, state
 
     monkeypatch.setattr(fpdm, "forward", spy)
     result = sample(fpdm, GaussianDiffusion(), torch.arange(3), budget=24, steps=6, guidance=guidance,
@@ -235,7 +236,7 @@ def test_ddim_with_all_steps_and_enough_iterations_matches_the_unbudgeted_model(
     assert budgeted.timesteps == list(range(39, -1, -1))
 
     def eps_fn(x, t):
-        return guided_eps(fpdm, x, t, labels, guidance, null_label=fpdm.null_label, max_iter=30, tol=1e-6)
+        return model_eps(fpdm, x, t, labels, guidance=guidance, max_iter=30, tol=1e-6)[0]
 
     reference = diffusion.sample(eps_fn, (3, 1, 8, 8), 40, method="ddim", generator=seeded(5))
     torch.testing.assert_close(budgeted.images, reference, atol=1e-5, rtol=0)
@@ -290,7 +291,7 @@ def test_callback_sees_every_step_and_the_model_mode_is_restored(fpdm):
 def test_the_docstring_examples_hold():
     import doctest
 
-    import sampling
+    from fpdm import sampling
 
     failures, attempted = doctest.testmod(sampling)
     assert failures == 0 and attempted >= 3

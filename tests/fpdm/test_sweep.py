@@ -7,10 +7,10 @@ import shutil
 import time
 
 import pytest
-import sweep
-import sweep_stats
-from cli import UsageError
-from train import TrainConfig, load_checkpoint
+from fpdm import sweep_stats
+from fpdm import sweeping as sweep
+from fpdm.cli import UsageError
+from fpdm.training import TrainConfig, load_checkpoint
 
 
 @pytest.fixture(scope="module")

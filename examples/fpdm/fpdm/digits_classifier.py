@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from data import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, TensorPairs, digits_split
-from files import load_tensors, save_atomically
 from torch import Tensor, nn
+
+from fpdm.data import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, TensorPairs, digits_split
+from fpdm.files import load_tensors, save_atomically
 
 __all__ = [
     "CLASSIFIER_VERSION",

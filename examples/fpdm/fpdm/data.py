@@ -19,9 +19,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from files import FileKindError, load_tensors
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from fpdm.files import FileKindError, load_tensors
 
 __all__ = [
     "DIGITS_SPLIT_SEED",

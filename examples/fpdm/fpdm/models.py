@@ -1,53 +1,20 @@
-"""DiT and the Fixed Point Diffusion Model (FPDM), top to bottom in one file.
+"""DiT and the Fixed Point Diffusion Model (FPDM), and their presets (:func:`create_model`).
 
-API for samplers and training (what other files rely on)
---------------------------------------------------------
-``create_model(name, **overrides)`` builds a preset from ``PRESETS`` (``"DiT-XL/2"``, ``"FPDM-XL/2"``,
-``"DiT-Digits/2"``, ``"FPDM-Digits/2"``); keyword overrides replace the preset's constructor arguments.
+Both map ``(x, t, y)`` (noisy input ``(B, C, H, W)``, integer timesteps ``(B,)``, class labels ``(B,)``,
+``num_classes`` being the null label of guidance) to ``(eps, state)``: the predicted noise and a
+:class:`ModelState` with the block evaluations the call spent and, for FPDM, the fixed point it reached
+(``state.z``, the next call's warm start ``z0``). Counts travel with the result rather than in attributes
+set on the module, which would make ``torch.compile`` recompile at every call.
 
-Both models map ``(x, t, y)`` to the predicted noise, ``eps`` shaped like ``x``:
-
-``DiT.forward(x, t, y, *, return_state=False)``
-
-``FPDM.forward(x, t, y, *, max_iter=None, tol="layer", solver=None, z0=None, return_state=False)``
-
-* ``x``: ``(B, C, H, W)`` noisy input; ``t``: ``(B,)`` integer timesteps in ``[0, 1000)`` (respaced
-  samplers pass the original timestep); ``y``: ``(B,)`` class labels, ``num_classes`` being the null
-  label of classifier-free guidance.
-* ``max_iter``, ``tol``, ``solver``: this call's options for the implicit solve (defaults: the model's
-  ``DEQLayer``; ``tol`` left out keeps the layer's tolerance, ``tol=None`` asks for a fixed budget of
-  ``max_iter`` evaluations with no host reads). ``z0``: the starting point of the solve, shaped like
-  ``state.z`` of an earlier call (warm start); by default the output of the pre blocks, as in the
-  reference FPDM.
-* ``return_state=True`` returns ``(eps, ModelState)``: ``state.z`` is the block output the post blocks
-  saw (detached, ``(B, T, D)``, the next call's warm start), ``state.stats`` the
-  :class:`~implicitdiff.SolverResult` of the solve, ``state.grad_evals`` the estimator's differentiable
-  evaluations and ``state.block_evals`` the transformer-block evaluations the call spent: pre blocks +
-  post blocks + ``stats.nfe`` + ``grad_evals``. For DiT it is the depth; ``z`` and ``stats`` are
-  ``None``. Counts travel with the result, never through attributes set on the module (those would make
-  ``torch.compile`` guard on them and recompile at every call).
-
-Without a gradient, ``n`` iterations are ``n`` applications of the implicit block (the paper's Picard,
-``f^n(z_0)``): the solver's iterate ``stats.z`` is one application behind, and its image
-``stats.fz = f(stats.z)``, which the solver computed already, is what the post blocks see and what
-``state.z`` hands on as the next warm start.
-
-``compile_blocks(model, **compile_kwargs)`` compiles the static parts (blocks, implicit block, final
-layer, embedders) with ``torch.compile`` and leaves the solver's loop eager.
-
-FPDM
-----
-``h = pre_blocks(embed(x), c)``; ``x_inj = W h + b`` (the input injection); the implicit block is
+FPDM replaces DiT's middle blocks by one weight-tied block solved to a fixed point by
+:class:`implicitdiff.DEQLayer`, so any solver and gradient estimator of the library plugs in:
 
 .. math:: f(z; x_\\text{inj}, c) = \\operatorname{Block}(\\operatorname{fuse}([z, x_\\text{inj}]), c),
-          \\qquad \\operatorname{fuse} = \\operatorname{Linear}_{2D \\to D} \\circ \\operatorname{GELU}
-          \\circ \\operatorname{Linear}_{2D \\to 2D},
+          \\qquad x_\\text{inj} = W\\,\\text{pre\\_blocks}(\\text{embed}(x), c) + b.
 
-solved for ``z* = f(z*)`` by :class:`implicitdiff.DEQLayer` (so any solver and gradient estimator plugs in),
-then ``eps = final(post_blocks(z*, c), c)``. The fusion of state and injection follows the reference code
-(Bai & Melas-Kyriazi, 2024); it gives the 86.5 M parameters of FPDM-XL/2. A plain sum ``Block(z + x_inj, c)``
-would have no fixed point at initialisation: adaLN-Zero makes the block the identity, so the map would be
-``z + x_inj``.
+The fusion MLP of state and injection follows the paper (Bai & Melas-Kyriazi, 2024); a plain sum
+``Block(z + x_inj, c)`` would have no fixed point at initialisation, where adaLN-Zero makes the block the
+identity.
 """
 
 from __future__ import annotations
@@ -386,10 +353,8 @@ class DiT(_Backbone):
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.initialize_weights()
 
-    def forward(
-        self, x: Tensor, t: Tensor, y: Tensor, *, return_state: bool = False
-    ) -> Tensor | tuple[Tensor, ModelState]:
-        """Predict the noise in ``x`` at timesteps ``t`` for labels ``y``; see the module docstring."""
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, ModelState]:
+        """The noise in ``x`` at timesteps ``t`` for labels ``y``, and the call's :class:`ModelState`."""
         h, c = self.embed(x, t, y)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -397,7 +362,7 @@ class DiT(_Backbone):
             else:
                 h = block(h, c)  # (N, T, D)
         eps = self.head(h, c)  # (N, C, H, W)
-        return (eps, ModelState(block_evals=self.depth)) if return_state else eps
+        return eps, ModelState(block_evals=self.depth)
 
 
 class ImplicitBlock(nn.Module):
@@ -506,12 +471,13 @@ class FPDM(_Backbone):
         tol: float | Literal["layer"] | None = "layer",
         solver: Solver | None = None,
         z0: Tensor | None = None,
-        return_state: bool = False,
-    ) -> Tensor | tuple[Tensor, ModelState]:
-        """Predict the noise in ``x``; see the module docstring for the options and the state.
+    ) -> tuple[Tensor, ModelState]:
+        """The noise in ``x`` at timesteps ``t`` for labels ``y``, and the call's :class:`ModelState`.
 
-        ``tol`` left out (``"layer"``) keeps the layer's tolerance; ``tol=None`` is a fixed budget of
-        ``max_iter`` evaluations without host reads (what a sampler with a fixed schedule asks for).
+        ``max_iter``, ``tol`` and ``solver`` are this call's options of the implicit solve (the layer's by
+        default); ``z0`` its starting point, a previous ``state.z`` (the pre blocks' output by default, as
+        in the paper). ``tol`` left out (``"layer"``) keeps the layer's tolerance; ``tol=None`` is a fixed
+        budget of ``max_iter`` evaluations without host reads (what a sampler with a fixed schedule asks for).
         Without a gradient the post blocks see ``stats.fz = f(stats.z)`` (when the solver provides it),
         so that ``n`` iterations are ``n`` applications of the implicit block; with a gradient they see
         the estimator's output.
@@ -535,8 +501,6 @@ class FPDM(_Backbone):
         for block in self.blocks_post:
             h = block(h, c)
         eps = self.head(h, c)  # (N, C, H, W)
-        if not return_state:
-            return eps
         implicit_evals = int(out.stats.nfe) + int(out.grad_evals)
         state = ModelState(
             block_evals=self.pre_depth + self.post_depth + implicit_evals,

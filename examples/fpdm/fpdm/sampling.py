@@ -1,67 +1,29 @@
 r"""The budgeted sampler: a budget of transformer-block evaluations per sample, spent across timesteps.
 
-Compute is counted the way the FPDM paper counts it (Bai & Melas-Kyriazi, CVPR 2024): in transformer-block
-evaluations per sample. One timestep of FPDM costs its pre blocks, its post blocks, and one evaluation of the
-implicit block per fixed-point iteration; one timestep of DiT costs its depth. Given a budget ``B`` and a
-number of timesteps ``S``, the sampler decides how many fixed-point iterations each timestep gets:
-
-.. math:: \sum_{i=1}^{S} (\text{pre} + \text{post} + n_i) \le B, \qquad n_i \ge 1.
-
-The paper's two ideas, and what we add:
-
-* **Timestep smoothing**: the same budget spent on more timesteps with fewer iterations each. ``steps=None``
-  picks ``S = B // (pre + post + DEFAULT_ITERS_PER_STEP)``; for DiT, ``S = B // depth``.
-* **Solution reuse**: each timestep's solve starts from the fixed point of the previous timestep (with
-  classifier-free guidance, the conditional and the unconditional halves each from their own), instead of
-  from the pre blocks' output.
-* **Allocation schedules** (:func:`allocate`): ``"constant"``, ``"increasing"`` (more iterations towards the
-  clean end), ``"decreasing"`` (more at the noisy end), and ``"tolerance"``: a timestep stops iterating once
-  the largest relative residual of its batch is below ``tol``, and the iterations it did not use are carried
-  over to the next timestep's cap. A timestep that never reaches ``tol`` spends its whole cap (its own
-  allocation plus everything carried over to it), so the savings are used by the first timestep that needs
-  them; whatever is still unused after the last timestep is reported as ``unspent``.
-* **Any solver** of :mod:`implicitdiff` (``Picard()`` as in the paper, ``Anderson()``, ``Broyden()``, or any
-  callable with the ``Solver`` call), **DDPM or DDIM**, classifier-free guidance, a ``torch.Generator`` for
-  reproducible noise.
-
-Each solve continues from the block's output at the solver's iterate, ``f(z)``, which the solver has
-already computed (``SolverResult.fz``; ``FPDM.forward`` uses it without a gradient): ``n`` Picard iterations
-compute ``f^n(z_0)`` as the paper's code does, and one iteration per timestep does apply the implicit block.
-The reported residual is the one the solver measured, ``||f(z) - z|| / ||f(z)||`` at that iterate (the best
-one in tolerance mode, the last one with a fixed budget).
-
-Host synchronisations. Fixed schedules run each solve with a fixed budget (``tol=None``: the driver reads
-nothing from the device); the per-timestep residuals and first residuals stay on the device and are read
-once, at the end of the run. Noise drawn on the CPU goes to the device from pinned memory without waiting.
-So a fixed schedule makes no host read per timestep unless a ``callback`` is given (it gets the residual as
-a float: one read per timestep); the ``"tolerance"`` schedule reads the solver's "all converged?" flag
-every ``check_every`` iterations.
-
-Budgets are per sample: with guidance the model runs on the doubled batch (conditional and unconditional),
-which the paper counts once; :attr:`SampleResult.guided_evals` reports the doubled count.
-
-Example
--------
->>> result = sample(model, GaussianDiffusion(), labels, budget=48, schedule="tolerance", tol=1e-2,
-...                 solver=Anderson(), guidance=2.0, generator=torch.Generator().manual_seed(0))
-... # doctest: +SKIP
->>> result.images.shape, sum(result.spent) <= 48  # doctest: +SKIP
+Compute is counted as the FPDM paper counts it (Bai & Melas-Kyriazi, CVPR 2024): in transformer-block
+evaluations per sample. A timestep of FPDM costs its pre and post blocks plus one evaluation of the
+implicit block per fixed-point iteration; a timestep of DiT costs its depth. :func:`sample` spends a
+budget ``B`` over ``S`` timesteps, :math:`\sum_i (\text{pre} + \text{post} + n_i) \le B`, with the paper's
+timestep smoothing (more timesteps, fewer iterations each) and solution reuse (each solve warm-started from
+the previous timestep's fixed point), allocation schedules (:func:`allocate`) and any solver of
+:mod:`implicitdiff`. Fixed schedules read nothing from the device per timestep; residuals are read once,
+at the end of the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Callable
 from fractions import Fraction
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from diffusion import METHODS, GaussianDiffusion, guided_eps, to_device
-from models import ModelState
 from torch import Tensor, nn
 
+from fpdm.diffusion import METHODS, GaussianDiffusion, to_device
+from fpdm.models import ModelState
+from fpdm.reverse import RunSummary, model_eps, sampling_run
 from implicitdiff import Picard, Solver
 from implicitdiff.solvers import residual_norm
 
@@ -85,7 +47,7 @@ DEFAULT_ITERS_PER_STEP = 2
 
 
 @dataclasses.dataclass
-class SampleResult:
+class SampleResult(RunSummary):
     """Samples and what they cost.
 
     Attributes
@@ -129,6 +91,11 @@ class SampleResult:
     batch_factor: int
     options: dict[str, Any]
 
+    SUMMARY: ClassVar[tuple[str, ...]] = (
+        "budget", "spent_total", "unspent", "guided_evals", "batch_factor", "wall_s", "num_images",
+        "timesteps", "allocated", "spent", "iterations", "residuals", "first_residuals",
+    )  # fmt: skip
+
     @property
     def spent_total(self) -> int:
         """Block evaluations per sample over the whole run; never more than :attr:`budget`."""
@@ -143,25 +110,6 @@ class SampleResult:
     def guided_evals(self) -> int:
         """Block evaluations per sample counting the unconditional half of guidance: ``spent_total * 2``."""
         return self.spent_total * self.batch_factor
-
-    def summary(self) -> dict[str, Any]:
-        """The costs as plain JSON-ready values (no images)."""
-        return {
-            **self.options,
-            "budget": self.budget,
-            "spent_total": self.spent_total,
-            "unspent": self.unspent,
-            "guided_evals": self.guided_evals,
-            "batch_factor": self.batch_factor,
-            "wall_s": self.wall_s,
-            "num_images": int(self.images.shape[0]),
-            "timesteps": self.timesteps,
-            "allocated": self.allocated,
-            "spent": self.spent,
-            "iterations": self.iterations,
-            "residuals": [None if math.isnan(r) else r for r in self.residuals],
-            "first_residuals": [None if math.isnan(r) else r for r in self.first_residuals],
-        }
 
 
 def block_cost(model: nn.Module) -> tuple[int, bool]:
@@ -334,17 +282,14 @@ class _FirstResidual:
         return repr(self.solver)
 
     def __call__(self, g: Callable[[Tensor], Tensor], z0: Tensor, **options: Any) -> Any:
-        first = [True]
+        self.value = None
 
         def g_first(z: Tensor) -> Tensor:
             fz = g(z)
-            if first[0]:
-                first[0] = False
-                flat = (fz.flatten(1).float(), z.flatten(1).float())
-                self.value = residual_norm(*flat, "rel").max()
+            if self.value is None:  # the first evaluation: at the starting point
+                self.value = residual_norm(fz.flatten(1).float(), z.flatten(1).float(), "rel").max()
             return fz
 
-        self.value = None
         return self.solver(g_first, z0, **options)
 
 
@@ -365,6 +310,8 @@ class _Ledger:
     device_residuals: list[Tensor] = dataclasses.field(default_factory=list)
     device_first: list[Tensor] = dataclasses.field(default_factory=list)
     carry: int = 0
+    #: The last timestep's block output: the next solve's warm start under solution reuse.
+    last_z: Tensor | None = None
 
     def record(self, t: int, cap: int, state: ModelState, first: Tensor | None) -> None:
         """Book one timestep; ``RuntimeError`` if it spent more than its cap."""
@@ -379,6 +326,7 @@ class _Ledger:
         self.allocated.append(self.explicit + cap)
         self.spent.append(int(state.block_evals))
         self.iterations.append(int(nfe))
+        self.last_z = state.z
         if self.implicit:
             residual = torch.as_tensor(state.stats.residual).float().max()
             self.device_residuals.append(residual)
@@ -473,27 +421,19 @@ def sample(
     ledger = _Ledger(explicit, implicit, carry_over=schedule == "tolerance")
     solve_with = Picard() if solver is None else solver
     measured = _FirstResidual(solve_with)
-    guided = guidance != 1.0
     shape = (labels.shape[0], model.in_channels, model.input_size, model.input_size)
-    warm_start: list[Tensor | None] = [None]  # the previous timestep's block output
 
     def eps_at(x: Tensor, i: int, t: int) -> Tensor:
         cap = plan[i] + ledger.carry if implicit else 0
-        options: dict[str, Any] = {"return_state": True}
+        options: dict[str, Any] = {}
         if implicit:
             # A fixed schedule spends its whole allocation: a fixed budget, with no host reads.
             early_stop = tol if schedule == "tolerance" else None
-            z0 = warm_start[0] if reuse else None
+            z0 = ledger.last_z if reuse else None
             options.update(max_iter=cap, tol=early_stop, solver=measured, z0=z0)
         t_batch = torch.full((shape[0],), t, device=labels.device, dtype=torch.long)
-        if guided:
-            eps, state = guided_eps(
-                model, x, t_batch, labels, guidance, null_label=model.null_label, **options
-            )
-        else:
-            eps, state = model(x, t_batch, labels, **options)
+        eps, state = model_eps(model, x, t_batch, labels, guidance=guidance, **options)
         ledger.record(t, cap, state, measured.value if implicit else None)
-        warm_start[0] = state.z
         return eps
 
     def after_step(i: int, t: int, x_t: Tensor, eps: Tensor, x_next: Tensor) -> None:
@@ -503,18 +443,12 @@ def sample(
             info.update(spent=ledger.spent[-1], iterations=ledger.iterations[-1], residual=residual)
             callback(info)
 
-    was_training = model.training
-    model.eval()
-    try:
-        start = time.perf_counter()
+    with sampling_run(model) as clock:
         x = to_device(torch.randn(shape, generator=generator), labels.device)
         images = diffusion.reverse_loop(
             eps_at, x, timesteps, method=method, eta=eta, generator=generator, callback=after_step
         )
         residuals, first_residuals = ledger.read_residuals()
-        wall_s = time.perf_counter() - start
-    finally:
-        model.train(was_training)
     options = {"model": type(model).__name__, "method": method, "eta": eta, "schedule": schedule}
     options.update(solver=repr(solve_with) if implicit else None, reuse=bool(reuse and implicit))
     options.update(guidance=guidance, tol=tol if schedule == "tolerance" else None, steps=len(timesteps))
@@ -527,7 +461,7 @@ def sample(
         residuals=residuals,
         first_residuals=first_residuals,
         budget=budget,
-        wall_s=wall_s,
-        batch_factor=2 if guided else 1,
+        wall_s=clock.wall_s,
+        batch_factor=1 if guidance == 1.0 else 2,
         options=options,
     )

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from cli import UsageError
+
+from fpdm.cli import UsageError
 
 __all__ = ["Runtime", "gather_objects", "setup_runtime", "shutdown_runtime"]
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sweep_stats import paired_differences
+
+from fpdm.sweep_stats import paired_differences
 
 __all__ = ["SCORE_TABLES", "grid_budgets", "write_grids", "write_markdown", "write_plot"]
 

@@ -1,79 +1,35 @@
 r"""Parallel DDIM sampling (eta = 0) for DiT and FPDM: the timesteps solved as one fixed point.
 
-Deterministic DDIM over the timesteps :math:`t_0 > t_1 > \dots > t_{N-1}` is the recurrence
-
-.. math:: x_{k+1} = s(k, x_k) = \sqrt{\bar\alpha_{t_{k+1}}}\,\hat x_0(x_k)
-          + \sqrt{1 - \bar\alpha_{t_{k+1}}}\,\hat\epsilon(x_k),
-          \qquad \hat x_0 = \frac{x_k - \sqrt{1 - \bar\alpha_{t_k}}\,\epsilon_\theta(x_k, t_k)}
-          {\sqrt{\bar\alpha_{t_k}}}
-
-(:math:`\bar\alpha_{t_N} = 1`), which :func:`implicitdiff.solve_chain` solves as one fixed point over the
-trajectory :math:`X = (X_1, \dots, X_N)`. Every *sweep* is one batched model call on all the timesteps
-in flight (``(K B, C, H, W)``, each timestep repeated per sample), so the sampler takes as many sequential
-rounds as sweeps instead of ``N``. ``form="cumulative"`` iterates ParaDiGMS's map
-:math:`G(X)_{k+1} = x_0 + \sum_{i \le k} (s(i, X_i) - X_i)` (Shih et al. 2023), which converges fast because
-DDIM's steps are close to the identity; ``solver=Anderson()`` accelerates it in the spirit of ParaTAA
-(Tang et al. 2024) and of DEQ-DDIM, which solved the DDIM chain with Anderson (Pokle et al. 2022). Every
-sweep makes at least one more timestep exact, so Picard never takes more sweeps than timesteps.
-
-**FPDM.** Each timestep evaluated costs ``pre + post`` explicit blocks plus ``iterations`` evaluations of
-the implicit block (a fixed budget, no early stop). With ``reuse=True`` the implicit state is *reused across
-sweeps*: the
-solve of timestep :math:`k` starts from the state it reached at timestep :math:`k` in the previous sweep
-(kept in a ``(N, F B, T, D)`` tensor, ``F = 2`` with guidance), and a timestep evaluated for the first time
-starts from the state of the timestep before it, as the sequential sampler's reuse does; the first sweep
-starts cold. With reuse the step map changes from sweep to sweep (its states do), so the chain's guarantee
-is against the maps as last evaluated: a timestep becomes final as soon as its sample meets ``tol``, with
-the states it has reached by then. Early timesteps, final after a sweep or two, have had about as many
-iterations as in the sequential sampler with reuse, and the parallel samples land close to that sampler's
-(not exactly on them: a state here continues from the previous sweep's estimate at the same timestep, there
-from the previous timestep's). ``reuse=False`` starts every solve cold: the step map is then one fixed
-function, the one of :func:`sampling.sample` with ``reuse=False``, and the two agree up to the chain's
-tolerance.
-
-**Tolerance.** ``tol`` is on the root mean square per entry of the per-timestep residual
-:math:`\|s(k, X_k) - X_{k+1}\|_2 / \sqrt{B C H W}`, so it does not depend on the batch size. With steps
-that are :math:`L`-Lipschitz, the trajectory is within :math:`\mathrm{tol}\sqrt{BCHW}\sum_{i<k} L^i` of the
-sequential one (in the 2-norm over the batch) at timestep :math:`k`.
-
-Compute is counted in transformer-block evaluations per sample as in ``sampling.py``:
-:attr:`ParallelResult.block_evals` sums, over the sweeps, the timesteps evaluated times the blocks of the
-call; :attr:`ParallelResult.sweeps` is the sequential rounds.
-
-Example
--------
->>> result = sample_parallel(model, GaussianDiffusion(), labels, steps=50, iterations=2,
-...                          solver=Anderson(), tol=1e-4)  # doctest: +SKIP
->>> result.sweeps, result.block_evals, result.sequential_block_evals  # doctest: +SKIP
-
-References
-----------
-Shih, Belkhale, Ermon, Sadigh, Anari. *Parallel Sampling of Diffusion Models*. NeurIPS 2023 (ParaDiGMS).
-Tang, Tang, Luo, Wang, Chang. *Accelerating Parallel Sampling of Diffusion Models*. ICML 2024 (ParaTAA).
-Pokle, Geng, Kolter. *Deep Equilibrium Approaches to Diffusion Models*. NeurIPS 2022 (DEQ-DDIM).
-Bai, Melas-Kyriazi. *Fixed Point Diffusion Models*. CVPR 2024.
+Deterministic DDIM over timesteps :math:`t_0 > \dots > t_{N-1}` is a recurrence
+:math:`x_{k+1} = s(k, x_k)`, which :func:`implicitdiff.solve_chain` solves as one fixed point over the
+trajectory: each *sweep* is one batched model call on all the timesteps in flight, so the sampler takes as
+many sequential rounds as sweeps instead of ``N`` (ParaDiGMS's cumulative map, Shih et al. 2023; with
+``solver=Anderson()`` in the spirit of ParaTAA, Tang et al. 2024). It spends more block evaluations than
+the sequential sampler, in fewer rounds. ``tol`` is on the root mean square per entry of each timestep's
+residual, so it does not depend on the batch size. FPDM's implicit solve at each timestep has a fixed
+budget; with ``reuse=True`` it starts from the state that timestep reached in the previous sweep.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from diffusion import GaussianDiffusion, guided_eps
-from sampling import DEFAULT_ITERS_PER_STEP, block_cost
 from torch import Tensor, nn
 
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.reverse import RunSummary, model_eps, sampling_run
+from fpdm.sampling import DEFAULT_ITERS_PER_STEP, block_cost
 from implicitdiff import ChainResult, Solver, solve_chain
 from implicitdiff.chain import FORMS
 
-__all__ = ["FORMS", "ParallelResult", "ddim_steps", "sample_parallel", "sample_parallel_batches"]
+__all__ = ["FORMS", "ParallelResult", "sample_parallel", "sample_parallel_batches"]
 
 
 @dataclasses.dataclass
-class ParallelResult:
+class ParallelResult(RunSummary):
     """Samples of :func:`sample_parallel` and what they cost.
 
     Attributes
@@ -122,6 +78,11 @@ class ParallelResult:
     options: dict[str, Any]
     chain: ChainResult
 
+    SUMMARY: ClassVar[tuple[str, ...]] = (
+        "sweeps", "spent_total", "sequential_block_evals", "guided_evals", "batch_factor", "converged",
+        "wall_s", "num_images", "timesteps", "spent", "iterations", "residuals",
+    )  # fmt: skip
+
     @property
     def spent_total(self) -> int:
         """Block evaluations per sample over the run (:attr:`block_evals`)."""
@@ -131,42 +92,6 @@ class ParallelResult:
     def guided_evals(self) -> int:
         """Block evaluations per sample counting the unconditional half of guidance."""
         return self.block_evals * self.batch_factor
-
-    def summary(self) -> dict[str, Any]:
-        """The costs as plain JSON-ready values (no images)."""
-        return {
-            **self.options,
-            "sweeps": self.sweeps,
-            "spent_total": self.block_evals,
-            "sequential_block_evals": self.sequential_block_evals,
-            "guided_evals": self.guided_evals,
-            "batch_factor": self.batch_factor,
-            "converged": self.converged,
-            "wall_s": self.wall_s,
-            "num_images": int(self.images.shape[0]),
-            "timesteps": self.timesteps,
-            "spent": self.spent,
-            "iterations": self.iterations,
-            "residuals": [None if math.isinf(r) else r for r in self.residuals],
-        }
-
-
-def ddim_steps(diffusion: GaussianDiffusion, x: Tensor, eps: Tensor, t: Tensor, t_prev: Tensor) -> Tensor:
-    r"""Deterministic DDIM steps (eta = 0) of many timesteps at once, each from ``t[j]`` to ``t_prev[j]``.
-
-    ``x`` and ``eps`` are ``(K, B, ...)``, ``t`` and ``t_prev`` ``(K,)`` (``-1``: the clean sample). The
-    step of :meth:`GaussianDiffusion.ddim_step`, vectorised over the leading dimension:
-    :math:`x' = \sqrt{\bar\alpha'}\hat x_0 + \sqrt{1 - \bar\alpha'}\hat\epsilon` with :math:`\hat x_0`
-    clipped when the diffusion clips and :math:`\hat\epsilon` recomputed from it.
-    """
-    shape = (-1, *([1] * (x.dim() - 1)))
-    abar = diffusion.alpha_bar(t.cpu()).to(device=x.device, dtype=x.dtype).reshape(shape)
-    abar_prev = diffusion.alpha_bar(t_prev.cpu()).to(device=x.device, dtype=x.dtype).reshape(shape)
-    x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
-    if diffusion.clip_denoised:
-        x0 = x0.clamp(-1, 1)
-    eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
-    return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
 
 
 class _BatchedStep:
@@ -217,14 +142,6 @@ class _BatchedStep:
         self.states[k] = per_step
         self.seen[k.cpu()] = True
 
-    def _call(self, x: Tensor, t: Tensor, y: Tensor, z0: Tensor | None) -> tuple[Tensor, Any]:
-        options = {**self.model_options, "return_state": True}
-        if self.implicit:
-            options["z0"] = z0
-        if self.guidance == 1.0:
-            return self.model(x, t, y, **options)
-        return guided_eps(self.model, x, t, y, self.guidance, null_label=self.model.null_label, **options)
-
     def __call__(self, k: Tensor, x: Tensor) -> Tensor:
         steps, batch = len(k), x.shape[1]
         z0 = self._z0(k)
@@ -233,7 +150,8 @@ class _BatchedStep:
             z0 = z0.reshape(steps, 2, batch, *z0.shape[1:]).transpose(0, 1).flatten(0, 2)
         t = self.t[k].repeat_interleave(batch)
         y = self.labels.repeat(steps)
-        eps, state = self._call(x.flatten(0, 1), t, y, z0)
+        options = {**self.model_options, "z0": z0} if self.implicit else {}
+        eps, state = model_eps(self.model, x.flatten(0, 1), t, y, guidance=self.guidance, **options)
         cost = int(state.block_evals)
         self.block_evals += steps * cost
         for step in k.tolist():
@@ -245,7 +163,7 @@ class _BatchedStep:
                 z = z.reshape(2, steps, batch, *z.shape[1:]).transpose(0, 1).flatten(0, 2)
             self._store(k, z)
         eps = eps.reshape(x.shape).to(x.dtype)
-        return ddim_steps(self.diffusion, x, eps, self.t[k], self.t_prev[k])
+        return self.diffusion.ddim_step(x, eps, self.t[k], self.t_prev[k])
 
 
 def _check(
@@ -324,7 +242,7 @@ def sample_parallel(
     block_solver : Solver, optional
         FPDM's solver of the implicit block; the model's own by default.
     generator : torch.Generator, optional
-        CPU generator of the initial noise, drawn as :func:`sampling.sample` draws it: same seed, same
+        CPU generator of the initial noise, drawn as :func:`fpdm.sampling.sample` draws it: same seed, same
         noise.
 
     Returns
@@ -348,18 +266,12 @@ def sample_parallel(
         model_options = {"max_iter": iters, "tol": None, "solver": block_solver}
     step = _BatchedStep(model, diffusion, labels, timesteps, model_options, guidance, reuse)
     shape = (labels.shape[0], model.in_channels, model.input_size, model.input_size)
-    was_training = model.training
-    model.eval()
-    try:
-        start = time.perf_counter()
+    with sampling_run(model) as clock:
         x = torch.randn(shape, generator=generator).to(labels.device)
         scale = math.sqrt(x.numel())
         chain = solve_chain(
             step, x, steps, solver=solver, tol=tol * scale, max_iter=max_sweeps, window=window, form=form
         )
-        wall_s = time.perf_counter() - start
-    finally:
-        model.train(was_training)
     options = {"model": type(model).__name__, "method": "ddim", "eta": 0.0, "parallel": True}
     options.update(solver=repr(solver) if solver is not None else "Picard()", form=form, tol=tol)
     options.update(window=window, guidance=guidance, steps=steps)
@@ -375,7 +287,7 @@ def sample_parallel(
         iterations=step.iterations,
         residuals=(chain.residual / scale).tolist(),
         converged=chain.all_converged,
-        wall_s=wall_s,
+        wall_s=clock.wall_s,
         batch_factor=1 if guidance == 1.0 else 2,
         options=options,
         chain=chain,
@@ -393,9 +305,9 @@ def sample_parallel_batches(
 ) -> tuple[Tensor, list[ParallelResult]]:
     """:func:`sample_parallel` on ``labels`` in batches of ``batch_size`` (``sample.py --parallel``).
 
-    One generator, seeded once, serves all batches, as in ``sample.generate``: the initial noise is the
-    sequential sampler's for the same seed and batch size. Returns the images on the CPU and each batch's
-    result.
+    One generator, seeded once, serves all batches, as in :func:`fpdm.generation.generate`: the initial
+    noise is the sequential sampler's for the same seed and batch size. Returns the images on the CPU and
+    each batch's result.
     """
     diffusion = GaussianDiffusion() if diffusion is None else diffusion
     generator = torch.Generator().manual_seed(seed)

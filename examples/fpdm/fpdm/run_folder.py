@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cli import UsageError, flag
-from distributed import Runtime
-from files import load_tensors, read_jsonl, save_atomically
+from fpdm.cli import UsageError, flag
+from fpdm.distributed import Runtime
+from fpdm.files import load_tensors, read_jsonl, save_atomically
 
 __all__ = [
     "CHECKPOINT_NAME",

@@ -1,0 +1,332 @@
+"""Sampling a checkpoint of ``train.py`` to an image grid and arrays (``sample.py``).
+
+:func:`load_model` rebuilds the model from the checkpoint alone (``weights_only=True``; the EMA weights
+unless asked otherwise); :func:`generate` samples in batches with one seeded generator, so the images
+depend only on the seed and the batch size; :func:`main` writes ``grid.png``, ``samples.npz`` and
+``summary.json``. The options map one to one onto :func:`fpdm.sampling.sample`, or with ``--parallel``
+onto :func:`fpdm.parallel.sample_parallel`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fpdm.cli import UsageError, bounded_float, bounded_int, run_command
+from fpdm.diffusion import METHODS, SPACINGS, GaussianDiffusion
+from fpdm.files import FileKindError
+from fpdm.parallel import FORMS, ParallelResult, sample_parallel_batches
+from fpdm.registry import SOLVERS, make_solver
+from fpdm.sampling import SCHEDULES, SampleResult, plan_timesteps, sample
+from fpdm.training import TrainConfig, build_model, load_checkpoint, stored_config
+
+__all__ = [
+    "OUTPUT_NAMES",
+    "build_parser",
+    "generate",
+    "load_model",
+    "main",
+    "parse_args",
+    "run",
+    "save_grid",
+    "tile",
+]
+
+
+def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model of a ``train.py`` checkpoint and load its (EMA) weights, in eval mode.
+
+    The architecture comes from the checkpoint's ``config``; the data's channels, image size and number of
+    classes from the shapes of its weights, so the data set is not needed.
+    """
+    ckpt = load_checkpoint(path)
+    cfg = TrainConfig(**stored_config(ckpt, TrainConfig))
+    if ema and "ema" in ckpt:
+        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    else:
+        state = ckpt["model"]
+    _, in_channels, patch, _ = state["patch_embed.weight"].shape  # (D, C, p, p)
+    grid = math.isqrt(state["pos_embed"].shape[1])
+    num_classes = state["y_embedder.table.weight"].shape[0] - 1
+    model = build_model(cfg, in_channels, grid * patch, num_classes)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def generate(
+    model: nn.Module,
+    labels: Tensor,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    progress: bool = True,
+    diffusion: GaussianDiffusion | None = None,
+    **options: Any,
+) -> tuple[Tensor, list[SampleResult]]:
+    """Sample one image per label in batches of ``batch_size`` with :func:`fpdm.sampling.sample`.
+
+    One generator, seeded once, serves all batches, so the images depend on ``seed`` and ``batch_size``
+    only. ``options`` go to :func:`fpdm.sampling.sample` (``budget`` among them). Returns the images
+    ``(N, C, H, W)`` on the CPU and each batch's :class:`~fpdm.sampling.SampleResult`.
+    """
+    diffusion = GaussianDiffusion() if diffusion is None else diffusion
+    generator = torch.Generator().manual_seed(seed)
+    batches = labels.split(batch_size)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        timesteps, _ = plan_timesteps(model, diffusion, options["budget"], options.get("steps"), "constant")
+        steps = len(timesteps)
+        bar = tqdm(total=len(batches) * steps, desc="sample", unit="step", dynamic_ncols=True)
+    images, results = [], []
+
+    def callback(info: dict[str, Any]) -> None:
+        if bar is not None:
+            bar.set_postfix(evals=info["spent"], residual=f"{info['residual']:.1e}", refresh=False)
+            bar.update(1)
+
+    for batch in batches:
+        result = sample(model, diffusion, batch, generator=generator, callback=callback, **options)
+        images.append(result.images.cpu())
+        results.append(result)
+    if bar is not None:
+        bar.close()
+    return torch.cat(images), results
+
+
+def tile(images: Tensor, nrow: int, pad: int = 2, fill: int = 255) -> np.ndarray:
+    """Images ``(N, C, H, W)`` as one ``uint8`` array ``(rows (H + pad) + pad, nrow (W + pad) + pad, C)``,
+    ``nrow`` to a row, ``pad`` pixels of ``fill`` around each; a short last row is filled with ``fill``."""
+    n, channels, height, width = images.shape
+    rows = math.ceil(n / nrow)
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    cells = np.full((rows * nrow, height + pad, width + pad, channels), fill, dtype=np.uint8)
+    cells[:n, pad:, pad:] = pixels  # each cell: a pad above and left of its image
+    grid = cells.reshape(rows, nrow, height + pad, width + pad, channels).transpose(0, 2, 1, 3, 4)
+    grid = grid.reshape(rows * (height + pad), nrow * (width + pad), channels)
+    return np.pad(grid, ((0, pad), (0, pad), (0, 0)), constant_values=fill)  # the pad below and right
+
+
+def save_grid(images: Tensor, path: str | Path, *, nrow: int = 10, pixels: int = 48, pad: int = 2) -> Path:
+    """Write images ``(N, C, H, W)`` in ``[-1, 1]`` (1 or 3 channels) as one PNG grid (:func:`tile`), each
+    image upscaled to ``pixels`` by nearest neighbour (8x8 digits are too small to see at their size)."""
+    from PIL import Image
+
+    channels, height, width = images.shape[1:]
+    if channels not in (1, 3):
+        raise ValueError(f"a grid needs 1 or 3 channels, got {channels} (latents: decode them first)")
+    scale = max(1, pixels // max(height, width))
+    upscaled = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    array = tile(upscaled, nrow, pad)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array[:, :, 0] if channels == 1 else array).save(path)
+    return path
+
+
+def _summary(results: list[SampleResult] | list[ParallelResult], labels: Tensor) -> dict[str, Any]:
+    first = results[0].summary()
+    per_step = ("timesteps", "allocated", "spent", "iterations", "residuals", "first_residuals")
+    summary = {
+        **{k: v for k, v in first.items() if k not in (*per_step, "wall_s", "num_images")},
+        "num_images": int(labels.numel()),
+        "batches": len(results),
+        "wall_s": sum(r.wall_s for r in results),
+        "spent_per_sample_max": max(r.spent_total for r in results),
+        "per_step_first_batch": {k: first[k] for k in per_step if k in first},
+    }
+    if isinstance(results[0], ParallelResult):
+        summary["sweeps"] = max(r.sweeps for r in results)
+    return summary
+
+
+OUTPUT_NAMES = ("grid.png", "samples.npz", "summary.json")
+
+
+def _labels(args: argparse.Namespace, num_classes: int) -> Tensor:
+    """``--num`` labels cycling through ``--labels`` (default: every class); ``UsageError`` out of range."""
+    if not args.labels:
+        return torch.arange(args.num) % num_classes
+    wrong = [label for label in args.labels if not 0 <= label < num_classes]
+    if wrong:
+        raise UsageError(f"--labels {wrong}: the model has classes 0..{num_classes - 1}")
+    labels = torch.tensor(args.labels, dtype=torch.long)
+    return labels.repeat(math.ceil(args.num / labels.numel()))[: args.num]
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    found = [name for name in OUTPUT_NAMES if (out / name).exists()]
+    if found and not overwrite:
+        raise UsageError(
+            f"{out} already holds samples ({', '.join(found)}); pass --overwrite or another --out"
+        )
+
+
+def _write_arrays(
+    path: Path, images: Tensor, labels: Tensor, results: list[SampleResult] | list[ParallelResult]
+) -> Path:
+    np.savez(
+        path,
+        images=images.float().numpy(),
+        labels=labels.cpu().numpy(),
+        timesteps=np.array([r.timesteps for r in results]),
+        spent=np.array([r.spent for r in results]),
+        iterations=np.array([r.iterations for r in results]),
+        residuals=np.array([r.residuals for r in results], dtype=np.float64),
+    )
+    return path
+
+
+def _generate(
+    model: nn.Module, labels: Tensor, args: argparse.Namespace
+) -> tuple[Tensor, list[SampleResult]]:
+    reuse = True if args.reuse is None else args.reuse
+    options = {"budget": args.budget, "steps": args.steps, "schedule": args.schedule, "reuse": reuse}
+    options.update(method=args.method, eta=args.eta, guidance=args.guidance, tol=args.tol)
+    return generate(
+        model,
+        labels.to(args.device),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=args.progress,
+        diffusion=GaussianDiffusion(spacing=args.spacing),
+        solver=make_solver(args.solver),
+        **options,
+    )
+
+
+def _generate_parallel(
+    model: nn.Module, labels: Tensor, args: argparse.Namespace
+) -> tuple[Tensor, list[ParallelResult]]:
+    """``--parallel``: the timesteps and iterations of the sequential run the budget pays for, in parallel."""
+    if args.method != "ddim" or args.eta != 0:
+        raise UsageError(
+            f"--parallel is deterministic DDIM: use --method ddim --eta 0, got --method {args.method} "
+            f"--eta {args.eta:g}"
+        )
+    diffusion = GaussianDiffusion(spacing=args.spacing)
+    timesteps, plan = plan_timesteps(model, diffusion, args.budget, args.steps, "constant")
+    options: dict[str, Any] = {"steps": len(timesteps), "reuse": bool(args.reuse)}
+    if hasattr(model, "pre_depth"):
+        options.update(iterations=min(plan), block_solver=make_solver(args.solver))
+    return sample_parallel_batches(
+        model,
+        labels.to(args.device),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        diffusion=diffusion,
+        solver=make_solver(args.chain_solver),
+        tol=args.chain_tol,
+        window=args.window,
+        form=args.form,
+        guidance=args.guidance,
+        **options,
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Path]:
+    """Load, sample, write the grid, the arrays and the summary; returns their paths.
+
+    Raises
+    ------
+    cli.UsageError
+        An output folder that holds samples (without ``--overwrite``), labels outside the model's classes,
+        a checkpoint that is not one (:class:`files.FileKindError`), or sampling options that do not fit the
+        model or the budget.
+    """
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    torch.set_num_threads(args.threads)
+    try:
+        model = load_model(args.checkpoint, ema=args.ema, device=args.device)
+    except FileKindError as error:
+        raise UsageError(str(error)) from None
+    labels = _labels(args, model.num_classes)
+    try:
+        images, results = (_generate_parallel if args.parallel else _generate)(model, labels, args)
+    except ValueError as error:  # a budget, steps or schedule that does not fit this model
+        raise UsageError(str(error)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "npz": _write_arrays(out / "samples.npz", images, labels, results),
+        "summary": out / "summary.json",
+    }
+    summary = {
+        "checkpoint": str(args.checkpoint),
+        "spacing": args.spacing,
+        "seed": args.seed,
+        "ema": args.ema,
+    }
+    summary.update(_summary(results, labels))
+    if images.shape[1] in (1, 3):
+        paths["grid"] = save_grid(images, out / "grid.png", nrow=args.nrow, pixels=args.pixels)
+    paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+    return paths
+
+
+REUSE_HELP = "warm start from the last step (--parallel: the last sweep); default on, off with --parallel"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; see the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add = parser.add_argument
+    positive = bounded_int(1)
+    add("checkpoint", help="checkpoint.pt written by train.py")
+    add("--out", default=None, help="output folder (default: samples/ next to the checkpoint)")
+    add("--overwrite", action="store_true", help="replace the samples already in --out")
+    add("--num", type=positive, default=100, help="number of images")
+    add("--budget", type=positive, required=True, help="transformer-block evaluations per sample")
+    add("--steps", type=positive, default=None, help="timesteps (default: picked from the budget)")
+    add("--schedule", default="constant", choices=SCHEDULES, help="iterations per timestep")
+    add("--solver", default="picard", choices=tuple(SOLVERS), help="fixed-point solver")
+    add("--reuse", action=argparse.BooleanOptionalAction, default=None, help=REUSE_HELP)
+    add("--method", default="ddim", choices=METHODS, help="reverse step")
+    add("--eta", type=bounded_float(0.0), default=0.0, help="DDIM noise scale (0: deterministic)")
+    add("--spacing", default="trailing", choices=SPACINGS, help="how the timesteps are spaced (respace)")
+    add("--guidance", type=bounded_float(), default=2.0, help="classifier-free guidance scale (1: none)")
+    add("--tol", type=bounded_float(0.0, low_open=True), default=1e-3, help="relative residual, 'tolerance'")
+    add("--parallel", action="store_true", help="DDIM with every timestep solved at once (parallel.py)")
+    add("--chain-solver", default="picard", choices=tuple(SOLVERS), help="--parallel: the chain's solver")
+    add("--chain-tol", type=bounded_float(0.0), default=1e-6, help="--parallel: residual, RMS per entry")
+    add("--window", type=positive, default=None, help="--parallel: timesteps per sweep (default: all)")
+    add("--form", default="cumulative", choices=FORMS, help="--parallel: the map iterated")
+    add("--seed", type=bounded_int(0), default=0, help="seed of the noise")
+    add("--labels", type=bounded_int(0), nargs="*", default=None, help="labels to cycle (default: all)")
+    add("--batch-size", type=positive, default=100, help="images per batch")
+    add("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
+    add("--nrow", type=positive, default=10, help="images per row of the grid")
+    add("--pixels", type=positive, default=48, help="side of each image in the grid")
+    add("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
+    add("--threads", type=positive, default=min(2, torch.get_num_threads()), help="torch CPU threads")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; see the module docstring (a bad value exits with status 2)."""
+    args = build_parser().parse_args(argv)
+    if args.out is None:
+        args.out = str(Path(args.checkpoint).parent / "samples")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: sample and print where the files are; exit status 2 on a usage error."""
+    args = parse_args(argv)
+
+    def command() -> int:
+        for name, path in run(args).items():
+            print(f"{name}: {path}")
+        return 0
+
+    return run_command(build_parser(), command)
