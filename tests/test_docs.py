@@ -221,13 +221,9 @@ HISTORY = {
 }
 HISTORY_RE = [(re.compile(pattern, re.IGNORECASE), why) for pattern, why in HISTORY.items()]
 
+
 #: Pages rewritten on another branch: this branch checks them (strictly: a pass is reported, so the entry
 #: is removed once that branch is merged) without failing on text it does not own.
-HISTORY_PENDING = {
-    "examples/fpdm/README.md": "rewritten on the example branch; remove this entry when it is merged",
-}
-
-
 def user_doc_pages() -> list[Path]:
     """Every page a user reads: the docs' Markdown, the README, and the FPDM example's README."""
     extra = [ROOT / "examples" / "fpdm" / "README.md"]
@@ -270,15 +266,7 @@ def test_history_patterns_catch_history_and_spare_prose():
 
 @pytest.mark.parametrize(
     "page",
-    [
-        pytest.param(
-            page,
-            marks=pytest.mark.xfail(strict=True, reason=HISTORY_PENDING[str(page.relative_to(ROOT))])
-            if str(page.relative_to(ROOT)) in HISTORY_PENDING
-            else (),
-        )
-        for page in user_doc_pages()
-    ],
+    [page for page in user_doc_pages()],
     ids=lambda page: str(page.relative_to(ROOT)),
 )
 def test_user_docs_carry_no_project_history(page: Path) -> None:
