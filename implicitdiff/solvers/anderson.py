@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .._validate import check_int, check_real
-from ._driver import UpdateRule, write_into
+from ._driver import UpdateRule, compiling, write_into
 
 __all__ = ["Anderson"]
 
@@ -24,18 +24,18 @@ def _gram_dtype(device: torch.device) -> torch.dtype:
 
 @dataclass
 class AndersonState:
-    """Anderson's history: a ring of ``m`` differences (tensors), and where it stands (Python ints)."""
+    r"""Anderson's history in one buffer, and where it stands.
 
-    dF: Tensor  # (B, m, n) residual differences f_{i+1} - f_i
-    dG: Tensor  # (B, m, n) update directions g_{i+1} - g_i, with g_i = z_i + beta f_i
-    gram: Tensor  # (B, m, m) dF dF^T, float64
-    rhs: Tensor  # (B, m) f_prev dF^T, float64
-    valid: Tensor  # (B, m) bool: slot holds a difference of this sample's current run
-    f_prev: Tensor  # (B, n)
-    g_prev: Tensor  # (B, n)
-    has_prev: Tensor  # (B,) bool: f_prev, g_prev belong to this sample's current run
-    k: int  # steps taken; the k-th difference goes to slot (k - 1) % m
-    masked: bool  # some sample has restarted: the validity mask must be applied
+    ``H`` is ``(B, 2 + 2m, n)``: rows 0 and 1 hold the last two residuals :math:`f` (row ``k % 2`` the
+    newest), rows ``2 .. 2 + m`` the ring of residual differences :math:`\Delta F`, rows
+    ``2 + m .. 2 + 2m`` the ring of update differences :math:`\Delta G`. Keeping the residuals beside
+    :math:`\Delta F` lets one batched product give both the Gram matrix and the right-hand side.
+    ``k`` counts the steps taken (a host integer: which slot the next difference goes to).
+    """
+
+    H: Tensor
+    g_prev: Tensor  # (B, n): the last mixing point g = z + beta f
+    k: int
 
 
 class Anderson(UpdateRule):
@@ -87,76 +87,61 @@ class Anderson(UpdateRule):
     def init(self, z: Tensor, fz: Tensor) -> AndersonState:
         """An empty history."""
         batch, n = z.shape
-        gdtype = _gram_dtype(z.device)
-        return AndersonState(
-            # Not zeroed: a slot is read only once written (``used`` below), which spares a pass over
-            # fresh memory as large as the whole history.
-            dF=z.new_empty(batch, self.m, n),
-            dG=z.new_empty(batch, self.m, n),
-            gram=torch.zeros(batch, self.m, self.m, dtype=gdtype, device=z.device),
-            rhs=torch.zeros(batch, self.m, dtype=gdtype, device=z.device),
-            valid=torch.ones(batch, self.m, dtype=torch.bool, device=z.device),
-            f_prev=z,
-            g_prev=z,
-            has_prev=torch.ones(batch, dtype=torch.bool, device=z.device),
-            k=0,
-            masked=False,
-        )
+        # Not zeroed: a row is read only once written, which spares a pass over memory as large as the
+        # whole history.
+        return AndersonState(H=z.new_empty(batch, 2 + 2 * self.m, n), g_prev=z, k=0)
 
     def step(
         self, state: AndersonState, z: Tensor, fz: Tensor, residual: Tensor | None
     ) -> tuple[Tensor, AndersonState]:
-        """Record the newest differences, solve for ``gamma``, mix.
+        r"""Record the newest differences, solve for :math:`\gamma`, mix: eleven kernels.
 
-        Memory traffic is what the maths needs: the new differences are written straight into their
-        slot, one pass over ``dF`` gives the new Gram row, and one pass over ``dG`` mixes. The
-        right-hand side :math:`f_k^\top \\Delta F_j` is updated rather than recomputed, since
-        :math:`f_k = f_{k-1} + \\Delta F_{\text{new}}` makes it the last one plus the new Gram row.
-        The small bookkeeping is done in place, since on a GPU each operation costs a kernel launch.
+        The new residual and differences are written straight into the history, one batched product
+        of the residuals and differences with the differences gives the Gram matrix and the right-hand
+        side together, the regulariser is added to its diagonal in place, and one ``baddbmm`` mixes.
+        Recomputing the ``m x m`` Gram matrix reads the history once, as updating one row of it would.
         """
-        f = fz - z
+        H, m, k = state.H, self.m, state.k
+        f = H[:, k % 2]
+        torch.sub(fz, z, out=f) if not compiling() else f.copy_(fz - z)
         # The plain mixing step z + beta f; undamped it is g(z) itself, which costs nothing.
         g = fz if self.beta == 1.0 else torch.add(z, f, alpha=self.beta)
-        if state.k == 0:  # no difference yet: the mixing step
-            return g, replace(state, f_prev=f, g_prev=g, k=1)
-        slot, used = (state.k - 1) % self.m, min(state.k, self.m)
-        dF, dG = state.dF[:, :used], state.dG[:, :used]
-        new_dF, new_dG = state.dF[:, slot], state.dG[:, slot]
-        write_into(new_dF, torch.sub, f, state.f_prev)
-        write_into(new_dG, torch.sub, g, state.g_prev)
-        # The new Gram row in the state's dtype (casting the history would cost more than the map on
-        # large states); the m x m system is solved in float64.
-        row = torch.bmm(new_dF.unsqueeze(1), dF.transpose(1, 2)).squeeze(1).to(state.gram.dtype)
-        state.gram[:, slot, :used] = row
-        state.gram[:, :used, slot] = row
-        state.rhs[:, slot] = torch.bmm(state.f_prev.unsqueeze(1), new_dF.unsqueeze(2)).view(-1)
-        state.rhs[:, :used] += row
-        valid = None
-        if state.masked:
-            state.valid[:, slot] = state.has_prev
-            valid = state.valid[:, :used]
-        gamma = self._coefficients(state.gram[:, :used, :used], state.rhs[:, :used], valid)
+        if k == 0:  # no difference yet: the mixing step
+            return g, AndersonState(H, g, 1)
+        slot, used = 2 + (k - 1) % m, min(k, m)
+        write_into(H[:, slot], torch.sub, f, H[:, (k + 1) % 2])
+        write_into(H[:, slot + m], torch.sub, g, state.g_prev)
+        # Rows 0, 1 against the differences: f^T dF (the right-hand side); rows 2.. : dF dF^T (Gram).
+        products = torch.bmm(H[:, : 2 + used], H[:, 2 : 2 + used].transpose(1, 2)).to(_gram_dtype(z.device))
+        gamma = self._coefficients(products[:, 2:], products[:, k % 2])
         # z_next = g - gamma^T dG
-        z_next = torch.baddbmm(g.unsqueeze(1), gamma.to(z.dtype).unsqueeze(1), dG, alpha=-1.0).squeeze(1)
-        has_prev = torch.ones_like(state.has_prev) if state.masked else state.has_prev
-        return z_next, replace(state, f_prev=f, g_prev=g, has_prev=has_prev, k=state.k + 1)
+        z_next = torch.baddbmm(
+            g.unsqueeze(1), gamma.to(z.dtype).unsqueeze(1), H[:, 2 + m : 2 + m + used], alpha=-1.0
+        ).squeeze(1)
+        return z_next, AndersonState(H, g, k + 1)
 
     def restart(self, state: AndersonState, mask: Tensor) -> AndersonState:
-        """Drop the history of the samples in ``mask``."""
-        return replace(
-            state, valid=state.valid & ~mask[:, None], has_prev=state.has_prev & ~mask, masked=True
-        )
+        """Forget the differences of the samples in ``mask``: zero rows take no part in the fit.
 
-    def _coefficients(self, gram: Tensor, rhs: Tensor, valid: Tensor | None) -> Tensor:
-        """Solve the regularised normal equations (over the valid slots; ``gamma`` is 0 elsewhere)."""
-        if valid is None:
-            system = gram.clone()
-        else:
-            system = torch.where(valid.unsqueeze(2) & valid.unsqueeze(1), gram, 0.0)
-            rhs = torch.where(valid, rhs, 0.0)
-        diagonal = system.diagonal(dim1=1, dim2=2)
-        # Relative Tikhonov shift: lam times the largest ||dF_i||^2; tiny keeps an all-zero system solvable.
-        diagonal += self.lam * diagonal.amax(dim=1, keepdim=True) + torch.finfo(gram.dtype).tiny
-        gamma, _ = torch.linalg.solve_ex(system, rhs.unsqueeze(2))
-        # A singular system (info > 0) leaves inf or NaN: those coefficients become 0, a mixing step.
-        return torch.nan_to_num(gamma.squeeze(2), nan=0.0, posinf=0.0, neginf=0.0)
+        The restarted sample moves to its best iterate, so its next difference is the secant between
+        the point it left and that iterate: a pair of evaluated points like any other.
+        """
+        history = state.H[:, 2:]
+        write_into(history, torch.where, mask[:, None, None], self._zero(history), history)
+        return state
+
+    def _zero(self, like: Tensor) -> Tensor:
+        return torch.zeros((), dtype=like.dtype, device=like.device)
+
+    def _coefficients(self, gram: Tensor, rhs: Tensor) -> Tensor:
+        r"""Solve :math:`(G + \lambda \max_i G_{ii} I)\gamma = r` (the diagonal is shifted in place)."""
+        diagonal = gram.diagonal(dim1=1, dim2=2)
+        # Relative Tikhonov shift; tiny keeps an all-zero system (no history, or a forgotten one) solvable.
+        largest = diagonal.amax(dim=1, keepdim=True)
+        diagonal += torch.add(torch.finfo(gram.dtype).tiny, largest, alpha=self.lam)
+        gamma, _ = torch.linalg.solve_ex(gram, rhs.unsqueeze(2))
+        gamma = gamma.squeeze(2)
+        if self.lam == 0.0:
+            # Without regularisation a singular system (info > 0) leaves inf or NaN: a mixing step.
+            gamma = torch.nan_to_num(gamma, nan=0.0, posinf=0.0, neginf=0.0)
+        return gamma
