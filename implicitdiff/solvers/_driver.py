@@ -47,16 +47,16 @@ def compiling() -> bool:
     return bool(torch.compiler.is_compiling())
 
 
-def write_into(out: Tensor, op: Callable[..., Tensor], *args: Any) -> None:
+def write_into(out: Tensor, op: Callable[..., Tensor], *args: Any, **kwargs: Any) -> None:
     """``out[...] = op(*args)`` with no temporary in eager mode (``op(*args, out=out)``).
 
     ``torch.compile`` refuses ``out=`` into a strided view (a slot of a history buffer); there the
     result is copied in, and the compiler fuses the two.
     """
     if compiling():
-        out.copy_(op(*args))
+        out.copy_(op(*args, **kwargs))
     else:
-        op(*args, out=out)
+        op(*args, **kwargs, out=out)
 
 
 def call_watching_input(fn: Callable[..., Any], x: Tensor, *leading: Any) -> tuple[Any, bool]:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_int, check_real
-from ._driver import UpdateRule, compiling, write_into
+from ._driver import UpdateRule, write_into
 
 __all__ = ["Anderson"]
 
@@ -103,7 +103,7 @@ class Anderson(UpdateRule):
         """
         H, m, k = state.H, self.m, state.k
         f = H[:, k % 2]
-        torch.sub(fz, z, out=f) if not compiling() else f.copy_(fz - z)
+        write_into(f, torch.sub, fz, z)
         # The plain mixing step z + beta f; undamped it is g(z) itself, which costs nothing.
         g = fz if self.beta == 1.0 else torch.add(z, f, alpha=self.beta)
         if k == 0:  # no difference yet: the mixing step

@@ -14,35 +14,21 @@ from .anderson import _check_restart_factor
 __all__ = ["Broyden"]
 
 
-def _apply(U: Tensor, V: Tensor, x: Tensor) -> Tensor:
-    """``(-I + U^T V) x`` for a batch: ``U, V`` are ``(B, r, n)``, ``x`` is ``(B, n)``."""
-    # (B, 1, n) @ (B, n, r) is several times faster than (B, r, n) @ (B, n, 1) on the CPU.
-    coeff = torch.bmm(x.unsqueeze(1), V.transpose(1, 2))  # (B, 1, r)
-    return torch.bmm(coeff, U).squeeze(1) - x
-
-
-def _apply_transposed(U: Tensor, V: Tensor, x: Tensor) -> Tensor:
-    """``(-I + U^T V)^T x = -x + V^T U x``."""
-    coeff = torch.bmm(x.unsqueeze(1), U.transpose(1, 2))  # (B, 1, r)
-    return torch.bmm(coeff, V).squeeze(1) - x
-
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample dot product ``(B, 1)`` of ``(B, n)`` tensors, with no temporary of size ``n``."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).squeeze(2)
-
-
 @dataclass
 class BroydenState:
-    """Broyden's rank-one terms and the last point."""
+    r"""Broyden's rank-one terms and the last step.
 
-    U: Tensor  # (B, r, n); rows past ``used`` are unwritten
-    V: Tensor  # (B, r, n)
-    z_prev: Tensor  # (B, n)
+    ``UV`` is ``(B, 2, memory + 1, n)``: ``UV[:, 0, i]`` and ``UV[:, 1, i]`` are the terms
+    :math:`u_i, v_i` of :math:`H = -I + \sum_i u_i v_i^\top` (rows past ``used`` are unwritten; the extra
+    row of ``V`` holds the newest :math:`y` beside the newest :math:`v`, so that one product gives the
+    three dot products the update needs).
+    """
+
+    UV: Tensor
+    s_prev: Tensor  # (B, n): the last step taken, -H F_prev
     F_prev: Tensor  # (B, n)
-    HF_prev: Tensor  # (B, n): H F_prev, with the H of the last step
-    has_prev: Tensor  # (B,) bool
     used: int  # terms written since the last restart from -I; -1 before the first step
+    has_prev: Tensor | None = None  # (B,) bool after a restart: False for the samples that restarted
 
 
 class Broyden(UpdateRule):
@@ -80,55 +66,64 @@ class Broyden(UpdateRule):
         return f"Broyden(memory={self.memory}, restart_factor={self.restart_factor})"
 
     def init(self, z: Tensor, fz: Tensor) -> BroydenState:
-        """``H = -I`` and no last point."""
+        """``H = -I`` and no last step."""
         batch, n = z.shape
-        return BroydenState(
-            # Not zeroed: only the first ``used`` terms are ever read.
-            U=z.new_empty(batch, self.memory, n),
-            V=z.new_empty(batch, self.memory, n),
-            z_prev=z,
-            F_prev=z.new_zeros(batch, n),
-            HF_prev=z.new_zeros(batch, n),
-            has_prev=torch.zeros(batch, dtype=torch.bool, device=z.device),
-            used=-1,
-        )
+        # Not zeroed: only the first ``used`` terms are ever read.
+        return BroydenState(UV=z.new_empty(batch, 2, self.memory + 1, n), s_prev=z, F_prev=z, used=-1)
 
     def step(
         self, state: BroydenState, z: Tensor, fz: Tensor, residual: Tensor | None
     ) -> tuple[Tensor, BroydenState]:
-        """Update ``H`` with the secant pair of the last step, then move by ``-H F(z)``."""
-        F = torch.nan_to_num(fz - z, nan=0.0, posinf=0.0, neginf=0.0)
-        used = state.used
-        has_prev = torch.ones_like(state.has_prev)
-        if used < 0:  # the first step: no secant pair yet, H = -I
-            return z + F, replace(state, z_prev=z, F_prev=F, HF_prev=-F, has_prev=has_prev, used=0)
-        if used == self.memory:
-            # Limited memory: once every slot holds a term, restart from -I rather than dropping the
-            # oldest term, which breaks the secant conditions of the rest and can diverge. The pair of
-            # this step was made with the old H, so it is not used either.
-            return z + F, replace(state, z_prev=z, F_prev=F, HF_prev=-F, has_prev=has_prev, used=0)
-        U, V = state.U[:, :used], state.V[:, :used]
-        HF = _apply(U, V, F)
-        s = z - state.z_prev
-        y = F - state.F_prev
-        sH = _apply_transposed(U, V, s)
-        denom = _dot(sH, y)  # (B, 1)
-        tiny = torch.finfo(z.dtype).eps * torch.linalg.vector_norm(sH, dim=1, keepdim=True)
-        tiny = tiny * torch.linalg.vector_norm(y, dim=1, keepdim=True)
-        ok = state.has_prev[:, None] & torch.isfinite(denom) & (denom.abs() > tiny)
-        # A skipped update is a zero term: u = v = 0 (where, not a product, keeps NaN out).
-        scale = torch.where(ok, 1.0 / torch.where(ok, denom, 1.0), 0.0)
-        u, v = state.U[:, used], state.V[:, used]
-        Hy = HF - state.HF_prev  # H is linear: H y = H F - H F_prev, both with the current H
-        write_into(u, torch.mul, torch.where(ok, s - Hy, 0.0), scale)
-        write_into(v, torch.where, ok, sH, sH.new_zeros(()))
-        HF = torch.addcmul(HF, u, _dot(v, F))  # the updated H times F
-        return z - HF, BroydenState(state.U, state.V, z, F, HF, has_prev, used + 1)
+        r"""Update :math:`H` with the last secant pair, then move by :math:`-H F(z)`: sixteen kernels.
+
+        With :math:`s = -H F_{\text{prev}}` the last step, :math:`y = F - F_{\text{prev}}` and
+        :math:`\sigma = -H F`, the update's numerator is :math:`s - H y = \sigma`, so the new term is
+        :math:`u = \sigma / (w^\top y)`, :math:`v = w` with :math:`w = -H^\top s`, and the new step is
+        :math:`\sigma - u\,(w^\top F)`. An update whose denominator vanishes relative to
+        :math:`\|w\|\,\|y\|` (or is not finite) is skipped for that sample.
+        """
+        F = fz - z
+        used, UV = state.used, state.UV
+        if used < 0 or used == self.memory:
+            # The first step, or every slot holds a term: restart from H = -I (dropping the oldest term
+            # instead breaks the secant conditions of the rest and can diverge). The Picard step z + F.
+            return fz, BroydenState(UV, F, F, 0)
+        U, V = UV[:, 0], UV[:, 1]
+        # sigma = -H F = F - U^T (V F)
+        sigma = torch.baddbmm(
+            F.unsqueeze(1), torch.bmm(F.unsqueeze(1), V[:, :used].transpose(1, 2)), U[:, :used], alpha=-1.0
+        )
+        # w = -H^T s = s - V^T (U s), written as the new v; y beside it.
+        s = state.s_prev.unsqueeze(1)
+        write_into(
+            V[:, used : used + 1],
+            torch.baddbmm,
+            s,
+            torch.bmm(s, U[:, :used].transpose(1, 2)),
+            V[:, :used],
+            alpha=-1.0,
+        )
+        write_into(V[:, used + 1], torch.sub, F, state.F_prev)
+        pair = V[:, used : used + 2]
+        gram = torch.bmm(pair, pair.transpose(1, 2))  # [[w.w, w.y], [w.y, y.y]]
+        denom = gram[:, 0, 1]
+        eps = torch.finfo(z.dtype).eps
+        ok = torch.addcmul(denom * denom, gram[:, 0, 0], gram[:, 1, 1], value=-(eps**2)) > 0  # NaN: False
+        if state.has_prev is not None:
+            ok = ok & state.has_prev
+        scale = torch.where(ok, denom.reciprocal(), self._zero(denom))
+        u = UV[:, 0, used]
+        write_into(u, torch.mul, sigma.squeeze(1), scale[:, None])
+        # The new step -H_new F = sigma - u (w . F)
+        wF = torch.bmm(V[:, used : used + 1], F.unsqueeze(2)).squeeze(2)
+        step = torch.addcmul(sigma.squeeze(1), u, wF, value=-1.0)
+        return z + step, BroydenState(UV, step, F, used + 1)
 
     def restart(self, state: BroydenState, mask: Tensor) -> BroydenState:
-        """Back to ``H = -I`` for the samples in ``mask``: their terms become zero."""
-        keep = (~mask).to(state.U.dtype)[:, None, None]
-        used = state.used
-        state.U[:, :used].mul_(keep)
-        state.V[:, :used].mul_(keep)
-        return replace(state, has_prev=state.has_prev & ~mask)
+        """Back to ``H = -I`` for the samples in ``mask``: their terms become zero, and their next secant
+        pair (which spans the jump to the best iterate, not a step of the method) is skipped."""
+        write_into(state.UV, torch.where, mask[:, None, None, None], self._zero(state.UV), state.UV)
+        return replace(state, has_prev=~mask)
+
+    def _zero(self, like: Tensor) -> Tensor:
+        return torch.zeros((), dtype=like.dtype, device=like.device)
