@@ -556,3 +556,83 @@ def test_integer_or_empty_z0_raises(solver_name):
         SOLVERS[solver_name](translation, torch.zeros(2, 3, dtype=torch.int64), max_iter=5, tol=1e-4)
     with pytest.raises(ValueError, match="B >= 1"):
         SOLVERS[solver_name](translation, torch.zeros(0, 3), max_iter=5, tol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The rules against their maths, step by step (float64 references written from the papers' formulas)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _linear_tanh_map(n: int, seed: int, scale: float) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    A = scale * torch.randn(n, n, generator=gen, dtype=torch.float64) / n**0.5
+    b = torch.randn(3, n, generator=gen, dtype=torch.float64)
+    return (lambda z: torch.tanh(z @ A.T + b)), torch.zeros(3, n, dtype=torch.float64)
+
+
+def anderson_reference(g, z0, m, lam, beta, evaluations):
+    """Anderson type II (Walker & Ni) from its definition: z_{k+1} = g_k - (dG) gamma_k with
+    g_k = z_k + beta f_k, gamma_k = argmin ||f_k - dF gamma||^2 + lam max_i ||dF_i||^2 ||gamma||^2."""
+    z, dF, dG, f_prev, g_prev = z0, [], [], None, None
+    for _ in range(evaluations - 1):
+        f = g(z) - z
+        mix = z + beta * f
+        if f_prev is not None:
+            dF, dG = [*dF, f - f_prev][-m:], [*dG, mix - g_prev][-m:]
+        if not dF:
+            z_next = mix
+        else:
+            F, G = torch.stack(dF, 1), torch.stack(dG, 1)  # (B, j, n)
+            gram = F @ F.transpose(1, 2)
+            shift = lam * gram.diagonal(dim1=1, dim2=2).amax(1)
+            system = gram + shift[:, None, None] * torch.eye(len(dF), dtype=z.dtype)
+            gamma = torch.linalg.solve(system, (F @ f.unsqueeze(2)))  # (B, j, 1)
+            z_next = mix - (gamma.transpose(1, 2) @ G).squeeze(1)
+        f_prev, g_prev, z = f, mix, z_next
+    return z
+
+
+@pytest.mark.parametrize(("m", "lam", "beta"), [(3, 1e-8, 1.0), (3, 1e-2, 0.5), (5, 0.3, 0.8), (2, 0.0, 1.0)])
+def test_anderson_follows_its_definition_step_by_step(m, lam, beta):
+    g, z0 = _linear_tanh_map(6, seed=3, scale=0.9)
+    for evaluations in (2, 3, m + 2, 3 * m + 4):
+        ours = Anderson(m=m, lam=lam, beta=beta)(g, z0, max_iter=evaluations, tol=None)
+        torch.testing.assert_close(
+            ours.z, anderson_reference(g, z0, m, lam, beta, evaluations), rtol=1e-9, atol=1e-11
+        )
+
+
+def broyden_reference(g, z0, memory, evaluations):
+    """Good Broyden from its definition with a dense inverse Jacobian H of F(z) = g(z) - z: the step is
+    s = -H F; with y = F_new - F, H += (s - H y) s^T H / (s^T H y), skipped where |s^T H y| <= eps |H^T s| |y|;
+    after ``memory`` updates H restarts from -I and the pair of that step is dropped."""
+    batch, n = z0.shape
+    eye = torch.eye(n, dtype=z0.dtype).expand(batch, n, n)
+    H, z, F_prev, s_prev, used = -eye.clone(), z0, None, None, -1
+    eps = torch.finfo(z0.dtype).eps
+    for _ in range(evaluations - 1):
+        F = g(z) - z
+        if used < 0 or used == memory:
+            H, used = -eye.clone(), 0
+        else:
+            y = F - F_prev
+            Hy = (H @ y.unsqueeze(2)).squeeze(2)
+            sH = (s_prev.unsqueeze(1) @ H).squeeze(1)
+            denom = (sH * y).sum(1)
+            ok = denom.abs() > eps * sH.norm(dim=1) * y.norm(dim=1)
+            update = (s_prev - Hy).unsqueeze(2) @ sH.unsqueeze(1) / denom[:, None, None]
+            H = torch.where(ok[:, None, None], H + update, H)
+            used += 1
+        s = -(H @ F.unsqueeze(2)).squeeze(2)
+        z, F_prev, s_prev = z + s, F, s
+    return z
+
+
+@pytest.mark.parametrize("memory", [1, 3, 20])
+def test_broyden_follows_its_definition_step_by_step(memory):
+    g, z0 = _linear_tanh_map(5, seed=8, scale=1.5)
+    for evaluations in (2, 3, memory + 3, 2 * memory + 5):
+        ours = Broyden(memory=memory)(g, z0, max_iter=evaluations, tol=None)
+        torch.testing.assert_close(
+            ours.z, broyden_reference(g, z0, memory, evaluations), rtol=1e-9, atol=1e-11
+        )
