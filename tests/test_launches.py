@@ -17,7 +17,7 @@ from implicitdiff import Anderson, Broyden, Picard
 from implicitdiff.diagnostics import LaunchCounter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from launches import extra_launches  # noqa: E402
+from launches import extra_launches
 
 #: Extra launches per iteration beside f's own: the most each rule may add (fixed budget, tolerance).
 FLOOR = {

@@ -604,8 +604,9 @@ def test_anderson_follows_its_definition_step_by_step(m, lam, beta):
 
 def broyden_reference(g, z0, memory, evaluations):
     """Good Broyden from its definition with a dense inverse Jacobian H of F(z) = g(z) - z: the step is
-    s = -H F; with y = F_new - F, H += (s - H y) s^T H / (s^T H y), skipped where |s^T H y| <= eps |H^T s| |y|;
-    after ``memory`` updates H restarts from -I and the pair of that step is dropped."""
+    s = -H F; with y = F_new - F, H += (s - H y) s^T H / (s^T H y), skipped where
+    |s^T H y| <= eps |H^T s| |y|; after ``memory`` updates H restarts from -I and the pair of that step
+    is dropped."""
     batch, n = z0.shape
     eye = torch.eye(n, dtype=z0.dtype).expand(batch, n, n)
     H, z, F_prev, s_prev, used = -eye.clone(), z0, None, None, -1
