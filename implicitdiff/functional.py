@@ -13,7 +13,7 @@ from ._validate import check_bool, check_int
 from .gradients import JFB, GradientEstimator
 from .gradients._base import StartsFromImage
 from .solvers import Anderson, Solver, SolverResult
-from .solvers._driver import compiling
+from .solvers._driver import compiling, outside_compile
 
 __all__ = ["BoundMap", "DEQOutput", "fixed_point"]
 
@@ -94,6 +94,10 @@ class BoundMap:
     def calls(self) -> int:
         """Evaluations of ``f`` by this map and every map made from it by :meth:`with_inputs`."""
         return self._counter[0]
+
+    def reset_calls(self) -> None:
+        """Start :attr:`calls` from zero again."""
+        self._counter[0] = 0
 
     @property
     def inputs(self) -> tuple[Tensor, ...]:
@@ -257,6 +261,42 @@ def fixed_point(
     )
 
 
+@outside_compile
+def _forward_solve(
+    solver: Solver,
+    grad: GradientEstimator,
+    f_x: BoundMap,
+    z_init: Tensor,
+    max_iter: int,
+    tol: float | None,
+    stop_mode: str,
+    check_every: int | None,
+    training: bool,
+) -> tuple[SolverResult, Tensor]:
+    """The estimator's budget and the no-grad solve: outside ``torch.compile``, where a drawn budget or a
+    data-dependent number of iterations would be a guard of the compiled graph.
+
+    Returns the statistics and the point the estimator starts from (detached).
+    """
+    budget = grad.forward_budget(max_iter, training=training)
+    if budget == 0:
+        # An estimator may ask for no forward iterations at all (S-JFB draws 0 sometimes): start
+        # from z0 unsolved; its residual is unknown, so it is reported as not converged.
+        return _unsolved(z_init), z_init.detach()
+    options: dict[str, Any] = {"max_iter": budget, "tol": tol, "stop_mode": stop_mode}
+    if check_every is not None:
+        options["check_every"] = check_every
+    with torch.no_grad():
+        stats = solver(f_x, z_init, **options)
+    if not isinstance(stats, SolverResult):
+        raise TypeError(f"solver {solver!r} must return a SolverResult, got {type(stats).__name__}")
+    if isinstance(grad, StartsFromImage) and grad.starts_from_image and stats.fz is not None:
+        # An estimator that continues the iteration with grad (S-JFB) starts from g(stats.z), which the
+        # solver computed already: n no-grad evaluations then give n steps, none evaluated twice.
+        return stats, stats.fz.detach()
+    return stats, stats.z.detach()
+
+
 def solve_and_attach(
     f: Callable[..., Tensor],
     x: Tensor,
@@ -276,19 +316,7 @@ def solve_and_attach(
     z_init = _initial_state(x, z0)
     f_x = BoundMap(f, x, z_init, f_kwargs, [0])
 
-    budget = grad.forward_budget(max_iter, training=training)
-    if budget == 0:
-        # An estimator may ask for no forward iterations at all (S-JFB draws 0 sometimes): start
-        # from z0 unsolved; its residual is unknown, so it is reported as not converged.
-        stats = _unsolved(z_init)
-    else:
-        options: dict[str, Any] = {"max_iter": budget, "tol": tol, "stop_mode": stop_mode}
-        if check_every is not None:
-            options["check_every"] = check_every
-        with torch.no_grad():
-            stats = solver(f_x, z_init, **options)
-    if not isinstance(stats, SolverResult):
-        raise TypeError(f"solver {solver!r} must return a SolverResult, got {type(stats).__name__}")
+    stats, start = _forward_solve(solver, grad, f_x, z_init, max_iter, tol, stop_mode, check_every, training)
     z_star = stats.z.detach()
     nonfinite = stats.nonfinite
     if raise_on_nonfinite and nonfinite is not None and bool(nonfinite.any()):
@@ -299,15 +327,13 @@ def solve_and_attach(
         )
     if not _needs_grad(f, x, f_kwargs):
         return DEQOutput(z=z_star, stats=stats)
-    if isinstance(grad, StartsFromImage) and grad.starts_from_image and stats.fz is not None:
-        # An estimator that continues the iteration with grad (S-JFB) starts from g(stats.z), which the
-        # solver computed already: n no-grad evaluations then give n steps, none evaluated twice.
-        z_star = stats.fz.detach()
-    if budget > 0 and _autocast_on(z_init.device.type) and not compiling():
+    if not compiling() and _autocast_on(z_init.device.type) and stats.nfe > 0:
         # Autocast caches the low-precision copies of the weights; before torch 2.5 a copy made in the
         # no-grad solve is reused by the estimator's evaluation with grad, which then has no graph back
         # to the weights. Only a gradient needs the cache cleared.
         torch.clear_autocast_cache()
-    before = f_x.calls
-    z = grad.attach(f_x, z_star, training=training)
-    return DEQOutput(z=z, stats=stats, grad_evals=f_x.calls - before)
+    # Counted from zero (not from the solve's count): under torch.compile a count that differs from call
+    # to call would be a guard of the compiled graph.
+    f_x.reset_calls()
+    z = grad.attach(f_x, start, training=training)
+    return DEQOutput(z=z, stats=stats, grad_evals=f_x.calls)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_int
+from ..solvers._driver import outside_compile
 
 __all__ = ["SJFB"]
 
@@ -82,6 +83,9 @@ class SJFB:
         lo, hi = bounds
         return int(torch.randint(lo, hi + 1, (1,), generator=self.generator).item())
 
+    # Both draws run outside torch.compile: a drawn number of iterations would otherwise be a guard
+    # of the compiled graph, and each new draw a recompilation.
+    @outside_compile
     def forward_budget(self, max_iter: int, *, training: bool) -> int:
         """In training, a drawn number of no-grad iterations (at most ``max_iter``); else ``max_iter``."""
         if not training:
@@ -90,6 +94,7 @@ class SJFB:
         self.last_draw = (n_nograd, None)
         return min(n_nograd, max_iter)
 
+    @outside_compile
     def attach(self, f_x: Callable[[Tensor], Tensor], z_star: Tensor, *, training: bool) -> Tensor:
         """In training, a drawn number of differentiable steps from ``z_star``; else one (JFB)."""
         n_grad = 1

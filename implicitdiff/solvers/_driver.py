@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -40,6 +40,19 @@ from torch import Tensor
 from ._base import SolverResult, check_solve_args, residual_norm, working_dtype
 
 __all__ = ["Evaluator", "Progress", "UpdateRule", "as_update_rule", "iterate"]
+
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def outside_compile(fn: _Fn) -> _Fn:
+    """``fn`` run eagerly when ``torch.compile`` meets it (a graph break around it).
+
+    A solve's number of iterations depends on the data (a tolerance, a drawn budget): traced, it would
+    become a guard of the compiled graph, and each new count a recompilation. Run outside, it costs one
+    graph break, and the code around it compiles once.
+    """
+    return cast(_Fn, torch.compiler.disable(fn))
 
 
 def compiling() -> bool:
@@ -389,6 +402,7 @@ def iterate(
         return _run(as_update_rule(rule), g, z0, max_iter, tol, stop_mode, check_every)
 
 
+@outside_compile
 def _run(
     rule: UpdateRule,
     g: Callable[[Tensor], Tensor],

@@ -139,8 +139,8 @@ class Anderson(UpdateRule):
         # Relative Tikhonov shift; tiny keeps an all-zero system (no history, or a forgotten one) solvable.
         largest = diagonal.amax(dim=1, keepdim=True)
         diagonal += torch.add(torch.finfo(gram.dtype).tiny, largest, alpha=self.lam)
-        gamma, _ = torch.linalg.solve_ex(gram, rhs.unsqueeze(2))
-        gamma = gamma.squeeze(2)
+        solution: Tensor = torch.linalg.solve_ex(gram, rhs.unsqueeze(2))[0]
+        gamma = solution.squeeze(2)
         if self.lam == 0.0:
             # Without regularisation a singular system (info > 0) leaves inf or NaN: a mixing step.
             gamma = torch.nan_to_num(gamma, nan=0.0, posinf=0.0, neginf=0.0)

@@ -125,3 +125,24 @@ def test_compiled_sampling_compiles_nothing_after_the_first_run():
     run("tolerance")
     assert len(backend.graphs) == warm
     assert first.iterations != again.iterations
+
+
+def test_compiling_the_whole_model_compiles_nothing_new_across_draws():
+    # What most users type: torch.compile(model). The layer's solve and S-JFB's draws run outside the
+    # compiled graphs, so a new draw (a new iteration count) is not a recompilation.
+    eager = tiny("FPDM-Digits/2")
+    backend = CountingBackend()
+    model = torch.compile(copy.deepcopy(eager), backend=backend)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt_eager = torch.optim.AdamW(eager.parameters(), lr=1e-3)
+    draws, warm = [], None
+    for step in range(11):
+        if step == 3:
+            warm = len(backend.graphs)
+        loss, state = train_step(model, optimizer, step)
+        loss_eager, _ = train_step(eager, opt_eager, step)
+        torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-6)
+        draws.append((state.stats.nfe, state.grad_evals) if state.stats else None)
+    assert warm is not None and warm > 0
+    assert len(backend.graphs) == warm, f"{len(backend.graphs) - warm} graphs compiled after warm-up"
+    assert len(set(draws[3:])) > 2, draws
