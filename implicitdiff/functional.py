@@ -199,9 +199,12 @@ def fixed_point(
 ) -> DEQOutput:
     r"""Solve :math:`z^\star = f(z^\star, x)` and attach it to autograd.
 
-    The solve runs without grad; when autograd needs a gradient (grad mode on and ``x``, a tensor
-    in ``f_kwargs`` or a parameter of ``f`` requires grad), ``grad.attach`` builds the graph of the
-    chosen estimator. Otherwise the plain solution is returned and nothing else runs.
+    The solve runs without grad; when autograd needs a gradient, ``grad.attach`` builds the graph of
+    the chosen estimator. A gradient is needed when grad mode is on and ``x`` or a tensor in
+    ``f_kwargs`` requires grad, or, for an ``nn.Module`` ``f``, one of its parameters does; any other
+    callable is assumed to need one whenever grad mode is on (use ``torch.no_grad()`` or
+    ``torch.inference_mode()`` to only solve). Otherwise the plain solution is returned and nothing else
+    runs.
 
     Parameters
     ----------

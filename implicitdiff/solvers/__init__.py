@@ -10,12 +10,15 @@ from ._base import DEFAULT_CHECK_EVERY, Solver, SolverResult, residual_norm
 from ._driver import UpdateRule, iterate
 from .anderson import Anderson
 from .broyden import Broyden
+from .captured import Captured, CaptureWarning
 from .picard import Picard
 
 __all__ = [
     "DEFAULT_CHECK_EVERY",
     "Anderson",
     "Broyden",
+    "CaptureWarning",
+    "Captured",
     "Picard",
     "Solver",
     "SolverResult",
