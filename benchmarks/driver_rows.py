@@ -13,7 +13,12 @@ and mode, one row:
   ``vs_plain`` is ``wall_ms / plain_ms``;
 * ``torchdeq_ms``: torchdeq's solver of the same kind run for the same number of iterations (where
   torchdeq is installed), and ``vs_torchdeq``;
-* ``overhead``: ``wall / (nfe x one evaluation of g)``.
+* ``overhead``: ``wall / (nfe x one evaluation of g)``;
+* ``launches_per_iter``: kernel launches per evaluation beside ``g``'s own, counted with
+  :class:`implicitdiff.diagnostics.LaunchCounter` (the same count on every device);
+* on CUDA, ``graph_ms``: the same solve replayed from a CUDA graph (:class:`implicitdiff.solvers.Captured`,
+  fixed budgets), and ``plain_graph_ms``: the plain loop replayed from a CUDA graph, the limit of
+  launch-free iteration; ``graph_vs_plain`` is ``graph_ms / plain_ms``.
 
 Modes: ``fixed`` is ``tol=None`` (a fixed budget, no host reads); ``tol`` is a tolerance that is never
 reached, so the solve runs the same number of evaluations but pays for its checks (one host read every
@@ -30,20 +35,29 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from implicitdiff.diagnostics import SyncCounter
-from implicitdiff.solvers import Anderson, Broyden, Picard
+from implicitdiff.diagnostics import LaunchCounter, SyncCounter
+from implicitdiff.functional import BoundMap
+from implicitdiff.solvers import Anderson, Broyden, Captured, Picard
 
 UNREACHABLE_TOL = 1e-30
 
 
 @dataclass
 class Problem:
-    """A map ``g``, its start ``z0`` and the number of evaluations each solve runs."""
+    """A map ``g(z) = f(z, x)``, its start ``z0`` and the number of evaluations each solve runs."""
 
     name: str
-    g: Callable[[Tensor], Tensor]
+    f: Callable[[Tensor, Tensor], Tensor]
+    x: Tensor
     z0: Tensor
     iters: int
+
+    def g(self, z: Tensor) -> Tensor:
+        return self.f(z, self.x)
+
+    def bound(self) -> BoundMap:
+        """``g`` as the layer builds it: a map that names its input, so that a CUDA graph can replay it."""
+        return BoundMap(self.f, self.x, self.z0, {}, [0])
 
 
 def conv_problem(batch: int, channels: int, size: int, iters: int, device: str, seed: int = 0) -> Problem:
@@ -60,11 +74,11 @@ def conv_problem(batch: int, channels: int, size: int, iters: int, device: str, 
     conv = conv.to(device).requires_grad_(False)
     x = (0.1 * torch.randn(batch, channels, size, size, generator=gen)).to(device)
 
-    def g(z: Tensor) -> Tensor:
+    def f(z: Tensor, x: Tensor) -> Tensor:
         return torch.tanh(conv(z) + x)
 
     name = f"conv {batch}x{channels}x{size}x{size}"
-    return Problem(name, g, torch.zeros_like(x), iters)
+    return Problem(name, f, x, torch.zeros_like(x), iters)
 
 
 def sequence_problem(batch: int, length: int, width: int, iters: int, device: str, seed: int = 0) -> Problem:
@@ -74,10 +88,10 @@ def sequence_problem(batch: int, length: int, width: int, iters: int, device: st
     w = (0.9 * w / torch.linalg.matrix_norm(w, ord=2)).to(device)
     x = (0.1 * torch.randn(batch, length, width, generator=gen)).to(device)
 
-    def g(z: Tensor) -> Tensor:
+    def f(z: Tensor, x: Tensor) -> Tensor:
         return torch.tanh(z @ w.T + x)
 
-    return Problem(f"sequence {batch}x{length}x{width}", g, torch.zeros_like(x), iters)
+    return Problem(f"sequence {batch}x{length}x{width}", f, x, torch.zeros_like(x), iters)
 
 
 OURS = {
@@ -168,17 +182,20 @@ def driver_rows(
             makers = {"fixed": lambda g: ours(g, None), "tol": lambda g: ours(g, UNREACHABLE_TOL)}
             if theirs(problem.g) is not None:
                 makers["torchdeq"] = theirs
-            syncs, nfe = {}, {}
+            syncs, nfe, launches = {}, {}, {}
             for key, make in makers.items():
                 counted = _Counted(problem.g)
                 run = make(counted)
-                with SyncCounter() as counter:
+                with SyncCounter() as counter, LaunchCounter() as launched:
                     run()
-                syncs[key], nfe[key] = counter.count, counted.calls
+                syncs[key], nfe[key], launches[key] = counter.count, counted.calls, launched.count
             runs: dict[str, Callable[[], object]] = {"plain": plain}
             runs.update({key: make(problem.g) for key, make in makers.items()})
+            if device.type == "cuda":
+                runs.update(_graph_runs(problem, solver, plain))
             walls = _time(runs, reps, device)
             f_s = walls["plain"] / problem.iters
+            f_launches = _launches_of_g(problem)
             for mode in ("fixed", "tol"):
                 row: dict[str, object] = {
                     "problem": problem.name,
@@ -190,7 +207,14 @@ def driver_rows(
                     "plain_ms": 1e3 * walls["plain"],
                     "vs_plain": walls[mode] / walls["plain"],
                     "overhead": walls[mode] / (nfe[mode] * f_s),
+                    "launches_per_iter": (launches[mode] - f_launches * nfe[mode]) / nfe[mode],
                 }
+                if mode == "fixed" and "graph" in walls:
+                    row.update(
+                        graph_ms=1e3 * walls["graph"],
+                        plain_graph_ms=1e3 * walls["plain_graph"],
+                        graph_vs_plain=walls["graph"] / walls["plain"],
+                    )
                 if "torchdeq" in walls:
                     row.update(
                         torchdeq_nfe=nfe["torchdeq"],
@@ -202,6 +226,34 @@ def driver_rows(
     return rows
 
 
+def _launches_of_g(problem: Problem) -> int:
+    with LaunchCounter() as launched:
+        problem.g(problem.z0)
+    return launched.count
+
+
+def _graph_runs(
+    problem: Problem, solver: Callable[..., object], plain: Callable[[], Tensor]
+) -> dict[str, Callable[[], object]]:
+    """On CUDA: the fixed-budget solve replayed by :class:`Captured`, and the plain loop as a CUDA graph."""
+    captured = Captured(solver)
+    bound = problem.bound()
+
+    def graph() -> object:
+        return captured(bound, problem.z0, max_iter=problem.iters, tol=None)
+
+    graph()  # captures
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        plain()
+    torch.cuda.current_stream().wait_stream(stream)
+    plain_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(plain_graph):
+        plain()
+    return {"graph": graph, "plain_graph": plain_graph.replay}
+
+
 COLUMNS = [
     ("problem", "problem", ""),
     ("solver", "solver", ""),
@@ -211,6 +263,10 @@ COLUMNS = [
     ("wall_ms", "wall ms", ".2f"),
     ("plain_ms", "plain loop ms", ".2f"),
     ("vs_plain", "/ plain", ".2f"),
+    ("launches_per_iter", "launches/iter", ".1f"),
+    ("graph_ms", "graph ms", ".2f"),
+    ("plain_graph_ms", "plain graph ms", ".2f"),
+    ("graph_vs_plain", "graph / plain", ".2f"),
     ("torchdeq_ms", "torchdeq ms", ".2f"),
     ("torchdeq_syncs_per_iter", "torchdeq syncs/iter", ".2f"),
     ("vs_torchdeq", "/ torchdeq", ".2f"),
