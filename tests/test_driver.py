@@ -386,3 +386,48 @@ def test_the_layer_passes_check_every_and_tol_none_through():
         layer(x)
     assert syncs.count == layer(x).stats.nfe
     assert layer(x, tol=None).stats.nfe == 50
+
+
+# ----------------------------------------------------------------------------------- what a user meets
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["picard", "anderson", "broyden"])
+def test_a_low_precision_state_reports_the_residual_of_the_z_it_returns(dtype, name):
+    # The rule works in float32; the iterate it evaluates is on the state's own grid, so the reported
+    # residual is that of the returned z exactly (recomputed here the way the driver computes it).
+    gen = torch.Generator().manual_seed(4)
+    w = 0.5 * torch.randn(6, 6, generator=gen) / 6**0.5
+    x = torch.randn(5, 6, generator=gen)
+
+    def g(z: Tensor) -> Tensor:
+        return torch.tanh(z.float() @ w.T + x).to(z.dtype)
+
+    out = RULES[name](g, torch.zeros(5, 6, dtype=dtype), max_iter=40, tol=1e-2)
+    assert out.z.dtype == dtype and out.all_converged
+    true = torch.linalg.vector_norm(g(out.z).float() - out.z.float(), dim=1)
+    torch.testing.assert_close(out.residual, true, rtol=1e-6, atol=0)
+    assert bool((true <= 1e-2).all())
+
+
+def test_inference_mode_solves_like_no_grad():
+    from implicitdiff import solve_chain
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    deq = DEQLayer(lambda z, x: torch.tanh(0.5 * lin(z) + x), max_iter=40, tol=1e-6)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        expected = deq(x).z
+        expected_fp = fixed_point(lambda z, x: 0.5 * z + x, x).z
+        expected_chain = solve_chain(lambda k, s: 0.5 * s + 1.0, torch.zeros(2), 6).xs
+    with torch.inference_mode():
+        assert torch.equal(deq(x).z, expected)
+        assert torch.equal(fixed_point(lambda z, x: 0.5 * z + x, x).z, expected_fp)
+        assert torch.equal(solve_chain(lambda k, s: 0.5 * s + 1.0, torch.zeros(2), 6).xs, expected_chain)
+
+
+def test_memory_grows_with_the_iterations_done_not_with_max_iter():
+    # "Until converged": a budget of 10**9 evaluations for a solve that needs 25 allocates nothing for it.
+    out = Picard()(lambda z: 0.5 * z + 1.0, torch.zeros(2, 3), max_iter=10**9, tol=1e-6)
+    assert out.all_converged and out.nfe < 40 and out.trace.numel() == out.nfe
