@@ -21,11 +21,17 @@ The driver evaluates ``g``, computes per-sample residuals, freezes converged sam
 evaluations per sample, all on the device. The host reads one flag, "is any sample still iterating?",
 every ``check_every`` iterations; with ``tol=None`` (a fixed budget) it reads nothing at all.
 
-**What a rule's state may hold.** The state is the rule's own object (a tensor, a tuple or a dataclass
-of tensors); the driver only hands it back. Two rules apply to it: tensors whose first dimension is the
-batch are per sample (:func:`~implicitdiff.solve_chain` selects their rows when its window slides, and
-anything else it keeps as it is), and a step reads no value from the device (no ``.item()``, no boolean
-indexing), so that the loop never waits for the device.
+**What a rule's state may hold.** The state is the rule's own object: a tensor, or a tuple, list, dict
+or dataclass of tensors and host numbers (a step counter); the driver only hands it back. Three rules
+apply to it. Tensors whose first dimension is the batch are per sample: :func:`~implicitdiff.solve_chain`
+selects their rows when its window slides, and keeps anything else as it is. A step reads no value from
+the device (no ``.item()``, no boolean indexing), so that the loop never waits for it. And host numbers
+may change from step to step, because a solve runs eagerly, outside ``torch.compile``
+(:func:`outside_compile`); only a captured fixed-budget solve (:class:`~implicitdiff.solvers.Captured`)
+fixes them, by replaying the steps it recorded.
+
+On a GPU every operation of the loop is a kernel launch; the bookkeeping of an iteration is five of them
+(:class:`Progress`) and the residual one or two, beside the rule's own step.
 """
 
 from __future__ import annotations
