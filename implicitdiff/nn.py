@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ._validate import check_int, check_real
 
-__all__ = ["VariationalDropout", "VariationalDropout2d", "reset_masks"]
+__all__ = ["VariationalDropout", "VariationalDropout2d", "forget", "reset_masks"]
 
 
 class VariationalDropout(nn.Module):
@@ -113,3 +113,15 @@ def reset_masks(module: nn.Module) -> int:
     for m in found:
         m.reset()
     return len(found)
+
+
+def forget(f: nn.Module) -> None:
+    """Make the layer look at ``f``'s modules again at its next call.
+
+    The layer walks ``f.modules()`` once, at the first call with that ``f``, for the parametrized
+    weights it computes once per call and the dropout modules it resets or warns about; call this after
+    adding or removing submodules of ``f``.
+    """
+    from ._onefunction import forget as forget_parts  # _onefunction imports this module
+
+    forget_parts(f)
