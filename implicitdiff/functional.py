@@ -478,12 +478,12 @@ class _Call:
             z = z_star
         else:
             z = self.attach(f_x, stats, budget, z_star)
+        z_out = z if spec is None else spec.unpack(z)
         states = None
         if trajectory is not None:
             with torch.set_grad_enabled(z.requires_grad):
-                states = [f_x(point) for point in trajectory.spread()] + [z]
-            states = states if spec is None else [spec.unpack(state) for state in states]
-        z_out = z if spec is None else spec.unpack(z)
+                steps = [f_x(point) for point in trajectory.spread()]
+            states = [*(step if spec is None else spec.unpack(step) for step in steps), z_out]
         return DEQOutput(z=z_out, stats=stats, grad_evals=f_x.calls - before, states=states)
 
     def solve(
