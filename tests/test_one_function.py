@@ -315,7 +315,7 @@ def _correction_run(n_states: int | None, steps: int = 60) -> tuple[float, float
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(task))
+        losses.append(float(task.detach()))
     return losses[0], losses[-1]
 
 
