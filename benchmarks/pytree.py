@@ -14,7 +14,8 @@ The same ``f`` runs two ways, with the same weights:
   ``f`` slices it into the two maps and concatenates its result.
 
 Both run a fixed budget (``tol=None``, the same evaluations) with Anderson, forward only (no grad) and a
-training step (forward + JFB backward), interleaved, the median of the repeats reported. The ratio is
+training step (forward + JFB backward), interleaved, the median of the repeats reported, on one
+thread. The ratio is
 ``pytree / flat``; the target is at most 1.05.
 
 Run: ``python benchmarks/pytree.py`` (writes ``benchmarks/results/pytree.json`` and prints a table).
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 from implicitdiff import JFB, Anderson, DEQLayer
 
 BATCH, FINE, COARSE = 32, (32, 16, 16), (64, 8, 8)
-MAX_ITER, REPEATS, SEED = 20, 7, 0
+MAX_ITER, REPEATS, SEED, THREADS = 20, 15, 0, 1
 OUT = Path(__file__).resolve().parent / "results" / "pytree.json"
 
 
@@ -86,6 +87,8 @@ def timed(run, repeats: int) -> list[float]:
 
 
 def main() -> None:
+    # One thread: on a shared 2-core machine two threads time the other users' load more than our code.
+    torch.set_num_threads(THREADS)
     torch.manual_seed(SEED)
     tree_f = TwoScale()
     flat_f = HandFlat(tree_f)
@@ -120,7 +123,7 @@ def main() -> None:
             run(name)  # warm-up
         for _ in range(REPEATS):  # interleaved, so that load on the machine hits both alike
             for name in samples:
-                samples[name] += timed(lambda name=name: run(name), 1)
+                samples[name] += timed(lambda name=name, run=run: run(name), 1)
         tree_ms = 1e3 * statistics.median(samples["pytree"])
         flat_ms = 1e3 * statistics.median(samples["flat"])
         rows.append({"mode": mode, "pytree_ms": tree_ms, "flat_ms": flat_ms, "ratio": tree_ms / flat_ms})

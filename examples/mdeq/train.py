@@ -4,8 +4,8 @@ The state is two feature maps at two resolutions, ``{"fine": (B, 16, 8, 8), "coa
 solved together as one fixed point: each resolution is updated from itself (a weight-normalised 3x3
 convolution, GroupNorm) and from the other (a strided convolution down, a 1x1 convolution and
 upsampling up), with channel-wise variational dropout whose mask holds for the whole solve. The
-classifier reads the coarse map of the fixed point, which the fine map feeds. Gradients by JFB or phantom gradients (``--grad``),
-optionally with the Jacobian penalty of Bai et al. 2021 (``--jac-reg``).
+classifier reads the coarse map of the fixed point, which the fine map feeds. Gradients by JFB or
+phantom gradients (``--grad``), optionally with the Jacobian penalty of Bai et al. 2021 (``--jac-reg``).
 
 Run: ``python examples/mdeq/train.py`` (both estimators, a few epochs, about a minute on 2 CPU cores);
 ``--grad jfb``, ``--epochs 3``, ``--jac-reg 0.5``, ``--json results.json``.
@@ -137,9 +137,11 @@ def train(grad: str, epochs: int, jac_reg: float, seed: int, batch: int = 64) ->
             opt.step()
             train_nfe.append(out.stats.nfe)
         epoch_seconds.append(time.perf_counter() - start)
+        steps = len(range(0, len(order), batch))
         print(f"[{grad}] epoch {epoch + 1}: loss {float(loss.detach()):.3f}, {epoch_seconds[-1]:.1f} s, "
-              f"forward nfe {statistics.mean(train_nfe[-len(range(0, len(order), batch)):]):.1f}")  # fmt: skip
-    return {"grad": grad, **evaluate(model, test_x, test_y), "seconds_per_epoch": statistics.mean(epoch_seconds),
+              f"forward nfe {statistics.mean(train_nfe[-steps:]):.1f}")  # fmt: skip
+    metrics = evaluate(model, test_x, test_y)
+    return {"grad": grad, **metrics, "seconds_per_epoch": statistics.mean(epoch_seconds),
             "train_nfe": statistics.mean(train_nfe), "epochs": epochs, "jac_reg": jac_reg}  # fmt: skip
 
 
