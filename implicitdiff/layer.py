@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from ._onefunction import parts_of
 from ._tree import PyTree
 from ._validate import check_bool, check_int
 from .functional import DEQOutput, check_n_states, check_parts, solve_and_attach
@@ -70,7 +71,8 @@ class DEQLayer(nn.Module):
       weighted towards the early, unconverged iterates. Prefer a normalisation per sample
       (``GroupNorm``, ``LayerNorm``), as the DEQ models do.
 
-    The layer inspects ``f``'s modules once, at its first call, and keeps what it found per module;
+    The layer inspects ``f``'s modules once, when it is constructed (or at the first call, for a module
+    it has not seen), and keeps what it found per module;
     after adding or removing submodules of ``f`` call ``implicitdiff.nn.forget(f)``. When ``f`` is a
     plain function closing over modules, the layer cannot see them: wrap the call in
     ``parametrize.cached()`` and call :func:`~implicitdiff.nn.reset_masks` yourself.
@@ -104,6 +106,10 @@ class DEQLayer(nn.Module):
         if not callable(f):
             raise TypeError(f"f must be an nn.Module or a callable f(z, x), got {type(f).__name__}")
         self.f = f
+        if isinstance(f, nn.Module):
+            # Walked now rather than inside the first forward: a compiled forward then reads the parts
+            # without inserting them (an insertion would change what its guards saw and recompile).
+            parts_of(f)
         self.solver = Anderson() if solver is None else solver
         self.grad = JFB() if grad is None else grad
         check_parts(self.solver, self.grad)

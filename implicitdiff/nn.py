@@ -6,7 +6,9 @@ changes at every iteration of the solver: there is no fixed point to find, the r
 size of the dropout noise, and the estimator's evaluations see yet other masks. *Variational* dropout
 (Gal & Ghahramani, 2016), as the DEQ models use it (Bai et al., 2019), draws the mask once and holds it:
 here once per forward call of the implicit layer, for every evaluation of that call's solve, its
-gradient estimator and :class:`~implicitdiff.IFT`'s backward.
+gradient estimator and :class:`~implicitdiff.IFT`'s backward. (IFT's first-order backward reuses the
+graph built in the call; its double backward, ``create_graph=True``, evaluates ``f`` again and sees
+the mask the module holds then: run it before the layer's next call.)
 
 :class:`~implicitdiff.DEQLayer` and :func:`~implicitdiff.fixed_point` call :meth:`VariationalDropout.reset`
 on every instance inside ``f`` (when ``f`` is an ``nn.Module``) at the start of each call; the module

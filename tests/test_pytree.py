@@ -330,3 +330,62 @@ def test_solve_chain_names_the_leaf_a_step_got_wrong():
     with pytest.raises(ValueError, match=r"step\(k, x\) returned shape \(2, 1\) at x\['b'\]"):
         x0 = {"a": torch.zeros(3), "b": torch.zeros(2)}
         solve_chain(lambda k, x: {"a": x["a"], "b": x["b"][:, :1]}, x0, 2)
+
+
+# ------------------------------------------------------------------------------ autocast, compile
+
+
+def test_under_autocast_the_leaves_f_returns_are_cast_back_to_the_state_dtype():
+    lin = torch.nn.Linear(4, 4)
+    f = lambda z, x: (torch.tanh(0.3 * lin(z[0]) + x), 0.5 * z[1])  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fixed_point(f, torch.randn(2, 4), (torch.zeros(2, 4), torch.ones(2, 3)), tol=1e-2)
+    assert out.z[0].dtype == torch.float32 and out.z[1].dtype == torch.float32
+    assert out.z[0].requires_grad
+
+
+def test_a_compiled_layer_with_a_pytree_state_does_not_recompile():
+    class Cell(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(2, 2)
+
+        def forward(self, z, x):
+            return {"a": torch.tanh(0.5 * self.a(z["a"]) + x), "b": torch.tanh(0.5 * self.b(z["b"]))}
+
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    deq = DEQLayer(Cell(), solver=Picard(), max_iter=8, tol=None)
+    compiled = torch.compile(deq, backend=backend)
+    x, z0 = torch.randn(3, 4), {"a": torch.zeros(3, 4), "b": torch.ones(3, 2)}
+    counts = []
+    for _ in range(4):
+        out = compiled(x, z0)
+        counts.append(len(graphs))
+    assert counts[1] == counts[2] == counts[3]
+    torch.testing.assert_close(out.z["a"], deq(x, z0).z["a"])
+
+
+def test_ift_differentiates_tensor_leaves_of_f_kwargs_like_those_of_x():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 3).double()
+    scale = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(z, x, cond):
+        return torch.tanh(0.4 * lin(z) * cond["scale"] + x + cond["pair"][0])
+
+    ift = IFT(max_iter=200, tol=1e-12)
+    out = fixed_point(f, shift, grad=ift, f_kwargs={"cond": {"scale": scale, "pair": (shift, 1)}},
+                      tol=1e-12, max_iter=200)  # fmt: skip
+    got = torch.autograd.grad(out.z.sum(), [scale, shift])
+    as_x = fixed_point(lambda z, x: f(z, x[1], {"scale": x[0], "pair": (x[1], 1)}), (scale, shift),
+                       torch.zeros(2, 3, dtype=torch.float64), grad=ift, tol=1e-12, max_iter=200)  # fmt: skip
+    expected = torch.autograd.grad(as_x.z.sum(), [scale, shift])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-9)
