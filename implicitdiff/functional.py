@@ -132,10 +132,11 @@ class BoundMap:
     def with_inputs(self, *tensors: Tensor) -> BoundMap:
         """The same map with :attr:`inputs` replaced by ``tensors`` (same order)."""
         leaves, treedef = pytree.tree_flatten((self.x, tuple(value for _, value in self._items)))
+        expected = sum(isinstance(leaf, Tensor) for leaf in leaves)
+        if len(tensors) != expected:
+            raise ValueError(f"with_inputs takes {expected} tensors (the map's inputs), got {len(tensors)}")
         replacements = iter(tensors)
         leaves = [next(replacements) if isinstance(leaf, Tensor) else leaf for leaf in leaves]
-        if next(replacements, None) is not None:
-            raise ValueError(f"with_inputs takes {len(self.inputs)} tensors, got {len(tensors)}")
         x, values = pytree.tree_unflatten(leaves, treedef)
         kwargs = dict(zip((key for key, _ in self._items), values, strict=True))
         return BoundMap(self.f, x, self.z0, kwargs, self._counter, spec=self.spec, held=self.held)
@@ -469,7 +470,8 @@ class _Call:
         z_init, spec = _initial_state(self.x, z0)
         f_x = BoundMap(self.f, self.x, z_init, self.f_kwargs, [0], spec=spec, held=self.held or None)
         budget = self.grad.forward_budget(max_iter, training=self.training)
-        trajectory = None if self.n_states is None else _Trajectory(f_x, self.n_states - 1)
+        wanted = 0 if self.n_states is None else self.n_states - 1  # states before z
+        trajectory = _Trajectory(f_x, wanted) if wanted else None
         stats = self.solve(trajectory or f_x, z_init, budget, tol, stop_mode, check_every)
         _check_finite(stats, raise_on_nonfinite)
         z_star = stats.z.detach()
@@ -480,9 +482,9 @@ class _Call:
             z = self.attach(f_x, stats, budget, z_star)
         z_out = z if spec is None else spec.unpack(z)
         states = None
-        if trajectory is not None:
+        if self.n_states is not None:
             with torch.set_grad_enabled(z.requires_grad):
-                steps = [f_x(point) for point in trajectory.spread()]
+                steps = [f_x(point) for point in trajectory.spread()] if trajectory else []
             states = [*(step if spec is None else spec.unpack(step) for step in steps), z_out]
         return DEQOutput(z=z_out, stats=stats, grad_evals=f_x.calls - before, states=states)
 

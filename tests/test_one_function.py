@@ -291,6 +291,8 @@ def test_n_states_is_bounded_by_the_evaluations_made():
     out = fixed_point(lambda z, x: 0.0 * z + x, x, n_states=10, solver=Picard(), tol=1e-6, check_every=1)
     assert out.stats.nfe == 2
     assert len(out.states) == 3  # the two points the solver evaluated, then z
+    only = fixed_point(lambda z, x: 0.5 * z + x, x, n_states=1)
+    assert len(only.states) == 1 and only.states[0] is only.z and only.grad_evals == 1
 
 
 def _correction_run(n_states: int | None, steps: int = 60) -> tuple[float, float]:
