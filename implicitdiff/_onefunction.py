@@ -69,8 +69,11 @@ class FParts:
         held: Held = {}
         with torch.set_grad_enabled(with_grad):
             for module, name in self.parametrized:
-                # What the parametrized attribute computes on its first access in a cached() block.
-                held[(id(module), name)] = module.parametrizations[name]()
+                key = (id(module), name)
+                cached = parametrize._cache.get(key)
+                # An enclosing call (a DEQ inside another's f) computed it already: one weight for both.
+                # Otherwise, what the parametrized attribute computes on its first access when cached.
+                held[key] = module.parametrizations[name]() if cached is None else cached
         parametrize._cache.update(held)
         return held
 

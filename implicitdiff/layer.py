@@ -121,7 +121,7 @@ class DEQLayer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"solver={self.solver!r}, grad={self.grad!r}, max_iter={self.max_iter}, tol={self.tol}, "
-            f"stop_mode={self.stop_mode!r}"
+            f"stop_mode={self.stop_mode!r}" + (f", n_states={self.n_states}" if self.n_states else "")
         )
 
     def forward(

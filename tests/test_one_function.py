@@ -112,6 +112,25 @@ def test_ift_double_backward_reuses_the_calls_weights(power_steps):
     assert cell.lin.parametrizations.weight.original.grad is not None
 
 
+def test_a_deq_inside_another_deqs_f_shares_the_outer_calls_weight(power_steps):
+    torch.manual_seed(0)
+    inner_cell = SpectralCell(8)
+    inner = DEQLayer(inner_cell, max_iter=30, tol=1e-5)
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, z, x):
+            return 0.5 * self.inner(z + x).z
+
+    outer = DEQLayer(Outer(), max_iter=30, tol=1e-4).train()
+    power_steps[0] = 0
+    out = outer(torch.randn(2, 8))
+    assert out.stats.nfe > 2 and power_steps[0] == 1
+
+
 def test_weight_norm_is_computed_once_per_call(monkeypatch):
     lin = parametrizations.weight_norm(nn.Linear(8, 8))
     calls = [0]
