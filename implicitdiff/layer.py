@@ -65,15 +65,17 @@ class DEQLayer(nn.Module):
     * ``nn.Dropout`` (and ``Dropout1d/2d/3d``, ``AlphaDropout``) in training mode draws a new mask at every
       evaluation: the solve chases a moving map and does not converge. The first call that meets one
       warns (once per ``f``) and names it; use :class:`~implicitdiff.nn.VariationalDropout` instead;
-    * **BatchNorm** in training mode normalises each evaluation with the statistics of that evaluation's
-      input, so ``f`` differs a little at every iteration (it depends on the whole batch's current
-      iterates), and it updates its running statistics at every evaluation: ``nfe`` updates per call,
-      weighted towards the early, unconverged iterates. Prefer a normalisation per sample
-      (``GroupNorm``, ``LayerNorm``), as the DEQ models do.
+    * **BatchNorm** in training mode normalises with the statistics of the batch's current iterates, so
+      each sample's ``f`` depends on every other sample's iterate: the samples are no longer
+      independent, and a sample the solver froze as converged is off its fixed point again once the
+      others move the statistics. It also updates its running statistics at every evaluation, ``nfe``
+      updates per call: with momentum :math:`m` the call moves them by :math:`1 - (1 - m)^{nfe}` instead
+      of :math:`m`, towards the last iterates. Prefer a per-sample normalisation (``GroupNorm``,
+      ``LayerNorm``), as the DEQ models do, or keep BatchNorm outside ``f``.
 
     The layer inspects ``f``'s modules once, when it is constructed (or at the first call, for a module
-    it has not seen), and keeps what it found per module;
-    after adding or removing submodules of ``f`` call ``implicitdiff.nn.forget(f)``. When ``f`` is a
+    it has not seen), and keeps what it found per module; after adding or removing submodules of ``f``
+    call ``implicitdiff.nn.forget(f)``. When ``f`` is a
     plain function closing over modules, the layer cannot see them: wrap the call in
     ``parametrize.cached()`` and call :func:`~implicitdiff.nn.reset_masks` yourself.
 
