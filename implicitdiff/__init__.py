@@ -3,7 +3,7 @@
 Any solver meets any gradient estimator around any ``f(z, x)``.
 """
 
-from . import diagnostics, regularizers
+from . import diagnostics, nn, regularizers
 from .chain import ChainResult, solve_chain
 from .functional import DEQOutput, fixed_point
 from .gradients import (
@@ -38,6 +38,7 @@ __all__ = [
     "SolverResult",
     "diagnostics",
     "fixed_point",
+    "nn",
     "regularizers",
     "solve_chain",
 ]

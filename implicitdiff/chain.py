@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._tree import PyTree, TreeSpec
 from ._validate import check_int, check_real
 from .solvers._base import check_stop_mode, residual_norm, working_dtype
 from .solvers._driver import Evaluator, UpdateRule, as_update_rule
@@ -57,7 +58,7 @@ from .solvers.picard import Picard
 
 __all__ = ["ChainResult", "solve_chain"]
 
-StepFn = Callable[[Tensor, Tensor], Tensor]
+StepFn = Callable[[Tensor, Any], Any]
 
 #: The fixed-point maps :func:`solve_chain` can hand to the rule (same fixed point, same evaluations).
 FORMS = ("cumulative", "step")
@@ -72,10 +73,11 @@ class ChainResult:
 
     Attributes
     ----------
-    xs : Tensor
+    xs : Tensor or pytree of Tensor
         ``(num_steps + 1, *x0.shape)`` in ``x0``'s dtype: the trajectory, ``xs[0]`` is ``x0``. A step
         that did not converge (the sweep budget ran out, or a step returned non-finite values) holds
-        its latest estimate.
+        its latest estimate. For a pytree ``x0``, the same structure with each leaf
+        ``(num_steps + 1, *leaf.shape)``.
     residual : Tensor
         ``(num_steps,)``: :math:`\|s(k, x_k) - x_{k+1}\|` of the returned trajectory (divided by
         :math:`\|s(k, x_k)\| + 10^{-9}` for ``stop_mode="rel"``), as last evaluated. ``inf`` where it
@@ -94,7 +96,7 @@ class ChainResult:
         non-finite step whose predecessors are final stops the solve.
     """
 
-    xs: Tensor
+    xs: PyTree
     residual: Tensor
     converged: Tensor
     sweeps: int
@@ -120,6 +122,16 @@ class ChainResult:
 def _default_tol(wdtype: torch.dtype) -> float:
     # About 100 ulps at unit scale: 1e-5 for float32 (and bf16/fp16 states, which run in float32).
     return 1e-10 if wdtype == torch.float64 else 1e-5
+
+
+def _packed_step(step: StepFn, spec: TreeSpec) -> StepFn:
+    """``step`` on packed rows ``(rows, n)``: it sees, and returns, the structure of ``x0``."""
+
+    def packed(k: Tensor, x: Tensor) -> Tensor:
+        out = step(k, spec.unpack(x))
+        return spec.pack(spec.leaves_of(out, x.shape[0], "step(k, x)"))
+
+    return packed
 
 
 def _take_rows(state: Any, index: Tensor, rows: int) -> Any:
@@ -155,7 +167,7 @@ def _check_solver(solver: object) -> UpdateRule:
 
 def solve_chain(
     step: StepFn,
-    x0: Tensor,
+    x0: PyTree,
     num_steps: int,
     *,
     solver: Any = None,
@@ -191,12 +203,14 @@ def solve_chain(
     ----------
     step : callable
         ``step(k, x) -> x_next``: ``k`` is a 1-D LongTensor of step indices, ``x`` the states at those
-        steps stacked on a new leading dimension, ``(len(k), *x0.shape)`` in ``x0``'s dtype; it
-        returns the next states stacked the same way. It is called on many steps at once, must not
+        steps stacked on a new leading dimension, ``(len(k), *x0.shape)`` in ``x0``'s dtype (for a
+        pytree ``x0``, its structure with each leaf ``(len(k), *leaf.shape)``); it returns the next
+        states stacked the same way. It is called on many steps at once, must not
         modify ``x`` in place, and runs under ``torch.no_grad()``.
-    x0 : Tensor
-        The initial state, any shape, floating point. The rule works in ``x0``'s dtype promoted to
-        at least float32.
+    x0 : Tensor or pytree of Tensor
+        The initial state, any shape, floating point; or a tuple, list or dict (nested) of such tensors,
+        all of one dtype and device, packed into one vector per step (the residual is then over every
+        leaf at once). The rule works in ``x0``'s dtype promoted to at least float32.
     num_steps : int
         :math:`N \ge 0`, the number of steps.
     solver : update rule, optional
@@ -259,7 +273,20 @@ def solve_chain(
     if not callable(step):
         raise TypeError(f"step must be callable as step(k, x), got {type(step).__name__}")
     if not isinstance(x0, Tensor):
-        raise TypeError(f"x0 must be a Tensor, got {type(x0).__name__}")
+        # A pytree: packed into one vector, the step sees (and returns) the structure.
+        spec = TreeSpec.of(x0, "x0")
+        result = solve_chain(
+            _packed_step(step, spec.named("x")),
+            spec.pack_whole(x0),
+            num_steps,
+            solver=solver,
+            tol=tol,
+            max_iter=max_iter,
+            window=window,
+            stop_mode=stop_mode,
+            form=form,
+        )
+        return dataclasses.replace(result, xs=spec.unpack(result.xs))
     wdtype = working_dtype(x0.dtype)
     num_steps = check_int("num_steps", num_steps, low=0)
     rule = _check_solver(solver)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from torch import Tensor, nn
+from torch import nn
 
+from ._onefunction import parts_of
+from ._tree import PyTree
 from ._validate import check_bool, check_int
-from .functional import DEQOutput, check_parts, solve_and_attach
+from .functional import DEQOutput, check_n_states, check_parts, solve_and_attach
 from .gradients import JFB, GradientEstimator
 from .solvers import Anderson, Solver
 from .solvers._base import check_solve_args
@@ -26,7 +28,9 @@ class DEQLayer(nn.Module):
     ----------
     f : nn.Module or callable
         ``f(z, x, **kwargs) -> z``. If it is a module it is registered as a submodule, so its
-        parameters belong to the layer.
+        parameters belong to the layer. The state ``z`` and the input ``x`` may be tensors or pytrees
+        of tensors (tuples, lists, dicts: one feature map per resolution); see
+        :func:`~implicitdiff.fixed_point`.
     solver : Solver, optional
         Any callable with the :class:`~implicitdiff.solvers.Solver` call; ``Anderson()`` by default.
     grad : GradientEstimator, optional
@@ -43,6 +47,37 @@ class DEQLayer(nn.Module):
         when not given.
     raise_on_nonfinite : bool
         Raise :class:`FloatingPointError` when ``f`` produces a non-finite value.
+    n_states : int, optional
+        Default number of intermediate states to return in ``out.states`` (for
+        :func:`~implicitdiff.regularizers.fixed_point_correction_loss`); ``None``: none.
+
+    Notes
+    -----
+    **f is one function for the length of a call.** A fixed point exists only if ``f`` does not change
+    between the solver's evaluations. When ``f`` is an ``nn.Module``:
+
+    * every parametrized tensor inside it (``torch.nn.utils.parametrizations.spectral_norm``,
+      ``weight_norm``) is computed once per call, under ``parametrize.cached()``, with grad when a
+      gradient is needed; the forward solve, the estimator and IFT's backward all use it (in training
+      mode ``spectral_norm`` refines its estimate once per call, not once per evaluation);
+    * every :class:`~implicitdiff.nn.VariationalDropout` inside it draws one mask per call, held by every
+      evaluation of the call and by its backward;
+    * ``nn.Dropout`` (and ``Dropout1d/2d/3d``, ``AlphaDropout``) in training mode draws a new mask at every
+      evaluation: the solve chases a moving map and does not converge. The first call that meets one
+      warns (once per ``f``) and names it; use :class:`~implicitdiff.nn.VariationalDropout` instead;
+    * **BatchNorm** in training mode normalises with the statistics of the batch's current iterates, so
+      each sample's ``f`` depends on every other sample's iterate: the samples are no longer
+      independent, and a sample the solver froze as converged is off its fixed point again once the
+      others move the statistics. It also updates its running statistics at every evaluation, ``nfe``
+      updates per call: with momentum :math:`m` the call moves them by :math:`1 - (1 - m)^{nfe}` instead
+      of :math:`m`, towards the last iterates. Prefer a per-sample normalisation (``GroupNorm``,
+      ``LayerNorm``), as the DEQ models do, or keep BatchNorm outside ``f``.
+
+    The layer inspects ``f``'s modules once, when it is constructed (or at the first call, for a module
+    it has not seen), and keeps what it found per module; after adding or removing submodules of ``f``
+    call ``implicitdiff.nn.forget(f)``. When ``f`` is a
+    plain function closing over modules, the layer cannot see them: wrap the call in
+    ``parametrize.cached()`` and call :func:`~implicitdiff.nn.reset_masks` yourself.
 
     Examples
     --------
@@ -58,7 +93,7 @@ class DEQLayer(nn.Module):
 
     def __init__(
         self,
-        f: Callable[..., Tensor],
+        f: Callable[..., Any],
         *,
         solver: Solver | None = None,
         grad: GradientEstimator | None = None,
@@ -67,53 +102,64 @@ class DEQLayer(nn.Module):
         stop_mode: str = "abs",
         check_every: int | None = None,
         raise_on_nonfinite: bool = False,
+        n_states: int | None = None,
     ) -> None:
         super().__init__()
         if not callable(f):
             raise TypeError(f"f must be an nn.Module or a callable f(z, x), got {type(f).__name__}")
         self.f = f
+        if isinstance(f, nn.Module):
+            # Walked now rather than inside the first forward: a compiled forward then reads the parts
+            # without inserting them (an insertion would change what its guards saw and recompile).
+            parts_of(f)
         self.solver = Anderson() if solver is None else solver
         self.grad = JFB() if grad is None else grad
         check_parts(self.solver, self.grad)
         self.max_iter, self.tol, self.stop_mode, _ = check_solve_args(max_iter, tol, stop_mode, check_every)
         self.check_every = check_every
         self.raise_on_nonfinite = check_bool("raise_on_nonfinite", raise_on_nonfinite)
+        self.n_states = check_n_states(n_states)
 
     def extra_repr(self) -> str:
         return (
             f"solver={self.solver!r}, grad={self.grad!r}, max_iter={self.max_iter}, tol={self.tol}, "
-            f"stop_mode={self.stop_mode!r}"
+            f"stop_mode={self.stop_mode!r}" + (f", n_states={self.n_states}" if self.n_states else "")
         )
 
     def forward(
         self,
-        x: Tensor,
-        z0: Tensor | None = None,
+        x: PyTree,
+        z0: PyTree | None = None,
         *,
         max_iter: int | None = None,
         tol: float | Literal["layer"] | None = "layer",
         solver: Solver | None = None,
+        n_states: int | Literal["layer"] | None = "layer",
         **f_kwargs: Any,
     ) -> DEQOutput:
         """Solve for the fixed point.
 
         Parameters
         ----------
-        x : Tensor
+        x : Tensor or pytree of Tensor
             Input injection ``(B, ...)``.
-        z0 : Tensor, optional
-            Starting point (warm start); zeros shaped like ``x`` by default.
+        z0 : Tensor or pytree of Tensor, optional
+            Starting point (warm start); zeros shaped like ``x`` by default when ``x`` is a tensor,
+            required otherwise. ``out.z`` has its structure.
         max_iter, tol, solver : optional
             Override the layer's defaults for this call only (a sampler gives each diffusion step
             its own compute this way). ``tol=None`` asks for a fixed budget; ``"layer"`` (the default)
             keeps the layer's tolerance.
+        n_states : int or None, optional
+            Intermediate states to return in ``out.states`` for this call (``"layer"``: the layer's).
         **f_kwargs
             Passed on to ``f`` as keyword arguments.
 
         Returns
         -------
         DEQOutput
-            ``out.z`` (the solution) and ``out.stats`` (the forward solve's statistics).
+            ``out.z`` (the solution), ``out.stats`` (the forward solve's statistics, of the packed state
+            for a pytree) and ``out.states`` (with ``n_states``).
         """
         # The defaults were checked at construction; an override is checked here, once per call (the
         # solver checks the tolerance it is given).
@@ -121,6 +167,7 @@ class DEQLayer(nn.Module):
             max_iter = check_int("max_iter", max_iter, low=1)
         if solver is not None:
             check_parts(solver, self.grad)
+        states = self.n_states if isinstance(n_states, str) and n_states == "layer" else n_states
         return solve_and_attach(
             self.f,
             x,
@@ -134,4 +181,5 @@ class DEQLayer(nn.Module):
             training=self.training,
             raise_on_nonfinite=self.raise_on_nonfinite,
             f_kwargs=f_kwargs,
+            n_states=check_n_states(states),
         )

@@ -30,24 +30,55 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
+from ._tree import PyTree, tree_paths
 from ._validate import check_bool, check_int, check_real
 
 __all__ = ["fixed_point_correction_loss", "jacobian_frobenius", "spectral_radius"]
 
 
-def _check_pair(image: Tensor, z: Tensor) -> None:
-    if not isinstance(image, Tensor) or not isinstance(z, Tensor):
-        raise TypeError(f"image and z must be Tensors, got {type(image).__name__} and {type(z).__name__}")
-    if image.shape != z.shape:
-        raise ValueError(f"image must be shaped like z {tuple(z.shape)}, got {tuple(image.shape)}")
-    if not z.requires_grad or not image.requires_grad:
-        raise ValueError("z must require grad and image must be f(z, x) computed from it with grad enabled")
+def _pair_leaves(image: PyTree, z: PyTree) -> tuple[list[Tensor], list[Tensor]]:
+    """The leaves of ``image`` and ``z``, checked to match (a tensor each, or pytrees of one structure)."""
+    if isinstance(image, Tensor) and isinstance(z, Tensor):
+        images, states, paths = [image], [z], ["z"]
+    else:
+        paths, states, z_def = tree_paths(z, "z")
+        images, image_def = pytree.tree_flatten(image)
+        if image_def != z_def:
+            raise ValueError(f"image must have the structure of z ({z_def}), got {image_def}")
+    for path, out, state in zip(paths, images, states, strict=True):
+        if not isinstance(out, Tensor) or not isinstance(state, Tensor):
+            raise TypeError(
+                f"image and z must be Tensors (or pytrees of them), got {type(out).__name__} and "
+                f"{type(state).__name__} at {path}"
+            )
+        if out.shape != state.shape:
+            raise ValueError(
+                f"image must be shaped like z {tuple(state.shape)}, got {tuple(out.shape)} at {path}"
+            )
+        if not state.requires_grad or not out.requires_grad:
+            raise ValueError(
+                f"z must require grad and image must be f(z, x) computed from it with grad enabled ({path})"
+            )
+    return images, states
+
+
+def _per_sample_sq(tensors: Sequence[Tensor], batch: int) -> Tensor:
+    """``sum_i ||t_i[b]||^2`` over the leaves, per sample ``b``."""
+    total = tensors[0].reshape(batch, -1).pow(2).sum(dim=1)
+    for tensor in tensors[1:]:
+        total = total + tensor.reshape(batch, -1).pow(2).sum(dim=1)
+    return total
+
+
+def _probes(images: Sequence[Tensor], generator: torch.Generator | None) -> list[Tensor]:
+    return [torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device) for out in images]
 
 
 def jacobian_frobenius(
-    image: Tensor,
-    z: Tensor,
+    image: PyTree,
+    z: PyTree,
     *,
     n_samples: int = 1,
     normalize: bool = True,
@@ -63,11 +94,12 @@ def jacobian_frobenius(
 
     Parameters
     ----------
-    image : Tensor
-        ``f(z, x)``, computed with grad from ``z``.
-    z : Tensor
-        The state, ``(B, ...)``, requiring grad (usually the detached fixed point with
-        ``requires_grad_()``).
+    image : Tensor or pytree of Tensor
+        ``f(z, x)``, computed with grad from ``z``, with ``z``'s structure.
+    z : Tensor or pytree of Tensor
+        The state, ``(B, ...)`` per leaf, requiring grad (usually the detached fixed point with
+        ``requires_grad_()``). For a pytree, :math:`J` is the Jacobian of the whole state (every leaf
+        with respect to every leaf) and :math:`d` the total size of a sample's leaves.
     n_samples : int
         Number of probe vectors.
     normalize : bool
@@ -82,25 +114,28 @@ def jacobian_frobenius(
     Tensor
         ``(B,)`` estimates.
     """
-    _check_pair(image, z)
+    images, states = _pair_leaves(image, z)
     n_samples = check_int("n_samples", n_samples, low=1)
     normalize = check_bool("normalize", normalize)
     create_graph = check_bool("create_graph", create_graph)
-    batch = z.shape[0]
-    total = image.new_zeros(batch)
+    batch = states[0].shape[0]
+    total = images[0].new_zeros(batch)
     for i in range(n_samples):
-        probe = torch.randn(image.shape, generator=generator, dtype=image.dtype).to(image.device)
-        (vjp,) = torch.autograd.grad(
-            image, z, probe, retain_graph=create_graph or i < n_samples - 1, create_graph=create_graph
+        vjps = torch.autograd.grad(
+            images,
+            states,
+            _probes(images, generator),
+            retain_graph=create_graph or i < n_samples - 1,
+            create_graph=create_graph,
         )
-        total = total + vjp.reshape(batch, -1).pow(2).sum(dim=1)
+        total = total + _per_sample_sq(vjps, batch)
     estimate = total / n_samples
-    return estimate / z[0].numel() if normalize else estimate
+    return estimate / sum(state[0].numel() for state in states) if normalize else estimate
 
 
 @torch.no_grad()
 def spectral_radius(
-    image: Tensor, z: Tensor, *, n_iter: int = 30, generator: torch.Generator | None = None
+    image: PyTree, z: PyTree, *, n_iter: int = 30, generator: torch.Generator | None = None
 ) -> Tensor:
     r"""Power-iteration estimate of the spectral radius :math:`\rho(J)` of :math:`J = \partial f/\partial z`.
 
@@ -111,8 +146,9 @@ def spectral_radius(
 
     Parameters
     ----------
-    image, z : Tensor
-        ``f(z, x)`` computed with grad from ``z`` (which requires grad), ``(B, ...)``.
+    image, z : Tensor or pytree of Tensor
+        ``f(z, x)`` computed with grad from ``z`` (which requires grad), ``(B, ...)`` per leaf; for a
+        pytree, the vector :math:`v` spans every leaf and its norm is taken over all of them.
     n_iter : int
         Power iterations.
     generator : torch.Generator, optional
@@ -123,26 +159,25 @@ def spectral_radius(
     Tensor
         ``(B,)`` estimates.
     """
-    _check_pair(image, z)
+    images, states = _pair_leaves(image, z)
     n_iter = check_int("n_iter", n_iter, low=1)
-    batch = z.shape[0]
+    batch = states[0].shape[0]
 
-    def normalized(v: Tensor) -> Tensor:
-        norm = v.reshape(batch, -1).norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
-        out: Tensor = v / norm.reshape(batch, *([1] * (v.dim() - 1)))
-        return out
+    def normalized(v: Sequence[Tensor]) -> list[Tensor]:
+        norm = _per_sample_sq(v, batch).sqrt().clamp_min(torch.finfo(v[0].dtype).tiny)
+        return [leaf / norm.reshape(batch, *([1] * (leaf.dim() - 1))) for leaf in v]
 
-    v = normalized(torch.randn(image.shape, generator=generator, dtype=image.dtype).to(image.device))
-    ratio = image.new_zeros(batch)
+    v = normalized(_probes(images, generator))
+    ratio = images[0].new_zeros(batch)
     for _ in range(n_iter):
-        (vjp,) = torch.autograd.grad(image, z, v, retain_graph=True)
-        ratio = vjp.reshape(batch, -1).norm(dim=1)
-        v = normalized(vjp)
+        vjps = torch.autograd.grad(images, states, v, retain_graph=True)
+        ratio = _per_sample_sq(vjps, batch).sqrt()
+        v = normalized(vjps)
     return ratio
 
 
 def fixed_point_correction_loss(
-    states: Sequence[Tensor], loss_fn: Callable[[Tensor], Tensor], *, gamma: float = 0.8
+    states: Sequence[PyTree], loss_fn: Callable[[PyTree], Tensor], *, gamma: float = 0.8
 ) -> Tensor:
     r"""Fixed-point correction loss over intermediate states (Bai et al., 2022, "Deep Equilibrium
     Optical Flow Estimation").
@@ -156,8 +191,9 @@ def fixed_point_correction_loss(
 
     Parameters
     ----------
-    states : sequence of Tensor
-        Intermediate states, earliest first (at least one).
+    states : sequence of Tensor or pytree
+        Intermediate states, earliest first (at least one): ``out.states`` of a layer called with
+        ``n_states``. A state may be a pytree; ``loss_fn`` receives it as it is.
     loss_fn : callable
         ``loss_fn(state) -> scalar Tensor``.
     gamma : float
