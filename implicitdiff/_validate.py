@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 
-__all__ = ["check_bool", "check_int", "check_real"]
+import torch
+
+__all__ = ["check_bool", "check_int", "check_real", "refuse_functorch"]
 
 
 def _describe(value: object) -> str:
@@ -71,3 +74,15 @@ def check_real(
     if bad:
         raise ValueError(f"{name} must be {allowed}, got {value}")
     return value
+
+
+def refuse_functorch(what: str, tensors: Iterable[object], instead: str, *, vmap_only: bool = False) -> None:
+    """A one-line ``RuntimeError`` if a tensor is wrapped by a ``torch.func`` transform.
+
+    With ``vmap_only`` only ``torch.func.vmap`` is refused; ``instead`` says what to use.
+    """
+    functorch = torch._C._functorch
+    check = functorch.is_batchedtensor if vmap_only else functorch.is_functorch_wrapped_tensor
+    if any(isinstance(t, torch.Tensor) and check(t) for t in tensors):
+        under = "torch.func.vmap" if vmap_only else "torch.func transforms (grad, vjp, jacrev, vmap)"
+        raise RuntimeError(f"{what} does not run under {under}: {instead}")

@@ -287,6 +287,11 @@ def solve_chain(
             form=form,
         )
         return dataclasses.replace(result, xs=spec.unpack(result.xs))
+    if x0.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "x0 requires grad, but solve_chain's trajectory carries no gradient (the sweeps run without "
+            "grad): pass x0.detach(), or differentiate through a sequential rollout"
+        )
     wdtype = working_dtype(x0.dtype)
     num_steps = check_int("num_steps", num_steps, low=0)
     rule = _check_solver(solver)

@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 
 from ._onefunction import Held, caching_active, holding, parts_of
 from ._tree import PyTree, TreeSpec, tensor_leaves, tree_paths
-from ._validate import check_bool, check_int
+from ._validate import check_bool, check_int, refuse_functorch
 from .gradients import JFB, GradientEstimator
 from .gradients._base import StartsFromImage
 from .solvers import Anderson, Solver, SolverResult
@@ -474,6 +474,13 @@ class _Call:
         raise_on_nonfinite: bool,
     ) -> DEQOutput:
         z_init, spec = _initial_state(self.x, z0)
+        refuse_functorch(
+            "a DEQ solve",
+            [z_init],
+            "its loop decides per sample when to stop and reads flags from the device; samples are "
+            "already batched along dim 0, so call it on the batch instead of mapping over it",
+            vmap_only=True,
+        )
         f_x = BoundMap(self.f, self.x, z_init, self.f_kwargs, [0], spec=spec, held=self.held or None)
         wanted = 0 if self.n_states is None else self.n_states - 1  # states before z
         trajectory = _Trajectory(f_x, wanted) if wanted else None

@@ -11,7 +11,7 @@ from ._onefunction import parts_of
 from ._tree import PyTree
 from ._validate import check_bool, check_int
 from .functional import DEQOutput, check_n_states, check_parts, solve_and_attach
-from .gradients import JFB, GradientEstimator
+from .gradients import JFB, GradientEstimator, Stateful
 from .solvers import Anderson, Solver
 from .solvers._base import check_solve_args
 
@@ -119,6 +119,22 @@ class DEQLayer(nn.Module):
         self.check_every = check_every
         self.raise_on_nonfinite = check_bool("raise_on_nonfinite", raise_on_nonfinite)
         self.n_states = check_n_states(n_states)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The estimator's own state (S-JFB's generator), saved in the layer's ``state_dict``."""
+        return {"grad": self.grad.state_dict()} if isinstance(self.grad, Stateful) else {}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore what :meth:`get_extra_state` saved."""
+        if not isinstance(state, dict):
+            raise TypeError(f"the layer's extra state must be a dict, got {type(state).__name__}")
+        if "grad" in state:
+            if not isinstance(self.grad, Stateful):
+                raise ValueError(
+                    f"the state dict holds an estimator state, but this layer's estimator {self.grad!r} "
+                    "has none: was it saved from a layer with another estimator?"
+                )
+            self.grad.load_state_dict(state["grad"])
 
     def extra_repr(self) -> str:
         return (

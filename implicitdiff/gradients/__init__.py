@@ -1,6 +1,6 @@
 """Gradient estimators: how the output of an implicit layer passes gradients back."""
 
-from ._base import ExplicitInputs, GradientEstimator, StartsFromImage
+from ._base import ExplicitInputs, GradientEstimator, StartsFromImage, Stateful
 from .ift import IFT, BackwardSolveError, BackwardSolveWarning
 from .jfb import JFB
 from .phantom import PhantomGradient
@@ -16,4 +16,5 @@ __all__ = [
     "GradientEstimator",
     "PhantomGradient",
     "StartsFromImage",
+    "Stateful",
 ]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["ExplicitInputs", "GradientEstimator", "StartsFromImage"]
+__all__ = ["ExplicitInputs", "GradientEstimator", "StartsFromImage", "Stateful"]
 
 
 @runtime_checkable
@@ -60,3 +60,17 @@ class ExplicitInputs(Protocol):
     def with_inputs(self, *tensors: Tensor) -> Callable[[Tensor], Tensor]: ...
 
     def __call__(self, z: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """The optional part of an estimator with state of its own (S-JFB's generator).
+
+    :class:`~implicitdiff.DEQLayer` saves it in its own ``state_dict`` (as extra state) and restores it
+    with ``load_state_dict``, so any training loop that checkpoints the model resumes the estimator
+    exactly.
+    """
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
