@@ -91,6 +91,30 @@ def test_spectral_radius_matches_the_dense_eigenvalues():
     torch.testing.assert_close(rho, exact, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("n_iter", [1, 2, 3, 5])
+def test_spectral_radius_is_the_power_method_step_by_step(n_iter):
+    # Few iterations are far from the eigenvalue: what is pinned is the power method itself, started from
+    # the generator's vector, v <- v J / ||v J||, returning ||v J|| of the last step, per sample.
+    A = torch.randn(4, 4, generator=torch.Generator().manual_seed(7), dtype=DT)
+    z = torch.randn(3, 4, generator=torch.Generator().manual_seed(8), dtype=DT).requires_grad_()
+    scales = torch.tensor([[1.0], [0.5], [2.0]], dtype=DT)
+    image = scales * torch.tanh(z @ A.T)
+    J = torch.stack(
+        [torch.autograd.functional.jacobian(lambda zz: image_of(zz, A, s), zi) for zi, s in zip(z, scales)]
+    )
+    got = spectral_radius(image, z, n_iter=n_iter, generator=torch.Generator().manual_seed(3))
+    v = torch.randn(3, 4, generator=torch.Generator().manual_seed(3), dtype=DT)
+    v = v / v.norm(dim=1, keepdim=True)
+    for _ in range(n_iter):
+        w = torch.einsum("bi,bij->bj", v, J)  # v J
+        ratio, v = w.norm(dim=1), w / w.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(got, ratio, rtol=1e-12, atol=0)
+
+
+def image_of(z: torch.Tensor, A: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return scale * torch.tanh(z @ A.T)
+
+
 def test_correction_loss_weighs_later_states_more():
     states = [torch.tensor(float(i)) for i in range(1, 4)]
     loss = fixed_point_correction_loss(states, lambda s: s, gamma=0.5)
