@@ -31,12 +31,23 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .nn import VariationalDropout
-
-__all__ = ["FParts", "Held", "forget", "holding", "parts_of"]
+__all__ = ["FParts", "Held", "PerCall", "forget", "holding", "parts_of"]
 
 #: The dropout modules that draw a new mask at every call.
 DROPOUTS = (nn.modules.dropout._DropoutNd,)
+
+
+class PerCall(nn.Module):
+    """A module inside ``f`` with state that lasts one call of the layer (a dropout mask).
+
+    The layer calls :meth:`reset` at the start of each call, so that every evaluation of ``f`` in that
+    call (the solve, the estimator, IFT's backward) sees the same state.
+    """
+
+    def reset(self) -> None:
+        """Forget the state of the last call."""
+        raise NotImplementedError
+
 
 #: The parametrized tensors of one call, as ``parametrize.cached()`` keys them: ``(id(module), name)``.
 Held = dict[tuple[int, str], Tensor]
@@ -47,7 +58,7 @@ class FParts:
     """What the layer must handle inside one ``f``: its parametrized tensors and its dropouts."""
 
     parametrized: list[tuple[Any, str]] = field(default_factory=list)  # (module, tensor name)
-    variational: list[VariationalDropout] = field(default_factory=list)
+    variational: list[PerCall] = field(default_factory=list)
     dropouts: list[tuple[str, nn.Module]] = field(default_factory=list)
     warned: bool = False
 
@@ -105,7 +116,7 @@ def _walk(f: nn.Module) -> FParts:
     for path, module in f.named_modules(prefix="f"):
         if parametrize.is_parametrized(module):
             parts.parametrized.extend((module, name) for name in module.parametrizations)
-        if isinstance(module, VariationalDropout):
+        if isinstance(module, PerCall):
             parts.variational.append(module)
         elif isinstance(module, DROPOUTS):
             parts.dropouts.append((path, module))

@@ -22,12 +22,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._onefunction import PerCall
+from ._onefunction import forget as forget_parts
 from ._validate import check_int, check_real
 
 __all__ = ["VariationalDropout", "VariationalDropout2d", "forget", "reset_masks"]
 
 
-class VariationalDropout(nn.Module):
+class VariationalDropout(PerCall):
     r"""Dropout with one mask per implicit-layer call, shared along all dimensions but two.
 
     In training mode the output is :math:`y = m \odot x / (1 - p)` with :math:`m_{b,c} \sim
@@ -124,6 +126,4 @@ def forget(f: nn.Module) -> None:
     weights it computes once per call and the dropout modules it resets or warns about; call this after
     adding or removing submodules of ``f``.
     """
-    from ._onefunction import forget as forget_parts  # _onefunction imports this module
-
     forget_parts(f)
