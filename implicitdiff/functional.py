@@ -474,13 +474,6 @@ class _Call:
         raise_on_nonfinite: bool,
     ) -> DEQOutput:
         z_init, spec = _initial_state(self.x, z0)
-        refuse_functorch(
-            "a DEQ solve",
-            [z_init],
-            "its loop decides per sample when to stop and reads flags from the device; samples are "
-            "already batched along dim 0, so call it on the batch instead of mapping over it",
-            vmap_only=True,
-        )
         f_x = BoundMap(self.f, self.x, z_init, self.f_kwargs, [0], spec=spec, held=self.held or None)
         wanted = 0 if self.n_states is None else self.n_states - 1  # states before z
         trajectory = _Trajectory(f_x, wanted) if wanted else None
@@ -516,6 +509,13 @@ class _Call:
         Outside ``torch.compile``: a drawn budget or a data-dependent number of iterations would be a
         guard of the compiled graph, and each new one a recompilation.
         """
+        refuse_functorch(
+            "a DEQ solve",
+            [z_init],
+            "its loop decides per sample when to stop and reads flags from the device; samples are "
+            "already batched along dim 0, so call it on the batch instead of mapping over it",
+            vmap_only=True,
+        )
         budget = self.grad.forward_budget(max_iter, training=self.training)
         if budget == 0:
             # An estimator may ask for no forward iterations at all (S-JFB draws 0 sometimes): start

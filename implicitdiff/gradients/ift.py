@@ -10,6 +10,7 @@ from torch import Tensor
 from .._validate import check_int, check_real, refuse_functorch
 from ..solvers import Anderson, Solver, SolverResult
 from ..solvers._base import check_stop_mode
+from ..solvers._driver import compiling
 from ._base import ExplicitInputs
 from ._implicit import implicit_attach
 
@@ -149,12 +150,13 @@ class IFT:
         the layer's maps do); a plain callable is differentiated with respect to the leaves its graph
         reaches.
         """
-        refuse_functorch(
-            "IFT",
-            [z_star, *(f_x.inputs if isinstance(f_x, ExplicitInputs) else ())],
-            "its backward walks the autograd graph of f; use torch.autograd.grad or .backward(), or JFB "
-            "and PhantomGradient, which work under torch.func",
-        )
+        if not compiling():
+            refuse_functorch(
+                "IFT",
+                [z_star, *(f_x.inputs if isinstance(f_x, ExplicitInputs) else ())],
+                "its backward walks the autograd graph of f; use torch.autograd.grad or .backward(), or "
+                "JFB and PhantomGradient, which work under torch.func",
+            )
         if isinstance(f_x, ExplicitInputs) and f_x.inputs:
             bound = f_x
             explicit = bound.inputs
