@@ -30,6 +30,7 @@ __all__ = [
     "EXIT_USAGE",
     "EXIT_WRITE",
     "Interrupted",
+    "OneLineParser",
     "UsageError",
     "add_options",
     "bounded_float",
@@ -54,6 +55,14 @@ EXIT_INTERRUPTED = 128
 
 class UsageError(ValueError):
     """A request the command line cannot carry out as asked; the message is one line for the user."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (``prog: error: message``) without the usage
+    block, and exit status 2; ``--help`` still shows everything."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 class Interrupted(Exception):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fpdm.cli import UsageError, bounded_int, run_command
+from fpdm.cli import OneLineParser, UsageError, bounded_int, run_command
 from fpdm.data import TensorPairs, digits_split, load_dataset
 from fpdm.digits_classifier import ClassifierSettings, load_digits_classifier
 from fpdm.inception import inception_extractor
@@ -164,7 +164,7 @@ def evaluate_images(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--samples", required=True, help=".npz with 'images' (N, C, H, W) in [-1, 1] and optionally 'labels'")
     add("--real", default="digits-test", help="digits-test, digits-train, digits, folder:PATH or x.npz")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fpdm.cli import UsageError, bounded_float, bounded_int, run_command
+from fpdm.cli import OneLineParser, UsageError, bounded_float, bounded_int, run_command
 from fpdm.diffusion import METHODS, SPACINGS, GaussianDiffusion
 from fpdm.distributed import resolve_device
 from fpdm.files import FileKindError
@@ -284,7 +284,7 @@ REUSE_HELP = "warm start from the last step (--parallel: the last sweep); defaul
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     positive = bounded_int(1)
     add("checkpoint", help="checkpoint.pt written by train.py")

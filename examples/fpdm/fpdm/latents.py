@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fpdm.cli import UsageError, bounded_int, run_command
+from fpdm.cli import OneLineParser, UsageError, bounded_int, run_command
 from fpdm.data import ImageFolder
 from fpdm.distributed import resolve_device
 from fpdm.files import FileKindError, save_atomically
@@ -89,7 +89,7 @@ def encode_folder(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--images", required=True, help="image folder root/<class>/<image>")
     add("--out", required=True, help="output file (.pt)")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fpdm import generation as sample_cli
-from fpdm.cli import UsageError, bounded_float, bounded_int, run_command
+from fpdm.cli import OneLineParser, UsageError, bounded_float, bounded_int, run_command
 from fpdm.data import digits_split
 from fpdm.diffusion import GaussianDiffusion
 from fpdm.digits_classifier import load_digits_classifier
@@ -116,7 +116,7 @@ def methods(dit_depths: Sequence[int]) -> tuple[Method, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The sweep's command line (``sweep.py``)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     positive = bounded_int(1)
     add("--out", default=str(RESULTS_DIR), help="where sweep.json, sweep.md and sweep.png go")
@@ -499,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths. Exit status 2 on a usage error (results in ``--out`` or a run in ``--work`` that would be
     replaced without ``--overwrite``)."""
     args = parse_args(argv)
-    return run_command(argparse.ArgumentParser(prog="sweep.py"), lambda: _write_outputs(args))
+    return run_command(OneLineParser(prog="sweep.py"), lambda: _write_outputs(args))
 
 
 OUTPUT_NAMES = ("sweep.json", "sweep.md", "sweep.png", "grids.png")

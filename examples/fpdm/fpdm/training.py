@@ -33,6 +33,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fpdm.cli import (
     Interrupted,
+    OneLineParser,
     UsageError,
     add_options,
     check_config,
@@ -712,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
         + " and applies any other change (--lr, --steps, ...) with a notice naming it. Exit status: 2 for a "
         "usage error, 1 for a non-finite loss."
     )
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=epilog)
+    parser = OneLineParser(description=__doc__.split("\n")[0], epilog=epilog)
     add_options(parser, TrainConfig)
     return parser
 
