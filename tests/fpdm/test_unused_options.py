@@ -6,9 +6,9 @@ import json
 import pytest
 from fpdm import generation as sample_cli
 from fpdm import training as train
-from fpdm.cli import EXIT_USAGE
 from fpdm.training import CHECKPOINT_NAME, TrainConfig, load_checkpoint
 
+EXIT_USAGE = 2  # the README's exit status of a usage error
 TINY = ["--hidden-size", "16", "--num-heads", "2", "--batch-size", "16", "--no-progress", "--log-every", "1"]
 
 

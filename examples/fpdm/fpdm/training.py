@@ -5,7 +5,9 @@ One loop from a laptop to a cluster: AdamW, an EMA of the weights, S-JFB by defa
 folder is never overwritten unless asked (``--resume`` continues it exactly, ``--overwrite`` starts
 again), and ``--resume`` refuses a change of what the checkpoint's weights, estimator state and data
 order belong to (:data:`REFUSED_ON_RESUME`). A non-finite loss stops training and keeps the last good
-checkpoint. The model's counts come back with its output, so the JSONL log records what each step spent.
+checkpoint; Ctrl-C or SIGTERM writes a checkpoint after the current step and stops (:class:`StopSignals`);
+one run at a time owns a folder (:class:`run_folder.RunLock`). The model's counts come back with its
+output, so the JSONL log records what each step spent.
 """
 
 from __future__ import annotations
@@ -710,8 +712,11 @@ def build_parser() -> argparse.ArgumentParser:
         "A folder that holds a run is continued with --resume or started again with --overwrite, never "
         "overwritten otherwise. --resume refuses a change of "
         + ", ".join(flag(name) for name in REFUSED_ON_RESUME)
-        + " and applies any other change (--lr, --steps, ...) with a notice naming it. Exit status: 2 for a "
-        "usage error, 1 for a non-finite loss."
+        + " and applies any other change (--lr, --steps, ...) with a notice naming it. One run at a time "
+        "owns a folder (its train.lock). Ctrl-C or SIGTERM writes a checkpoint and stops. Exit status: 0 "
+        "done, 1 a non-finite loss, 2 a usage error (a folder in use among them), 3 a file that could not be "
+        "written "
+        "(the last checkpoint is kept), 130 Ctrl-C and 143 SIGTERM (after writing a checkpoint)."
     )
     parser = OneLineParser(description=__doc__.split("\n")[0], epilog=epilog)
     add_options(parser, TrainConfig)
@@ -730,7 +735,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse, train, report; exit status 2 on a usage error, 1 on a non-finite loss."""
+    """Entry point: parse, train, report; exit status 0 done, 1 a non-finite loss, 2 a usage error, 3 a file
+    that could not be written, 128 + the signal's number when stopped by Ctrl-C or SIGTERM (see
+    :func:`cli.run_command`)."""
     cfg = parse_args(argv)
 
     def command() -> int:
