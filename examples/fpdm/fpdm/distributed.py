@@ -39,16 +39,12 @@ def resolve_device(requested: str, option: str = "--device") -> torch.device:
     """The device ``requested`` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``) of one process; a
     ``UsageError`` naming ``option`` for a malformed name, CUDA on a machine without it, or a GPU index
     this machine does not have."""
-    device = _device(requested, 0, option)
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(
-            f"{option} {requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-        )
-    return device
+    return _device(requested, 0, option)
 
 
 def _device(requested: str, local_rank: int, option: str = "--device") -> torch.device:
-    """The device asked for; ``UsageError`` for a malformed name or CUDA on a machine without it."""
+    """The device asked for; ``UsageError`` for a malformed name, CUDA on a machine without it, or a GPU
+    index this machine does not have."""
     use_cuda = torch.cuda.is_available() if requested == "auto" else requested.startswith("cuda")
     if requested != "auto":
         try:
@@ -61,7 +57,12 @@ def _device(requested: str, local_rank: int, option: str = "--device") -> torch.
         raise UsageError(f"{option} {requested!r}: CUDA is not available here; use {option} cpu")
     if not use_cuda:
         return torch.device("cpu" if requested == "auto" else requested)
-    return torch.device("cuda", local_rank) if requested in ("auto", "cuda") else torch.device(requested)
+    device = torch.device("cuda", local_rank) if requested in ("auto", "cuda") else torch.device(requested)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(
+            f"{option} {requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return device
 
 
 def setup_runtime(requested: str) -> Runtime:

@@ -67,6 +67,8 @@ def load_tensors(path: str | Path, expected: str, keys: Iterable[str] = ()) -> d
         (refused, whoever wrote them), is not a dict, or lacks a key.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileKindError(f"{path}: is a folder (expected {expected})")
     if not path.is_file():
         raise FileKindError(f"{path}: no such file (expected {expected})")
     try:

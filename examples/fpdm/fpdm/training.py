@@ -49,7 +49,7 @@ from fpdm.diffusion import GaussianDiffusion
 from fpdm.distributed import Runtime, gather_objects, setup_runtime, shutdown_runtime
 from fpdm.files import FileKindError
 from fpdm.models import FPDM, PRESETS, compile_blocks, create_model
-from fpdm.registry import ESTIMATORS, SOLVERS, make_estimator, make_solver
+from fpdm.registry import ESTIMATOR_OPTIONS, ESTIMATORS, SOLVERS, make_estimator, make_solver
 from fpdm.run_folder import (
     CHECKPOINT_NAME,
     LOG_NAME,
@@ -220,8 +220,8 @@ class TrainConfig:
         *("sjfb_no_grad", "sjfb_grad", "phantom_k", "phantom_tau"),
     )
     ESTIMATOR_ONLY: ClassVar[dict[str, str]] = {
-        "sjfb_no_grad": "sjfb", "sjfb_grad": "sjfb", "phantom_k": "phantom", "phantom_tau": "phantom"
-    }  # fmt: skip
+        field: estimator for estimator, fields in ESTIMATOR_OPTIONS.items() for field in fields
+    }
 
     def _check_unused(self) -> None:
         """Refuse a setting that would do nothing for this model, estimator or data (left at its default, it
@@ -620,6 +620,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         fit together.
     NonFiniteLossError
         If the loss becomes NaN or infinite on any rank; nothing is saved after the last good checkpoint.
+    cli.Interrupted
+        After Ctrl-C or SIGTERM (in the main thread): the step under way is finished and checkpointed, and
+        the message names the checkpoint; its ``signum`` is the signal's number.
+    OSError
+        A file that could not be written (:class:`CheckpointWriteError` for a checkpoint: the previous one
+        is kept).
     """
     cfg.check()
     runtime = setup_runtime(cfg.device)
