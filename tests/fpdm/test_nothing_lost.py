@@ -490,3 +490,21 @@ def test_a_huge_budget_under_the_tolerance_schedule_does_not_allocate_for_it(fpd
         grown[budget] = kib
         assert iterations < 500
     assert grown[10**9] < grown[100] + 50 * 1024, grown  # within 50 MB of a small budget's
+
+
+def test_a_full_disk_while_writing_samples_keeps_the_earlier_samples_whole(
+    fpdm_checkpoint, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "samples"
+    argv = [str(fpdm_checkpoint), "--budget", "8", "--num", "2", "--no-progress", "--out", str(out)]
+    assert sample_cli.main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(path, **arrays):
+        Path(path).write_bytes(b"PK partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    status, err = exit_status(sample_cli.main, [*argv, "--overwrite", "--seed", "1"], capsys)
+    assert status == EXIT_WRITE and one_line(err) and "No space left on device" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no partial file, no stray folder

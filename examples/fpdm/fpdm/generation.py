@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from fpdm.cli import OneLineParser, UsageError, bounded_float, bounded_int, run_command
 from fpdm.diffusion import METHODS, SPACINGS, GaussianDiffusion
 from fpdm.distributed import resolve_device
-from fpdm.files import FileKindError
+from fpdm.files import FileKindError, staged_folder
 from fpdm.parallel import FORMS, ParallelResult, sample_parallel_batches
 from fpdm.registry import SOLVERS, make_solver
 from fpdm.sampling import SCHEDULES, SampleResult, plan_timesteps, sample
@@ -260,11 +260,6 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         images, results = (_generate_parallel if args.parallel else _generate)(model, labels, args)
     except ValueError as error:  # a budget, steps or schedule that does not fit this model
         raise UsageError(str(error)) from None
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "npz": _write_arrays(out / "samples.npz", images, labels, results),
-        "summary": out / "summary.json",
-    }
     summary = {
         "checkpoint": str(args.checkpoint),
         "spacing": args.spacing,
@@ -272,9 +267,15 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         "ema": args.ema,
     }
     summary.update(_summary(results, labels))
+    # Written aside, then moved in: a full disk leaves the samples of an earlier run (--overwrite) whole.
+    with staged_folder(out) as stage:
+        _write_arrays(stage / "samples.npz", images, labels, results)
+        if images.shape[1] in (1, 3):
+            save_grid(images, stage / "grid.png", nrow=args.nrow, pixels=args.pixels)
+        (stage / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    paths = {"npz": out / "samples.npz", "summary": out / "summary.json"}
     if images.shape[1] in (1, 3):
-        paths["grid"] = save_grid(images, out / "grid.png", nrow=args.nrow, pixels=args.pixels)
-    paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+        paths["grid"] = out / "grid.png"
     return paths
 
 

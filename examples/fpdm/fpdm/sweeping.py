@@ -32,7 +32,7 @@ from fpdm.cli import OneLineParser, UsageError, bounded_float, bounded_int, run_
 from fpdm.data import digits_split
 from fpdm.diffusion import GaussianDiffusion
 from fpdm.digits_classifier import load_digits_classifier
-from fpdm.files import read_jsonl
+from fpdm.files import read_jsonl, staged_folder
 from fpdm.metrics import class_agreement, extract_features, frechet_distance, kernel_inception_distance
 from fpdm.models import count_parameters
 from fpdm.registry import make_solver
@@ -524,10 +524,11 @@ def _write_outputs(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report, firsts = run_sweep(args)
     report["paired_differences"] = {m: paired_differences(report, m) for m in ("fd", "fd_pixels")}
-    (out / "sweep.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-    write_markdown(report, out / "sweep.md")
-    write_plot(report, out / "sweep.png")
-    write_grids(report, firsts, out / "grids.png")
+    with staged_folder(out) as stage:  # the earlier results stay whole until the new ones are all written
+        (stage / "sweep.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+        write_markdown(report, stage / "sweep.md")
+        write_plot(report, stage / "sweep.png")
+        write_grids(report, firsts, stage / "grids.png")
     for name in OUTPUT_NAMES:
         print(f"[sweep] wrote {out / name}")
     if not all(math.isfinite(r["fd_mean"]) for r in report["results"] if r["affordable"]):
