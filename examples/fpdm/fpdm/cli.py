@@ -25,6 +25,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_NON_FINITE",
+    "EXIT_USAGE",
+    "EXIT_WRITE",
+    "Interrupted",
+    "OneLineParser",
     "UsageError",
     "add_options",
     "bounded_float",
@@ -32,14 +38,39 @@ __all__ = [
     "check_config",
     "check_value",
     "config_from_args",
+    "describe_os_error",
     "flag",
     "option",
     "run_command",
 ]
 
 
+#: Exit statuses of every command line (the README's command-line rules): 0 done; 1 a non-finite training
+#: loss or Fréchet distance; 2 a usage error (a bad value, a file of the wrong kind, a run folder in use);
+#: 3 a file that could not be written or read (disk full, a read-only folder, a file where a folder is
+#: expected); 128 + the signal's number (130 Ctrl-C, 143 SIGTERM) when stopped by a signal.
+EXIT_NON_FINITE, EXIT_USAGE, EXIT_WRITE = 1, 2, 3
+EXIT_INTERRUPTED = 128
+
+
 class UsageError(ValueError):
     """A request the command line cannot carry out as asked; the message is one line for the user."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (``prog: error: message``) without the usage
+    block, and exit status 2; ``--help`` still shows everything."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+class Interrupted(Exception):
+    """A command stopped by a signal (Ctrl-C, SIGTERM) after saving what it had; exit status 128 + signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def option(
@@ -238,9 +269,28 @@ def check_config(config: Any) -> None:
         setattr(config, field.name, tuple(_checked(field.name, item, kind, meta) for item in value))
 
 
+def describe_os_error(error: OSError) -> str:
+    """One line for a failed file operation: what the system said and the path."""
+    where = f": {error.filename}" if error.filename is not None else ""
+    return f"{error.strerror or error}{where}"
+
+
 def run_command(parser: argparse.ArgumentParser, command: Callable[[], int]) -> int:
-    """Run ``command``; a :class:`UsageError` ends like argparse's errors: one line, exit status 2."""
+    """Run ``command`` and turn its expected failures into one line on stderr and an exit status.
+
+    A :class:`UsageError` ends like argparse's errors (exit status 2); an ``OSError`` (disk full, a
+    read-only folder, a file where a folder is expected) with status 3; :class:`Interrupted` and Ctrl-C
+    with 128 + the signal's number.
+    """
+    import signal
+
     try:
         return command()
     except UsageError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+        parser.exit(EXIT_USAGE, f"{parser.prog}: error: {error}\n")
+    except OSError as error:
+        parser.exit(EXIT_WRITE, f"{parser.prog}: error: {describe_os_error(error)}\n")
+    except Interrupted as error:
+        parser.exit(EXIT_INTERRUPTED + error.signum, f"{parser.prog}: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(EXIT_INTERRUPTED + signal.SIGINT, f"{parser.prog}: interrupted (Ctrl-C)\n")

@@ -7,7 +7,8 @@ scaled VAE latents, and ``y`` an integer class label. :func:`load_dataset` build
 * ``"digits-train"``, ``"digits-test"``: the fixed stratified 80/20 split of those (1,437 / 360 images),
   :func:`digits_split`; train on ``digits-train`` to evaluate against the held-out ``digits-test``;
 * ``"folder:PATH"``: an image folder ``PATH/<class>/<image>`` read with PIL (RGB, centre-cropped and
-  resized to ``image_size``); classes are the sorted sub-folder names;
+  resized to ``image_size``; 16-bit and float images by their real range); classes are the sorted
+  sub-folder names; every image is read once before use, and a damaged one stops it with one line;
 * ``"latents:FILE"``: latents written by ``extract_latents.py`` (``torch.save`` of a dict of tensors, loaded
   with ``weights_only=True``).
 """
@@ -15,7 +16,7 @@ scaled VAE latents, and ``y`` an integer class label. :func:`load_dataset` build
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ __all__ = [
     "DIGITS_TEST_FRACTION",
     "IMAGE_EXTENSIONS",
     "ImageFolder",
+    "ImageModeError",
     "LatentDataset",
     "TensorPairs",
     "digits_split",
@@ -99,18 +101,80 @@ def digits_split(part: Literal["train", "test"]) -> TensorPairs:
     return TensorPairs(digits.images[index], digits.labels[index], digits.num_classes)
 
 
+#: PIL modes of more than 8 bits per channel and the value that maps to white: 16-bit grayscale
+#: (``I;16``, and ``I`` as older Pillow opens 16-bit PNGs).
+WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0}
+#: PIL modes read as 8 bits per channel by ``convert("RGB")``.
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "La")
+
+
+class ImageModeError(ValueError):
+    """An image whose pixel values cannot be mapped to ``[-1, 1]`` without guessing their range."""
+
+
+def _unit_range(image: Any) -> np.ndarray | None:
+    """A wide image's pixels as floats in ``[0, 1]`` ``(H, W)``, or ``None`` for an 8-bit image.
+
+    16-bit images are divided by 65535; float images (``F``, as in float TIFFs) are taken as they are when
+    every value lies in ``[0, 1]``. ``ImageModeError`` for anything else (a float image in another range, a
+    32-bit integer image that is not a 16-bit PNG, an unknown mode): one line saying why.
+    """
+    mode = image.mode
+    if mode in EIGHT_BIT_MODES:
+        return None
+    if mode in WIDE_MODES or (mode == "I" and image.format == "PNG"):
+        return np.asarray(image, dtype=np.float64).astype(np.float32) / 65535.0
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if not (np.isfinite(array).all() and low >= 0.0 and high <= 1.0):
+            raise ImageModeError(
+                f"a float image with values in [{low:g}, {high:g}]; float images must hold values in [0, 1] "
+                "(convert it to 8 or 16 bits)"
+            )
+        return array
+    raise ImageModeError(f"PIL mode {mode!r} is not supported; convert it to 8- or 16-bit RGB or grayscale")
+
+
+def _crop_box(width: int, height: int) -> tuple[int, int, int, int]:
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
 def pil_to_tensor(image: object, image_size: int) -> Tensor:
-    """A PIL image as ``(3, S, S)`` in ``[-1, 1]``: RGB, centre crop to a square, bicubic resize to ``S``."""
+    """A PIL image as ``(3, S, S)`` in ``[-1, 1]``: RGB, centre crop to a square, bicubic resize to ``S``.
+
+    8-bit images go through ``convert("RGB")``; 16-bit grayscale and float images (values in ``[0, 1]``)
+    are scaled by their real range and resized in floating point (``convert("RGB")`` would clip them to
+    near-white). Others raise :class:`ImageModeError`.
+    """
     from PIL import Image
 
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image, got {type(image).__name__}")
-    image = image.convert("RGB")
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.BICUBIC)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (S, S, 3)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    unit = _unit_range(image)
+    box = _crop_box(image.width, image.height)
+    if unit is None:
+        image = image.convert("RGB").crop(box).resize((image_size, image_size), Image.BICUBIC)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (S, S, 3)
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    plane = Image.fromarray(unit, mode="F").crop(box).resize((image_size, image_size), Image.BICUBIC)
+    gray = torch.from_numpy(np.asarray(plane, dtype=np.float32).clip(0.0, 1.0) * 2.0 - 1.0)
+    return gray.unsqueeze(0).expand(3, -1, -1).contiguous()
+
+
+def _read_image(path: Path, image_size: int) -> Tensor:
+    """One image file as :func:`pil_to_tensor` returns it; ``FileKindError`` naming the file otherwise."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return pil_to_tensor(image, image_size)
+    except ImageModeError as error:
+        raise FileKindError(f"{path}: {error}") from None
+    except Exception as error:  # PIL raises many kinds for a damaged file; all mean the same here
+        raise FileKindError(f"{path}: not a readable image, or a damaged one ({error})") from None
 
 
 class ImageFolder(Dataset):
@@ -122,10 +186,16 @@ class ImageFolder(Dataset):
         The folder; each sub-folder is a class (sorted names give the labels ``0 .. K-1``).
     image_size : int
         Side of the square images returned.
+    check : bool
+        Read every image once before anything else (the default), so that a damaged file, or one whose
+        values cannot be mapped to ``[-1, 1]``, stops a run before it starts rather than when a batch
+        reaches it (:class:`files.FileKindError` naming how many and the first one).
     """
 
-    def __init__(self, root: str | Path, image_size: int) -> None:
+    def __init__(self, root: str | Path, image_size: int, check: bool = True) -> None:
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise FileKindError(f"{self.root}: is a file; expected a folder of images root/<class>/<image>")
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
@@ -141,16 +211,28 @@ class ImageFolder(Dataset):
         if not self.samples:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
         self.num_classes = len(self.classes)
+        if check:
+            self.check()
+
+    def check(self) -> None:
+        """Read every image once; ``FileKindError`` with the number of bad files and the first reason."""
+        bad = []
+        for path, _ in self.samples:
+            try:
+                _read_image(path, 1)
+            except FileKindError as error:
+                bad.append(str(error))
+        if bad:
+            raise FileKindError(
+                f"{self.root}: {len(bad)} of {len(self.samples)} images cannot be used, the first: {bad[0]}"
+            )
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        from PIL import Image
-
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            return pil_to_tensor(image, self.image_size), torch.tensor(label)
+        return _read_image(path, self.image_size), torch.tensor(label)
 
 
 class LatentDataset(TensorPairs):

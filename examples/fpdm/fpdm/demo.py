@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fpdm import generation as sample_cli
-from fpdm.cli import bounded_float, bounded_int, run_command
+from fpdm.cli import OneLineParser, bounded_float, bounded_int, run_command
 from fpdm.training import CHECKPOINT_NAME, TrainConfig, train
 
 __all__ = ["main", "parse_args", "pick_threads"]
@@ -37,7 +37,7 @@ def pick_threads(requested: int) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     positive = bounded_int(1)
     add("--out", default="runs/demo", help="run folder")

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from fpdm.cli import UsageError
 
-__all__ = ["Runtime", "gather_objects", "setup_runtime", "shutdown_runtime"]
+__all__ = ["Runtime", "gather_objects", "resolve_device", "setup_runtime", "shutdown_runtime"]
 
 
 @dataclasses.dataclass
@@ -35,21 +35,34 @@ class Runtime:
         return self.world_size > 1
 
 
-def _device(requested: str, local_rank: int) -> torch.device:
-    """The device asked for; ``UsageError`` for a malformed name or CUDA on a machine without it."""
+def resolve_device(requested: str, option: str = "--device") -> torch.device:
+    """The device ``requested`` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``) of one process; a
+    ``UsageError`` naming ``option`` for a malformed name, CUDA on a machine without it, or a GPU index
+    this machine does not have."""
+    return _device(requested, 0, option)
+
+
+def _device(requested: str, local_rank: int, option: str = "--device") -> torch.device:
+    """The device asked for; ``UsageError`` for a malformed name, CUDA on a machine without it, or a GPU
+    index this machine does not have."""
     use_cuda = torch.cuda.is_available() if requested == "auto" else requested.startswith("cuda")
     if requested != "auto":
         try:
             torch.device(requested)
         except RuntimeError:
             raise UsageError(
-                f"--device {requested!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+                f"{option} {requested!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
             ) from None
     if use_cuda and not torch.cuda.is_available():
-        raise UsageError(f"--device {requested!r}: CUDA is not available here; use --device cpu")
+        raise UsageError(f"{option} {requested!r}: CUDA is not available here; use {option} cpu")
     if not use_cuda:
         return torch.device("cpu" if requested == "auto" else requested)
-    return torch.device("cuda", local_rank) if requested in ("auto", "cuda") else torch.device(requested)
+    device = torch.device("cuda", local_rank) if requested in ("auto", "cuda") else torch.device(requested)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(
+            f"{option} {requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return device
 
 
 def setup_runtime(requested: str) -> Runtime:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fpdm.cli import UsageError, bounded_int, run_command
+from fpdm.cli import OneLineParser, UsageError, bounded_int, run_command
 from fpdm.data import TensorPairs, digits_split, load_dataset
 from fpdm.digits_classifier import ClassifierSettings, load_digits_classifier
 from fpdm.inception import inception_extractor
@@ -43,9 +43,14 @@ def _load_real(real: str | Tensor | np.ndarray, image_size: int) -> Tensor:
         return torch.as_tensor(real).float()
     if real in ("digits-train", "digits-test"):
         return digits_split("train" if real == "digits-train" else "test").images
-    if real.endswith(".npz"):
-        with np.load(real) as arrays:
-            return torch.from_numpy(arrays["images"]).float()
+    if real.endswith((".npz", ".npy")):
+        expected = "an .npz file with 'images' (M, C, H, W)"
+        with _open_npz(real, expected) as arrays:
+            if "images" not in arrays:
+                raise UsageError(f"{real}: has no 'images' array (expected {expected})")
+            raw = np.asarray(arrays["images"])
+        check_image_values(raw, f"--real {real}: 'images'")
+        return torch.from_numpy(raw.astype(np.float32))
     dataset = load_dataset(real, image_size=image_size)
     if isinstance(dataset, TensorPairs):
         return dataset.images
@@ -94,6 +99,7 @@ def evaluate_images(
         the classifier's features, never in pixel space); with the digits classifier,
         ``classifier_test_accuracy`` and, with labels, ``class_agreement``.
     """
+    check_image_values(images.detach().cpu() if isinstance(images, Tensor) else images, "images")
     images = torch.as_tensor(images).float()
     if images.dim() != 4:
         raise ValueError(f"need images (N, C, H, W), got {tuple(images.shape)}")
@@ -139,7 +145,15 @@ def evaluate_images(
             raise ValueError(
                 "class agreement needs the digits classifier: labels are only judged for 1x8x8 digits"
             )
-        result["class_agreement"] = class_agreement(classifier, images, torch.as_tensor(labels))
+        labels = torch.as_tensor(labels)
+        classes = classifier.head.out_features
+        inside = labels.numel() == 0 or 0 <= int(labels.min()) <= int(labels.max()) < classes
+        if labels.is_floating_point() or not inside:
+            shown = f"{labels.min().item()}..{labels.max().item()}" if labels.numel() else "none"
+            raise ValueError(
+                f"labels range over {shown} ({labels.dtype}); the classifier has the classes 0..{classes - 1}"
+            )
+        result["class_agreement"] = class_agreement(classifier, images, labels)
     return result
 
 
@@ -150,7 +164,7 @@ def evaluate_images(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--samples", required=True, help=".npz with 'images' (N, C, H, W) in [-1, 1] and optionally 'labels'")
     add("--real", default="digits-test", help="digits-test, digits-train, digits, folder:PATH or x.npz")
@@ -173,25 +187,61 @@ def read_samples(path: str | Path) -> tuple[Tensor, Tensor | None]:
         One line naming the file when it is not such a file.
     """
     expected = "an .npz file from sample.py with 'images' (N, C, H, W)"
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
-            if "images" not in arrays:
-                raise UsageError(
-                    f"{path}: has no 'images' array (keys: {sorted(arrays.files)}; expected {expected})"
-                )
-            images = torch.from_numpy(np.asarray(arrays["images"], dtype=np.float32))
-            labels = torch.from_numpy(np.asarray(arrays["labels"])).long() if "labels" in arrays else None
-    except (OSError, ValueError, EOFError) as error:
-        if isinstance(error, UsageError):
-            raise
-        raise UsageError(f"{path}: not a readable .npz file (expected {expected})") from None
+    arrays = _open_npz(path, expected)
+    with arrays:
+        if "images" not in arrays:
+            keys = sorted(arrays.files)
+            raise UsageError(f"{path}: has no 'images' array (keys: {keys}; expected {expected})")
+        raw = np.asarray(arrays["images"])
+        raw_labels = np.asarray(arrays["labels"]) if "labels" in arrays else None
+    if raw_labels is not None and raw_labels.dtype.kind not in "iu":
+        raise UsageError(f"{path}: 'labels' are {raw_labels.dtype}; expected integer classes")
+    labels = None if raw_labels is None else torch.from_numpy(raw_labels.astype(np.int64))
+    check_image_values(raw, f"{path}: 'images'")
+    images = torch.from_numpy(raw.astype(np.float32))
     if images.dim() != 4 or (labels is not None and labels.shape != (images.shape[0],)):
         raise UsageError(
             f"{path}: images {tuple(images.shape)} and labels do not match (expected {expected})"
         )
-    if not torch.isfinite(images).all():
-        raise UsageError(f"{path}: the images hold NaN or infinite values")
     return images, labels
+
+
+def _open_npz(path: str | Path, expected: str) -> Any:
+    """``np.load`` of an ``.npz`` (no pickles); ``UsageError`` naming the file for anything else (a folder,
+    a damaged file, a ``.npy`` array)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder (expected {expected})")
+    try:
+        arrays = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        raise UsageError(f"{path}: not a readable .npz file (expected {expected})") from None
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise UsageError(f"{path}: a single .npy array, not an .npz of named arrays (expected {expected})")
+    return arrays
+
+
+#: How far outside ``[-1, 1]`` an image value may lie (sampled images are not clipped exactly).
+IMAGE_RANGE_SLACK = 0.05
+
+
+def check_image_values(images: Any, what: str) -> None:
+    """Refuse, with one line naming ``what``, images that are not floats in ``[-1, 1]``: integer images
+    (``uint8`` in ``0..255`` would be scored as nonsense), values beyond the range by more than
+    :data:`IMAGE_RANGE_SLACK`, NaN or infinity."""
+    array = np.asarray(images)
+    if array.dtype.kind in "iub":
+        raise UsageError(
+            f"{what} are {array.dtype} (values {array.min() if array.size else 0}.."
+            f"{array.max() if array.size else 0}); expected floats in [-1, 1], e.g. x / 127.5 - 1 for uint8"
+        )
+    if array.dtype.kind != "f":
+        raise UsageError(f"{what} are {array.dtype}; expected floats in [-1, 1]")
+    if array.size and not np.isfinite(array).all():
+        raise UsageError(f"{what} hold NaN or infinite values")
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if low < -1 - IMAGE_RANGE_SLACK or high > 1 + IMAGE_RANGE_SLACK:
+        raise UsageError(f"{what} range over [{low:g}, {high:g}]; expected floats in [-1, 1]")
 
 
 def _print_lines(result: dict[str, Any], real: str) -> None:

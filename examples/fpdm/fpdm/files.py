@@ -8,17 +8,19 @@ containers, never pickled code). A file that is missing, damaged, or of another 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["FileKindError", "load_tensors", "read_jsonl", "save_atomically"]
+__all__ = ["FileKindError", "load_tensors", "read_jsonl", "save_atomically", "staged_folder"]
 
 
 class FileKindError(ValueError):
@@ -47,6 +49,22 @@ def save_atomically(payload: Any, path: str | Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def staged_folder(out: str | Path) -> Iterator[Path]:
+    """A temporary folder inside ``out`` for a command's outputs: when the block ends without an error its
+    files replace those of ``out`` (each by ``os.replace``, atomic); on an error (a full disk) it is removed
+    and the files already in ``out`` are left as they were."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+    try:
+        yield stage
+        for item in sorted(stage.iterdir()):
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def load_tensors(path: str | Path, expected: str, keys: Iterable[str] = ()) -> dict[str, Any]:
     """Load a ``torch.save`` dict with ``weights_only=True``; check that it holds ``keys``.
 
@@ -67,6 +85,8 @@ def load_tensors(path: str | Path, expected: str, keys: Iterable[str] = ()) -> d
         (refused, whoever wrote them), is not a dict, or lacks a key.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileKindError(f"{path}: is a folder (expected {expected})")
     if not path.is_file():
         raise FileKindError(f"{path}: no such file (expected {expected})")
     try:

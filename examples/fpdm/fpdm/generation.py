@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fpdm.cli import UsageError, bounded_float, bounded_int, run_command
+from fpdm.cli import OneLineParser, UsageError, bounded_float, bounded_int, run_command
 from fpdm.diffusion import METHODS, SPACINGS, GaussianDiffusion
-from fpdm.files import FileKindError
+from fpdm.distributed import resolve_device
+from fpdm.files import FileKindError, staged_folder
 from fpdm.parallel import FORMS, ParallelResult, sample_parallel_batches
 from fpdm.registry import SOLVERS, make_solver
 from fpdm.sampling import SCHEDULES, SampleResult, plan_timesteps, sample
@@ -164,6 +165,8 @@ def _labels(args: argparse.Namespace, num_classes: int) -> Tensor:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
     found = [name for name in OUTPUT_NAMES if (out / name).exists()]
     if found and not overwrite:
         raise UsageError(
@@ -246,20 +249,17 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     out = Path(args.out)
     _check_out(out, args.overwrite)
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device, "--device")
     try:
-        model = load_model(args.checkpoint, ema=args.ema, device=args.device)
+        model = load_model(args.checkpoint, ema=args.ema, device=device)
     except FileKindError as error:
         raise UsageError(str(error)) from None
+    _check_model_options(model, args)
     labels = _labels(args, model.num_classes)
     try:
         images, results = (_generate_parallel if args.parallel else _generate)(model, labels, args)
     except ValueError as error:  # a budget, steps or schedule that does not fit this model
         raise UsageError(str(error)) from None
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "npz": _write_arrays(out / "samples.npz", images, labels, results),
-        "summary": out / "summary.json",
-    }
     summary = {
         "checkpoint": str(args.checkpoint),
         "spacing": args.spacing,
@@ -267,18 +267,25 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         "ema": args.ema,
     }
     summary.update(_summary(results, labels))
+    # Written aside, then moved in: a full disk leaves the samples of an earlier run (--overwrite) whole.
+    with staged_folder(out) as stage:
+        _write_arrays(stage / "samples.npz", images, labels, results)
+        if images.shape[1] in (1, 3):
+            save_grid(images, stage / "grid.png", nrow=args.nrow, pixels=args.pixels)
+        (stage / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    paths = {"npz": out / "samples.npz", "summary": out / "summary.json"}
     if images.shape[1] in (1, 3):
-        paths["grid"] = save_grid(images, out / "grid.png", nrow=args.nrow, pixels=args.pixels)
-    paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+        paths["grid"] = out / "grid.png"
     return paths
 
 
+TOL_HELP = "FPDM, --schedule tolerance: the relative residual that ends a solve (default: 1e-3)"
 REUSE_HELP = "warm start from the last step (--parallel: the last sweep); default on, off with --parallel"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     positive = bounded_int(1)
     add("checkpoint", help="checkpoint.pt written by train.py")
@@ -287,19 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num", type=positive, default=100, help="number of images")
     add("--budget", type=positive, required=True, help="transformer-block evaluations per sample")
     add("--steps", type=positive, default=None, help="timesteps (default: picked from the budget)")
-    add("--schedule", default="constant", choices=SCHEDULES, help="iterations per timestep")
-    add("--solver", default="picard", choices=tuple(SOLVERS), help="fixed-point solver")
+    add("--schedule", default=None, choices=SCHEDULES, help="FPDM: iterations per timestep (constant)")
+    add("--solver", default=None, choices=tuple(SOLVERS), help="FPDM: fixed-point solver (default: picard)")
     add("--reuse", action=argparse.BooleanOptionalAction, default=None, help=REUSE_HELP)
     add("--method", default="ddim", choices=METHODS, help="reverse step")
     add("--eta", type=bounded_float(0.0), default=0.0, help="DDIM noise scale (0: deterministic)")
     add("--spacing", default="trailing", choices=SPACINGS, help="how the timesteps are spaced (respace)")
     add("--guidance", type=bounded_float(), default=2.0, help="classifier-free guidance scale (1: none)")
-    add("--tol", type=bounded_float(0.0, low_open=True), default=1e-3, help="relative residual, 'tolerance'")
+    add("--tol", type=bounded_float(0.0, low_open=True), default=None, help=TOL_HELP)
     add("--parallel", action="store_true", help="DDIM with every timestep solved at once (parallel.py)")
-    add("--chain-solver", default="picard", choices=tuple(SOLVERS), help="--parallel: the chain's solver")
-    add("--chain-tol", type=bounded_float(0.0), default=1e-6, help="--parallel: residual, RMS per entry")
+    add("--chain-solver", default=None, choices=tuple(SOLVERS), help="--parallel: chain solver (picard)")
+    add("--chain-tol", type=bounded_float(0.0), default=None, help="--parallel: RMS residual (1e-6)")
     add("--window", type=positive, default=None, help="--parallel: timesteps per sweep (default: all)")
-    add("--form", default="cumulative", choices=FORMS, help="--parallel: the map iterated")
+    add("--form", default=None, choices=FORMS, help="--parallel: the map iterated (default: cumulative)")
     add("--seed", type=bounded_int(0), default=0, help="seed of the noise")
     add("--labels", type=bounded_int(0), nargs="*", default=None, help="labels to cycle (default: all)")
     add("--batch-size", type=positive, default=100, help="images per batch")
@@ -312,12 +319,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Options that only ``--parallel`` uses, and their defaults there.
+PARALLEL_ONLY = {"chain_solver": "picard", "chain_tol": 1e-6, "window": None, "form": "cumulative"}
+#: Options of the sequential sampler that ``--parallel`` does not use.
+SEQUENTIAL_ONLY = ("schedule", "tol")
+#: Options of FPDM's implicit block, and their defaults.
+FPDM_ONLY = {"schedule": "constant", "solver": "picard", "tol": 1e-3, "reuse": None}
+
+
+def _given(args: argparse.Namespace, names: Any) -> list[str]:
+    """The options among ``names`` given on the command line (left at ``None`` otherwise)."""
+    return [name for name in names if getattr(args, name, None) is not None]
+
+
+def _option_text(args: argparse.Namespace, name: str) -> str:
+    value = getattr(args, name)
+    if isinstance(value, bool):
+        return "--" + ("" if value else "no-") + name.replace("_", "-")
+    return f"--{name.replace('_', '-')} {value}"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line; see the module docstring (a bad value exits with status 2)."""
-    args = build_parser().parse_args(argv)
+    """The command line; see the module docstring (a bad value exits with status 2, as does an option
+    that would do nothing: a ``--parallel`` option without it, ``--schedule``/``--tol`` with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.out is None:
         args.out = str(Path(args.checkpoint).parent / "samples")
+    unused = _given(args, SEQUENTIAL_ONLY) if args.parallel else _given(args, PARALLEL_ONLY)
+    if unused:
+        why = "--parallel solves DDIM with its own chain" if args.parallel else "it is for --parallel only"
+        parser.error(f"{_option_text(args, unused[0])} does nothing here: {why}; drop it")
+    for name, default in PARALLEL_ONLY.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     return args
+
+
+def _check_model_options(model: nn.Module, args: argparse.Namespace) -> None:
+    """Refuse FPDM-only options on a DiT; fill in the defaults of those not given."""
+    if not hasattr(model, "pre_depth"):
+        given = _given(args, FPDM_ONLY)
+        if given:
+            raise UsageError(
+                f"{_option_text(args, given[0])} does nothing with {args.checkpoint}: a "
+                f"{type(model).__name__} has no fixed-point solve (--schedule, --solver, --tol and --reuse "
+                "are for FPDM); drop it"
+            )
+    for name, default in FPDM_ONLY.items():
+        if getattr(args, name) is None and name != "reuse":
+            setattr(args, name, default)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from fpdm.cli import UsageError, bounded_int, run_command
+from fpdm.cli import OneLineParser, UsageError, bounded_int, run_command
 from fpdm.data import ImageFolder
-from fpdm.files import save_atomically
+from fpdm.distributed import resolve_device
+from fpdm.files import FileKindError, save_atomically
 
 __all__ = ["build_parser", "encode_folder", "load_vae", "main", "tiny_vae"]
 
@@ -88,7 +89,7 @@ def encode_folder(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--images", required=True, help="image folder root/<class>/<image>")
     add("--out", required=True, help="output file (.pt)")
@@ -124,7 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sample": not args.mean,
             "seed": args.seed,
         }
-        payload = encode_folder(vae, images, **options)
+        resolve_device(args.device, "--device")
+        try:
+            payload = encode_folder(vae, images, **options)
+        except FileKindError as error:  # an image changed since the folder was checked
+            raise UsageError(str(error)) from None
         save_atomically(payload, out)
         shape = tuple(payload["latents"].shape)
         print(f"wrote {shape[0]} latents of shape {shape[1:]} to {out}")

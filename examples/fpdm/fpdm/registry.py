@@ -12,7 +12,7 @@ from typing import Any
 
 from implicitdiff import IFT, JFB, SJFB, Anderson, Broyden, GradientEstimator, PhantomGradient, Picard, Solver
 
-__all__ = ["ESTIMATORS", "SOLVERS", "make_estimator", "make_solver"]
+__all__ = ["ESTIMATORS", "ESTIMATOR_OPTIONS", "SOLVERS", "make_estimator", "make_solver"]
 
 #: Fixed-point solvers by name, each built with its default options.
 SOLVERS: dict[str, Callable[[], Solver]] = {"picard": Picard, "anderson": Anderson, "broyden": Broyden}
@@ -39,6 +39,12 @@ ESTIMATORS: dict[str, Callable[[Any], GradientEstimator]] = {
     "jfb": lambda settings: JFB(),
     "ift": _ift,
     "phantom": _phantom,
+}
+
+#: The settings only one estimator reads (the others ignore them): a run refuses them with another.
+ESTIMATOR_OPTIONS: dict[str, tuple[str, ...]] = {
+    "sjfb": ("sjfb_no_grad", "sjfb_grad"),
+    "phantom": ("phantom_k", "phantom_tau"),
 }
 
 

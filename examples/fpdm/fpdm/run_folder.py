@@ -4,14 +4,22 @@ A folder that holds a run (``checkpoint.pt`` or ``log.jsonl``) is continued with
 with ``overwrite``, and never touched otherwise. A resume compares the checkpoint's stored configuration with
 the request field by field (:func:`compare_configs`): the config class's ``REFUSED_ON_RESUME`` fields may
 not change; the others are applied with a notice; its ``RUNTIME_FIELDS`` are not compared.
+
+A folder has one owner at a time: the run that holds its lock file, ``train.lock``, which names the process
+(pid and host). A second run into the same folder is refused with one line; a lock left by a run that died
+(a pid no longer alive on this host) is taken over with a notice. A lock of another host cannot be checked
+from here: the message names it, to be deleted by hand once that run is known to be gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +29,9 @@ from fpdm.files import load_tensors, read_jsonl, save_atomically
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "LOCK_NAME",
     "LOG_NAME",
+    "RunLock",
     "clear_run_folder",
     "compare_configs",
     "load_checkpoint",
@@ -32,6 +42,7 @@ __all__ = [
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
+LOCK_NAME = "train.lock"
 CHECKPOINT_KIND = "a checkpoint written by train.py"
 
 
@@ -140,3 +151,95 @@ def clear_run_folder(cfg: Any, runtime: Runtime, resumed_step: int) -> None:
         return
     for name in (LOG_NAME, CHECKPOINT_NAME):
         (out / name).unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one owned by another user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    """A lock file's owner, or ``None`` when it is gone or unreadable."""
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+class RunLock:
+    """Ownership of a run folder: the file ``train.lock`` holding the owner's pid, host and start time.
+
+    :meth:`acquire` creates it atomically (written to a temporary file, then hard-linked to its name, which
+    fails if the name exists), so a reader never sees a half-written lock and two runs never both win.
+    :meth:`release` deletes it if it is still this process's.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(out) / LOCK_NAME
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        self.held = False
+
+    def acquire(self) -> None:
+        """Take the folder, or raise ``UsageError`` naming the run that holds it.
+
+        Raises
+        ------
+        cli.UsageError
+            The folder is in use by a live run (on this host) or by a run on another host.
+        OSError
+            The folder cannot be created or written (read-only, a file in the way, disk full).
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.owner) + "\n")
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)
+                    self.held = True
+                    return
+                except FileExistsError:
+                    self._check_stale()
+            raise UsageError(f"--out {self.path.parent}: could not take {self.path}; try again")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _check_stale(self) -> None:
+        """Remove the lock of a dead run of this host; raise ``UsageError`` for any other owner."""
+        owner = _read_lock(self.path)
+        if owner is None:  # deleted in between, or being replaced: try again
+            return
+        pid, host = owner.get("pid"), owner.get("host")
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(owner.get("started", 0))))
+        if host != self.owner["host"]:
+            raise UsageError(
+                f"--out {self.path.parent} is in use by train.py pid {pid} on host {host} (since {since}); "
+                f"use another --out, or delete {self.path} if that run is gone"
+            )
+        if isinstance(pid, int) and _pid_alive(pid):
+            raise UsageError(
+                f"--out {self.path.parent} is in use by train.py pid {pid} on this host (since {since}); "
+                "wait for it to end or use another --out"
+            )
+        print(f"[train] {self.path}: taking over the lock of pid {pid}, which is no longer running",
+              file=sys.stderr, flush=True)  # fmt: skip
+        # Another run may take it over at the same moment: only the one whose link succeeds wins.
+        with contextlib.suppress(FileNotFoundError):
+            if _read_lock(self.path) == owner:
+                self.path.unlink()
+
+    def release(self) -> None:
+        """Delete the lock if this process holds it."""
+        if self.held and _read_lock(self.path) == self.owner:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        self.held = False

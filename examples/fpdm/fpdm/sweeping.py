@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from fpdm import generation as sample_cli
-from fpdm.cli import UsageError, bounded_float, bounded_int, run_command
+from fpdm.cli import OneLineParser, UsageError, bounded_float, bounded_int, run_command
 from fpdm.data import digits_split
 from fpdm.diffusion import GaussianDiffusion
 from fpdm.digits_classifier import load_digits_classifier
-from fpdm.files import read_jsonl
+from fpdm.files import read_jsonl, staged_folder
 from fpdm.metrics import class_agreement, extract_features, frechet_distance, kernel_inception_distance
 from fpdm.models import count_parameters
 from fpdm.registry import make_solver
@@ -116,7 +116,7 @@ def methods(dit_depths: Sequence[int]) -> tuple[Method, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The sweep's command line (``sweep.py``)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     positive = bounded_int(1)
     add("--out", default=str(RESULTS_DIR), help="where sweep.json, sweep.md and sweep.png go")
@@ -156,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=positive, default=2)
     add("--seed", type=bounded_int(0), default=0, help="training seed")
     add("--reuse-checkpoints", action="store_true", help="sample existing checkpoints in --work")
-    add("--overwrite", action="store_true", help="train again the runs in --work that cannot be reused")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="replace the results already in --out, and train again the runs in --work that cannot be reused",
+    )
     add("--progress", action=argparse.BooleanOptionalAction, default=False)
     return parser
 
@@ -492,21 +496,40 @@ KID_SUBSET_SIZE = 1000
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep and write ``sweep.json``, ``sweep.md``, ``sweep.png`` and ``grids.png``; print their
-    paths. Exit status 2 on a usage error (a run in ``--work`` that would be trained over)."""
+    paths. Exit status 2 on a usage error (results in ``--out`` or a run in ``--work`` that would be
+    replaced without ``--overwrite``)."""
     args = parse_args(argv)
-    return run_command(argparse.ArgumentParser(prog="sweep.py"), lambda: _write_outputs(args))
+    return run_command(OneLineParser(prog="sweep.py"), lambda: _write_outputs(args))
+
+
+OUTPUT_NAMES = ("sweep.json", "sweep.md", "sweep.png", "grids.png")
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """``--out`` must be a folder without results, unless ``overwrite`` (the default, ``results/``, holds the
+    committed results of the full sweep, which a ``--quick`` smoke test must not replace by accident)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    found = [name for name in OUTPUT_NAMES if (out / name).exists()]
+    if found and not overwrite:
+        raise UsageError(
+            f"--out {out} already holds results ({', '.join(found)}); pass --overwrite to replace them, or "
+            "another --out"
+        )
 
 
 def _write_outputs(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    check_out(out, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     report, firsts = run_sweep(args)
     report["paired_differences"] = {m: paired_differences(report, m) for m in ("fd", "fd_pixels")}
-    (out / "sweep.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-    write_markdown(report, out / "sweep.md")
-    write_plot(report, out / "sweep.png")
-    write_grids(report, firsts, out / "grids.png")
-    for name in ("sweep.json", "sweep.md", "sweep.png", "grids.png"):
+    with staged_folder(out) as stage:  # the earlier results stay whole until the new ones are all written
+        (stage / "sweep.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+        write_markdown(report, stage / "sweep.md")
+        write_plot(report, stage / "sweep.png")
+        write_grids(report, firsts, stage / "grids.png")
+    for name in OUTPUT_NAMES:
         print(f"[sweep] wrote {out / name}")
     if not all(math.isfinite(r["fd_mean"]) for r in report["results"] if r["affordable"]):
         print("[sweep] warning: a non-finite Fréchet distance", file=sys.stderr)

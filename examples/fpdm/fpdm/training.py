@@ -5,7 +5,9 @@ One loop from a laptop to a cluster: AdamW, an EMA of the weights, S-JFB by defa
 folder is never overwritten unless asked (``--resume`` continues it exactly, ``--overwrite`` starts
 again), and ``--resume`` refuses a change of what the checkpoint's weights, estimator state and data
 order belong to (:data:`REFUSED_ON_RESUME`). A non-finite loss stops training and keeps the last good
-checkpoint. The model's counts come back with its output, so the JSONL log records what each step spent.
+checkpoint; Ctrl-C or SIGTERM writes a checkpoint after the current step and stops (:class:`StopSignals`);
+one run at a time owns a folder (:class:`run_folder.RunLock`). The model's counts come back with its
+output, so the JSONL log records what each step spent.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import gc
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,16 +33,27 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from fpdm.cli import UsageError, add_options, check_config, config_from_args, flag, option, run_command
+from fpdm.cli import (
+    Interrupted,
+    OneLineParser,
+    UsageError,
+    add_options,
+    check_config,
+    config_from_args,
+    flag,
+    option,
+    run_command,
+)
 from fpdm.data import TensorPairs, load_dataset
 from fpdm.diffusion import GaussianDiffusion
 from fpdm.distributed import Runtime, gather_objects, setup_runtime, shutdown_runtime
 from fpdm.files import FileKindError
 from fpdm.models import FPDM, PRESETS, compile_blocks, create_model
-from fpdm.registry import ESTIMATORS, SOLVERS, make_estimator, make_solver
+from fpdm.registry import ESTIMATOR_OPTIONS, ESTIMATORS, SOLVERS, make_estimator, make_solver
 from fpdm.run_folder import (
     CHECKPOINT_NAME,
     LOG_NAME,
+    RunLock,
     clear_run_folder,
     compare_configs,
     load_checkpoint,
@@ -100,6 +115,21 @@ def ema_multi_avg_fn(decay: float, warmup: bool = False) -> EMAUpdate:
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the training loss is NaN or infinite; the last good checkpoint is left in place."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is left in place.
+
+    An ``OSError`` whose ``strerror`` is one line naming what failed and the checkpoint that is kept.
+    """
+
+    def __init__(self, run: Any, step: int, error: OSError) -> None:
+        path = run.checkpoint_path
+        kept = (
+            f"{path} (step {run.saved_step}) is kept" if run.saved_step else "no checkpoint was written yet"
+        )
+        reason = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+        super().__init__(error.errno, f"could not write the checkpoint of step {step} ({reason}); {kept}")
 
 
 @dataclasses.dataclass
@@ -182,6 +212,45 @@ class TrainConfig:
                 raise ValueError(f"{name} must be (MIN, MAX) with MIN <= MAX, got {getattr(self, name)!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run, or start it again")
+        self._check_unused()
+
+    #: Fields only an FPDM uses (its implicit block), and those only one estimator uses.
+    FPDM_ONLY: ClassVar[tuple[str, ...]] = (
+        *("pre_depth", "post_depth", "grad", "solver", "max_iter", "tol"),
+        *("sjfb_no_grad", "sjfb_grad", "phantom_k", "phantom_tau"),
+    )
+    ESTIMATOR_ONLY: ClassVar[dict[str, str]] = {
+        field: estimator for estimator, fields in ESTIMATOR_OPTIONS.items() for field in fields
+    }
+
+    def _check_unused(self) -> None:
+        """Refuse a setting that would do nothing for this model, estimator or data (left at its default, it
+        is not compared), so that no run records an option as if it had been used."""
+        defaults = TrainConfig()
+        changed = [n for n in self.FPDM_ONLY if getattr(self, n) != getattr(defaults, n)]
+        if not self.model.startswith("FPDM") and changed:
+            name = changed[0]
+            raise ValueError(
+                f"{flag(name)} {_shown(getattr(self, name))} does nothing with --model {self.model}: only an "
+                "FPDM has an implicit block; drop it"
+            )
+        if self.model.startswith("FPDM") and self.depth is not None:
+            raise ValueError(
+                f"--depth {self.depth} does nothing with --model {self.model}: it is a DiT's number of "
+                "blocks; an FPDM takes --pre-depth and --post-depth"
+            )
+        for name in changed:
+            needs = self.ESTIMATOR_ONLY.get(name)
+            if needs is not None and self.grad != needs:
+                raise ValueError(
+                    f"{flag(name)} {_shown(getattr(self, name))} does nothing with --grad {self.grad}: it is "
+                    f"for --grad {needs}"
+                )
+        if self.image_size != defaults.image_size and not self.data.startswith("folder:"):
+            raise ValueError(
+                f"--image-size {self.image_size} does nothing with --data {self.data}: only folder: images "
+                "are resized (digits are 8x8, latents keep their size)"
+            )
 
     def model_overrides(self) -> dict[str, Any]:
         """The preset's constructor arguments this run replaces."""
@@ -189,6 +258,11 @@ class TrainConfig:
         overrides = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         overrides["class_dropout_prob"] = self.class_dropout
         return overrides
+
+
+def _shown(value: Any) -> str:
+    """A value as it is typed on the command line (``(0, 6)`` -> ``0 6``)."""
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 #: Fields a resume refuses to change: the checkpoint's weights, estimator state and data order belong to them.
@@ -237,6 +311,47 @@ def fetch(dataset: Any, indices: Tensor) -> tuple[Tensor, Tensor]:
 # ----------------------------------------------------------------------------------------------------
 
 
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM, turned into a request to stop after the current step.
+
+    While installed (``with``; main thread only, elsewhere it does nothing) the first signal only sets
+    :attr:`requested`; the loop then writes a checkpoint and stops, so that ``--resume`` loses no step. A
+    second signal stops at once (``KeyboardInterrupt``); checkpoints are atomic, so the last one is whole.
+    Under ``torchrun`` the ranks agree on it (:attr:`agreed`, set by each step's check of the loss).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = 0
+        self.agreed = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def flags(self) -> list[float]:
+        """This rank's request, as the two entries the ranks sum: (SIGINT, SIGTERM)."""
+        return [float(self.requested == signum) for signum in self.SIGNALS]
+
+    def agree(self, summed: list[float]) -> None:
+        """Every rank's requests summed: stop if any rank was asked to (SIGINT wins)."""
+        self.agreed = next((int(s) for s, n in zip(self.SIGNALS, summed, strict=True) if n > 0), 0)
+
+
 @dataclasses.dataclass
 class _Run:
     """The objects of one training run."""
@@ -251,6 +366,10 @@ class _Run:
     noise_gen: torch.Generator
     use_bf16: bool
     diffusion: GaussianDiffusion = dataclasses.field(default_factory=GaussianDiffusion)
+    #: The step of the last checkpoint written or restored (0: none yet).
+    saved_step: int = 0
+    #: Ctrl-C and SIGTERM, caught while the loop runs.
+    stop: StopSignals = dataclasses.field(default_factory=lambda: StopSignals())
 
     @property
     def estimator(self) -> Any:
@@ -346,7 +465,8 @@ def _restore(run: _Run, ckpt: dict[str, Any]) -> int:
         torch.cuda.set_rng_state(state["cuda"], run.runtime.device)
     if run.estimator is not None and ckpt.get("estimator") is not None:
         run.estimator.load_state_dict(ckpt["estimator"])
-    return int(ckpt["step"])
+    run.saved_step = int(ckpt["step"])
+    return run.saved_step
 
 
 def _write_checkpoint(run: _Run, step: int) -> None:
@@ -363,9 +483,13 @@ def _write_checkpoint(run: _Run, step: int) -> None:
             "estimator": estimator.state_dict() if hasattr(estimator, "state_dict") else None,
             "config": dataclasses.asdict(run.cfg),
         }
-        save_checkpoint(payload, run.checkpoint_path)
+        try:
+            save_checkpoint(payload, run.checkpoint_path)
+        except OSError as error:
+            raise CheckpointWriteError(run, step, error) from None
     if run.runtime.distributed:
         dist.barrier()
+    run.saved_step = step
 
 
 def _train_step(run: _Run, step: int, last_good: int | None) -> tuple[Tensor, Tensor, Any]:
@@ -383,17 +507,20 @@ def _train_step(run: _Run, step: int, last_good: int | None) -> tuple[Tensor, Te
     x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
     with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
         loss, state = run.diffusion.training_loss(run.net, x, y, generator=run.noise_gen)
-    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=runtime.device)
+    # One reduction for two questions: a non-finite loss on any rank, a stop signal on any rank.
+    checks = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, *run.stop.flags()], device=runtime.device)
     if runtime.distributed:
-        dist.all_reduce(bad)
-    if bad.item() > 0:
+        dist.all_reduce(checks)
+    bad, *stops = checks.tolist()
+    run.stop.agree(stops)
+    if bad > 0:
         where = (
             f"{run.checkpoint_path} (step {last_good})"
             if last_good is not None
             else "none (no checkpoint yet)"
         )
         raise NonFiniteLossError(
-            f"non-finite training loss ({loss.item()}) at step {step + 1} on {int(bad.item())} of "
+            f"non-finite training loss ({loss.item()}) at step {step + 1} on {int(bad)} of "
             f"{runtime.world_size} rank(s); training stopped. The last good checkpoint is {where}. Try a "
             "lower --lr or --grad-clip, or check the data."
         )
@@ -464,9 +591,18 @@ def _loop(run: _Run, start_step: int, log: Any) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{summary['loss']:.4f}", evals=summary.get("block_evals", "-"))
         if bar is not None:
             bar.update(1)
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        if done % cfg.ckpt_every == 0 or done == cfg.steps or run.stop.agreed:
             _write_checkpoint(run, done)
             last_good = done
+        if run.stop.agreed and done < cfg.steps:
+            if bar is not None:
+                bar.close()
+            name = signal.Signals(run.stop.agreed).name
+            raise Interrupted(
+                f"stopped by {name} after step {done} of {cfg.steps}; {run.checkpoint_path} (step {done}) "
+                "holds it: continue with --resume",
+                run.stop.agreed,
+            )
     if bar is not None:
         bar.close()
     return summary
@@ -484,6 +620,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         fit together.
     NonFiniteLossError
         If the loss becomes NaN or infinite on any rank; nothing is saved after the last good checkpoint.
+    cli.Interrupted
+        After Ctrl-C or SIGTERM (in the main thread): the step under way is finished and checkpointed, and
+        the message names the checkpoint; its ``signum`` is the signal's number.
+    OSError
+        A file that could not be written (:class:`CheckpointWriteError` for a checkpoint: the previous one
+        is kept).
     """
     cfg.check()
     runtime = setup_runtime(cfg.device)
@@ -498,16 +640,63 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         shutdown_runtime(runtime, wait=ended_well)
 
 
+def _take_folder(cfg: TrainConfig, runtime: Runtime) -> RunLock | None:
+    """Rank 0 takes the run folder's lock (:class:`run_folder.RunLock`); every rank learns the outcome, so
+    that a refusal stops them all. Returns the lock (rank 0) or ``None``."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    lock, refusal = None, None
+    if runtime.is_main:
+        lock = RunLock(out)
+        try:
+            lock.acquire()
+        except (UsageError, OSError) as error:
+            refusal = error
+    outcomes = gather_objects(runtime, None if refusal is None else (type(refusal), str(refusal)))
+    if refusal is not None:
+        raise refusal
+    if outcomes[0] is not None:
+        kind, message = outcomes[0]
+        raise UsageError(message) if kind is UsageError else OSError(message)
+    return lock
+
+
 def _train(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
     """The run, in a frame of its own: its model and DDP wrapper are freed when it returns."""
-    ckpt = open_run_folder(cfg, runtime)
-    run = _build_run(cfg, runtime)
-    start_step = _restore(run, ckpt) if ckpt is not None else 0
+    existed = Path(cfg.out).is_dir()
+    lock = _take_folder(cfg, runtime)
+    try:
+        ckpt = open_run_folder(cfg, runtime)
+        run = _build_run(cfg, runtime)
+        start_step = _restore(run, ckpt) if ckpt is not None else 0
+    except BaseException:
+        _give_back(lock, Path(cfg.out), remove_folder=not existed)
+        raise
+    try:
+        return _train_in_folder(run, start_step)
+    finally:
+        _give_back(lock, Path(cfg.out), remove_folder=False)
+
+
+def _give_back(lock: RunLock | None, out: Path, remove_folder: bool) -> None:
+    """Release the lock; a folder this run created and left empty (a refused start) is removed, so that it
+    is no obstacle to the corrected command."""
+    if lock is None:
+        return
+    lock.release()
+    if remove_folder:
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only when empty
+
+
+def _train_in_folder(run: _Run, start_step: int) -> dict[str, Any]:
+    cfg, runtime = run.cfg, run.runtime
     clear_run_folder(cfg, runtime, start_step)
     if runtime.distributed:
         dist.barrier()  # the folder is ready before any rank writes to it
     log_path = Path(cfg.out) / LOG_NAME
-    with open(log_path, "a") if runtime.is_main else contextlib.nullcontext() as log:
+    with open(log_path, "a") if runtime.is_main else contextlib.nullcontext() as log, run.stop:
         summary = _loop(run, start_step, log)
         if runtime.distributed:
             record = _check_replicas(run)
@@ -529,10 +718,13 @@ def build_parser() -> argparse.ArgumentParser:
         "A folder that holds a run is continued with --resume or started again with --overwrite, never "
         "overwritten otherwise. --resume refuses a change of "
         + ", ".join(flag(name) for name in REFUSED_ON_RESUME)
-        + " and applies any other change (--lr, --steps, ...) with a notice naming it. Exit status: 2 for a "
-        "usage error, 1 for a non-finite loss."
+        + " and applies any other change (--lr, --steps, ...) with a notice naming it. One run at a time "
+        "owns a folder (its train.lock). Ctrl-C or SIGTERM writes a checkpoint and stops. Exit status: 0 "
+        "done, 1 a non-finite loss, 2 a usage error (a folder in use among them), 3 a file that could not be "
+        "written "
+        "(the last checkpoint is kept), 130 Ctrl-C and 143 SIGTERM (after writing a checkpoint)."
     )
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=epilog)
+    parser = OneLineParser(description=__doc__.split("\n")[0], epilog=epilog)
     add_options(parser, TrainConfig)
     return parser
 
@@ -549,7 +741,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse, train, report; exit status 2 on a usage error, 1 on a non-finite loss."""
+    """Entry point: parse, train, report; exit status 0 done, 1 a non-finite loss, 2 a usage error, 3 a file
+    that could not be written, 128 + the signal's number when stopped by Ctrl-C or SIGTERM (see
+    :func:`cli.run_command`)."""
     cfg = parse_args(argv)
 
     def command() -> int:
