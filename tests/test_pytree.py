@@ -344,6 +344,11 @@ def test_under_autocast_the_leaves_f_returns_are_cast_back_to_the_state_dtype():
     assert out.z[0].requires_grad
 
 
+@pytest.mark.skipif(
+    tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 11),
+    reason="torch 2.4's dynamo fails inside torch.utils._pytree (InternalTorchDynamoError on a TreeSpec); "
+    "structured states under torch.compile need a newer torch (2.11 and 2.13 checked)",
+)
 def test_a_compiled_layer_with_a_pytree_state_does_not_recompile():
     class Cell(torch.nn.Module):
         def __init__(self) -> None:
