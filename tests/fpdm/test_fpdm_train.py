@@ -141,7 +141,8 @@ def test_nan_loss_stops_training_with_a_clear_message_and_keeps_the_last_good_ch
     assert "last good checkpoint" in str(error.value) and "(step 2)" in str(error.value)
     ckpt = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
     assert ckpt["step"] == 2
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    # Tensors only: the implicit layer's extra state (its estimator's generator) is a dict.
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if isinstance(v, torch.Tensor))
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / LOG_NAME).read_text().splitlines()] == [
         1,
         2,
