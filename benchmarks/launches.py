@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
+from gradients import processor_name  # benchmarks/gradients.py
 
 from implicitdiff import Anderson, Broyden, Picard
 from implicitdiff.diagnostics import LaunchCounter
@@ -78,7 +78,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "machine": processor_name(),
         "f_launches": F_LAUNCHES,
         "extra_launches_per_iteration": rows,
     }

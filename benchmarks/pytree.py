@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from gradients import processor_name  # benchmarks/gradients.py
 from torch import Tensor, nn
 
 from implicitdiff import JFB, Anderson, DEQLayer
@@ -135,7 +136,7 @@ def main() -> None:
         "evaluations": MAX_ITER,
         "repeats": REPEATS,
         "machine": platform.platform(),
-        "processor": _processor(),
+        "processor": processor_name(),
         "threads": torch.get_num_threads(),
         "load_1min": os.getloadavg()[0],
         "python": platform.python_version(),
@@ -150,16 +151,6 @@ def main() -> None:
     print(f"{'mode':<20} {'pytree ms':>10} {'flat ms':>10} {'ratio':>7}")
     for row in rows:
         print(f"{row['mode']:<20} {row['pytree_ms']:>10.1f} {row['flat_ms']:>10.1f} {row['ratio']:>7.3f}")
-
-
-def _processor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":
