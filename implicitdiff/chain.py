@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,11 +171,12 @@ def solve_chain(
     num_steps: int,
     *,
     solver: Any = None,
-    tol: float | None = None,
+    tol: float | Tensor | Sequence[float] | None = None,
     max_iter: int | None = None,
     window: int | None = None,
     stop_mode: str = "abs",
     form: str = "step",
+    max_batch: int | None = None,
 ) -> ChainResult:
     r"""Run the recurrence :math:`x_{k+1} = s(k, x_k)` as one fixed point over its trajectory.
 
@@ -221,10 +222,12 @@ def solve_chain(
         steps when the window slides; a step entering the window starts with no history (through the
         rule's ``restart``, or by re-initialising the rule when it has no ``restart`` of its own).
         Rules with ``accept`` (trial steps) are refused.
-    tol : float, optional
+    tol : float or sequence of float, optional
         Tolerance on the per-step residual, ``>= 0``; default ``1e-5``, or ``1e-10`` for float64.
         ``0`` finalises a step only when it is exact: Picard then takes the full ``num_steps``
-        sweeps.
+        sweeps. A tensor or sequence of ``num_steps`` values gives each step its own tolerance
+        (``tol[k]`` for the residual of step ``k``), e.g. proportional to a diffusion sampler's noise
+        level at that step; the bound below then reads :math:`\sum_{i < k} \mathrm{tol}_i L^{k-1-i}`.
     max_iter : int, optional
         Cap on sweeps, ``>= 1``; default ``num_steps`` (always enough to finish).
     window : int, optional
@@ -233,6 +236,10 @@ def solve_chain(
     stop_mode : {"abs", "rel"}
         ``"abs"``: :math:`r_k = \|s(k, X_k) - X_{k+1}\|_2` over all of a state's entries; ``"rel"``:
         divided by :math:`\|s(k, X_k)\|_2 + 10^{-9}`.
+    max_batch : int, optional
+        Most states per call of ``step``: a sweep over more steps than this calls ``step`` on chunks of
+        at most ``max_batch`` of them (in order), so that memory is bounded whatever the window.
+        Results do not depend on it; one sweep still counts as one sequential round. Default: no limit.
     form : {"step", "cumulative"}
         The map the rule iterates; both have the trajectory as their fixed point and cost the same
         evaluations, and the residual that decides convergence is the per-step one above in both.
@@ -285,6 +292,7 @@ def solve_chain(
             window=window,
             stop_mode=stop_mode,
             form=form,
+            max_batch=max_batch,
         )
         return dataclasses.replace(result, xs=spec.unpack(result.xs))
     if x0.requires_grad and torch.is_grad_enabled():
@@ -295,14 +303,33 @@ def solve_chain(
     wdtype = working_dtype(x0.dtype)
     num_steps = check_int("num_steps", num_steps, low=0)
     rule = _check_solver(solver)
-    tol = _default_tol(wdtype) if tol is None else check_real("tol", tol, low=0.0)
+    tols = _check_tol(tol, num_steps, wdtype, x0.device)
+    max_batch = None if max_batch is None else check_int("max_batch", max_batch, low=1)
     max_iter = max(num_steps, 1) if max_iter is None else check_int("max_iter", max_iter, low=1)
     window = num_steps if window is None else check_int("window", window, low=1)
     stop_mode = check_stop_mode(stop_mode)
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     with torch.no_grad():
-        return _Chain(step, x0, num_steps, rule, tol, window, stop_mode, form == "cumulative").run(max_iter)
+        chain = _Chain(step, x0, num_steps, rule, tols, window, stop_mode, form == "cumulative", max_batch)
+        return chain.run(max_iter)
+
+
+def _check_tol(tol: object, num_steps: int, wdtype: torch.dtype, device: torch.device) -> Tensor:
+    """The per-step tolerances as a ``(num_steps,)`` tensor; one number is every step's."""
+    if tol is None:
+        return torch.full((num_steps,), _default_tol(wdtype), dtype=wdtype, device=device)
+    if isinstance(tol, (Tensor, Sequence)) and not isinstance(tol, str):
+        tols = torch.as_tensor(tol, dtype=wdtype).to(device)
+        if tols.dim() != 1 or tols.shape[0] != num_steps:
+            raise ValueError(
+                f"tol must be a number or one tolerance per step (shape ({num_steps},)), got shape "
+                f"{tuple(tols.shape)}"
+            )
+        if not bool(torch.isfinite(tols).all() and (tols >= 0).all()):
+            raise ValueError(f"tol must hold finite values >= 0, got {tols.tolist()}")
+        return tols
+    return torch.full((num_steps,), check_real("tol", tol, low=0.0), dtype=wdtype, device=device)
 
 
 class _Chain:
@@ -320,10 +347,11 @@ class _Chain:
         x0: Tensor,
         num_steps: int,
         rule: UpdateRule,
-        tol: float,
+        tol: Tensor,
         window: int,
         stop_mode: str,
         cumulative: bool,
+        max_batch: int | None = None,
     ) -> None:
         self.evaluate = Evaluator(
             step,
@@ -334,7 +362,8 @@ class _Chain:
             argument="x",
         )
         self.rule, self.tol, self.window, self.stop_mode = rule, tol, window, stop_mode
-        self.cumulative, self.num_steps = cumulative, num_steps
+        self.cumulative, self.num_steps, self.max_batch = cumulative, num_steps, max_batch
+        self.sweeps = 0
         self.shape, self.dtype, self.device = x0.shape, x0.dtype, x0.device
         wdtype = self.evaluate.wdtype
         self.xs = x0.detach().reshape(1, -1).to(wdtype).repeat(num_steps + 1, 1)
@@ -348,11 +377,11 @@ class _Chain:
         self.state: Any = None  # the rule's state; None until the next sweep initialises it
 
     def run(self, max_iter: int) -> ChainResult:
-        while self.lo < self.num_steps and self.evaluate.nfe < max_iter:
+        while self.lo < self.num_steps and self.sweeps < max_iter:
             prev, fz = self.sweep()
             res = residual_norm(fz, self.z, self.stop_mode)
             advance = self.finalise(fz, res)
-            if self.lo + advance >= self.num_steps or self.evaluate.nfe >= max_iter or advance == 0:
+            if self.lo + advance >= self.num_steps or self.sweeps >= max_iter or advance == 0:
                 # Steps not final keep the estimates last evaluated; those never evaluated the last one.
                 hi = self.lo + self.rows
                 self.xs[self.lo + advance + 1 : hi + 1] = self.z[advance:]
@@ -363,7 +392,7 @@ class _Chain:
             xs=self.xs.reshape(self.num_steps + 1, *self.shape).to(self.dtype),
             residual=self.residual,
             converged=self.converged,
-            sweeps=self.evaluate.nfe,
+            sweeps=self.sweeps,
             evaluations=self.evaluations,
             evaluations_per_step=self.per_step,
             nonfinite=self.nonfinite,
@@ -374,7 +403,14 @@ class _Chain:
         lo, rows = self.lo, self.rows
         k = torch.arange(lo, lo + rows, device=self.device)
         prev = torch.cat([self.xs[lo : lo + 1], self.z[:-1]])  # each step's predecessor
-        fz = self.evaluate(prev, k)
+        chunk = rows if self.max_batch is None else self.max_batch
+        if chunk >= rows:
+            fz = self.evaluate(prev, k)
+        else:  # bounded memory: the steps in chunks, in order; still one sequential round
+            fz = torch.cat(
+                [self.evaluate(prev[i : i + chunk], k[i : i + chunk]) for i in range(0, rows, chunk)]
+            )
+        self.sweeps += 1
         self.evaluations += rows
         self.per_step[lo : lo + rows] += 1
         return prev, fz
@@ -388,7 +424,7 @@ class _Chain:
         """
         lo, rows, z = self.lo, self.rows, self.z
         finite = torch.isfinite(fz).all(dim=1)
-        within = torch.cumprod((res <= self.tol).to(torch.long), dim=0).sum()
+        within = torch.cumprod((res <= self.tol[lo : lo + rows]).to(torch.long), dim=0).sum()
         image_ok = finite.index_select(0, within.clamp(max=rows - 1).view(1)).squeeze(0) & (within < rows)
         advance = int(within + image_ok)
         at_image = torch.arange(rows, device=self.device) >= within

@@ -394,3 +394,66 @@ def test_a_rule_that_proposes_non_finite_values_falls_back_to_the_image_and_is_r
     out = solve_chain(chain.step, chain.x0, 12, solver=Broken(), tol=1e-9)
     check_against_rollout(chain, out, 1e-9)
     assert Broken.restarted > 0 and not torch.any(out.nonfinite)
+
+
+# ----------------------------------------------------------------------------------- per-step tolerances
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_each_step_meets_its_own_tolerance_and_the_bound_follows(solver):
+    steps = 24
+    chain = ToyChain(steps, 5, [0.8] * steps, seed=11, act="tanh")
+    # Loose early, tight late (as a sampler's noise-scaled tolerance), and the reverse.
+    for tols in (torch.logspace(-2, -10, steps, dtype=torch.float64), torch.logspace(-10, -3, steps)):
+        out = solve_chain(chain.step, chain.x0, steps, solver=SOLVERS[solver](), tol=tols, window=8)
+        assert out.all_converged
+        assert torch.all(out.residual <= tols.to(out.residual.dtype) + ROUNDING)
+        images = chain.act(torch.einsum("kij,kj->ki", chain.A, out.xs[:-1]) + chain.b)
+        torch.testing.assert_close(
+            out.residual, torch.linalg.vector_norm(images - out.xs[1:], dim=1), atol=ROUNDING, rtol=0
+        )
+        error = torch.linalg.vector_norm(out.xs[1:] - chain.rollout()[1:], dim=1)
+        slack = ROUNDING * torch.arange(1, steps + 1, dtype=torch.float64)
+        assert torch.all(error <= error_bound(chain, out.residual) + slack)
+
+
+def test_a_loose_tolerance_on_some_steps_costs_fewer_sweeps_than_a_tight_one_everywhere():
+    steps = 30
+    chain = ToyChain(steps, 4, [0.9] * steps, seed=2, act="tanh")
+    tight = solve_chain(chain.step, chain.x0, steps, tol=1e-10)
+    mixed = solve_chain(chain.step, chain.x0, steps, tol=[1e-3] * 20 + [1e-10] * 10)
+    assert mixed.all_converged and mixed.sweeps < tight.sweeps
+
+
+@pytest.mark.parametrize(
+    ("tol", "error", "match"),
+    [
+        ([1e-6] * 3, ValueError, r"one tolerance per step \(shape \(4,\)\), got shape \(3,\)"),
+        (torch.full((2, 2), 1e-6), ValueError, r"got shape \(2, 2\)"),
+        ([1e-6, -1.0, 1e-6, 1e-6], ValueError, "finite values >= 0"),
+        ([1e-6, float("nan"), 1e-6, 1e-6], ValueError, "finite values >= 0"),
+    ],
+)
+def test_per_step_tolerances_are_checked(tol, error, match):
+    with pytest.raises(error, match=match):
+        solve_chain(_ok, torch.ones(2), 4, tol=tol)
+
+
+# ----------------------------------------------------------------------------------------- bounded memory
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+@pytest.mark.parametrize("max_batch", [1, 3, 7])
+def test_max_batch_bounds_each_call_and_changes_nothing_else(solver, max_batch):
+    steps = 20
+    whole = ToyChain(steps, 4, [0.7] * steps, seed=4, act="tanh")
+    chunked = ToyChain(steps, 4, [0.7] * steps, seed=4, act="tanh")
+    a = solve_chain(whole.step, whole.x0, steps, solver=SOLVERS[solver](), tol=1e-10, window=12)
+    b = solve_chain(
+        chunked.step, chunked.x0, steps, solver=SOLVERS[solver](), tol=1e-10, window=12, max_batch=max_batch
+    )
+    assert chunked.largest_call <= max_batch < whole.largest_call
+    assert a.sweeps == b.sweeps and a.evaluations == b.evaluations
+    torch.testing.assert_close(b.xs, a.xs, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="max_batch must be an int >= 1"):
+        solve_chain(_ok, torch.ones(2), 4, max_batch=0)
