@@ -26,6 +26,7 @@ from fpdm import sweeping as sweep
 from fpdm import training as train
 from fpdm.data import ImageFolder
 from fpdm.training import CHECKPOINT_NAME, LOG_NAME, load_checkpoint
+from test_command_lines import TINY, exit_status  # the same tiny model and exit-status reader
 
 # The documented exit statuses (README, command-line rules) and the lock's name, written out: the tests
 # pin them rather than follow the code.
@@ -33,15 +34,6 @@ EXIT_USAGE, EXIT_WRITE, EXIT_INTERRUPTED = 2, 3, 128
 LOCK_NAME = "train.lock"
 
 EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "fpdm"
-TINY = ["--hidden-size", "16", "--num-heads", "2", "--batch-size", "16", "--no-progress", "--log-every", "1"]
-
-
-def exit_status(main, argv, capsys):
-    try:
-        status = main(argv)
-    except SystemExit as stop:
-        status = stop.code
-    return status, capsys.readouterr().err
 
 
 def one_line(err: str) -> bool:
