@@ -413,7 +413,7 @@ def solve_and_attach(
     if parts is None or not parts.active:
         return call.run(z0, max_iter, tol, stop_mode, check_every, raise_on_nonfinite)
     with parametrize.cached():
-        call.held = parts.begin_call(with_grad=_needs_grad(f, x, f_kwargs))
+        call.held = parts.begin_call(with_grad=call.needs_grad)
         return call.run(z0, max_iter, tol, stop_mode, check_every, raise_on_nonfinite)
 
 
@@ -463,6 +463,9 @@ class _Call:
         self.f, self.x, self.solver, self.grad = f, x, solver, grad
         self.training, self.f_kwargs, self.n_states = training, f_kwargs, n_states
         self.held: Held | None = None
+        # Decided once per call (for a module it walks the parameters): the weights computed for the
+        # call and the estimator both follow it.
+        self.needs_grad = _needs_grad(f, x, f_kwargs)
 
     def run(
         self,
@@ -482,7 +485,7 @@ class _Call:
         # Counted from zero (not from the solve's count): under torch.compile a count that differs
         # from call to call would be a guard of the compiled graph.
         f_x.reset_calls()
-        if not _needs_grad(self.f, self.x, self.f_kwargs):
+        if not self.needs_grad:
             z = stats.z.detach()
         else:
             z = self.attach(f_x, stats, start)

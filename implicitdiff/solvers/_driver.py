@@ -462,7 +462,7 @@ def _run(
                 # Back to the best iterate, without its history, once the residual has blown up.
                 blown = res > progress.best_res * restart_factor
                 z, fz = _select(blown, progress.best_z, z), _select(blown, progress.best_fz, fz)
-                if need_res and (judges or rule.needs_residual):
+                if judges or rule.needs_residual:  # the rule reads the residual of where it stands
                     res = torch.where(blown, progress.best_res, res)
                 state = rule.restart(state, blown)
     if progress is not None:
