@@ -5,6 +5,7 @@ Any solver meets any gradient estimator around any ``f(z, x)``.
 
 from . import diagnostics, nn, regularizers
 from .chain import ChainResult, solve_chain
+from .chain_secant import ChainSecant
 from .functional import DEQOutput, fixed_point
 from .gradients import (
     IFT,
@@ -29,6 +30,7 @@ __all__ = [
     "BackwardSolveWarning",
     "Broyden",
     "ChainResult",
+    "ChainSecant",
     "DEQLayer",
     "DEQOutput",
     "GradientEstimator",

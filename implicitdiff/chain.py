@@ -45,13 +45,14 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from ._tree import PyTree, TreeSpec
 from ._validate import check_int, check_real
+from .chain_secant import ChainSecant
 from .solvers._base import check_stop_mode, residual_norm, working_dtype
 from .solvers._driver import Evaluator, UpdateRule, as_update_rule
 from .solvers.picard import Picard
@@ -155,7 +156,9 @@ def _take_rows(state: Any, index: Tensor, rows: int) -> Any:
     return state
 
 
-def _check_solver(solver: object) -> UpdateRule:
+def _check_solver(solver: object) -> UpdateRule | ChainSecant:
+    if isinstance(solver, ChainSecant):
+        return solver
     rule = Picard() if solver is None else as_update_rule(solver, "solver")
     if rule.judges_trials:
         raise TypeError(
@@ -346,7 +349,7 @@ class _Chain:
         step: StepFn,
         x0: Tensor,
         num_steps: int,
-        rule: UpdateRule,
+        rule: UpdateRule | ChainSecant,
         tol: Tensor,
         window: int,
         stop_mode: str,
@@ -373,6 +376,7 @@ class _Chain:
         self.per_step = torch.zeros(num_steps, dtype=torch.long, device=self.device)
         self.evaluations = 0
         self.lo, self.rows = 0, min(window, num_steps)
+        self.can_restart = isinstance(rule, ChainSecant) or rule.can_restart
         self.z = self.xs[1 : self.rows + 1].clone()
         self.state: Any = None  # the rule's state; None until the next sweep initialises it
 
@@ -387,7 +391,7 @@ class _Chain:
                 self.xs[self.lo + advance + 1 : hi + 1] = self.z[advance:]
                 self.xs[hi + 1 :] = self.xs[hi : hi + 1]
                 break
-            self.slide(advance, self.propose(prev, fz, res))
+            self.slide(advance, self.propose(prev, fz, res, advance))
         return ChainResult(
             xs=self.xs.reshape(self.num_steps + 1, *self.shape).to(self.dtype),
             residual=self.residual,
@@ -440,8 +444,30 @@ class _Chain:
             self.residual[lo + advance] = math.inf
         return advance
 
-    def propose(self, prev: Tensor, fz: Tensor, res: Tensor) -> Tensor:
-        """The rule's next estimates of the steps in flight, from their images under ``F`` or ``G``."""
+    def propose(self, prev: Tensor, fz: Tensor, res: Tensor, advance: int) -> Tensor:
+        """The rule's next estimates of the steps in flight, from their images under ``F`` or ``G``.
+
+        ``advance >= 1`` steps have just become final; a chain-aware rule starts from their values.
+        """
+        if isinstance(self.rule, ChainSecant):
+            if self.state is None:
+                self.state = self.rule.init(self.z)
+            # The change of the first step still in flight's input: its predecessor's final value
+            # minus the estimate it was evaluated at (zero unless that step was finalised at its image).
+            d = self.xs[self.lo + advance] - self.z[advance - 1]
+            base = 1.0 if self.cumulative else 0.0
+            z_next = self.rule.propose(self.state, prev, fz, self.z, advance, d, base)
+        else:
+            z_next = self._rule_step(prev, fz, res)
+        # A rule that produced non-finite values for a step falls back to its image and forgets it.
+        broken = ~torch.isfinite(z_next).all(dim=1) | ~self.finite
+        if self.can_restart:
+            self.state = self.rule.restart(self.state, broken)
+        return torch.where(broken[:, None], fz, z_next)
+
+    def _rule_step(self, prev: Tensor, fz: Tensor, res: Tensor) -> Tensor:
+        """An update rule's step on the map ``F`` or ``G``: the steps in flight are its batch."""
+        rule = cast(UpdateRule, self.rule)
         if self.cumulative:
             # The image under G: the final state plus the running sum of the increments s(k, X_k) - X_k.
             gz = torch.cumsum(fz - prev, dim=0).add_(self.xs[self.lo : self.lo + 1])
@@ -449,13 +475,9 @@ class _Chain:
         else:
             gz, gres = fz, res
         if self.state is None:
-            self.state = self.rule.init(self.z, gz)
-        z_next, self.state = self.rule.step(self.state, self.z, gz, gres)
-        # A rule that produced non-finite values for a step falls back to its image and forgets it.
-        broken = ~torch.isfinite(z_next).all(dim=1) | ~self.finite
-        if self.rule.can_restart:
-            self.state = self.rule.restart(self.state, broken)
-        return torch.where(broken[:, None], fz, z_next)
+            self.state = rule.init(self.z, gz)
+        z_next, self.state = rule.step(self.state, self.z, gz, gres)
+        return z_next
 
     def slide(self, advance: int, z_next: Tensor) -> None:
         """Move the window past the ``advance`` steps made final; entering steps start with no history.
@@ -471,7 +493,7 @@ class _Chain:
         index = torch.arange(advance, rows, device=self.device)
         guess = z_next[-1:] if kept else self.xs[new_lo : new_lo + 1]
         self.z = torch.cat([z_next.index_select(0, index), guess.expand(entering, n)])
-        if entering and not (self.rule.can_restart and kept):
+        if entering and not (self.can_restart and kept):
             self.state = None  # re-initialised at the next sweep
         elif self.state is not None:
             if entering:
