@@ -4,11 +4,20 @@ Run::
 
     python benchmarks/chain.py     # prints a table, writes benchmarks/results/chain.json
 
-Two 50-step toy chains in float32, tolerance 1e-5 (absolute, per step):
+Three chains:
 
-* ``tanh``: ``x_{k+1} = tanh(A_k x_k + b_k)``, ``||A_k||_2 = 0.9``, 64 dimensions (an RNN);
-* ``euler``: explicit Euler on ``dx/dt = tanh(W x + sin t) - x`` over ``t in [0, 2]``, 64 dimensions
-  (steps close to the identity, as in a diffusion sampler).
+* ``tanh``: 50 steps ``x_{k+1} = tanh(A_k x_k + b_k)``, ``||A_k||_2 = 0.9``, 64 dimensions (an RNN),
+  float32, tolerance 1e-5 (absolute, per step);
+* ``euler``: 50 steps of explicit Euler on ``dx/dt = tanh(W x + sin t) - x`` over ``t in [0, 2]``, 64
+  dimensions (steps close to the identity, as in a diffusion sampler), float32, tolerance 1e-5;
+* ``ddim``: 100 deterministic DDIM steps (eta = 0, the linear schedule of DDPM, trailing spacing) of
+  64 samples of a 16-dimensional Gaussian mixture whose noise prediction is exact (so the chain is
+  a real diffusion sampler's, with no network), float64, ParaDiGMS's noise-scaled tolerance
+  ``tol_k = 1e-4 * sigma_k * sqrt(numel)`` on each step (RMS per entry ``1e-4 sigma_k``).
+
+And the test grid: the 252 toy chains of ``tests/test_chain.py``'s ``ToyChain`` (12, 30 and 60 steps,
+gains 0.5 to 1.1, tanh and affine, both forms, full window and 8, three seeds; float64, tol 1e-8), on
+which the script counts, per rule, the chains where it took more sweeps than Picard on the same form.
 
 Per method: ``sweeps`` (sequential rounds: batched calls of the step), ``evaluations`` (steps
 evaluated, summed over the calls), the largest distance of any state to the sequential rollout, and
@@ -19,11 +28,13 @@ instead of carrying each step's history along.
 
 from __future__ import annotations
 
+import itertools
 import json
 import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,10 +43,15 @@ import torch
 from torch import Tensor
 
 import implicitdiff.chain as chain_module
-from implicitdiff import Anderson, Broyden, Picard, solve_chain
+from implicitdiff import Anderson, Broyden, ChainSecant, Picard, solve_chain
+from implicitdiff.chain import FORMS, ChainRuleWarning
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_chain import ToyChain
 
 RESULTS = Path(__file__).parent / "results" / "chain.json"
 STEPS, DIM, TOL, REPS = 50, 64, 1e-5, 5
+DDIM_STEPS, DDIM_TAU = 100, 1e-4
 
 
 def tanh_chain() -> tuple[Callable[[Tensor, Tensor], Tensor], Tensor]:
@@ -62,9 +78,34 @@ def euler_chain() -> tuple[Callable[[Tensor, Tensor], Tensor], Tensor]:
     return step, torch.randn(DIM, generator=generator)
 
 
-def sequential(step: Callable[[Tensor, Tensor], Tensor], x0: Tensor) -> Tensor:
+def ddim_chain() -> tuple[Callable[[Tensor, Tensor], Tensor], Tensor, Tensor]:
+    """DDIM on a Gaussian mixture with its exact noise prediction; returns ``step``, ``x0`` and ``tol``."""
+    generator = torch.Generator().manual_seed(2)
+    dim, components, samples, var = 16, 6, 64, 0.05
+    means = torch.randn(components, dim, generator=generator, dtype=torch.float64)
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    t = torch.arange(1000, 0, -1000 // DDIM_STEPS) - 1  # trailing spacing: 999, 989, ..., 9
+    a, a_next = abar[t], torch.cat([abar[t[1:]], abar.new_ones(1)])
+
+    def eps(x: Tensor, a: Tensor) -> Tensor:  # x (k, samples, dim), a (k, 1, 1)
+        diff = x[:, :, None] - a[..., None].sqrt() * means  # (k, samples, components, dim)
+        v = (a * var + 1 - a)[..., None]
+        weights = torch.softmax(-(diff**2).sum(-1) / (2 * v[..., 0]), dim=-1)
+        score = -(weights[..., None] * diff).sum(2) / v[..., 0]
+        return -(1 - a).sqrt() * score
+
+    def step(k: Tensor, x: Tensor) -> Tensor:
+        ak, an = a[k][:, None, None], a_next[k][:, None, None]
+        e = eps(x, ak)
+        return an.sqrt() * (x - (1 - ak).sqrt() * e) / ak.sqrt() + (1 - an).sqrt() * e
+
+    x0 = torch.randn(samples, dim, generator=generator, dtype=torch.float64)
+    return step, x0, DDIM_TAU * (1 - a).sqrt() * (samples * dim) ** 0.5
+
+
+def sequential(step: Callable[[Tensor, Tensor], Tensor], x0: Tensor, steps: int = STEPS) -> Tensor:
     xs = [x0]
-    for k in range(STEPS):
+    for k in range(steps):
         xs.append(step(torch.tensor([k]), xs[-1][None])[0])
     return torch.stack(xs)
 
@@ -86,6 +127,17 @@ METHODS: dict[str, tuple[Callable[[], Any], int | None, str, bool]] = {
     "Anderson(m=5), window 10": (lambda: Anderson(m=5), 10, "cumulative", False),
     "Anderson(m=5), reinit ": (lambda: Anderson(m=5), None, "cumulative", True),
     "Broyden(memory=10) ": (lambda: Broyden(memory=10), None, "cumulative", False),
+    "ChainSecant(m=3)": (ChainSecant, None, "step", False),
+    "ChainSecant(m=3), window 10": (ChainSecant, 10, "step", False),
+    "ChainSecant(m=3) ": (ChainSecant, None, "cumulative", False),
+    "ChainSecant(m=3), window 10 ": (ChainSecant, 10, "cumulative", False),
+}
+
+#: The rules counted on the test grid (each against Picard on the same form and window).
+GRID_RULES: dict[str, Callable[[], Any]] = {
+    "Anderson(m=3)": lambda: Anderson(m=3),
+    "Broyden(memory=4)": lambda: Broyden(memory=4),
+    "ChainSecant(m=3)": ChainSecant,
 }
 
 
@@ -99,37 +151,72 @@ def timed(run: Callable[[], Any]) -> tuple[Any, float]:
     return out, 1e3 * statistics.median(times)
 
 
+def chain_rows(name: str, step: Callable[[Tensor, Tensor], Tensor], x0: Tensor, steps: int, tol: Any) -> list:
+    """The sequential row and one row per method of ``METHODS`` on one chain."""
+    reference, wall = timed(lambda: sequential(step, x0, steps))
+    rows = [
+        {"chain": name, "method": "sequential", "form": "-", "window": 1, "sweeps": steps}
+        | {"evaluations": steps, "max_error": 0.0, "converged": True, "wall_ms": wall}
+    ]
+    for method, (solver, window, form, fresh) in METHODS.items():
+        original = chain_module._take_rows
+        if fresh:
+            chain_module._take_rows = reinit
+        try:
+
+            def run(solver=solver, window=window, form=form) -> Any:
+                return solve_chain(step, x0, steps, solver=solver(), tol=tol, window=window, form=form)
+
+            out, wall = timed(run)
+        finally:
+            chain_module._take_rows = original
+        error = float((out.xs - reference).flatten(1).norm(dim=1).max())
+        rows.append(
+            {"chain": name, "method": method.strip(), "form": form, "window": window or steps}
+            | {"sweeps": out.sweeps, "evaluations": out.evaluations, "max_error": error}
+            | {"converged": out.all_converged, "wall_ms": wall}
+        )
+    return rows
+
+
+def grid_cases() -> list[dict[str, Any]]:
+    """The 252 toy chains of the test grid (see the module)."""
+    cases = []
+    for steps, gain, act, form, window, seed in itertools.product(
+        (12, 30, 60), (0.5, 0.8, 0.95, 1.1), ("tanh", "affine"), FORMS, (None, 8), (0, 1, 2)
+    ):
+        if not (act == "affine" and gain > 1):  # an expanding affine chain overflows: not a test case
+            cases.append(
+                {"steps": steps, "gain": gain, "act": act, "form": form, "window": window, "seed": seed}
+            )
+    return cases
+
+
+def grid_counts() -> dict[str, dict[str, Any]]:
+    """Per rule of ``GRID_RULES``: sweeps over the grid, and the chains where it took more than Picard."""
+    totals: dict[str, dict[str, Any]] = {"Picard": {"sweeps": 0, "worse": 0, "worst_excess": 0}}
+    totals |= {name: {"sweeps": 0, "worse": 0, "worst_excess": 0} for name in GRID_RULES}
+    for case in grid_cases():
+        sweeps = {}
+        for name, rule in {"Picard": Picard, **GRID_RULES}.items():
+            chain = ToyChain(case["steps"], 6, [case["gain"]] * case["steps"], case["seed"], case["act"])
+            options = {"tol": 1e-8, "form": case["form"], "window": case["window"]}
+            sweeps[name] = solve_chain(chain.step, chain.x0, case["steps"], solver=rule(), **options).sweeps
+            excess = sweeps[name] - sweeps["Picard"]
+            totals[name]["sweeps"] += sweeps[name]
+            totals[name]["worse"] += int(excess > 0)
+            totals[name]["worst_excess"] = max(totals[name]["worst_excess"], excess)
+    return totals
+
+
 def main() -> None:
     torch.set_num_threads(1)
+    warnings.simplefilter("ignore", ChainRuleWarning)  # the per-sample rules are measured on purpose
     rows = []
     for name, make in {"tanh": tanh_chain, "euler": euler_chain}.items():
-        step, x0 = make()
-        reference, wall = timed(lambda step=step, x0=x0: sequential(step, x0))
-        rows.append(
-            {"chain": name, "method": "sequential", "form": "-", "window": 1, "sweeps": STEPS}
-            | {"evaluations": STEPS}
-            | {"max_error": 0.0, "converged": True, "wall_ms": wall}
-        )
-        for method, (solver, window, form, fresh) in METHODS.items():
-            original = chain_module._take_rows
-            if fresh:
-                chain_module._take_rows = reinit
-            try:
-
-                def run(step=step, x0=x0, solver=solver, window=window, form=form) -> Any:
-                    rule = solver()
-                    return solve_chain(step, x0, STEPS, solver=rule, tol=TOL, window=window, form=form)
-
-                out, wall = timed(run)
-            finally:
-                chain_module._take_rows = original
-            error = float(torch.linalg.vector_norm(out.xs - reference, dim=1).max())
-            rows.append(
-                {"chain": name, "method": method.strip(), "form": form, "window": window or STEPS}
-                | {"sweeps": out.sweeps}
-                | {"evaluations": out.evaluations, "max_error": error, "converged": out.all_converged}
-                | {"wall_ms": wall}
-            )
+        rows += chain_rows(name, *make(), STEPS, TOL)
+    step, x0, tol = ddim_chain()
+    rows += chain_rows("ddim", step, x0, DDIM_STEPS, tol)
     header = f"{'chain':6} {'form':10} {'method':30} {'window':>6} {'sweeps':>6} {'evals':>6}"
     header += f" {'max error':>10} {'ms':>7}"
     print(header)
@@ -138,18 +225,23 @@ def main() -> None:
             f"{row['chain']:6} {row['form']:10} {row['method']:30} {row['window']:6d} {row['sweeps']:6d} "
             f"{row['evaluations']:6d} {row['max_error']:10.2e} {row['wall_ms']:7.1f}"
         )
+    grid = grid_counts()
+    print(f"\ntest grid ({len(grid_cases())} chains): sweeps in all, chains worse than Picard, worst excess")
+    for name, counts in grid.items():
+        print(f"  {name:20} {counts['sweeps']:6d} {counts['worse']:4d} {counts['worst_excess']:4d}")
     RESULTS.parent.mkdir(exist_ok=True)
     meta = {
         "steps": STEPS,
         "dim": DIM,
         "tol": TOL,
-        "dtype": "float32",
+        "dtype": "float32 (ddim and the grid: float64)",
+        "ddim": {"steps": DDIM_STEPS, "tau": DDIM_TAU, "samples": 64, "dim": 16},
         "machine": platform.platform(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
-    RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    RESULTS.write_text(json.dumps({"meta": meta, "rows": rows, "grid": grid}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

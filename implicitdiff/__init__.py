@@ -4,7 +4,7 @@ Any solver meets any gradient estimator around any ``f(z, x)``.
 """
 
 from . import diagnostics, nn, regularizers
-from .chain import ChainResult, solve_chain
+from .chain import ChainResult, ChainRuleWarning, solve_chain
 from .chain_secant import ChainSecant
 from .functional import DEQOutput, fixed_point
 from .gradients import (
@@ -30,6 +30,7 @@ __all__ = [
     "BackwardSolveWarning",
     "Broyden",
     "ChainResult",
+    "ChainRuleWarning",
     "ChainSecant",
     "DEQLayer",
     "DEQOutput",

@@ -53,14 +53,17 @@ class ChainSecantState:
 
     ``X`` and ``S`` are ``(rows, m, n)`` rings of input and output differences (slot ``k % m`` the
     newest; a zero row takes no part in the fit), ``last_in`` / ``last_out`` ``(rows, n)`` the last
-    evaluated input and output of each step, ``known`` ``(rows,)`` whether a step has been evaluated
-    since it entered the window (its next evaluation then gives a pair), ``k`` the sweeps recorded.
+    evaluated input and output of each step, ``secant`` ``(rows, n)`` the part of each step's last
+    proposal that came from its secant model (what the safeguard judges), ``known`` ``(rows,)``
+    whether a step has been evaluated since it entered the window (its next evaluation then gives a
+    pair), ``k`` the sweeps recorded.
     """
 
     X: Tensor
     S: Tensor
     last_in: Tensor
     last_out: Tensor
+    secant: Tensor
     known: Tensor
     k: int
 
@@ -76,38 +79,56 @@ class ChainSecant:
     Parameters
     ----------
     m : int
-        Secant pairs kept per step, ``>= 1`` (memory: ``3 m + 2`` states per step in flight).
-    lam : float
-        Relative Tikhonov regularisation of the fit, ``>= 0``: pairs nearly parallel to one another
-        cannot blow the model up.
+        Secant pairs kept per step, ``>= 1`` (memory: ``2 m + 3`` states per step in flight).
+    lam : float, optional
+        Tikhonov regularisation of the fit, ``>= 0``, on pairs scaled to unit input changes: a pair
+        whose direction differs from the others' by less than about :math:`\sqrt{\lambda}` adds no
+        information. Default: the machine epsilon of the states' working dtype (what is left below
+        it is rounding).
+    safeguard : float
+        A step whose residual after a proposal is more than ``safeguard`` times what the base model
+        alone (Picard on the form) would have left at the same input forgets its older pairs.
+        ``> 1``; ``float("inf")`` turns it off.
 
     Notes
     -----
     Measured against Picard on the same chains (``benchmarks/chain.py``): never more sweeps on the
-    test chains of ``tests/test_chain.py`` (252 contracting and affine chains, both forms, windows),
-    and fewer on diffusion chains; see the parallel guide. The propagation costs about five small
-    kernels per step in flight and sweep, and no host read.
+    252 test chains of ``tests/test_chain.py`` (contracting and affine, both forms, full and sliding
+    windows), and fewer where the steps have structure to learn; on a linear chain of dimension
+    ``n <= m`` it is Newton's method once each step has ``n`` pairs, so it ends after about ``n + 3``
+    sweeps however long the chain. The propagation costs about seven small kernels per step in flight
+    and sweep, and no host read.
     """
 
-    def __init__(self, m: int = 3, lam: float = 1e-8) -> None:
+    def __init__(self, m: int = 3, lam: float | None = None, safeguard: float = 4.0) -> None:
         self.m = check_int("m", m, low=1)
-        self.lam = check_real("lam", lam, low=0.0)
+        self.lam = None if lam is None else check_real("lam", lam, low=0.0)
+        self.safeguard = check_real("safeguard", safeguard, low=1.0, low_open=True, finite=False)
 
     def __repr__(self) -> str:
-        return f"ChainSecant(m={self.m}, lam={self.lam})"
+        return f"ChainSecant(m={self.m}, lam={self.lam}, safeguard={self.safeguard})"
 
     def init(self, z: Tensor) -> ChainSecantState:
         """An empty history for the ``(rows, n)`` steps in flight ``z``."""
         rows, n = z.shape
         empty = z.new_zeros(rows, self.m, n)
         known = torch.zeros(rows, dtype=torch.bool, device=z.device)
-        return ChainSecantState(empty, empty.clone(), z.clone(), z.clone(), known, 0)
+        return ChainSecantState(empty, empty.clone(), z.clone(), z.clone(), torch.zeros_like(z), known, 0)
 
-    def record(self, state: ChainSecantState, prev: Tensor, fz: Tensor) -> None:
-        """Write this sweep's pair ``(prev - last_in, fz - last_out)`` of every step that has a last."""
+    def record(self, state: ChainSecantState, prev: Tensor, fz: Tensor, z: Tensor) -> None:
+        r"""Judge the last proposals, then write this sweep's pair ``(prev - last_in, fz - last_out)``.
+
+        The safeguard: a step whose residual :math:`\|s(k, X_k) - X_{k+1}\|` is larger than it would
+        have been without its secant correction (the base model's proposal, Picard's, at the same
+        input) forgets its older pairs, so its next proposal leans on the new pair alone.
+        """
+        zero = torch.zeros((), dtype=fz.dtype, device=fz.device)
+        residual = fz - z
+        base_residual = torch.linalg.vector_norm(residual + state.secant, dim=1)
+        worse = torch.linalg.vector_norm(residual, dim=1) > self.safeguard * base_residual
+        self._forget(state, worse & state.known)
         slot = state.k % self.m
         known = state.known[:, None]
-        zero = torch.zeros((), dtype=fz.dtype, device=fz.device)
         state.X[:, slot] = torch.where(known, prev - state.last_in, zero)
         state.S[:, slot] = torch.where(known, fz - state.last_out, zero)
         state.last_in.copy_(prev)
@@ -116,15 +137,23 @@ class ChainSecant:
         state.k += 1
 
     def models(self, state: ChainSecantState, base: float) -> tuple[Tensor, Tensor]:
-        r"""Per step, :math:`P = (\Delta X \Delta X^\top + \mu I)^{-1} \Delta X` and
-        :math:`C^\top = (\Delta S - B \Delta X)^\top`, so that :math:`\hat J d = B d + C^\top (P d)`."""
-        X = state.X
+        r"""Per step, :math:`P = (\hat X \hat X^\top + \lambda I)^{-1} \hat X` and
+        :math:`C^\top = (\hat S - B \hat X)^\top`, so that :math:`\hat J d = B d + C^\top (P d)`.
+
+        Each pair is scaled to a unit input change first (:math:`\hat X_i = \Delta X_i / \|\Delta X_i\|`,
+        :math:`\hat S_i = \Delta S_i / \|\Delta X_i\|`: the same secant): a chain's changes shrink by
+        orders of magnitude from sweep to sweep, and a shift relative to the largest pair would drown
+        the small, recent ones.
+        """
+        scale = torch.linalg.vector_norm(state.X, dim=2, keepdim=True).clamp_min_(
+            torch.finfo(state.X.dtype).tiny
+        )
+        X, S = state.X / scale, state.S / scale
         gram = torch.bmm(X, X.transpose(1, 2)).to(_gram_dtype(X.device))
-        diagonal = gram.diagonal(dim1=1, dim2=2)
-        largest = diagonal.amax(dim=1, keepdim=True)
-        diagonal += torch.add(torch.finfo(gram.dtype).tiny, largest, alpha=self.lam)
+        lam = torch.finfo(state.X.dtype).eps if self.lam is None else self.lam
+        gram.diagonal(dim1=1, dim2=2).add_(lam + torch.finfo(gram.dtype).tiny)
         P = torch.linalg.solve_ex(gram, X.to(gram.dtype))[0].to(X.dtype)
-        C = state.S if base == 0.0 else torch.add(state.S, X, alpha=-base)
+        C = S if base == 0.0 else torch.add(S, X, alpha=-base)
         return P, C.transpose(1, 2)
 
     def propose(
@@ -136,19 +165,25 @@ class ChainSecant:
         ``start``'s input (its predecessor's final value minus its estimate) and ``base`` the form's
         Jacobian. Rows before ``start`` are returned as ``fz`` (the caller drops them).
         """
-        self.record(state, prev, fz)
+        self.record(state, prev, fz, z)
         P, Ct = self.models(state, base)
         out = fz.clone()
+        state.secant.zero_()
         for j in range(start, fz.shape[0]):
-            correction = torch.add(fz[j], d, alpha=base) if base else fz[j]
-            out[j] = torch.addmv(correction, Ct[j], torch.mv(P[j], d))
+            secant = torch.mv(Ct[j], torch.mv(P[j], d))
+            state.secant[j] = secant
+            out[j] = torch.add(fz[j], d, alpha=base).add_(secant) if base else fz[j] + secant
             d = out[j] - z[j]
         return out
 
     def restart(self, state: ChainSecantState, mask: Tensor) -> ChainSecantState:
         """Forget the history of the steps in ``mask``; their next evaluation gives no pair."""
+        self._forget(state, mask)
+        state.known = state.known & ~mask
+        return state
+
+    def _forget(self, state: ChainSecantState, mask: Tensor) -> None:
         zero = torch.zeros((), dtype=state.X.dtype, device=state.X.device)
         state.X = torch.where(mask[:, None, None], zero, state.X)
         state.S = torch.where(mask[:, None, None], zero, state.S)
-        state.known = state.known & ~mask
-        return state
+        state.secant = torch.where(mask[:, None], zero, state.secant)

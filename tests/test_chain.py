@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
 
-from implicitdiff import Anderson, Broyden, ChainResult, Picard, solve_chain
+from implicitdiff import Anderson, Broyden, ChainResult, ChainSecant, Picard, solve_chain
 from implicitdiff.chain import FORMS
 from implicitdiff.diagnostics import SyncCounter
 from implicitdiff.solvers import UpdateRule
@@ -82,6 +82,7 @@ SOLVERS: dict[str, Callable[[], Any]] = {
     "damped": lambda: Picard(tau=0.7),
     "anderson": lambda: Anderson(m=3),
     "broyden": lambda: Broyden(memory=4),
+    "chain_secant": lambda: ChainSecant(m=3),
 }
 
 
