@@ -402,7 +402,8 @@ def test_sample_cli_parallel_defaults_to_noise_scaled_tolerances_and_records_the
     np.testing.assert_allclose(summary["per_step_first_batch"]["tolerances"], expected, rtol=1e-12)
     chunked = runs["chunked"]
     assert chunked["tau"] == 1e-2 and chunked["max_batch"] == 2
-    np.testing.assert_allclose(chunked["per_step_first_batch"]["tolerances"], np.array(expected) * 10)
+    expected = [1e-2 * noise_level(t) for t in timesteps]
+    np.testing.assert_allclose(chunked["per_step_first_batch"]["tolerances"], expected, rtol=1e-12)
 
 
 def test_sample_cli_parallel_refuses_ddpm_and_eta(checkpoint, tmp_path, capsys):

@@ -16,7 +16,7 @@ on the batch size. By default they follow the noise (ParaDiGMS's rule): timestep
 the noise level of the state the step starts from: an error of :math:`\tau\sigma_t` per entry is a
 fraction :math:`\tau` of the noise that state still carries, and the high-noise timesteps, whose errors
 the later steps see through a noisy input anyway, stop sooner. (The DDPM posterior standard deviation,
-ParaDiGMS's other choice, vanishes at the last step and depends on the number of steps; the marginal
+the other common scale, vanishes at the last step and depends on the number of steps; the marginal
 :math:`\sigma_t` depends on the timestep only.) ``tol=`` gives every timestep one RMS tolerance instead.
 :data:`DEFAULT_TAU` was chosen by measurement (``docs/fpdm-measurements.md``).
 
