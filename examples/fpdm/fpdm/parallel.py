@@ -14,8 +14,9 @@ on the batch size. By default they follow the noise (ParaDiGMS's rule): timestep
 .. math:: \mathrm{tol}_k = \tau\,\sigma_{t_k}, \qquad \sigma_t = \sqrt{1 - \bar\alpha_t},
 
 the noise level of the state the step starts from: an error of :math:`\tau\sigma_t` per entry is a
-fraction :math:`\tau` of the noise that state still carries, and the high-noise timesteps, whose errors
-the later steps see through a noisy input anyway, stop sooner. (The DDPM posterior standard deviation,
+fraction :math:`\tau` of the noise that state still carries, so the high-noise timesteps stop sooner.
+Deterministic DDIM does carry early defects to the samples (one to six hundred times :math:`\tau` on the
+digits), which is why the default is small. (The DDPM posterior standard deviation,
 the other common scale, vanishes at the last step and depends on the number of steps; the marginal
 :math:`\sigma_t` depends on the timestep only.) ``tol=`` gives every timestep one RMS tolerance instead.
 :data:`DEFAULT_TAU` was chosen by measurement (``docs/fpdm-measurements.md``).
