@@ -1,9 +1,11 @@
 """The ``chain`` section of ``benchmarks/gpu.py``: parallel-in-time DDIM against sequential DDIM on a GPU.
 
-The rows come from ``benchmarks/fpdm_parallel.py`` (``parallel_gpu_rows``): wall-clock of the parallel sampler
-(``examples/fpdm/parallel.py``, through :func:`implicitdiff.solve_chain`) against sequential sampling at batch
-1, 8 and 64, with sweeps and block evaluations.
-"""
+The rows come from ``benchmarks/fpdm_parallel.py`` (``parallel_gpu_rows``): FPDM-XL/2 and DiT-XL/2 with random
+weights, 100 DDIM timesteps, batch 1, 4 and 16; the parallel sampler (``examples/fpdm/fpdm/parallel.py``,
+through :func:`implicitdiff.solve_chain`) with every timestep in flight, its noise-scaled tolerances and
+``max_batch="auto"`` (model calls chunked to fit the free memory), one row per full-window rule of
+``CONFIGS``. Per row: sweeps (sequential rounds), evaluations, seconds of both samplers, the speed-up and
+the largest difference between their samples."""
 
 from __future__ import annotations
 

@@ -14,8 +14,10 @@ Sections (each writes its own key of the JSON file, so a partial run updates onl
 * ``fpdm``: FPDM-XL/2 and DiT-XL/2 training steps (eager and compiled, DiT with checkpointing): step
   time, peak memory, compile time, model FLOP utilisation; the sampler against a hand-written loop of the
   same block evaluations (``benchmarks/fpdm_gpu.py``; absent until that file exists).
-* ``chain``: sequential against parallel-in-time sampling (``benchmarks/chain_gpu.py``; absent until that
-  file exists).
+* ``chain``: sequential against parallel-in-time DDIM (``benchmarks/chain_gpu.py``, rows of
+  ``benchmarks/fpdm_parallel.py``'s ``parallel_gpu_rows``): FPDM-XL/2 and DiT-XL/2 with random weights,
+  100 timesteps, batch 1, 4 and 16, every timestep in flight with ``max_batch="auto"``; sweeps,
+  evaluations, seconds of both samplers, speed-up, largest difference between the samples.
 
 ``--quick`` shrinks every shape so the whole script runs on a CPU in seconds: the test suite runs it that
 way so that it cannot rot. Its numbers mean nothing.

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -35,7 +37,17 @@ def test_gpu_benchmark_quick_mode_writes_every_section(tmp_path):
     # The driver's fixed budget reads nothing from the device inside the loop.
     assert all(row["syncs_per_iter"] == 0 for row in solvers["rows"] if row["mode"] == "fixed")
     assert all(row["new_graphs_after_second_call"] == 0 for row in solvers["compile"])
-    assert data["chain"]["rows"]
+    chain = data["chain"]["rows"]
+    # parallel_gpu_rows: both models, batch 1, 4 and 16, every full-window rule of fpdm_parallel.CONFIGS.
+    assert {(row["model"], row["batch"]) for row in chain} == {
+        (model, batch) for model in ("FPDM-Digits/2", "DiT-Digits/2") for batch in (1, 4, 16)
+    }
+    assert {row["solver"] for row in chain} >= {"Picard", "Anderson(m=6)"}
+    for row in chain:
+        assert row["converged"] and 1 <= row["sweeps"] <= row["steps"]
+        assert row["speedup"] == pytest.approx(row["sequential_s"] / row["parallel_s"])
+        assert row["block_evals"] >= row["sequential_block_evals"] and row["max_diff"] >= 0
+        assert row["max_batch"] is None and row["tau"] > 0  # max_batch="auto" is no limit off CUDA
     fpdm = data["fpdm"]
     assert {row["config"] for row in fpdm["training"]} >= {"FPDM eager", "FPDM compiled", "DiT eager"}
     compiled = next(row for row in fpdm["training"] if row["config"] == "FPDM compiled")

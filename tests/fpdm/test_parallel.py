@@ -1,4 +1,5 @@
-"""Parallel DDIM (parallel.py): agreement with sequential DDIM, sweeps, warm starts, accounting, errors."""
+"""Parallel DDIM (parallel.py): agreement with sequential DDIM, sweeps, warm starts, accounting, per-step
+tolerances, bounded memory, errors."""
 
 import json
 import math
@@ -7,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 from fpdm import generation as sample_cli
+from fpdm import parallel
 from fpdm.diffusion import GaussianDiffusion
-from fpdm.models import DiTBlock
-from fpdm.parallel import sample_parallel
+from fpdm.models import DiTBlock, ModelState
+from fpdm.parallel import DEFAULT_TAU, auto_max_batch, chunk_for_memory, sample_parallel
 from fpdm.sampling import sample
 from test_sampling import contractive_model
+from torch import nn
 
 from implicitdiff import Anderson, Picard
 
@@ -309,6 +312,14 @@ def test_max_sweeps_caps_the_rounds_and_reports_no_convergence(dit):
         ({"steps": 2000}, ValueError, "exceeds the diffusion's 1000 timesteps"),
         ({"tol": -1.0}, ValueError, "tol must be a finite number >= 0"),
         ({"tol": float("nan")}, ValueError, "tol must be"),
+        ({"tau": -0.1}, ValueError, "tau must be a finite number >= 0, got -0.1"),
+        ({"tau": float("inf")}, ValueError, "tau must be a finite number >= 0"),
+        ({"tau": "1e-3"}, ValueError, "tau must be a finite number >= 0, got '1e-3'"),
+        ({"tol": 1e-4, "tau": 1e-3}, ValueError, "give tol .* or tau .*, not both"),
+        ({"max_batch": 0}, ValueError, r"max_batch must be 'auto', None \(no limit\) or an int >= 1, got 0"),
+        ({"max_batch": "all"}, ValueError, "max_batch must be 'auto'.*got 'all'"),
+        ({"max_batch": True}, ValueError, "max_batch must be 'auto'.*got True"),
+        ({"max_batch": 2.5}, ValueError, "max_batch must be 'auto'.*got 2.5"),
         ({"guidance": float("inf")}, ValueError, "guidance must be a finite number"),
         ({"form": "sum"}, ValueError, "form must be one of"),
         ({"window": 0}, ValueError, "window"),
@@ -374,12 +385,37 @@ def test_sample_cli_parallel_mode(checkpoint, tmp_path, capsys):
     assert summary["iterations_per_call"] == 2 and 1 <= summary["sweeps"] <= 6  # 24 // 6 - (1 pre + 1 post)
 
 
+def test_sample_cli_parallel_defaults_to_noise_scaled_tolerances_and_records_them(checkpoint, tmp_path):
+    common = [
+        str(checkpoint),
+        *"--num 3 --batch-size 3 --budget 24 --steps 6 --guidance 1 --no-progress".split(),
+    ]
+    runs = {}
+    for name, extra in (("default", []), ("chunked", ["--max-batch", "2", "--chain-tau", "1e-2"])):
+        assert sample_cli.main([*common, "--out", str(tmp_path / name), "--parallel", *extra]) == 0
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        runs[name] = summary
+    summary = runs["default"]
+    assert summary["tau"] == DEFAULT_TAU and summary["tol"] is None and summary["max_batch"] is None
+    timesteps = summary["per_step_first_batch"]["timesteps"]
+    expected = [DEFAULT_TAU * noise_level(t) for t in timesteps]
+    np.testing.assert_allclose(summary["per_step_first_batch"]["tolerances"], expected, rtol=1e-12)
+    chunked = runs["chunked"]
+    assert chunked["tau"] == 1e-2 and chunked["max_batch"] == 2
+    expected = [1e-2 * noise_level(t) for t in timesteps]
+    np.testing.assert_allclose(chunked["per_step_first_batch"]["tolerances"], expected, rtol=1e-12)
+
+
 def test_sample_cli_parallel_refuses_ddpm_and_eta(checkpoint, tmp_path, capsys):
     base = [str(checkpoint), "--budget", "8", "--out", str(tmp_path / "s"), "--no-progress", "--parallel"]
     for extra, message in (
         (["--method", "ddpm"], "--parallel is deterministic DDIM"),
         (["--eta", "0.5"], "--parallel is deterministic DDIM"),
         (["--chain-tol", "-1"], "--chain-tol"),
+        (["--chain-tau", "-1"], "--chain-tau"),
+        (["--chain-tol", "1e-4", "--chain-tau", "1e-3"], "give one"),
+        (["--max-batch", "0"], "expected 'auto', 'none' or an int >= 1, got '0'"),
+        (["--max-batch", "many"], "expected 'auto', 'none' or an int >= 1, got 'many'"),
         (["--window", "0"], "--window"),
         (["--form", "sum"], "invalid choice"),
     ):
@@ -390,3 +426,189 @@ def test_sample_cli_parallel_refuses_ddpm_and_eta(checkpoint, tmp_path, capsys):
         err = capsys.readouterr().err
         assert status == 2 and message in err, (extra, err)
     assert not (tmp_path / "s").exists()
+
+
+class ChainTolerances:
+    """Replaces ``parallel.solve_chain`` for one call: records the ``tol`` and ``max_batch`` it receives."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        solve_chain = parallel.solve_chain
+
+        def recorded(step, x, num_steps, **options):
+            self.calls.append({"numel": x.numel(), **options})
+            return solve_chain(step, x, num_steps, **options)
+
+        monkeypatch.setattr(parallel, "solve_chain", recorded)
+
+
+def noise_level(t: int) -> float:
+    """sqrt(1 - abar_t) from the betas of the default schedule, computed apart from the sampler."""
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    return float(np.sqrt(1.0 - np.prod(1.0 - betas[: t + 1])))
+
+
+@pytest.mark.parametrize("tau", [None, 1e-2])
+def test_noise_scaled_tolerances_are_tau_times_the_noise_level_per_timestep(dit, monkeypatch, tau):
+    chain = ChainTolerances(monkeypatch)
+    labels = torch.arange(3)
+    out = sample_parallel(dit, DIFFUSION, labels, steps=STEPS, tau=tau, generator=seeded())
+    scale = DEFAULT_TAU if tau is None else tau
+    expected = np.array([scale * noise_level(t) for t in out.timesteps])
+    (call,) = chain.calls
+    # solve_chain's residual is the 2-norm over the whole state: the RMS tolerance times sqrt(numel).
+    assert call["numel"] == 3 * 64
+    np.testing.assert_allclose(np.asarray(call["tol"]), expected * math.sqrt(3 * 64), rtol=1e-12)
+    np.testing.assert_allclose(out.tolerances, expected, rtol=1e-12)
+    # Timesteps descend, so do the noise levels: the high-noise timesteps get the loosest tolerances.
+    assert all(a > b for a, b in zip(out.tolerances, out.tolerances[1:], strict=False))
+    assert all(r <= tol * (1 + 1e-6) for r, tol in zip(out.residuals, out.tolerances, strict=True))
+    assert out.options["tau"] == scale and out.options["tol"] is None
+    summary = out.summary()
+    assert summary["tolerances"] == out.tolerances and summary["tau"] == scale
+
+
+def test_a_plain_tol_is_one_rms_tolerance_for_every_timestep(dit, monkeypatch):
+    chain = ChainTolerances(monkeypatch)
+    out = sample_parallel(dit, DIFFUSION, torch.arange(2), steps=STEPS, tol=1e-4, generator=seeded())
+    np.testing.assert_allclose(np.asarray(chain.calls[0]["tol"]), 1e-4 * math.sqrt(2 * 64), rtol=1e-12)
+    assert out.tolerances == [1e-4] * STEPS
+    assert out.options["tol"] == 1e-4 and out.options["tau"] is None
+
+
+class ToyDenoiser(nn.Module):
+    """A one-layer noise predictor with DiT's call, in any dtype (the transformers embed time in float32):
+    ``eps = tanh(x W + sin(t / 300) v + e_y)`` on 1 x 4 x 4 images, 3 classes."""
+
+    depth, in_channels, input_size, num_classes = 1, 1, 4, 3
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(16, 16, generator=gen, dtype=dtype) * 0.5)
+        self.time = nn.Parameter(torch.randn(16, generator=gen, dtype=dtype))
+        self.label = nn.Parameter(torch.randn(3, 16, generator=gen, dtype=dtype) * 0.3)
+
+    def forward(self, x, t, y, **options):
+        h = x.flatten(1) @ self.weight + torch.sin(t[:, None].to(x.dtype) / 300.0) * self.time + self.label[y]
+        return torch.tanh(h).reshape(x.shape), ModelState(block_evals=1)
+
+
+@pytest.fixture
+def float64():
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the noise the samplers draw
+    yield
+    torch.set_default_dtype(dtype)
+
+
+def test_noise_scaled_samples_are_within_the_chains_bound_of_the_sequential_ones(float64):
+    model = ToyDenoiser(torch.float64)
+    labels = torch.arange(3)
+    trajectory = []
+    reference = sequential(model, labels, trajectory=trajectory).images
+    assert reference.dtype == torch.float64
+    x0 = torch.randn(reference.shape, generator=seeded())
+    lip = lipschitz_bound(model, labels, [x0, *trajectory[:-1]])
+    n = reference.numel()
+    distances = []
+    for tau in (1e-1, 1e-3, 1e-5):
+        out = sample_parallel(model, DIFFUSION, labels, steps=STEPS, tau=tau, generator=seeded())
+        assert out.converged and out.images.dtype == torch.float64
+        # Step k's defect is at most sqrt(n) tol_k (2-norm), and grows by at most L at each later step.
+        bound = math.sqrt(n) * sum(tol * lip ** (STEPS - 1 - k) for k, tol in enumerate(out.tolerances))
+        distance = float((out.images - reference).norm())
+        assert distance <= bound + 1e-12  # + float64 rounding
+        distances.append(distance)
+    # Not vacuous: a looser tau stops sooner, further from the sequential samples.
+    assert distances[0] > distances[1] > distances[2] > 0
+
+
+class CallSizes:
+    """Records the batch of every call of the model's forward."""
+
+    def __init__(self, model):
+        self.model, self.sizes, self.forward = model, [], model.forward
+
+    def __enter__(self):
+        def forward(x, t, y, **options):
+            self.sizes.append(x.shape[0])
+            return self.forward(x, t, y, **options)
+
+        self.model.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.forward
+
+
+@pytest.mark.parametrize("name", ["dit", "fpdm"])
+def test_max_batch_chunks_the_model_calls_and_changes_no_sample(name, request, monkeypatch):
+    model = request.getfixturevalue(name)
+    labels = torch.arange(3)
+    kwargs = {"iterations": 2, "reuse": False} if name == "fpdm" else {}
+    chain = ChainTolerances(monkeypatch)
+    runs = {}
+    for max_batch in (None, 5):
+        with CallSizes(model) as calls:
+            out = sample_parallel(
+                model,
+                DIFFUSION,
+                labels,
+                steps=STEPS,
+                tau=1e-3,
+                max_batch=max_batch,
+                generator=seeded(),
+                **kwargs,
+            )
+        runs[max_batch] = out, calls.sizes
+    assert [call["max_batch"] for call in chain.calls] == [None, 5]  # passed through to solve_chain
+    (whole, whole_sizes), (chunked, chunked_sizes) = runs[None], runs[5]
+    assert len(whole_sizes) == whole.sweeps  # one call per sweep
+    # Each sweep's call of `rows` timesteps becomes ceil(rows / 5) calls, in order, of at most 5 timesteps.
+    expected = []
+    for size in whole_sizes:
+        rows = size // 3
+        expected += [3 * min(5, rows - i) for i in range(0, rows, 5)]
+    assert chunked_sizes == expected and len(chunked_sizes) > len(whole_sizes)
+    assert chunked.sweeps == whole.sweeps and chunked.block_evals == whole.block_evals
+    assert chunked.options["max_batch"] == 5
+    # Rows of a batched call are computed independently: chunking may only change float32 rounding.
+    assert float((chunked.images - whole.images).abs().max()) <= 1e-6
+
+
+def test_auto_max_batch_is_no_limit_off_cuda(dit):
+    with CallSizes(dit) as calls:
+        out = sample_parallel(dit, DIFFUSION, torch.arange(2), steps=STEPS, generator=seeded())
+    assert out.options["max_batch"] is None and len(calls.sizes) == out.sweeps  # and no probe call
+    assert auto_max_batch(lambda: pytest.fail("no probe off CUDA"), torch.device("cpu"), 100) is None
+
+
+def test_chunk_for_memory_fits_half_the_free_memory_between_one_and_all_steps():
+    gib = 2**30
+    assert chunk_for_memory(10 * gib, gib, 100) == 5  # half of 10 GiB at 1 GiB a timestep
+    assert chunk_for_memory(10 * gib, gib // 100, 100) == 100  # everything fits: never more than the steps
+    assert chunk_for_memory(gib, 4 * gib, 100) == 1  # nothing fits: one timestep per call still runs
+    assert chunk_for_memory(gib, 0, 7) == 7
+
+
+def test_auto_max_batch_on_cuda_uses_the_probes_peak_and_the_free_memory(monkeypatch):
+    # The CUDA calls replaced by a fake device: 1 GiB allocated before the probe, whose peak adds 2 GiB;
+    # 15 GiB free on the device plus 5 GiB reserved by the allocator and unused.
+    gib = 2**30
+    state = {"allocated": gib, "peak": gib, "probed": 0}
+
+    def probe():
+        state["probed"] += 1
+        state["peak"] = 3 * gib
+
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: state["allocated"])
+    monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=gib))
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device=None: (15 * gib, 80 * gib))
+    monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: 6 * gib)
+    assert auto_max_batch(probe, torch.device("cuda"), 100) == 5  # (15 + 6 - 1) / 2 / 2
+    assert state["probed"] == 1
+    assert auto_max_batch(probe, torch.device("cuda"), 3) == 3

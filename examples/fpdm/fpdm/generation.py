@@ -24,7 +24,7 @@ from fpdm.cli import OneLineParser, UsageError, bounded_float, bounded_int, run_
 from fpdm.diffusion import METHODS, SPACINGS, GaussianDiffusion
 from fpdm.distributed import resolve_device
 from fpdm.files import FileKindError, staged_folder
-from fpdm.parallel import FORMS, ParallelResult, sample_parallel_batches
+from fpdm.parallel import DEFAULT_TAU, FORMS, ParallelResult, sample_parallel_batches
 from fpdm.registry import SOLVERS, make_solver
 from fpdm.sampling import SCHEDULES, SampleResult, plan_timesteps, sample
 from fpdm.training import TrainConfig, build_model, load_checkpoint, stored_config
@@ -136,7 +136,7 @@ def save_grid(images: Tensor, path: str | Path, *, nrow: int = 10, pixels: int =
 
 def _summary(results: list[SampleResult] | list[ParallelResult], labels: Tensor) -> dict[str, Any]:
     first = results[0].summary()
-    per_step = ("timesteps", "allocated", "spent", "iterations", "residuals", "first_residuals")
+    per_step = ("timesteps", "allocated", "spent", "iterations", "residuals", "first_residuals", "tolerances")
     summary = {
         **{k: v for k, v in first.items() if k not in (*per_step, "wall_s", "num_images")},
         "num_images": int(labels.numel()),
@@ -229,8 +229,10 @@ def _generate_parallel(
         diffusion=diffusion,
         solver=make_solver(args.chain_solver),
         tol=args.chain_tol,
+        tau=args.chain_tau,
         window=args.window,
         form=args.form,
+        max_batch=None if args.max_batch == "none" else args.max_batch,
         guidance=args.guidance,
         **options,
     )
@@ -281,6 +283,22 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
 
 TOL_HELP = "FPDM, --schedule tolerance: the relative residual that ends a solve (default: 1e-3)"
 REUSE_HELP = "warm start from the last step (--parallel: the last sweep); default on, off with --parallel"
+CHAIN_TOL_HELP = "--parallel: one RMS residual for every timestep (default: --chain-tau's noise-scaled ones)"
+CHAIN_TAU_HELP = f"--parallel: RMS residual tau * sqrt(1 - abar_t) per timestep (default {DEFAULT_TAU:g})"
+MAX_BATCH_HELP = "--parallel: timesteps per model call, 'auto' (default; fits CUDA memory) or 'none'"
+
+
+def _max_batch_option(text: str) -> int | str:
+    """An argparse ``type=`` for ``--max-batch``: ``auto``, ``none`` or an int >= 1."""
+    if text in ("auto", "none"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'none' or an int >= 1, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,9 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tol", type=bounded_float(0.0, low_open=True), default=None, help=TOL_HELP)
     add("--parallel", action="store_true", help="DDIM with every timestep solved at once (parallel.py)")
     add("--chain-solver", default=None, choices=tuple(SOLVERS), help="--parallel: chain solver (picard)")
-    add("--chain-tol", type=bounded_float(0.0), default=None, help="--parallel: RMS residual (1e-6)")
+    add("--chain-tol", type=bounded_float(0.0), default=None, help=CHAIN_TOL_HELP)
+    add("--chain-tau", type=bounded_float(0.0), default=None, help=CHAIN_TAU_HELP)
     add("--window", type=positive, default=None, help="--parallel: timesteps per sweep (default: all)")
     add("--form", default=None, choices=FORMS, help="--parallel: the map iterated (default: cumulative)")
+    add("--max-batch", type=_max_batch_option, default=None, help=MAX_BATCH_HELP)
     add("--seed", type=bounded_int(0), default=0, help="seed of the noise")
     add("--labels", type=bounded_int(0), nargs="*", default=None, help="labels to cycle (default: all)")
     add("--batch-size", type=positive, default=100, help="images per batch")
@@ -319,8 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Options that only ``--parallel`` uses, and their defaults there.
-PARALLEL_ONLY = {"chain_solver": "picard", "chain_tol": 1e-6, "window": None, "form": "cumulative"}
+#: Options that only ``--parallel`` uses, and their defaults there (``--chain-tol`` and ``--chain-tau`` stay
+#: ``None`` when not given: ``sample_parallel``'s noise-scaled tolerances with its ``DEFAULT_TAU``).
+PARALLEL_ONLY = {
+    "chain_solver": "picard",
+    "chain_tol": None,
+    "chain_tau": None,
+    "window": None,
+    "form": "cumulative",
+    "max_batch": "auto",
+}
 #: Options of the sequential sampler that ``--parallel`` does not use.
 SEQUENTIAL_ONLY = ("schedule", "tol")
 #: Options of FPDM's implicit block, and their defaults.
@@ -350,6 +378,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unused:
         why = "--parallel solves DDIM with its own chain" if args.parallel else "it is for --parallel only"
         parser.error(f"{_option_text(args, unused[0])} does nothing here: {why}; drop it")
+    if args.chain_tol is not None and args.chain_tau is not None:
+        parser.error(
+            f"--chain-tol {args.chain_tol:g} and --chain-tau {args.chain_tau:g}: give one (a tolerance for "
+            "every timestep, or noise-scaled ones), not both"
+        )
     for name, default in PARALLEL_ONLY.items():
         if getattr(args, name) is None:
             setattr(args, name, default)

@@ -5,9 +5,31 @@ Deterministic DDIM over timesteps :math:`t_0 > \dots > t_{N-1}` is a recurrence
 trajectory: each *sweep* is one batched model call on all the timesteps in flight, so the sampler takes as
 many sequential rounds as sweeps instead of ``N`` (ParaDiGMS's cumulative map, Shih et al. 2023; with
 ``solver=Anderson()`` in the spirit of ParaTAA, Tang et al. 2024). It spends more block evaluations than
-the sequential sampler, in fewer rounds. ``tol`` is on the root mean square per entry of each timestep's
-residual, so it does not depend on the batch size. FPDM's implicit solve at each timestep has a fixed
-budget; with ``reuse=True`` it starts from the state that timestep reached in the previous sweep.
+the sequential sampler, in fewer rounds.
+
+Tolerances are on the root mean square (RMS) per entry of each timestep's residual, so they do not depend
+on the batch size. By default they follow the noise (ParaDiGMS's rule): timestep :math:`k`, the step from
+:math:`t_k` to :math:`t_{k+1}`, gets
+
+.. math:: \mathrm{tol}_k = \tau\,\sigma_{t_k}, \qquad \sigma_t = \sqrt{1 - \bar\alpha_t},
+
+the noise level of the state the step starts from: an error of :math:`\tau\sigma_t` per entry is a
+fraction :math:`\tau` of the noise that state still carries, so the high-noise timesteps stop sooner.
+Deterministic DDIM does carry early defects to the samples (one to six hundred times :math:`\tau` on the
+digits), which is why the default is small. (The DDPM posterior standard deviation,
+the other common scale, vanishes at the last step and depends on the number of steps; the marginal
+:math:`\sigma_t` depends on the timestep only.) ``tol=`` gives every timestep one RMS tolerance instead.
+:data:`DEFAULT_TAU` was chosen by measurement (``docs/fpdm-measurements.md``).
+
+How far the samples are from the sequential ones: the returned trajectory satisfies
+:math:`x_{k+1} = s(k, x_k) + d_k` with :math:`\|d_k\|_2 \le \sqrt{n}\,\mathrm{tol}_k` (:math:`n`
+entries of the state, the batch included), so if each step is :math:`L`-Lipschitz the final samples are
+within :math:`\sqrt{n}\,\sum_k \mathrm{tol}_k L^{N-1-k}` of the sequential sampler's (2-norm)
+(:func:`implicitdiff.solve_chain`); ``benchmarks/fpdm_parallel.py`` measures the distance itself.
+
+FPDM's implicit solve at each timestep has a fixed budget; with ``reuse=True`` it starts from the state
+that timestep reached in the previous sweep. ``max_batch`` bounds the timesteps per model call (memory);
+by default (``"auto"``) it is chosen from the free memory on CUDA, and unlimited on the CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +47,28 @@ from fpdm.sampling import DEFAULT_ITERS_PER_STEP, block_cost
 from implicitdiff import ChainResult, Solver, solve_chain
 from implicitdiff.chain import FORMS
 
-__all__ = ["FORMS", "ParallelResult", "sample_parallel", "sample_parallel_batches"]
+__all__ = [
+    "DEFAULT_TAU",
+    "FORMS",
+    "ParallelResult",
+    "auto_max_batch",
+    "chunk_for_memory",
+    "noise_levels",
+    "sample_parallel",
+    "sample_parallel_batches",
+]
+
+#: Default scale of the noise-scaled tolerances, :math:`\mathrm{tol}_k = \tau\sigma_{t_k}` (RMS per entry):
+#: the largest :math:`\tau` of the sweep in ``docs/fpdm-measurements.md`` (``benchmarks/fpdm_parallel.py
+#: --tau-sweep``: 1e-1 down to 1e-6, 100 DDIM steps, Picard on the cumulative map, every timestep in flight)
+#: whose samples were within ``1e-3`` of the sequential sampler's on both digits models, FD unchanged.
+#: FD was already unchanged from 3e-4 (13-14 sweeps instead of 16): pass a larger ``tau`` when samples of
+#: the same quality, not the same samples, are what matters.
+DEFAULT_TAU = 1e-6
+
+#: Share of the free device memory that ``max_batch="auto"`` gives the model calls of a sweep; the rest
+#: is left for the chain's trajectory, the rule's history, the images and the allocator's fragmentation.
+MEMORY_FRACTION = 0.5
 
 
 @dataclasses.dataclass
@@ -52,8 +95,11 @@ class ParallelResult(RunSummary):
         Per timestep, evaluations of the implicit block over all sweeps (``0`` for DiT).
     residuals : list[float]
         Per timestep, the chain's residual (root mean square per entry) of the returned trajectory.
+    tolerances : list[float]
+        Per timestep, the tolerance its residual had to meet (root mean square per entry):
+        ``tau * sigma_t`` (noise-scaled) or ``tol`` for every timestep.
     converged : bool
-        Whether every timestep met ``tol`` (or is exact) within ``max_sweeps``.
+        Whether every timestep met its tolerance (or is exact) within ``max_sweeps``.
     wall_s : float
         Wall-clock of the solve, seconds.
     batch_factor : int
@@ -72,6 +118,7 @@ class ParallelResult(RunSummary):
     spent: list[int]
     iterations: list[int]
     residuals: list[float]
+    tolerances: list[float]
     converged: bool
     wall_s: float
     batch_factor: int
@@ -80,7 +127,7 @@ class ParallelResult(RunSummary):
 
     SUMMARY: ClassVar[tuple[str, ...]] = (
         "sweeps", "spent_total", "sequential_block_evals", "guided_evals", "batch_factor", "converged",
-        "wall_s", "num_images", "timesteps", "spent", "iterations", "residuals",
+        "wall_s", "num_images", "timesteps", "spent", "iterations", "residuals", "tolerances",
     )  # fmt: skip
 
     @property
@@ -115,7 +162,7 @@ class _BatchedStep:
         self.t_prev = torch.tensor([*timesteps[1:], -1], dtype=torch.long, device=labels.device)
         self.model_options, self.guidance, self.reuse = model_options, guidance, reuse
         self.implicit = "max_iter" in model_options
-        self.states: Tensor | None = None  # (N, F B, T, D): each timestep's last implicit state
+        self.states: Tensor | None = None  # (N, F B, T, D): each timestep's last state (reuse only)
         self.seen = torch.zeros(len(timesteps), dtype=torch.bool)  # timesteps evaluated at least once
         self.spent = [0] * len(timesteps)
         self.iterations = [0] * len(timesteps)
@@ -157,7 +204,7 @@ class _BatchedStep:
         for step in k.tolist():
             self.spent[step] += cost
             self.iterations[step] += cost - block_cost(self.model)[0] if self.implicit else 0
-        if self.implicit:
+        if self.implicit and self.reuse:  # the states are kept only to warm-start the next sweep
             z = state.z
             if self.guidance != 1.0:
                 z = z.reshape(2, steps, batch, *z.shape[1:]).transpose(0, 1).flatten(0, 2)
@@ -167,7 +214,7 @@ class _BatchedStep:
 
 
 def _check(
-    model: nn.Module, labels: Tensor, steps: int, iterations: int | None, tol: float, guidance: float
+    model: nn.Module, labels: Tensor, steps: int, iterations: int | None, guidance: float
 ) -> tuple[int, bool]:
     """The model's blocks outside the solve and whether it has one; ``ValueError`` on a bad argument."""
     explicit, implicit = block_cost(model)
@@ -181,11 +228,64 @@ def _check(
             raise ValueError(f"{type(model).__name__} has no implicit block: leave iterations=None")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
-    if isinstance(tol, bool) or not isinstance(tol, int | float) or not (math.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not math.isfinite(guidance):
         raise ValueError(f"guidance must be a finite number, got {guidance!r}")
     return explicit, implicit
+
+
+def _check_scale(name: str, value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value >= 0)
+    ):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_max_batch(max_batch: object) -> int | str | None:
+    if max_batch is None or max_batch == "auto":
+        return max_batch  # type: ignore[return-value]
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be 'auto', None (no limit) or an int >= 1, got {max_batch!r}")
+    return max_batch
+
+
+def noise_levels(diffusion: GaussianDiffusion, timesteps: list[int]) -> Tensor:
+    r""":math:`\sigma_t = \sqrt{1 - \bar\alpha_t}` of each timestep, float64 ``(len(timesteps),)``.
+
+    The standard deviation of the noise in :math:`x_t = \sqrt{\bar\alpha_t}\,x_0 + \sigma_t\,\epsilon`;
+    it grows with :math:`t`, so it falls along the sampler's descending timesteps.
+    """
+    return (1.0 - diffusion.alpha_bar(torch.tensor(timesteps, dtype=torch.long))).sqrt()
+
+
+def chunk_for_memory(free_bytes: int, per_timestep_bytes: int, steps: int) -> int:
+    """Timesteps per model call that fit ``MEMORY_FRACTION`` of ``free_bytes``, between 1 and ``steps``.
+
+    A call on ``c`` timesteps runs the model on ``c`` times the batch, so its peak is about ``c`` times
+    that of one timestep (``per_timestep_bytes``).
+    """
+    fits = int(MEMORY_FRACTION * free_bytes) // max(int(per_timestep_bytes), 1)
+    return max(1, min(int(steps), fits))
+
+
+def auto_max_batch(probe: Any, device: torch.device, steps: int) -> int | None:
+    """``max_batch="auto"``: ``None`` (no limit) off CUDA; on CUDA, :func:`chunk_for_memory` of the free
+    memory (:func:`torch.cuda.mem_get_info`, plus what the caching allocator holds unused) and the peak
+    that one call of ``probe()`` (the model on one timestep) adds (:func:`torch.cuda.max_memory_allocated`;
+    this resets the device's peak statistics)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    probe()
+    torch.cuda.synchronize(device)
+    per_timestep = torch.cuda.max_memory_allocated(device) - before
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return chunk_for_memory(free, per_timestep, steps)
 
 
 @torch.no_grad()
@@ -197,10 +297,12 @@ def sample_parallel(
     steps: int,
     iterations: int | None = None,
     solver: Any = None,
-    tol: float = 1e-4,
+    tol: float | None = None,
+    tau: float | None = None,
     window: int | None = None,
     max_sweeps: int | None = None,
     form: str = "cumulative",
+    max_batch: int | str | None = "auto",
     guidance: float = 1.0,
     reuse: bool = False,
     block_solver: Solver | None = None,
@@ -223,15 +325,27 @@ def sample_parallel(
         ``sampling.DEFAULT_ITERS_PER_STEP``.
     solver : update rule, optional
         The chain's rule (:func:`implicitdiff.solve_chain`): ``Picard()`` by default (ParaDiGMS with the
-        cumulative form), ``Anderson()`` (ParaTAA-like), ``Broyden()``.
-    tol : float
-        Per-timestep residual, root mean square per entry, ``>= 0`` (``0``: exact, ``N`` Picard sweeps).
+        cumulative form), ``Anderson()``, ``Broyden()``.
+    tol : float, optional
+        One tolerance for every timestep's residual, root mean square per entry, ``>= 0`` (``0``: exact,
+        ``N`` Picard sweeps). Give ``tol`` or ``tau``, not both.
+    tau : float, optional
+        Noise-scaled tolerances (the default, with :data:`DEFAULT_TAU`): timestep :math:`k` stops at a
+        root mean square residual of :math:`\tau\sigma_{t_k}`, :math:`\sigma_t = \sqrt{1 - \bar\alpha_t}`
+        (:func:`noise_levels`), ``>= 0``.
     window : int, optional
-        Most timesteps per sweep (memory of the batched call: ``window * B`` samples); default all.
+        Most timesteps per sweep; default all.
     max_sweeps : int, optional
         Cap on sweeps; default ``steps`` (always enough).
     form : {"cumulative", "step"}
         The map iterated: ParaDiGMS's cumulative map :math:`G` or Picard on the steps, :math:`F`.
+    max_batch : int, "auto" or None
+        Most timesteps per model call (a call runs the model on ``max_batch * B`` samples, twice that with
+        guidance): a sweep over more timesteps calls the model on chunks of them, in order, one sequential
+        round still. ``None``: no limit. ``"auto"`` (default): no limit off CUDA; on CUDA the most that fit
+        half the free memory, from the peak of one probe call of the model on one timestep
+        (:func:`auto_max_batch`). The samples do not depend on it, except that with ``reuse=True`` a
+        timestep's first warm start may come from a chunk of the same sweep.
     guidance : float
         Classifier-free guidance scale; ``1``: the conditional model alone.
     reuse : bool
@@ -252,14 +366,27 @@ def sample_parallel(
     Raises
     ------
     ValueError
-        Bad labels, steps, iterations (or iterations for DiT), tol, guidance, window, form or solver.
+        Bad labels, steps, iterations (or iterations for DiT), tol, tau (or both given), max_batch,
+        guidance, window, form or solver.
     """
-    explicit, implicit = _check(model, labels, steps, iterations, tol, guidance)
+    explicit, implicit = _check(model, labels, steps, iterations, guidance)
+    if tol is not None and tau is not None:
+        raise ValueError(
+            f"give tol (one tolerance for every timestep) or tau (noise-scaled), not both: got tol={tol!r}, "
+            f"tau={tau!r}"
+        )
+    uniform = None if tol is None else _check_scale("tol", tol)
+    scale_tau = None if uniform is not None else _check_scale("tau", DEFAULT_TAU if tau is None else tau)
+    max_batch = _check_max_batch(max_batch)
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if steps > diffusion.num_timesteps:
         raise ValueError(f"steps ({steps}) exceeds the diffusion's {diffusion.num_timesteps} timesteps")
     timesteps = diffusion.respace(steps)
+    if scale_tau is not None:
+        tolerances = scale_tau * noise_levels(diffusion, timesteps)
+    else:
+        tolerances = torch.full((steps,), uniform, dtype=torch.float64)
     iters = (DEFAULT_ITERS_PER_STEP if iterations is None else iterations) if implicit else 0
     model_options: dict[str, Any] = {}
     if implicit:
@@ -268,13 +395,29 @@ def sample_parallel(
     shape = (labels.shape[0], model.in_channels, model.input_size, model.input_size)
     with sampling_run(model) as clock:
         x = torch.randn(shape, generator=generator).to(labels.device)
+        if max_batch == "auto":
+
+            def probe() -> None:  # the model on one timestep, as a sweep calls it
+                t = torch.full_like(labels, timesteps[0])
+                model_eps(model, x, t, labels, guidance=guidance, **model_options)
+
+            max_batch = auto_max_batch(probe, x.device, steps)
         scale = math.sqrt(x.numel())
         chain = solve_chain(
-            step, x, steps, solver=solver, tol=tol * scale, max_iter=max_sweeps, window=window, form=form
+            step,
+            x,
+            steps,
+            solver=solver,
+            tol=tolerances * scale,
+            max_iter=max_sweeps,
+            window=window,
+            form=form,
+            max_batch=max_batch,
         )
     options = {"model": type(model).__name__, "method": "ddim", "eta": 0.0, "parallel": True}
-    options.update(solver=repr(solver) if solver is not None else "Picard()", form=form, tol=tol)
-    options.update(window=window, guidance=guidance, steps=steps)
+    options.update(solver=repr(solver) if solver is not None else "Picard()", form=form)
+    options.update(tol=uniform, tau=scale_tau, window=window, max_batch=max_batch)
+    options.update(guidance=guidance, steps=steps)
     options["iterations_per_call"] = iters if implicit else None
     options.update(reuse=bool(reuse and implicit), block_solver=repr(block_solver) if block_solver else None)
     return ParallelResult(
@@ -286,6 +429,7 @@ def sample_parallel(
         spent=step.spent,
         iterations=step.iterations,
         residuals=(chain.residual / scale).tolist(),
+        tolerances=tolerances.tolist(),
         converged=chain.all_converged,
         wall_s=clock.wall_s,
         batch_factor=1 if guidance == 1.0 else 2,
