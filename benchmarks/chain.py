@@ -151,14 +151,16 @@ def timed(run: Callable[[], Any]) -> tuple[Any, float]:
     return out, 1e3 * statistics.median(times)
 
 
-def chain_rows(name: str, step: Callable[[Tensor, Tensor], Tensor], x0: Tensor, steps: int, tol: Any) -> list:
-    """The sequential row and one row per method of ``METHODS`` on one chain."""
+def chain_rows(
+    name: str, step: Callable[[Tensor, Tensor], Tensor], x0: Tensor, steps: int, tol: Any, extra: Any = None
+) -> list:
+    """The sequential row and one row per method of ``METHODS`` (and of ``extra``) on one chain."""
     reference, wall = timed(lambda: sequential(step, x0, steps))
     rows = [
         {"chain": name, "method": "sequential", "form": "-", "window": 1, "sweeps": steps}
         | {"evaluations": steps, "max_error": 0.0, "converged": True, "wall_ms": wall}
     ]
-    for method, (solver, window, form, fresh) in METHODS.items():
+    for method, (solver, window, form, fresh) in {**METHODS, **(extra or {})}.items():
         original = chain_module._take_rows
         if fresh:
             chain_module._take_rows = reinit
@@ -216,7 +218,9 @@ def main() -> None:
     for name, make in {"tanh": tanh_chain, "euler": euler_chain}.items():
         rows += chain_rows(name, *make(), STEPS, TOL)
     step, x0, tol = ddim_chain()
-    rows += chain_rows("ddim", step, x0, DDIM_STEPS, tol)
+    # The 64 samples are independent: one secant model each.
+    per_sample = {"ChainSecant(m=3, blocks=64)": (lambda: ChainSecant(blocks=64), None, "cumulative", False)}
+    rows += chain_rows("ddim", step, x0, DDIM_STEPS, tol, per_sample)
     header = f"{'chain':6} {'form':10} {'method':30} {'window':>6} {'sweeps':>6} {'evals':>6}"
     header += f" {'max error':>10} {'ms':>7}"
     print(header)

@@ -28,6 +28,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from fpdm.parallel import DEFAULT_TAU, sample_parallel  # noqa: E402
 from fpdm.sampling import block_cost, sample  # noqa: E402
 
 from implicitdiff import Anderson, Picard  # noqa: E402
+from implicitdiff.chain import ChainRuleWarning  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "fpdm_parallel.json"
 TAU_RESULTS = ROOT / "benchmarks" / "results" / "fpdm_parallel_tau.json"
@@ -53,7 +55,7 @@ STEPS = 100
 ITERATIONS = 2  # FPDM's implicit-block evaluations per timestep, as in the demo (timestep smoothing)
 TRAIN = {"steps": 400, "lr": 2e-3, "batch_size": 128, "ema_warmup": True, "data": "digits-train"}
 #: The scales of the noise-scaled tolerances that ``--tau-sweep`` measures.
-TAUS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6)
+TAUS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7)
 #: What ``--tau-sweep`` asks of a scale on every model: samples this close to the sequential ones (pixel
 #: scale [-1, 1]) and FD within ``FD_CHANGE`` of the sequential sampler's (FD is reported to 2 decimals).
 MAX_DIFF, FD_CHANGE = 1e-3, 0.01
@@ -102,6 +104,11 @@ def _sequential(
     return result.images, row
 
 
+def _sampler_default() -> None:
+    """``sample_parallel``'s default rule: ``ChainSecant(blocks=B)``, one secant model per sample."""
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """One parallel row: the rule's label, a factory of the rule, the map iterated and the window
@@ -117,12 +124,18 @@ class Config:
 #: sweep anyway, so its rows run a window of 16 to spend fewer evaluations on the same answer.
 CONFIGS = [
     Config("Picard", Picard),
+    Config("ChainSecant", _sampler_default),
     Config("Anderson(m=6)", functools.partial(Anderson, m=6)),
     Config("Picard", Picard, window=16),
+    Config("ChainSecant", _sampler_default, window=16),
     Config("Anderson(m=6)", functools.partial(Anderson, m=6), window=16),
     Config("Picard", Picard, "step", 16),
     Config("Anderson(m=6)", functools.partial(Anderson, m=6), "step", 16),
 ]
+
+
+#: The rules of the sweep of ``TAUS``.
+SWEPT = [CONFIGS[0], CONFIGS[1]]
 
 
 def _parallel(model: nn.Module, labels: Tensor, config: Config, reuse: bool, **options: Any) -> Any:
@@ -151,7 +164,7 @@ def model_rows(name: str, model: nn.Module, labels: Tensor, quick: bool) -> list
     for reuse in (False, True) if implicit else (True,):
         reference, row = _sequential(model, labels, reuse, quick, steps)
         rows.append({"model": name, **row})
-        for config in CONFIGS if not (implicit and reuse) else CONFIGS[:2]:
+        for config in CONFIGS if not (implicit and reuse) else CONFIGS[:3]:
             out = _parallel(model, labels, config, reuse, steps=steps)
             label = config.method + ("" if reuse or not implicit else ", cold starts")
             label += ", reuse across sweeps" if implicit and reuse else ""
@@ -164,27 +177,31 @@ def model_rows(name: str, model: nn.Module, labels: Tensor, quick: bool) -> list
 
 
 def tau_sweep_rows(name: str, model: nn.Module, labels: Tensor, quick: bool) -> list[dict[str, Any]]:
-    """For each scale of ``TAUS``: Picard on the cumulative map, every timestep in flight, cold starts for
-    FPDM, against the sequential sampler with the same starts (the first row, ``tau = None``)."""
+    """For each scale of ``TAUS`` and each rule of ``SWEPT`` (Picard, ChainSecant): the cumulative map, every
+    timestep in flight, cold starts for FPDM, against the sequential sampler with the same starts (the first
+    row, ``tau = None``)."""
     implicit = block_cost(model)[1]
     steps = 12 if quick else STEPS
     reference, row = _sequential(model, labels, reuse=not implicit, quick=quick, steps=steps)
-    rows = [{"model": name, "tau": None, **{k: row[k] for k in ("sweeps", "block_evals", "max_diff")}}]
-    rows[0].update(fd=row["fd"], kid=row["kid"], converged=True)
-    for tau in TAUS[::4] if quick else TAUS:
-        out = _parallel(model, labels, CONFIGS[0], False, tau=tau, steps=steps)
-        row = {"model": name, "tau": tau, "sweeps": out.sweeps, "block_evals": out.block_evals}
-        row.update(max_diff=float((out.images - reference).abs().max()), converged=out.converged)
-        rows.append({**row, **_metrics(out.images, labels, quick)})
+    rows = [{"model": name, "rule": "", "tau": None, **{k: row[k] for k in ("sweeps", "block_evals")}}]
+    rows[0].update(max_diff=0.0, rms_diff=0.0, fd=row["fd"], kid=row["kid"], converged=True)
+    for config in SWEPT:
+        for tau in TAUS[::4] if quick else TAUS:
+            out = _parallel(model, labels, config, False, tau=tau, steps=steps)
+            row = {"model": name, "rule": config.method, "tau": tau, "sweeps": out.sweeps}
+            row.update(block_evals=out.block_evals, converged=out.converged)
+            row.update(max_diff=float((out.images - reference).abs().max()))
+            row.update(rms_diff=float((out.images - reference).pow(2).mean().sqrt()))
+            rows.append({**row, **_metrics(out.images, labels, quick)})
     return rows
 
 
-def choose_tau(rows: list[dict[str, Any]]) -> float | None:
+def choose_tau(rows: list[dict[str, Any]], rule: str = "Picard") -> float | None:
     """The largest scale whose samples are within ``MAX_DIFF`` of the sequential ones and whose FD is within
-    ``FD_CHANGE`` of the sequential FD, on every model (``None`` if none is)."""
+    ``FD_CHANGE`` of the sequential FD, on every model, for ``rule`` (``None`` if none is)."""
     fits: dict[float, bool] = {}
     for row in rows:
-        if row["tau"] is None:
+        if row["tau"] is None or row["rule"] != rule:
             continue
         sequential = next(r for r in rows if r["model"] == row["model"] and r["tau"] is None)
         same_fd = row["fd"] is None or abs(row["fd"] - sequential["fd"]) <= FD_CHANGE
@@ -196,16 +213,16 @@ def choose_tau(rows: list[dict[str, Any]]) -> float | None:
 def tau_table(rows: list[dict[str, Any]]) -> str:
     """The sweep as a Markdown table."""
     lines = [
-        "| model | tau | sweeps | block evals / sample | max diff | FD | KID |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | rule | tau | sweeps | block evals / sample | max diff | RMS diff | FD | KID |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         tau = "sequential" if r["tau"] is None else f"{r['tau']:.0e}"
         fd = "" if r["fd"] is None else f"{r['fd']:.2f}"
         kid = "" if r["kid"] is None else f"{r['kid']:.4f}"
         lines.append(
-            f"| {r['model']} | {tau} | {r['sweeps']} | {r['block_evals']} | {r['max_diff']:.1e} "
-            f"| {fd} | {kid} |"
+            f"| {r['model']} | {r['rule']} | {tau} | {r['sweeps']} | {r['block_evals']} "
+            f"| {r['max_diff']:.1e} | {r['rms_diff']:.1e} | {fd} | {kid} |"
         )
     return "\n".join(lines)
 
@@ -273,8 +290,8 @@ def parallel_gpu_rows(device: str | torch.device = "cuda", quick: bool = False) 
     FPDM-XL/2 and DiT-XL/2 with random weights, 100 DDIM timesteps, no guidance (``quick``: the digits
     presets, small, and 20 timesteps: a CPU smoke run of the same code); FPDM with 2 Picard iterations per
     timestep and cold starts (its step is then one fixed function, the sequential sampler's with
-    ``reuse=False``). The parallel sampler runs the full-window entries of ``CONFIGS`` (Picard and Anderson
-    on the cumulative map, every timestep in flight) with its defaults: noise-scaled tolerances
+    ``reuse=False``). The parallel sampler runs the full-window entries of ``CONFIGS`` (Picard, ChainSecant
+    and Anderson on the cumulative map, every timestep in flight) with its defaults: noise-scaled tolerances
     (``DEFAULT_TAU``) and ``max_batch="auto"``, which on CUDA splits a sweep's model call into chunks that
     fit the free memory (no out-of-memory at any window; the chunk is reported as ``max_batch``). Per row:
     median wall-clock over 3 runs of each sampler (2 at batch 16) after a warm-up (one sweep for the
@@ -330,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny matrices: one thread is faster, and far faster on a shared machine
+    warnings.simplefilter("ignore", ChainRuleWarning)  # Anderson's rows are measured on purpose
     start = time.perf_counter()
     num = 8 if args.quick else args.num
     labels = torch.arange(num) % 10
@@ -348,8 +366,9 @@ def main(argv: list[str] | None = None) -> int:
             row for name, model in models.items() for row in tau_sweep_rows(name, model, labels, args.quick)
         ]
         print(tau_table(rows))
-        record.update(max_diff=MAX_DIFF, fd_change=FD_CHANGE, rows=rows, chosen_tau=choose_tau(rows))
-        print(f"largest tau within {MAX_DIFF:g} of sequential, FD unchanged: {record['chosen_tau']}")
+        chosen = {config.method: choose_tau(rows, config.method) for config in SWEPT}
+        record.update(max_diff=MAX_DIFF, fd_change=FD_CHANGE, rows=rows, chosen_tau=chosen)
+        print(f"largest tau within {MAX_DIFF:g} of sequential, FD unchanged: {chosen}")
         path = TAU_RESULTS
     else:
         rows = [row for name, model in models.items() for row in model_rows(name, model, labels, args.quick)]

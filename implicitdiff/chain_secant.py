@@ -89,6 +89,11 @@ class ChainSecant:
         A step whose residual after a proposal is more than ``safeguard`` times what the base model
         alone (Picard on the form) would have left at the same input forgets its older pairs.
         ``> 1``; ``float("inf")`` turns it off.
+    blocks : int
+        The state is this many independent parts of equal size, in order (the samples of a batch
+        that the steps move together, as a diffusion sampler's images): each part gets its own
+        secant model, so the changes of one sample do not blur the model of another. ``>= 1``; it
+        must divide the number of entries of a state.
 
     Notes
     -----
@@ -100,17 +105,22 @@ class ChainSecant:
     and sweep, and no host read.
     """
 
-    def __init__(self, m: int = 3, lam: float | None = None, safeguard: float = 4.0) -> None:
+    def __init__(self, m: int = 3, lam: float | None = None, safeguard: float = 4.0, blocks: int = 1) -> None:
         self.m = check_int("m", m, low=1)
+        self.blocks = check_int("blocks", blocks, low=1)
         self.lam = None if lam is None else check_real("lam", lam, low=0.0)
         self.safeguard = check_real("safeguard", safeguard, low=1.0, low_open=True, finite=False)
 
     def __repr__(self) -> str:
-        return f"ChainSecant(m={self.m}, lam={self.lam}, safeguard={self.safeguard})"
+        return f"ChainSecant(m={self.m}, lam={self.lam}, safeguard={self.safeguard}, blocks={self.blocks})"
 
     def init(self, z: Tensor) -> ChainSecantState:
         """An empty history for the ``(rows, n)`` steps in flight ``z``."""
         rows, n = z.shape
+        if n % self.blocks:
+            raise ValueError(
+                f"blocks must divide the size of a state: got blocks={self.blocks} for states of {n} entries"
+            )
         empty = z.new_zeros(rows, self.m, n)
         known = torch.zeros(rows, dtype=torch.bool, device=z.device)
         return ChainSecantState(empty, empty.clone(), z.clone(), z.clone(), torch.zeros_like(z), known, 0)
@@ -137,7 +147,7 @@ class ChainSecant:
         state.k += 1
 
     def models(self, state: ChainSecantState, base: float) -> tuple[Tensor, Tensor]:
-        r"""Per step, :math:`P = (\hat X \hat X^\top + \lambda I)^{-1} \hat X` and
+        r"""Per step and block, :math:`P = (\hat X \hat X^\top + \lambda I)^{-1} \hat X` and
         :math:`C^\top = (\hat S - B \hat X)^\top`, so that :math:`\hat J d = B d + C^\top (P d)`.
 
         Each pair is scaled to a unit input change first (:math:`\hat X_i = \Delta X_i / \|\Delta X_i\|`,
@@ -145,16 +155,18 @@ class ChainSecant:
         orders of magnitude from sweep to sweep, and a shift relative to the largest pair would drown
         the small, recent ones.
         """
-        scale = torch.linalg.vector_norm(state.X, dim=2, keepdim=True).clamp_min_(
-            torch.finfo(state.X.dtype).tiny
-        )
-        X, S = state.X / scale, state.S / scale
-        gram = torch.bmm(X, X.transpose(1, 2)).to(_gram_dtype(X.device))
-        lam = torch.finfo(state.X.dtype).eps if self.lam is None else self.lam
-        gram.diagonal(dim1=1, dim2=2).add_(lam + torch.finfo(gram.dtype).tiny)
+        rows, m = state.X.shape[:2]
+        # (rows, blocks, m, n / blocks): each block of the state has its own pairs.
+        X = state.X.view(rows, m, self.blocks, -1).transpose(1, 2)
+        S = state.S.view(rows, m, self.blocks, -1).transpose(1, 2)
+        scale = torch.linalg.vector_norm(X, dim=3, keepdim=True).clamp_min_(torch.finfo(X.dtype).tiny)
+        X, S = X / scale, S / scale
+        gram = torch.matmul(X, X.transpose(2, 3)).to(_gram_dtype(X.device))
+        lam = torch.finfo(X.dtype).eps if self.lam is None else self.lam
+        gram.diagonal(dim1=2, dim2=3).add_(lam + torch.finfo(gram.dtype).tiny)
         P = torch.linalg.solve_ex(gram, X.to(gram.dtype))[0].to(X.dtype)
         C = S if base == 0.0 else torch.add(S, X, alpha=-base)
-        return P, C.transpose(1, 2)
+        return P, C.transpose(2, 3)
 
     def propose(
         self, state: ChainSecantState, prev: Tensor, fz: Tensor, z: Tensor, start: int, d: Tensor, base: float
@@ -169,8 +181,9 @@ class ChainSecant:
         P, Ct = self.models(state, base)
         out = fz.clone()
         state.secant.zero_()
+        blocks = (self.blocks, -1, 1)
         for j in range(start, fz.shape[0]):
-            secant = torch.mv(Ct[j], torch.mv(P[j], d))
+            secant = torch.bmm(Ct[j], torch.bmm(P[j], d.view(blocks))).view(-1)
             state.secant[j] = secant
             out[j] = torch.add(fz[j], d, alpha=base).add_(secant) if base else fz[j] + secant
             d = out[j] - z[j]

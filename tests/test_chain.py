@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -11,10 +13,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
 
-from implicitdiff import Anderson, Broyden, ChainResult, ChainSecant, Picard, solve_chain
+from implicitdiff import Anderson, Broyden, ChainResult, ChainRuleWarning, ChainSecant, Picard, solve_chain
 from implicitdiff.chain import FORMS
 from implicitdiff.diagnostics import SyncCounter
 from implicitdiff.solvers import UpdateRule
+
+# Anderson and Broyden are run on chains on purpose here: their warning is tested once, below.
+pytestmark = pytest.mark.filterwarnings("ignore::implicitdiff.ChainRuleWarning")
 
 # Float64 noise of one step evaluated in a batch of another size (a matmul may block differently).
 ROUNDING = 1e-12
@@ -458,3 +463,97 @@ def test_max_batch_bounds_each_call_and_changes_nothing_else(solver, max_batch):
     torch.testing.assert_close(b.xs, a.xs, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="max_batch must be an int >= 1"):
         solve_chain(_ok, torch.ones(2), 4, max_batch=0)
+
+
+#: The test grid: 12, 30 and 60 steps, gains 0.5 to 1.1, tanh and affine (an expanding affine chain
+#: overflows, so it is left out), both forms, the full window and 8, three seeds. 252 chains;
+#: ``benchmarks/chain.py`` counts every rule on it.
+GRID = [
+    {"steps": steps, "gain": gain, "act": act, "form": form, "window": window, "seed": seed}
+    for steps, gain, act, form, window, seed in itertools.product(
+        (12, 30, 60), (0.5, 0.8, 0.95, 1.1), ("tanh", "affine"), FORMS, (None, 8), (0, 1, 2)
+    )
+    if not (act == "affine" and gain > 1)
+]
+
+
+def grid_sweeps(case: dict[str, Any], solver: Any) -> ChainResult:
+    chain = ToyChain(case["steps"], 6, [case["gain"]] * case["steps"], case["seed"], case["act"])
+    out = solve_chain(
+        chain.step, chain.x0, case["steps"], solver=solver, tol=1e-8, form=case["form"], window=case["window"]
+    )
+    check_against_rollout(chain, out, 1e-8)
+    return out
+
+
+def test_chain_secant_never_takes_more_sweeps_than_picard_on_the_test_grid():
+    assert len(GRID) == 252
+    fewer = 0
+    for case in GRID:
+        picard = grid_sweeps(case, None).sweeps
+        secant = grid_sweeps(case, ChainSecant()).sweeps
+        assert secant <= picard, (case, picard, secant)
+        fewer += secant < picard
+    assert fewer >= len(GRID) // 4  # it couples the steps: not Picard under another name
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_chain_secant_is_newton_on_a_linear_chain_once_each_step_has_dim_pairs(dim, form):
+    # x_{k+1} = A_k x_k + b_k with |A_k| = 1 (no contraction: Picard on F needs one sweep per step).
+    # Each evaluation gives one secant pair per step; once the pairs span R^dim the model is A_k, the
+    # proposal is the Newton step on a linear system (exact), and the next sweep confirms it. The
+    # first pair needs two evaluations, the safeguard may forget one pair: dim + 4 sweeps at most.
+    steps = 60
+    for seed in range(5):
+        chain = ToyChain(steps, dim, [1.0] * steps, seed, "affine")
+        out = solve_chain(chain.step, chain.x0, steps, solver=ChainSecant(m=dim), tol=1e-9, form=form)
+        check_against_rollout(chain, out, 1e-9)
+        assert out.sweeps <= dim + 4, (seed, out.sweeps)
+
+
+def test_chain_secant_takes_fewer_sweeps_than_cumulative_picard_on_an_integrator():
+    steps = 60
+    step, x0 = euler_chain(steps, horizon=2.0)
+    picard = solve_chain(step, x0, steps, tol=1e-8, form="cumulative")
+    secant = solve_chain(step, x0, steps, solver=ChainSecant(), tol=1e-8, form="cumulative")
+    assert picard.all_converged and secant.all_converged
+    assert secant.sweeps < picard.sweeps
+    torch.testing.assert_close(secant.xs, picard.xs, atol=2e-8 * steps, rtol=0)
+
+
+def test_chain_secant_history_follows_its_steps_when_the_window_slides():
+    # A window that slides at every sweep: the rule's rows are re-indexed each time. The trajectory must
+    # not depend on the window (both are within the bound of the rollout) and the history must help.
+    chain = ToyChain(40, 2, [1.0] * 40, 3, "affine")
+    whole = solve_chain(chain.step, chain.x0, 40, solver=ChainSecant(m=2), tol=1e-9)
+    sliding = solve_chain(chain.step, chain.x0, 40, solver=ChainSecant(m=2), tol=1e-9, window=10)
+    check_against_rollout(chain, whole, 1e-9)
+    check_against_rollout(chain, sliding, 1e-9)
+    picard = solve_chain(chain.step, chain.x0, 40, tol=1e-9, window=10)
+    assert sliding.sweeps < picard.sweeps
+
+
+def test_per_sample_rules_warn_that_a_chain_is_not_a_batch_and_the_chain_rules_do_not():
+    for rule in (Anderson(), Broyden()):
+        with pytest.warns(ChainRuleWarning, match="ChainSecant"):
+            solve_chain(_ok, torch.ones(2), 3, solver=rule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChainRuleWarning)
+        for rule in (None, Picard(), ChainSecant()):
+            solve_chain(_ok, torch.ones(2), 3, solver=rule)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"m": 0}, "m must be"),
+        ({"m": 2.5}, "m must be"),
+        ({"lam": -1.0}, "lam must be"),
+        ({"safeguard": 1.0}, "safeguard must be"),
+        ({"safeguard": float("nan")}, "safeguard must be"),
+    ],
+)
+def test_chain_secant_checks_its_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ChainSecant(**kwargs)

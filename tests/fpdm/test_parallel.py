@@ -18,6 +18,9 @@ from torch import nn
 
 from implicitdiff import Anderson, Picard
 
+# Anderson is run on chains on purpose here (the library's tests check its warning).
+pytestmark = pytest.mark.filterwarnings("ignore::implicitdiff.ChainRuleWarning")
+
 STEPS = 12
 DIFFUSION = GaussianDiffusion()
 
@@ -81,8 +84,12 @@ def lipschitz_bound(model, labels, trajectory, factor=2.0):
     return factor * worst
 
 
+def default_rule() -> None:
+    return None  # sample_parallel's own: ChainSecant with one secant model per sample
+
+
 @pytest.mark.parametrize("form", ["cumulative", "step"])
-@pytest.mark.parametrize("solver", [Picard, Anderson])
+@pytest.mark.parametrize("solver", [default_rule, Picard, Anderson])
 def test_dit_matches_sequential_ddim_within_the_chains_bound(dit, solver, form):
     labels = torch.arange(3)
     trajectory = []
@@ -117,8 +124,21 @@ def test_tol_zero_reproduces_the_sequential_sampler_and_picard_takes_at_most_ste
 
 
 def test_cumulative_picard_takes_far_fewer_sweeps_than_steps(dit):
-    out = sample_parallel(dit, DIFFUSION, torch.arange(2), steps=40, tol=1e-4, generator=seeded())
+    out = sample_parallel(
+        dit, DIFFUSION, torch.arange(2), steps=40, solver=Picard(), tol=1e-4, generator=seeded()
+    )
     assert out.converged and out.sweeps <= 40 // 2
+
+
+def test_the_default_rule_couples_the_timesteps_per_sample_and_takes_no_more_sweeps_than_picard(dit):
+    labels = torch.arange(3)
+    options = {"steps": 40, "tol": 1e-5, "generator": seeded()}
+    default = sample_parallel(dit, DIFFUSION, labels, **options)
+    options["generator"] = seeded()
+    picard = sample_parallel(dit, DIFFUSION, labels, solver=Picard(), **options)
+    assert default.options["solver"].startswith("ChainSecant(") and "blocks=3" in default.options["solver"]
+    assert default.converged and picard.converged
+    assert default.sweeps <= picard.sweeps
 
 
 def test_fpdm_with_cold_starts_matches_the_sequential_sampler_with_cold_starts(fpdm):

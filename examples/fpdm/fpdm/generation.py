@@ -227,7 +227,7 @@ def _generate_parallel(
         batch_size=args.batch_size,
         seed=args.seed,
         diffusion=diffusion,
-        solver=make_solver(args.chain_solver),
+        solver=None if args.chain_solver == "secant" else make_solver(args.chain_solver),
         tol=args.chain_tol,
         tau=args.chain_tau,
         window=args.window,
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--guidance", type=bounded_float(), default=2.0, help="classifier-free guidance scale (1: none)")
     add("--tol", type=bounded_float(0.0, low_open=True), default=None, help=TOL_HELP)
     add("--parallel", action="store_true", help="DDIM with every timestep solved at once (parallel.py)")
-    add("--chain-solver", default=None, choices=tuple(SOLVERS), help="--parallel: chain solver (picard)")
+    add("--chain-solver", default=None, choices=CHAIN_SOLVERS, help="--parallel: chain rule (secant)")
     add("--chain-tol", type=bounded_float(0.0), default=None, help=CHAIN_TOL_HELP)
     add("--chain-tau", type=bounded_float(0.0), default=None, help=CHAIN_TAU_HELP)
     add("--window", type=positive, default=None, help="--parallel: timesteps per sweep (default: all)")
@@ -339,10 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The rules of ``--chain-solver``: ``secant`` is :class:`implicitdiff.ChainSecant` with one model per
+#: sample (``sample_parallel``'s default), the others the solvers of :data:`fpdm.registry.SOLVERS`.
+CHAIN_SOLVERS = ("secant", *SOLVERS)
+
 #: Options that only ``--parallel`` uses, and their defaults there (``--chain-tol`` and ``--chain-tau`` stay
 #: ``None`` when not given: ``sample_parallel``'s noise-scaled tolerances with its ``DEFAULT_TAU``).
 PARALLEL_ONLY = {
-    "chain_solver": "picard",
+    "chain_solver": "secant",
     "chain_tol": None,
     "chain_tau": None,
     "window": None,
