@@ -28,7 +28,6 @@ instead of carrying each step's history along.
 
 from __future__ import annotations
 
-import itertools
 import json
 import platform
 import statistics
@@ -44,10 +43,10 @@ from torch import Tensor
 
 import implicitdiff.chain as chain_module
 from implicitdiff import Anderson, Broyden, ChainSecant, Picard, solve_chain
-from implicitdiff.chain import FORMS, ChainRuleWarning
+from implicitdiff.chain import ChainRuleWarning
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_chain import ToyChain
+from test_chain import GRID, grid_sweeps
 
 RESULTS = Path(__file__).parent / "results" / "chain.json"
 STEPS, DIM, TOL, REPS = 50, 64, 1e-5, 5
@@ -181,29 +180,15 @@ def chain_rows(
     return rows
 
 
-def grid_cases() -> list[dict[str, Any]]:
-    """The 252 toy chains of the test grid (see the module)."""
-    cases = []
-    for steps, gain, act, form, window, seed in itertools.product(
-        (12, 30, 60), (0.5, 0.8, 0.95, 1.1), ("tanh", "affine"), FORMS, (None, 8), (0, 1, 2)
-    ):
-        if not (act == "affine" and gain > 1):  # an expanding affine chain overflows: not a test case
-            cases.append(
-                {"steps": steps, "gain": gain, "act": act, "form": form, "window": window, "seed": seed}
-            )
-    return cases
-
-
 def grid_counts() -> dict[str, dict[str, Any]]:
-    """Per rule of ``GRID_RULES``: sweeps over the grid, and the chains where it took more than Picard."""
+    """Per rule of ``GRID_RULES``: sweeps over ``tests/test_chain.py``'s ``GRID``, and the chains where it
+    took more than Picard."""
     totals: dict[str, dict[str, Any]] = {"Picard": {"sweeps": 0, "worse": 0, "worst_excess": 0}}
     totals |= {name: {"sweeps": 0, "worse": 0, "worst_excess": 0} for name in GRID_RULES}
-    for case in grid_cases():
+    for case in GRID:
         sweeps = {}
         for name, rule in {"Picard": Picard, **GRID_RULES}.items():
-            chain = ToyChain(case["steps"], 6, [case["gain"]] * case["steps"], case["seed"], case["act"])
-            options = {"tol": 1e-8, "form": case["form"], "window": case["window"]}
-            sweeps[name] = solve_chain(chain.step, chain.x0, case["steps"], solver=rule(), **options).sweeps
+            sweeps[name] = grid_sweeps(case, rule()).sweeps  # checked against the rollout, too
             excess = sweeps[name] - sweeps["Picard"]
             totals[name]["sweeps"] += sweeps[name]
             totals[name]["worse"] += int(excess > 0)
@@ -230,7 +215,7 @@ def main() -> None:
             f"{row['evaluations']:6d} {row['max_error']:10.2e} {row['wall_ms']:7.1f}"
         )
     grid = grid_counts()
-    print(f"\ntest grid ({len(grid_cases())} chains): sweeps in all, chains worse than Picard, worst excess")
+    print(f"\ntest grid ({len(GRID)} chains): sweeps in all, chains worse than Picard, worst excess")
     for name, counts in grid.items():
         print(f"  {name:20} {counts['sweeps']:6d} {counts['worse']:4d} {counts['worst_excess']:4d}")
     RESULTS.parent.mkdir(exist_ok=True)

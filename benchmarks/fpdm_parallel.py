@@ -210,21 +210,32 @@ def choose_tau(rows: list[dict[str, Any]], rule: str = "Picard") -> float | None
     return max(good) if good else None
 
 
+def _markdown(header: str, aligns: str, cells: list[str]) -> str:
+    """A Markdown table: ``header`` and ``aligns`` are its first two rows without the outer bars, ``cells``
+    the rows' inner text."""
+    return "\n".join(f"| {line} |" for line in [header, aligns, *cells])
+
+
+def _quality(r: dict[str, Any]) -> str:
+    """The FD and KID cells of a row (empty in ``--quick``)."""
+    fd = "" if r["fd"] is None else f"{r['fd']:.2f}"
+    kid = "" if r["kid"] is None else f"{r['kid']:.4f}"
+    return f"{fd} | {kid}"
+
+
+def _tau_text(tau: float | None) -> str:
+    return "sequential" if tau is None else f"{tau:.0e}"
+
+
 def tau_table(rows: list[dict[str, Any]]) -> str:
     """The sweep as a Markdown table."""
-    lines = [
-        "| model | rule | tau | sweeps | block evals / sample | max diff | RMS diff | FD | KID |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    cells = [
+        f"{r['model']} | {r['rule']} | {_tau_text(r['tau'])} | {r['sweeps']} | {r['block_evals']} "
+        f"| {r['max_diff']:.1e} | {r['rms_diff']:.1e} | {_quality(r)}"
+        for r in rows
     ]
-    for r in rows:
-        tau = "sequential" if r["tau"] is None else f"{r['tau']:.0e}"
-        fd = "" if r["fd"] is None else f"{r['fd']:.2f}"
-        kid = "" if r["kid"] is None else f"{r['kid']:.4f}"
-        lines.append(
-            f"| {r['model']} | {r['rule']} | {tau} | {r['sweeps']} | {r['block_evals']} "
-            f"| {r['max_diff']:.1e} | {r['rms_diff']:.1e} | {fd} | {kid} |"
-        )
-    return "\n".join(lines)
+    header = "model | rule | tau | sweeps | block evals / sample | max diff | RMS diff | FD | KID"
+    return _markdown(header, "--- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---:", cells)
 
 
 def _check_target(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -246,18 +257,13 @@ def _check_target(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table."""
-    lines = [
-        "| model | method | form | window | sweeps | block evals / sample | max diff | FD | KID |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    cells = [
+        f"{r['model']} | {r['method']} | {r['form']} | {r['window']} | {r['sweeps']} | {r['block_evals']} "
+        f"| {r['max_diff']:.1e} | {_quality(r)}"
+        for r in rows
     ]
-    for r in rows:
-        fd = "" if r["fd"] is None else f"{r['fd']:.2f}"
-        kid = "" if r["kid"] is None else f"{r['kid']:.4f}"
-        lines.append(
-            f"| {r['model']} | {r['method']} | {r['form']} | {r['window']} | {r['sweeps']} "
-            f"| {r['block_evals']} | {r['max_diff']:.1e} | {fd} | {kid} |"
-        )
-    return "\n".join(lines)
+    header = "model | method | form | window | sweeps | block evals / sample | max diff | FD | KID"
+    return _markdown(header, "--- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---:", cells)
 
 
 def _timed(fn: Any, device: torch.device, repeats: int) -> tuple[float, Any]:

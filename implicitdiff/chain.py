@@ -286,7 +286,7 @@ def solve_chain(
     The host reads one number per sweep: how many steps became final (how far the window slides).
 
     :class:`~implicitdiff.ChainSecant` keeps per step its last ``m`` secant pairs and proposes the
-    trajectory in order down the window, about five small kernels per step in flight and sweep.
+    trajectory in order down the window, about seven small kernels per step in flight and sweep.
 
     For an update rule, the steps in flight are its batch. When the window slides, each step keeps
     its own history (every tensor of the rule's state whose first dimension is the batch follows its

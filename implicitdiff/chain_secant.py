@@ -22,12 +22,12 @@ Jacobian from that step's own evaluations, without derivatives: the last ``m`` s
 .. math::
 
     \hat J_k d = B d + (\Delta S - B \Delta X)\,\gamma, \qquad
-    \gamma = \arg\min_\gamma \|\Delta X \gamma - d\|^2 + \lambda \max_i \|\Delta X_i\|^2 \|\gamma\|^2,
+    \gamma = \arg\min_\gamma \|\Delta X \gamma - d\|^2 + \lambda \|\gamma\|^2,
 
-a multisecant model (the type-II least squares of Anderson acceleration) on top of the base
-:math:`B = I` (``form="cumulative"``) or :math:`B = 0` (``form="step"``). Along the directions the
-history spans it is the step's measured response; elsewhere it is the base, so with no history the
-rule *is* Picard on the chosen form.
+with each pair scaled to a unit input change, a multisecant model (the type-II least squares of
+Anderson acceleration) on top of the base :math:`B = I` (``form="cumulative"``) or :math:`B = 0`
+(``form="step"``). Along the directions the history spans it is the step's measured response;
+elsewhere it is the base, so with no history the rule *is* Picard on the chosen form.
 """
 
 from __future__ import annotations
@@ -38,13 +38,9 @@ import torch
 from torch import Tensor
 
 from ._validate import check_int, check_real
+from .solvers.anderson import _gram_dtype
 
 __all__ = ["ChainSecant", "ChainSecantState"]
-
-
-def _gram_dtype(device: torch.device) -> torch.dtype:
-    # The m x m normal equations are tiny: solve them in float64 wherever it exists.
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 @dataclass
@@ -196,7 +192,7 @@ class ChainSecant:
         return state
 
     def _forget(self, state: ChainSecantState, mask: Tensor) -> None:
-        zero = torch.zeros((), dtype=state.X.dtype, device=state.X.device)
-        state.X = torch.where(mask[:, None, None], zero, state.X)
-        state.S = torch.where(mask[:, None, None], zero, state.S)
-        state.secant = torch.where(mask[:, None], zero, state.secant)
+        # In place: this runs every sweep, and a mask rarely set should not cost three new histories.
+        state.X.masked_fill_(mask[:, None, None], 0.0)
+        state.S.masked_fill_(mask[:, None, None], 0.0)
+        state.secant.masked_fill_(mask[:, None], 0.0)
