@@ -120,7 +120,9 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(self.sinusoidal(t, self.frequency_size))
+        # The features are computed in float32 (exact enough for t <= 1000) and take the MLP's dtype, so a
+        # model cast with .double() runs in float64 end to end.
+        return self.mlp(self.sinusoidal(t, self.frequency_size).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
