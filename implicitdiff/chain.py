@@ -201,6 +201,7 @@ def solve_chain(
     stop_mode: str = "abs",
     form: str = "step",
     max_batch: int | None = None,
+    init: Any = None,
 ) -> ChainResult:
     r"""Run the recurrence :math:`x_{k+1} = s(k, x_k)` as one fixed point over its trajectory.
 
@@ -269,6 +270,15 @@ def solve_chain(
         Most states per call of ``step``: a sweep over more steps than this calls ``step`` on chunks of
         at most ``max_batch`` of them (in order), so that memory is bounded whatever the window.
         Results do not depend on it; one sweep still counts as one sequential round. Default: no limit.
+    init : Tensor, pytree of Tensor or callable, optional
+        A first guess of the trajectory, shaped like :attr:`ChainResult.xs` (``(num_steps + 1,
+        *x0.shape)``, each leaf so for a pytree ``x0``), or a callable ``init(x0)`` returning one; its
+        first row is ignored (the chain starts at ``x0``). The steps in flight start from their rows of
+        it instead of from ``x0``, and a step entering the window starts from its row shifted by the
+        change the last step in flight has made to its own row (by the estimate of the step before it,
+        without ``init``). The solve is the same fixed point whatever the guess; a good one (a coarse
+        run of the recurrence, a model's extrapolation) saves sweeps, a bad one costs at most the
+        guarantee's ``num_steps`` sweeps. Default: every step at ``x0``.
     form : {"step", "cumulative"}
         The map the rule iterates; both have the trajectory as their fixed point and cost the same
         evaluations, and the residual that decides convergence is the per-step one above in both.
@@ -338,6 +348,7 @@ def solve_chain(
             stop_mode=stop_mode,
             form=form,
             max_batch=max_batch,
+            init=_packed_init(init, x0, spec, num_steps),
         )
         return dataclasses.replace(result, xs=spec.unpack(result.xs))
     if x0.requires_grad and torch.is_grad_enabled():
@@ -356,8 +367,44 @@ def solve_chain(
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     with torch.no_grad():
-        chain = _Chain(step, x0, num_steps, rule, tols, window, stop_mode, form == "cumulative", max_batch)
+        guess = _check_init(init, x0, num_steps)
+        chain = _Chain(
+            step, x0, num_steps, rule, tols, window, stop_mode, form == "cumulative", max_batch, guess
+        )
         return chain.run(max_iter)
+
+
+def _packed_init(init: Any, x0: PyTree, spec: TreeSpec, num_steps: int) -> Any:
+    """A pytree ``init`` (or what a callable returns for the pytree ``x0``) as packed rows."""
+    if init is None:
+        return None
+    if callable(init):
+        with torch.no_grad():
+            init = init(x0)
+    return spec.pack(spec.named("init").leaves_of(init, num_steps + 1, "init"))
+
+
+def _check_init(init: Any, x0: Tensor, num_steps: int) -> Tensor | None:
+    """``init`` (a tensor, or what a callable returns) as ``(num_steps + 1, n)`` rows in the working dtype."""
+    if init is None:
+        return None
+    if callable(init) and not isinstance(init, Tensor):
+        init = init(x0)
+    shape = (num_steps + 1, *x0.shape)
+    if not isinstance(init, Tensor):
+        raise TypeError(
+            f"init must be a Tensor shaped like the trajectory {shape} (or a callable returning one), got "
+            f"{type(init).__name__}"
+        )
+    if init.shape != shape or init.dtype != x0.dtype or init.device != x0.device:
+        raise ValueError(
+            f"init must have the trajectory's shape {shape}, dtype {x0.dtype} and device {x0.device}, got "
+            f"shape {tuple(init.shape)}, {init.dtype} on {init.device}"
+        )
+    guess = init.detach().reshape(num_steps + 1, -1).to(working_dtype(x0.dtype))
+    if not bool(torch.isfinite(guess[1:]).all()):
+        raise ValueError("init must be finite: a first guess with nan or inf would never leave the window")
+    return guess
 
 
 def _check_tol(tol: object, num_steps: int, wdtype: torch.dtype, device: torch.device) -> Tensor:
@@ -397,6 +444,7 @@ class _Chain:
         stop_mode: str,
         cumulative: bool,
         max_batch: int | None = None,
+        init: Tensor | None = None,
     ) -> None:
         self.evaluate = Evaluator(
             step,
@@ -412,6 +460,10 @@ class _Chain:
         self.shape, self.dtype, self.device = x0.shape, x0.dtype, x0.device
         wdtype = self.evaluate.wdtype
         self.xs = x0.detach().reshape(1, -1).to(wdtype).repeat(num_steps + 1, 1)
+        # The first guess, kept whole: entering steps start from their rows of it, shifted.
+        self.init = init
+        if init is not None:
+            self.xs[1:] = init[1:]
         self.residual = torch.full((num_steps,), math.inf, dtype=wdtype, device=self.device)
         self.converged = torch.zeros(num_steps, dtype=torch.bool, device=self.device)
         self.nonfinite = torch.zeros(num_steps, dtype=torch.bool, device=self.device)
@@ -431,7 +483,7 @@ class _Chain:
                 # Steps not final keep the estimates last evaluated; those never evaluated the last one.
                 hi = self.lo + self.rows
                 self.xs[self.lo + advance + 1 : hi + 1] = self.z[advance:]
-                self.xs[hi + 1 :] = self.xs[hi : hi + 1]
+                self.xs[hi + 1 :] = self._guess(hi + 1, self.num_steps + 1, self.xs[hi], hi)
                 break
             self.slide(advance, self.propose(prev, fz, res, advance))
         return ChainResult(
@@ -521,6 +573,14 @@ class _Chain:
         z_next, self.state = rule.step(self.state, self.z, gz, gres)
         return z_next
 
+    def _guess(self, start: int, stop: int, estimate: Tensor, row: int) -> Tensor:
+        """Starting estimates of the trajectory's rows ``start:stop``, not yet evaluated: with a first
+        guess, their rows of it shifted by ``estimate - init[row]`` (the change row ``row`` has seen),
+        else ``estimate`` itself."""
+        if self.init is None:
+            return estimate.expand(stop - start, estimate.shape[0])
+        return self.init[start:stop] + (estimate - self.init[row])
+
     def slide(self, advance: int, z_next: Tensor) -> None:
         """Move the window past the ``advance`` steps made final; entering steps start with no history.
 
@@ -533,7 +593,9 @@ class _Chain:
         kept = rows - advance
         entering = new_rows - kept
         index = torch.arange(advance, rows, device=self.device)
-        guess = z_next[-1:] if kept else self.xs[new_lo : new_lo + 1]
+        last = new_lo + kept  # the row of the last step kept in flight (or the last final one)
+        start = new_lo + 1 + kept
+        guess = self._guess(start, start + entering, z_next[-1] if kept else self.xs[new_lo], last)
         self.z = torch.cat([z_next.index_select(0, index), guess.expand(entering, n)])
         if entering and not (self.can_restart and kept):
             self.state = None  # re-initialised at the next sweep
