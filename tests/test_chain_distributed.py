@@ -1,0 +1,156 @@
+"""distributed_step: a chain's sweeps split over two CPU processes (gloo) give one process's trajectory.
+
+Each worker runs the same solves with the step wrapped; the parent runs them unwrapped. Every process
+group is destroyed before its process exits, every wait has a deadline, and a worker's failure comes back
+as its traceback (as in ``test_ddp.py``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor
+
+from implicitdiff import ChainSecant, Picard, distributed_step, solve_chain
+
+WORLD = 2
+DEADLINE_S = 300
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
+STEPS, DIM, SAMPLES = 23, 5, 3
+# Float64 noise of one step evaluated in a batch of another size, carried down the chain (as in
+# test_chain.py): the only difference the split may make.
+ROUNDING = 1e-12
+
+#: (rule, form, window, max_batch of the wrapper): full and sliding windows, both forms, chunked shares.
+CASES = [
+    ("picard", "step", None, None),
+    ("picard", "cumulative", 4, None),
+    ("secant", "step", None, 2),
+    ("secant", "cumulative", 7, None),
+    ("secant", "cumulative", None, 3),
+]
+
+
+class Chain:
+    """``x_{k+1} = tanh(A_k x_k + b_k)`` on ``(SAMPLES, DIM)`` states; counts the rows it evaluates."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(3)
+        A = torch.randn(STEPS, DIM, DIM, generator=generator, dtype=torch.float64)
+        self.A = 1.05 * A / torch.linalg.matrix_norm(A, ord=2)[:, None, None]
+        self.b = torch.randn(STEPS, DIM, generator=generator, dtype=torch.float64)
+        self.x0 = torch.randn(SAMPLES, DIM, generator=generator, dtype=torch.float64)
+        self.rows = 0
+
+    def step(self, k: Tensor, x: Tensor) -> Tensor:
+        self.rows += k.shape[0]
+        return torch.tanh(torch.einsum("kij,ksj->ksi", self.A[k], x) + self.b[k][:, None])
+
+    def dict_step(self, k: Tensor, x: dict[str, Tensor]) -> dict[str, Tensor]:
+        # A pytree state: the same chain with its state split in two leaves of other shapes.
+        whole = self.step(k, torch.cat([x["head"], x["tail"].flatten(2)], dim=2))
+        return {"head": whole[..., :2], "tail": whole[..., 2:].reshape(*whole.shape[:2], 1, DIM - 2)}
+
+
+def solve(chain: Chain, step, case) -> dict:
+    name, form, window, _ = case
+    rule = ChainSecant(blocks=SAMPLES) if name == "secant" else Picard()
+    out = solve_chain(step, chain.x0, STEPS, solver=rule, tol=1e-9, form=form, window=window)
+    return {
+        "xs": out.xs,
+        "sweeps": out.sweeps,
+        "evaluations": out.evaluations,
+        "converged": out.all_converged,
+    }
+
+
+def _solve_all(rank: int) -> dict:
+    report = {}
+    for index, case in enumerate(CASES):
+        chain = Chain()
+        report[index] = solve(chain, distributed_step(chain.step, max_batch=case[3]), case)
+        report[index]["rows"] = chain.rows
+    chain = Chain()
+    x0 = {"head": chain.x0[:, :2], "tail": chain.x0[:, 2:].reshape(SAMPLES, 1, DIM - 2)}
+    out = solve_chain(distributed_step(chain.dict_step), x0, STEPS, tol=1e-9)
+    report["dict"] = {
+        "xs": torch.cat([out.xs["head"], out.xs["tail"].flatten(2)], dim=2),
+        "sweeps": out.sweeps,
+    }
+    return report
+
+
+def _worker(rank: int, store_path: str, results) -> None:
+    torch.set_num_threads(1)
+    try:
+        store = dist.FileStore(store_path, WORLD)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
+        try:
+            results[rank] = _solve_all(rank)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        results[rank] = {"error": traceback.format_exc()}
+        raise
+
+
+def _run_workers(store_path: str) -> dict:
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        workers = mp.start_processes(
+            _worker, args=(store_path, results), nprocs=WORLD, start_method="spawn", join=False
+        )
+        deadline = time.monotonic() + DEADLINE_S
+        try:
+            while not workers.join(timeout=5):
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"workers still running after {DEADLINE_S} s; reports so far: {dict(results)}"
+                    )
+        finally:
+            for process in workers.processes:
+                if process.is_alive():
+                    process.kill()
+                process.join(timeout=10)
+        return dict(results)
+
+
+def test_two_processes_give_one_processs_trajectory_each_evaluating_half_the_steps(tmp_path):
+    results = _run_workers(str(tmp_path / "store"))
+    assert sorted(results) == list(range(WORLD)), results
+    for rank, report in results.items():
+        assert "error" not in report, f"rank {rank}:\n{report.get('error')}"
+    torch.set_num_threads(1)
+    for index, case in enumerate(CASES):
+        chain = Chain()
+        alone = solve(chain, chain.step, case)
+        assert alone["converged"], case
+        for rank in range(WORLD):
+            split = results[rank][index]
+            assert (split["sweeps"], split["evaluations"]) == (alone["sweeps"], alone["evaluations"]), case
+            # Both ranks gathered the same images: the same trajectory to the bit.
+            assert torch.equal(split["xs"], results[0][index]["xs"]), case
+            torch.testing.assert_close(split["xs"], alone["xs"], atol=ROUNDING, rtol=0)
+            # Each rank evaluated its share of each call: ceil(rows / 2) of them, never all.
+            assert (
+                alone["evaluations"] / WORLD
+                <= split["rows"]
+                <= (alone["evaluations"] + alone["sweeps"]) / WORLD
+            )
+    chain = Chain()
+    alone = solve_chain(chain.step, chain.x0, STEPS, tol=1e-9)
+    for rank in range(WORLD):
+        assert results[rank]["dict"]["sweeps"] == alone.sweeps
+        torch.testing.assert_close(results[rank]["dict"]["xs"], alone.xs, atol=ROUNDING, rtol=0)
+
+
+def test_distributed_step_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        distributed_step(Chain().step)
