@@ -334,6 +334,9 @@ def solve_chain(
     """
     if not callable(step):
         raise TypeError(f"step must be callable as step(k, x), got {type(step).__name__}")
+    check_state = getattr(solver, "check_state", None)
+    if callable(check_state):
+        check_state(x0)  # e.g. ChainSecant's blocks must not cut a sample
     if not isinstance(x0, Tensor):
         # A pytree: packed into one vector, the step sees (and returns) the structure.
         spec = TreeSpec.of(x0, "x0")

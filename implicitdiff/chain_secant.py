@@ -86,10 +86,14 @@ class ChainSecant:
         alone (Picard on the form) would have left at the same input forgets its older pairs.
         ``> 1``; ``float("inf")`` turns it off.
     blocks : int
-        The state is this many independent parts of equal size, in order (the samples of a batch
-        that the steps move together, as a diffusion sampler's images): each part gets its own
-        secant model, so the changes of one sample do not blur the model of another. ``>= 1``; it
-        must divide the number of entries of a state.
+        The state is this many independent groups of samples, in order (the samples of a batch that
+        the steps move together, as a diffusion sampler's images): each group gets its own secant
+        model, so the changes of one sample do not blur the model of another. ``>= 1``. The samples
+        are the leading dimension of a tensor ``x0`` (each entry of a 1-D one), and ``blocks`` must
+        divide it: a block that cut a sample would model its part of the step's Jacobian without the
+        rest, and the rule could take up to ``num_steps`` sweeps where Picard takes a few, which
+        :func:`~implicitdiff.solve_chain` refuses (as it refuses ``blocks > 1`` for a pytree ``x0``,
+        whose packed state holds its leaves one after another).
 
     Notes
     -----
@@ -109,6 +113,24 @@ class ChainSecant:
 
     def __repr__(self) -> str:
         return f"ChainSecant(m={self.m}, lam={self.lam}, safeguard={self.safeguard}, blocks={self.blocks})"
+
+    def check_state(self, x0: object) -> None:
+        """Refuse an initial state that ``blocks`` would cut inside a sample (``ValueError``)."""
+        if self.blocks == 1:
+            return
+        if not isinstance(x0, Tensor):
+            raise ValueError(
+                f"ChainSecant(blocks={self.blocks}) needs x0 as one tensor whose leading dimension holds the "
+                f"samples, got {type(x0).__name__}: a pytree state is packed leaf after leaf, so its blocks "
+                "would cut the samples; stack each sample's leaves into one row, or use blocks=1"
+            )
+        samples = x0.shape[0] if x0.dim() else 1
+        if samples % self.blocks:
+            raise ValueError(
+                f"ChainSecant(blocks={self.blocks}) must divide x0's leading dimension (its samples), got "
+                f"x0 of shape {tuple(x0.shape)}: a block that cuts a sample misses the coupling of its "
+                f"entries, and the rule may take up to num_steps sweeps; use a divisor of {samples}"
+            )
 
     def init(self, z: Tensor) -> ChainSecantState:
         """An empty history for the ``(rows, n)`` steps in flight ``z``."""

@@ -634,3 +634,34 @@ def test_a_first_guess_may_be_a_callable_or_a_pytree():
 def test_a_bad_first_guess_is_refused_by_name(init, error, match):
     with pytest.raises(error, match=match):
         solve_chain(_ok, torch.zeros(2), 3, init=init)
+
+
+def samples_chain(gain: float, seed: int = 0) -> tuple[Callable[[Tensor, Tensor], Tensor], Tensor]:
+    """50 steps of ``x_{k+1} = tanh(A_k x_k + b_k)`` on 4 samples of 16 entries, ``x0`` of shape (4, 16)."""
+    generator = torch.Generator().manual_seed(seed)
+    A = torch.randn(50, 16, 16, generator=generator, dtype=torch.float64)
+    A = gain * A / torch.linalg.matrix_norm(A, ord=2)[:, None, None]
+    b = torch.randn(50, 16, generator=generator, dtype=torch.float64)
+    x0 = torch.randn(4, 16, generator=generator, dtype=torch.float64)
+    return lambda k, x: torch.tanh(torch.einsum("kij,ksj->ksi", A[k], x) + b[k][:, None]), x0
+
+
+def test_chain_secant_refuses_blocks_that_cut_a_sample_and_takes_no_more_sweeps_than_picard_with_the_others():
+    # Blocks of one entry (blocks=64 on 4 samples of 16) modelled each entry of a dense Jacobian on its own
+    # and took all 50 sweeps where Picard takes about 20: such a split is refused, not run into.
+    step, x0 = samples_chain(0.9)
+    for blocks in (64, 8, 3):
+        with pytest.raises(
+            ValueError, match=rf"ChainSecant\(blocks={blocks}\) must divide x0's leading dimension"
+        ):
+            solve_chain(step, x0, 50, solver=ChainSecant(blocks=blocks))
+    with pytest.raises(ValueError, match=r"ChainSecant\(blocks=2\) needs x0 as one tensor"):
+        solve_chain(lambda k, x: x, {"a": x0, "b": x0}, 5, solver=ChainSecant(blocks=2))
+    for gain, form in itertools.product((0.5, 0.9, 1.1), FORMS):
+        step, x0 = samples_chain(gain)
+        picard = solve_chain(step, x0, 50, tol=1e-8, form=form).sweeps
+        for blocks in (1, 2, 4):
+            assert (
+                solve_chain(step, x0, 50, solver=ChainSecant(blocks=blocks), tol=1e-8, form=form).sweeps
+                <= picard
+            )
