@@ -665,3 +665,60 @@ def test_chain_secant_refuses_blocks_that_cut_a_sample_and_takes_no_more_sweeps_
                 solve_chain(step, x0, 50, solver=ChainSecant(blocks=blocks), tol=1e-8, form=form).sweeps
                 <= picard
             )
+
+
+def test_chain_secant_safeguard_forgets_only_the_steps_its_secant_part_made_worse():
+    # From the definition: a step's proposal z was its base model's proposal z - secant plus the secant
+    # part; evaluated, the residual is fz - z, and the base model's would have been fz - (z - secant). A
+    # step whose residual exceeds safeguard times the base's forgets its older pairs; the others keep them.
+    rule = ChainSecant(m=2, safeguard=4.0)
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    v = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    state = rule.init(z)
+    state.known.fill_(True)
+    state.X.normal_(generator=generator)
+    state.S.normal_(generator=generator)
+    state.k = 1  # slot 1 takes this sweep's pair, slot 0 holds an older one
+    # Row 0: the secant part undid what the base had right (base residual tiny): forget. Row 1: the secant
+    # part halved the residual (base residual 2v): keep. Row 2: not known yet: nothing to forget.
+    state.secant[0] = -v[0] + 1e-3 * v[0]
+    state.secant[1] = v[1]
+    state.secant[2] = -v[2]
+    state.known[2] = False
+    older = state.X[:, 0].clone(), state.S[:, 0].clone()
+    fz = z + v
+    for row in range(3):
+        residual = torch.linalg.vector_norm(fz[row] - z[row])
+        base_residual = torch.linalg.vector_norm(fz[row] - (z[row] - state.secant[row]))
+        assert bool(residual > 4.0 * base_residual) == (row in (0, 2))  # the cases are what they say
+    rule.record(state, z, fz, z)
+    assert torch.all(state.X[0, 0] == 0) and torch.all(state.S[0, 0] == 0)
+    assert torch.equal(state.X[1, 0], older[0][1]) and torch.equal(state.S[1, 0], older[1][1])
+    assert torch.equal(state.X[2, 0], older[0][2]) and torch.equal(state.S[2, 0], older[1][2])
+
+
+def test_chain_secant_fits_each_block_on_its_own_pairs():
+    # From the definition, block by block: the pairs' entries of block b, each pair scaled to a unit input
+    # change, gamma = argmin ||X_b^T gamma - d_b||^2 + lam ||gamma||^2, and J_b d_b = B d_b + (S_b - B X_b)^T
+    # gamma. Entries of another block must play no part (a layout that interleaves blocks, or fits all
+    # of them on the whole state, differs).
+    rows, m, blocks, size, lam = 3, 2, 3, 4, 1e-3
+    rule = ChainSecant(m=m, blocks=blocks, lam=lam)
+    generator = torch.Generator().manual_seed(1)
+    state = rule.init(torch.zeros(rows, blocks * size, dtype=torch.float64))
+    state.X.normal_(generator=generator)
+    state.S.normal_(generator=generator)
+    d = torch.randn(rows, blocks * size, generator=generator, dtype=torch.float64)
+    for base in (0.0, 1.0):
+        P, Ct = rule.models(state, base)
+        for row in range(rows):
+            got = torch.bmm(Ct[row], torch.bmm(P[row], d[row].view(blocks, -1, 1))).view(-1) + base * d[row]
+            for b in range(blocks):
+                entries = slice(b * size, (b + 1) * size)
+                X, S = state.X[row, :, entries], state.S[row, :, entries]
+                norms = torch.linalg.vector_norm(X, dim=1, keepdim=True)
+                X, S = X / norms, S / norms
+                gamma = torch.linalg.solve(X @ X.T + lam * torch.eye(m, dtype=X.dtype), X @ d[row, entries])
+                expected = base * d[row, entries] + (S - base * X).T @ gamma
+                torch.testing.assert_close(got[entries], expected, atol=1e-10, rtol=1e-10)
