@@ -370,6 +370,17 @@ def test_max_sweeps_caps_the_rounds_and_reports_no_convergence(dit):
         ({"solver": "picard"}, TypeError, "solver must be an update rule"),
         ({"iterations": 0}, ValueError, "iterations must be an int >= 1"),
         ({"labels": torch.zeros(2, 2, dtype=torch.long)}, ValueError, r"labels must have shape \(B,\)"),
+        (
+            {"tol": [1e-3] * 3},
+            ValueError,
+            r"tol must be a finite number >= 0 or 4 of them .* got shape \(3,\)",
+        ),
+        ({"tol": [1e-3, 1e-3, -1.0, 1e-3]}, ValueError, "tol must be a finite number >= 0 or 4 of them"),
+        ({"warmup": -1}, ValueError, "warmup must be an int >= 0, got -1"),
+        ({"warmup": 5}, ValueError, r"warmup \(5\) exceeds steps \(4\)"),
+        ({"coarse": 1.5}, ValueError, "coarse must be an int >= 0, got 1.5"),
+        ({"max_evals": 3}, ValueError, "max_evals=3 block evaluations per sample does not pay for"),
+        ({"reuse": True, "group": object()}, ValueError, "reuse=True .* not with group"),
     ],
 )
 def test_bad_arguments_are_clear_errors(fpdm, changes, error, message):
@@ -655,3 +666,218 @@ def test_auto_max_batch_on_cuda_uses_the_probes_peak_and_the_free_memory(monkeyp
     assert auto_max_batch(probe, torch.device("cuda"), 100) == 5  # (15 + 6 - 1) / 2 / 2
     assert state["probed"] == 1
     assert auto_max_batch(probe, torch.device("cuda"), 3) == 3
+
+
+@pytest.mark.parametrize("name", ["dit", "fpdm"])
+@pytest.mark.parametrize(("warmup", "coarse"), [(1, 0), (2, 3), (0, 4)])
+def test_a_first_guess_counts_its_model_calls_as_rounds_and_evaluations(name, warmup, coarse, request):
+    model = request.getfixturevalue(name)
+    labels = torch.arange(3)
+    kwargs = {"iterations": 2} if name == "fpdm" else {}
+    counter = RowCounter(model)
+    try:
+        out = sample_parallel(
+            model,
+            DIFFUSION,
+            labels,
+            steps=STEPS,
+            tol=1e-5,
+            warmup=warmup,
+            coarse=coarse,
+            generator=seeded(),
+            **kwargs,
+        )
+    finally:
+        counter.remove()
+    rows = parallel.guess_rows(STEPS, warmup, coarse)
+    assert len(rows) == warmup + coarse and rows[:warmup] == list(range(warmup))  # coarse ones start after
+    assert out.sweeps == len(rows) + out.chain.sweeps and out.chain.evaluations == sum(
+        out.chain.evaluations_per_step
+    )
+    assert counter.rows == out.block_evals * 3  # an independent tally of every block call
+    per_step = 2 + 2 if name == "fpdm" else 2
+    assert out.block_evals == per_step * (len(rows) + out.chain.evaluations)
+    for row in range(STEPS):
+        chained = int(out.chain.evaluations_per_step[row - warmup]) if row >= warmup else 0
+        assert out.spent[row] == per_step * ((row in rows) + chained)
+    assert out.converged and out.options["guess_rows"] == rows
+
+
+def test_a_first_guess_changes_no_sample_and_a_full_warmup_is_the_sequential_sampler(models64, float64):
+    labels = torch.arange(2)
+    for model, kwargs in models64:
+        reference = sequential(model, labels, reuse=False)
+        for warmup, coarse in ((1, 0), (3, 2), (0, 3), (STEPS, 0)):
+            out = sample_parallel(
+                model,
+                DIFFUSION,
+                labels,
+                steps=STEPS,
+                tol=0.0,
+                warmup=warmup,
+                coarse=coarse,
+                generator=seeded(),
+                **kwargs,
+            )
+            assert out.converged
+            assert float((out.images - reference.images).abs().max()) < EXACT_IN_FLOAT64
+        # Every timestep evaluated in turn: the sequential sampler, its rounds and its evaluations.
+        assert out.sweeps == STEPS and out.chain.sweeps == 0 and out.block_evals == out.sequential_block_evals
+
+
+def test_the_ddim_guess_jumps_from_the_last_evaluated_timestep_with_its_predicted_clean_image(
+    dit, monkeypatch, float64
+):
+    # Written from the definition: evaluate the noise at each guess row in turn; every later state up to the
+    # next guess row is x_j = sqrt(abar_j) x0 + sqrt(1 - abar_j) e, with x0 the clipped clean image predicted
+    # at the row and e the noise that x0 implies there.
+    model = copy.deepcopy(dit).double()
+    labels = torch.arange(2)
+    seen = {}
+    real = parallel.solve_chain
+
+    def recording(step, x0, num_steps, **options):
+        seen.update(x0=x0, init=options["init"])
+        return real(step, x0, num_steps, **options)
+
+    monkeypatch.setattr(parallel, "solve_chain", recording)
+    sample_parallel(model, DIFFUSION, labels, steps=STEPS, tol=1e-8, warmup=2, coarse=2, generator=seeded())
+    timesteps = [*DIFFUSION.respace(STEPS), -1]
+    abar = [float(DIFFUSION.alpha_bar(t)) for t in timesteps]
+    rows = parallel.guess_rows(STEPS, 2, 2)
+    assert rows == [0, 1, 2, 7]
+    states = [torch.randn(2, 1, 8, 8, generator=seeded())]
+    for i, row in enumerate(rows):
+        x = states[row]
+        with torch.no_grad():
+            e, _ = model(x, torch.full((2,), timesteps[row]), labels)
+        x0 = ((x - math.sqrt(1 - abar[row]) * e) / math.sqrt(abar[row])).clamp(-1, 1)
+        e = (x - math.sqrt(abar[row]) * x0) / math.sqrt(1 - abar[row])
+        for j in range(row + 1, (rows[i + 1] if i + 1 < len(rows) else STEPS) + 1):
+            states.append(math.sqrt(abar[j]) * x0 + math.sqrt(1 - abar[j]) * e)
+    expected = torch.stack(states)
+    torch.testing.assert_close(seen["init"], expected[2:], atol=1e-12, rtol=0)
+    torch.testing.assert_close(seen["x0"], expected[2], atol=1e-12, rtol=0)
+
+
+def test_paradigms_tolerances_are_its_criterion_on_each_steps_residual():
+    # Written from ParaDiGMS's definition: the state after step k (timestep t = t_{k+1}) passes when its
+    # RMS change is at most tolerance * sqrt(posterior variance of the step from t to the next timestep).
+    timesteps = DIFFUSION.respace(STEPS)
+    got = parallel.paradigms_tolerances(DIFFUSION, timesteps, 0.1)
+    after = [*timesteps[1:], -1, -1]
+    for k in range(STEPS):
+        t, t_next = after[k], after[k + 1]
+        if t == -1 or t_next == -1:
+            expected = 0.0  # a step into t = -1 has no posterior variance: accepted only when exact
+        else:
+            a, a_next = float(DIFFUSION.alpha_bar(t)), float(DIFFUSION.alpha_bar(t_next))
+            expected = 0.1 * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
+        assert math.isclose(float(got[k]), expected, rel_tol=1e-12, abs_tol=1e-300), k
+    assert float(got[0]) > 0 and got[-2:].tolist() == [0.0, 0.0]
+
+
+def test_max_evals_bounds_the_evaluations_spent_and_says_when_it_stopped_the_chain(dit):
+    labels = torch.arange(2)
+    free = sample_parallel(dit, DIFFUSION, labels, steps=STEPS, tol=1e-6, warmup=1, generator=seeded())
+    assert free.converged and free.block_evals > 2 * free.sequential_block_evals
+    for cap in (free.sequential_block_evals, 2 * free.sequential_block_evals, free.block_evals, 10**6):
+        out = sample_parallel(
+            dit, DIFFUSION, labels, steps=STEPS, tol=1e-6, warmup=1, max_evals=cap, generator=seeded()
+        )
+        assert out.block_evals <= cap
+        if cap < free.block_evals:  # finishing would have cost what the free run spent
+            assert not out.converged and out.sweeps < free.sweeps
+    assert out.converged and torch.equal(out.images, free.images)
+
+
+def test_the_result_names_the_sequential_sampler_it_reproduces(fpdm):
+    labels = torch.arange(2)
+    cold = sample_parallel(fpdm, DIFFUSION, labels, steps=4, iterations=2, generator=seeded())
+    warm = sample_parallel(fpdm, DIFFUSION, labels, steps=4, iterations=2, reuse=True, generator=seeded())
+    assert "reuse=False" in cold.summary()["reproduces"]
+    assert warm.summary()["reproduces"] is None  # warm starts across sweeps: no sequential sampler's samples
+
+
+WORLD = 2
+#: Seconds for both workers (a few on 2 idle cores) and for a collective to wait.
+DEADLINE_S = 300
+
+
+def _spread_worker(rank: int, store_path: str, models, results) -> None:
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    try:
+        store = dist.FileStore(store_path, WORLD)
+        timeout = datetime.timedelta(seconds=120)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timeout)
+        try:
+            results[rank] = [_spread_runs(model, kwargs, dist.group.WORLD) for model, kwargs in models]
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        results[rank] = {"error": traceback.format_exc()}
+        raise
+
+
+def _spread_runs(model, kwargs, group) -> list:
+    runs = []
+    for options in ({"tol": 1e-7}, {"tol": 1e-7, "warmup": 1, "window": 5, "max_batch": 2}):
+        out = sample_parallel(
+            model,
+            DIFFUSION,
+            torch.arange(3),
+            steps=STEPS,
+            group=group,
+            generator=seeded(),
+            **kwargs,
+            **options,
+        )
+        runs.append((out.images, out.sweeps, out.block_evals, out.spent, out.options["ranks"]))
+    return runs
+
+
+def test_two_processes_give_the_samples_of_one(models64, float64, tmp_path):
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        args = (str(tmp_path / "store"), list(models64), results)
+        workers = mp.start_processes(
+            _spread_worker, args=args, nprocs=WORLD, start_method="spawn", join=False
+        )
+        deadline = time.monotonic() + DEADLINE_S
+        try:
+            while not workers.join(timeout=5):
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"workers still running after {DEADLINE_S} s; reports so far: {dict(results)}"
+                    )
+        finally:
+            for process in workers.processes:
+                if process.is_alive():
+                    process.kill()
+                process.join(timeout=10)
+        results = dict(results)
+    for rank in range(WORLD):
+        assert "error" not in results[rank], results[rank]["error"]
+    alone = [_spread_runs(model, kwargs, None) for model, kwargs in models64]
+    for rank in range(WORLD):
+        for runs, single in zip(results[rank], alone, strict=True):
+            for (images, sweeps, evals, spent, ranks), (images1, sweeps1, evals1, spent1, _) in zip(
+                runs, single, strict=True
+            ):
+                assert ranks == WORLD and (sweeps, evals, spent) == (sweeps1, evals1, spent1)
+                # The model evaluated on other batch sizes rounds differently, nothing else differs.
+                assert float((images - images1).abs().max()) < EXACT_IN_FLOAT64
+    # Both ranks gathered the same images and made the same decisions: the same samples to the bit.
+    for runs0, runs1 in zip(results[0], results[1], strict=True):
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(runs0, runs1, strict=True))
