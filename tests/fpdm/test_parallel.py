@@ -436,6 +436,8 @@ def test_sample_cli_parallel_mode(checkpoint, tmp_path, capsys):
         summary["parallel"] is True and summary["batches"] == 2 and summary["solver"].startswith("Anderson")
     )
     assert summary["reuse"] is False  # cold starts by default in the parallel mode
+    assert summary["reproduces"] == "sampling.sample(method='ddim', eta=0, reuse=False)"
+    assert summary["spent_total"] > summary["sequential_block_evals"] == 6 * 4  # side by side, per sample
     assert summary["iterations_per_call"] == 2 and 1 <= summary["sweeps"] <= 6  # 24 // 6 - (1 pre + 1 post)
 
 
@@ -472,6 +474,7 @@ def test_sample_cli_parallel_refuses_ddpm_and_eta(checkpoint, tmp_path, capsys):
         (["--max-batch", "many"], "expected 'auto', 'none' or an int >= 1, got 'many'"),
         (["--window", "0"], "--window"),
         (["--form", "sum"], "invalid choice"),
+        (["--reuse"], "the parallel sampler reproduces sequential sampling with --no-reuse"),
     ):
         try:
             status = sample_cli.main([*base, *extra])

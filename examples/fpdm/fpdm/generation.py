@@ -216,9 +216,15 @@ def _generate_parallel(
             f"--parallel is deterministic DDIM: use --method ddim --eta 0, got --method {args.method} "
             f"--eta {args.eta:g}"
         )
+    if args.reuse and hasattr(model, "pre_depth"):
+        raise UsageError(
+            "--parallel --reuse: the parallel sampler reproduces sequential sampling with --no-reuse (reuse "
+            "warm-starts each timestep's solve from the timestep before it, which all timesteps at once "
+            "cannot); drop --reuse"
+        )
     diffusion = GaussianDiffusion(spacing=args.spacing)
     timesteps, plan = plan_timesteps(model, diffusion, args.budget, args.steps, "constant")
-    options: dict[str, Any] = {"steps": len(timesteps), "reuse": bool(args.reuse)}
+    options: dict[str, Any] = {"steps": len(timesteps), "reuse": False}
     if hasattr(model, "pre_depth"):
         options.update(iterations=min(plan), block_solver=make_solver(args.solver))
     return sample_parallel_batches(
@@ -282,7 +288,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
 
 
 TOL_HELP = "FPDM, --schedule tolerance: the relative residual that ends a solve (default: 1e-3)"
-REUSE_HELP = "warm start from the last step (--parallel: the last sweep); default on, off with --parallel"
+REUSE_HELP = "warm start from the last step; default on (--parallel reproduces --no-reuse, refuses --reuse)"
 CHAIN_TOL_HELP = "--parallel: one RMS residual for every timestep (default: --chain-tau's noise-scaled ones)"
 CHAIN_TAU_HELP = f"--parallel: RMS residual tau * sqrt(1 - abar_t) per timestep (default {DEFAULT_TAU:g})"
 MAX_BATCH_HELP = "--parallel: timesteps per model call, 'auto' (default; fits CUDA memory) or 'none'"
