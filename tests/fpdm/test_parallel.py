@@ -784,13 +784,20 @@ def test_max_evals_bounds_the_evaluations_spent_and_says_when_it_stopped_the_cha
     labels = torch.arange(2)
     free = sample_parallel(dit, DIFFUSION, labels, steps=STEPS, tol=1e-6, warmup=1, generator=seeded())
     assert free.converged and free.block_evals > 2 * free.sequential_block_evals
-    for cap in (free.sequential_block_evals, 2 * free.sequential_block_evals, free.block_evals, 10**6):
+    for cap in (*range(free.sequential_block_evals, free.block_evals, 4), free.block_evals, 10**6):
         out = sample_parallel(
             dit, DIFFUSION, labels, steps=STEPS, tol=1e-6, warmup=1, max_evals=cap, generator=seeded()
         )
         assert out.block_evals <= cap
         if cap < free.block_evals:  # finishing would have cost what the free run spent
             assert not out.converged and out.sweeps < free.sweeps
+            # It ran every sweep the cap pays for at the worst (sweep s evaluating all STEPS - 1 - s + 1
+            # timesteps after the warm-up), and no more.
+            left, allowed = cap - 2, 0  # DiT: 2 blocks per timestep; the warm-up evaluated one timestep
+            while allowed < STEPS - 1 and 2 * (STEPS - 1 - allowed) <= left:
+                left -= 2 * (STEPS - 1 - allowed)
+                allowed += 1
+            assert out.chain.sweeps == allowed
     assert out.converged and torch.equal(out.images, free.images)
 
 
