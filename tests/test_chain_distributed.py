@@ -1,27 +1,19 @@
 """distributed_step: a chain's sweeps split over two CPU processes (gloo) give one process's trajectory.
 
-Each worker runs the same solves with the step wrapped; the parent runs them unwrapped. Every process
-group is destroyed before its process exits, every wait has a deadline, and a worker's failure comes back
-as its traceback (as in ``test_ddp.py``).
+Each worker runs the same solves with the step wrapped; the parent runs them unwrapped (``spawned.py``
+runs the workers).
 """
 
 from __future__ import annotations
 
-import datetime
-import time
-import traceback
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned import gloo_group, run_workers
 from torch import Tensor
 
 from implicitdiff import ChainSecant, Picard, distributed_step, solve_chain
 
 WORLD = 2
-DEADLINE_S = 300
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
 STEPS, DIM, SAMPLES = 23, 5, 3
 # Float64 noise of one step evaluated in a batch of another size, carried down the chain (as in
 # test_chain.py): the only difference the split may make.
@@ -87,46 +79,12 @@ def _solve_all(rank: int) -> dict:
 
 
 def _worker(rank: int, store_path: str, results) -> None:
-    torch.set_num_threads(1)
-    try:
-        store = dist.FileStore(store_path, WORLD)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
-        try:
-            results[rank] = _solve_all(rank)
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        results[rank] = {"error": traceback.format_exc()}
-        raise
-
-
-def _run_workers(store_path: str) -> dict:
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        workers = mp.start_processes(
-            _worker, args=(store_path, results), nprocs=WORLD, start_method="spawn", join=False
-        )
-        deadline = time.monotonic() + DEADLINE_S
-        try:
-            while not workers.join(timeout=5):
-                if time.monotonic() > deadline:
-                    pytest.fail(
-                        f"workers still running after {DEADLINE_S} s; reports so far: {dict(results)}"
-                    )
-        finally:
-            for process in workers.processes:
-                if process.is_alive():
-                    process.kill()
-                process.join(timeout=10)
-        return dict(results)
+    with gloo_group(store_path, rank, WORLD, results):
+        results[rank] = _solve_all(rank)
 
 
 def test_two_processes_give_one_processs_trajectory_each_evaluating_half_the_steps(tmp_path):
-    results = _run_workers(str(tmp_path / "store"))
-    assert sorted(results) == list(range(WORLD)), results
-    for rank, report in results.items():
-        assert "error" not in report, f"rank {rank}:\n{report.get('error')}"
+    results = run_workers(_worker, (str(tmp_path / "store"),), WORLD)
     torch.set_num_threads(1)
     for index, case in enumerate(CASES):
         chain = Chain()

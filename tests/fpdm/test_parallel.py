@@ -14,6 +14,7 @@ from fpdm.diffusion import GaussianDiffusion
 from fpdm.models import DiTBlock, ModelState
 from fpdm.parallel import DEFAULT_TAU, auto_max_batch, chunk_for_memory, sample_parallel
 from fpdm.sampling import sample
+from spawned import gloo_group, run_workers
 from test_sampling import contractive_model
 from torch import nn
 
@@ -310,29 +311,26 @@ class RowCounter:
             handle.remove()
 
 
-@pytest.mark.parametrize("name", ["dit", "fpdm"])
-@pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_block_evaluations_counted_match_the_calls(name, guidance, request):
+def sample_counting_rows(request, name: str, **options) -> tuple[parallel.ParallelResult, int]:
+    """``sample_parallel`` on the fixture ``name`` for 3 labels (``tol=1e-5``, FPDM with 2 iterations),
+    and the block rows an independent tally counted."""
     model = request.getfixturevalue(name)
-    labels = torch.arange(3)
     kwargs = {"iterations": 2} if name == "fpdm" else {}
     counter = RowCounter(model)
     try:
         out = sample_parallel(
-            model,
-            DIFFUSION,
-            labels,
-            steps=STEPS,
-            tol=1e-5,
-            window=5,
-            guidance=guidance,
-            solver=Anderson(),
-            generator=seeded(),
-            **kwargs,
+            model, DIFFUSION, torch.arange(3), steps=STEPS, tol=1e-5, generator=seeded(), **kwargs, **options
         )
     finally:
         counter.remove()
-    assert counter.rows == out.guided_evals * 3  # block rows = per-sample evaluations x batch (x 2 guided)
+    return out, counter.rows
+
+
+@pytest.mark.parametrize("name", ["dit", "fpdm"])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_block_evaluations_counted_match_the_calls(name, guidance, request):
+    out, rows = sample_counting_rows(request, name, window=5, guidance=guidance, solver=Anderson())
+    assert rows == out.guided_evals * 3  # block rows = per-sample evaluations x batch (x 2 guided)
     assert sum(out.spent) == out.block_evals
     per_step = 2 + 2 if name == "fpdm" else 2
     assert out.block_evals == per_step * out.chain.evaluations
@@ -674,30 +672,13 @@ def test_auto_max_batch_on_cuda_uses_the_probes_peak_and_the_free_memory(monkeyp
 @pytest.mark.parametrize("name", ["dit", "fpdm"])
 @pytest.mark.parametrize(("warmup", "coarse"), [(1, 0), (2, 3), (0, 4)])
 def test_a_first_guess_counts_its_model_calls_as_rounds_and_evaluations(name, warmup, coarse, request):
-    model = request.getfixturevalue(name)
-    labels = torch.arange(3)
-    kwargs = {"iterations": 2} if name == "fpdm" else {}
-    counter = RowCounter(model)
-    try:
-        out = sample_parallel(
-            model,
-            DIFFUSION,
-            labels,
-            steps=STEPS,
-            tol=1e-5,
-            warmup=warmup,
-            coarse=coarse,
-            generator=seeded(),
-            **kwargs,
-        )
-    finally:
-        counter.remove()
+    out, counted = sample_counting_rows(request, name, warmup=warmup, coarse=coarse)
     rows = parallel.guess_rows(STEPS, warmup, coarse)
     assert len(rows) == warmup + coarse and rows[:warmup] == list(range(warmup))  # coarse ones start after
     assert out.sweeps == len(rows) + out.chain.sweeps and out.chain.evaluations == sum(
         out.chain.evaluations_per_step
     )
-    assert counter.rows == out.block_evals * 3  # an independent tally of every block call
+    assert counted == out.block_evals * 3  # an independent tally of every block call
     per_step = 2 + 2 if name == "fpdm" else 2
     assert out.block_evals == per_step * (len(rows) + out.chain.evaluations)
     for row in range(STEPS):
@@ -810,29 +791,14 @@ def test_the_result_names_the_sequential_sampler_it_reproduces(fpdm):
 
 
 WORLD = 2
-#: Seconds for both workers (a few on 2 idle cores) and for a collective to wait.
-DEADLINE_S = 300
 
 
 def _spread_worker(rank: int, store_path: str, models, results) -> None:
-    import datetime
-    import traceback
-
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
-    try:
-        store = dist.FileStore(store_path, WORLD)
-        timeout = datetime.timedelta(seconds=120)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timeout)
-        try:
-            results[rank] = [_spread_runs(model, kwargs, dist.group.WORLD) for model, kwargs in models]
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        results[rank] = {"error": traceback.format_exc()}
-        raise
+    with gloo_group(store_path, rank, WORLD, results):
+        torch.set_default_dtype(torch.float64)
+        results[rank] = [_spread_runs(model, kwargs, dist.group.WORLD) for model, kwargs in models]
 
 
 def _spread_runs(model, kwargs, group) -> list:
@@ -853,32 +819,7 @@ def _spread_runs(model, kwargs, group) -> list:
 
 
 def test_two_processes_give_the_samples_of_one(models64, float64, tmp_path):
-    import time
-
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        args = (str(tmp_path / "store"), list(models64), results)
-        workers = mp.start_processes(
-            _spread_worker, args=args, nprocs=WORLD, start_method="spawn", join=False
-        )
-        deadline = time.monotonic() + DEADLINE_S
-        try:
-            while not workers.join(timeout=5):
-                if time.monotonic() > deadline:
-                    pytest.fail(
-                        f"workers still running after {DEADLINE_S} s; reports so far: {dict(results)}"
-                    )
-        finally:
-            for process in workers.processes:
-                if process.is_alive():
-                    process.kill()
-                process.join(timeout=10)
-        results = dict(results)
-    for rank in range(WORLD):
-        assert "error" not in results[rank], results[rank]["error"]
+    results = run_workers(_spread_worker, (str(tmp_path / "store"), list(models64)), WORLD)
     alone = [_spread_runs(model, kwargs, None) for model, kwargs in models64]
     for rank in range(WORLD):
         for runs, single in zip(results[rank], alone, strict=True):
