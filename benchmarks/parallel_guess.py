@@ -278,16 +278,37 @@ def _cells(row: dict[str, Any]) -> str:
     )
 
 
+def _write(record: dict[str, Any]) -> None:
+    RESULTS.parent.mkdir(exist_ok=True)
+    partial = RESULTS.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    partial.replace(RESULTS)  # atomic: a killed run leaves the last complete file
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny training and batch: a smoke run")
     parser.add_argument("--num", type=int, default=100, help="images per configuration")
+    parser.add_argument(
+        "--processes-only",
+        action="store_true",
+        help="measure 1 against 2 processes again, keep the other rows",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", ChainRuleWarning)
     start = time.perf_counter()
     num, steps = (8, 12) if args.quick else (args.num, STEPS)
     labels = torch.arange(num) % 10
+    if args.processes_only:
+        record = json.loads(RESULTS.read_text())
+        record["processes"] = [
+            process_rows(name, num, steps, False) for name in ("FPDM-Digits/2", "DiT-Digits/2")
+        ]
+        record.update(processes_date=time.strftime("%Y-%m-%d %H:%M"), load_average_1min=os.getloadavg()[0])
+        print("1 vs 2 processes:", record["processes"])
+        _write(record)
+        return 0
     print("| model | method | sweeps | block evals / sample | x sequential | max diff | RMS diff | FD |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     rows: list[dict[str, Any]] = []
@@ -318,10 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_s": time.perf_counter() - start,
     }
     if not args.quick:
-        RESULTS.parent.mkdir(exist_ok=True)
-        partial = RESULTS.with_suffix(".json.tmp")
-        partial.write_text(json.dumps(record, indent=1) + "\n")
-        partial.replace(RESULTS)  # atomic: a killed run leaves the last complete file
+        _write(record)
     print(f"total {record['total_s']:.0f} s")
     return 0
 
