@@ -159,6 +159,9 @@ def load_decoder(name: str, scaling_factor: float | None, device: torch.device, 
         from diffusers import AutoencoderKL
     except ImportError:
         raise UsageError("decoding latents needs diffusers: pip install 'implicitdiff[latents]'") from None
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # its advice to install accelerate is not ours to print
     try:
         vae = AutoencoderKL.from_pretrained(name)
     except Exception as error:  # diffusers and huggingface_hub raise many kinds; each means "not loaded"
