@@ -299,11 +299,17 @@ def test_two_processes_write_what_one_process_writes_decoded_by_the_vae(latent_m
     assert (tmp_path / "1" / "grid.png").exists()
 
 
-def test_vae_option_overrides_the_checkpoint_and_a_bad_one_is_one_line(latent_model, tmp_path, capsys):
-    checkpoint, vae_folder = latent_model
-    argv = sample_argv(checkpoint, tmp_path / "s", "--num-samples", "1", "--budget", "8")
-    status, err = exit_status(sample_cli.main, [*argv, "--vae", str(tmp_path / "nowhere")], capsys)
+def test_a_vae_that_cannot_be_loaded_or_does_not_fit_is_one_line_before_sampling(
+    latent_model, checkpoint, tmp_path, capsys
+):
+    latent, _ = latent_model
+    argv = ["--out", str(tmp_path / "s"), "--num-samples", "1", "--budget", "8", "--no-progress"]
+    status, err = exit_status(
+        sample_cli.main, [str(latent), *argv, "--vae", str(tmp_path / "nowhere")], capsys
+    )
     assert status == EXIT_USAGE and one_line(err) and f"--vae {tmp_path / 'nowhere'}: could not load" in err
+    status, err = exit_status(sample_cli.main, [str(checkpoint), *argv, "--vae", "any"], capsys)
+    assert status == EXIT_USAGE and one_line(err) and "samples images, not latents; drop --vae" in err
     assert not (tmp_path / "s").exists()
 
 
