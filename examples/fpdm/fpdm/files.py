@@ -30,6 +30,7 @@ __all__ = [
     "npz_member_rows",
     "read_jsonl",
     "save_atomically",
+    "save_json_atomically",
     "save_npz_atomically",
     "staged_folder",
     "write_npz_streamed",
@@ -59,6 +60,16 @@ def save_atomically(payload: Any, path: str | Path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def save_json_atomically(payload: Any, path: str | Path) -> Path:
+    """``payload`` as indented JSON at ``path``, written aside and moved in (``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 
