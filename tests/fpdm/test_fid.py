@@ -122,11 +122,11 @@ def test_the_weights_file_loads_and_a_file_of_another_network_is_one_line(weight
     assert {name: tuple(v.shape) for name, v in features.items()} == {k: (2, d) for k, d in FEATURES.items()}
     assert all(torch.isfinite(v).all() and v.abs().max() > 0 for v in features.values())
     state = torch.load(weights, weights_only=True)
-    del state["Mixed_7c.branch_pool.conv.weight"]
+    weight = state.pop("Mixed_7c.branch_pool.conv.weight")
     torch.save(state, tmp_path / "partial.pth")
     with pytest.raises(FileKindError, match=r"has no 'Mixed_7c\.branch_pool\.conv\.weight'"):
         inception_extractor(tmp_path / "partial.pth")
-    state = torch.load(weights, weights_only=True)
+    state["Mixed_7c.branch_pool.conv.weight"] = weight
     state["fc.weight"] = torch.zeros(1000, 2048)  # torchvision's 1000 classes, not the graph's 1008
     torch.save(state, tmp_path / "torchvision.pth")
     with pytest.raises(FileKindError, match=r"'fc.weight' is \(1000, 2048\), expected \(1008, 2048\)"):
@@ -143,34 +143,41 @@ def uint8_images(count, seed):
 
 
 def test_evaluate_scores_arr_0_against_an_adm_reference_batch(weights, tmp_path, capsys):
-    images = uint8_images(10, 0)
-    np.savez(tmp_path / "samples.npz", arr_0=images, arr_1=np.arange(10) % 3)
+    images = uint8_images(5, 0)
+    np.savez(tmp_path / "samples.npz", arr_0=images, arr_1=np.arange(5) % 3)
     extractor = inception_extractor(weights)
     features = extractor.features(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
-    mu, sigma = feature_statistics(features["pool"])
-    mu_s, sigma_s = feature_statistics(features["spatial"])
-    np.savez(tmp_path / "ref.npz", arr_0=images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    trace, trace_s = (float(features[k].double().var(dim=0).sum()) for k in ("pool", "spatial"))  # tr(Sigma)
+    np.savez(tmp_path / "ref.npz", arr_0=images)  # an ADM batch without statistics: both sides' features
     argv = ["--samples", str(tmp_path / "samples.npz"), "--real", str(tmp_path / "ref.npz"), "--extractor",
-            "inception", "--inception-weights", str(weights), "--kid-subset-size", "5", "--kid-subsets", "3",
+            "inception", "--inception-weights", str(weights), "--kid-subset-size", "5", "--kid-subsets", "2",
             "--json", "--out", str(tmp_path / "scores.json")]  # fmt: skip
     assert evaluate.main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((tmp_path / "scores.json").read_text())
-    scale = np.trace(sigma)
     # The same images on both sides: every distance 0 (float64 rounding of the traces), manifolds equal.
-    assert printed["fid"] == printed["fd"] == pytest.approx(0.0, abs=1e4 * EPS64 * scale)
-    assert printed["sfid"] == pytest.approx(0.0, abs=1e4 * EPS64 * np.trace(sigma_s))
+    assert printed["fid"] == printed["fd"] == pytest.approx(0.0, abs=1e4 * EPS64 * trace)
+    assert printed["sfid"] == pytest.approx(0.0, abs=1e4 * EPS64 * trace_s)
     assert printed["precision"] == printed["recall"] == 1.0
-    expected_is = inception_score(features["logits"])
-    assert printed["inception_score"] == pytest.approx(expected_is, rel=1e-6)  # float32 features
-    assert printed["num_images"] == printed["num_real"] == 10 and printed["feature_dim"] == 2048
-    # Statistics alone (no images) still give the FID and sFID; other samples score above 0.
-    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
-    np.savez(tmp_path / "other.npz", arr_0=uint8_images(10, 1))
-    argv[1], argv[3] = str(tmp_path / "other.npz"), str(tmp_path / "stats.npz")
-    assert evaluate.main(argv) == 0
-    other = json.loads(capsys.readouterr().out)
-    assert other["fid"] > 1e3 * EPS64 * scale and other["sfid"] > 0 and "precision" not in other
+    assert printed["inception_score"] == pytest.approx(inception_score(features["logits"]), rel=1e-6)
+    assert printed["num_images"] == printed["num_real"] == 5 and printed["feature_dim"] == 2048
+
+
+def test_a_reference_of_statistics_alone_gives_the_frechet_distance(tmp_path):
+    rng = np.random.default_rng(3)
+    projection = torch.from_numpy(rng.standard_normal((3 * 4 * 4, 6)))
+
+    def project(images):
+        return images.double().flatten(1) @ projection
+
+    fake, real = (torch.from_numpy(rng.uniform(-1, 1, (30, 3, 4, 4))) for _ in range(2))
+    mu, sigma = feature_statistics(project(real))
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+    result = evaluate.evaluate_images(fake, real=str(tmp_path / "stats.npz"), extractor=project)
+    # The features are kept in float32 (as ADM's evaluator keeps them): their rounding, not more.
+    float32 = 100 * float(np.finfo(np.float32).eps)
+    assert result["fd"] == pytest.approx(frechet_distance(project(fake), project(real)), rel=float32)
+    assert result["num_real"] is None and "precision" not in result and "kid_mean" not in result
 
 
 def test_images_without_a_channel_axis_are_named_as_such(tmp_path, capsys):

@@ -32,6 +32,7 @@ from fpdm.inception import INCEPTION_WEIGHTS_FILE, InceptionFeatures, inception_
 from fpdm.metrics import (
     FeatureExtractor,
     feature_statistics,
+    frechet_distance,
     frechet_distance_from_statistics,
     inception_score,
     kernel_inception_distance,
@@ -302,8 +303,11 @@ def _distances(
     for key, name in names.items():
         if key not in generated or not (key in statistics or key in real):
             continue
-        mu, sigma = statistics[key] if key in statistics else feature_statistics(real[key])
-        result[name] = frechet_distance_from_statistics(*feature_statistics(generated[key]), mu, sigma)
+        if key in statistics:  # a reference batch's own statistics (ADM's: of far more images than arr_0)
+            stats = feature_statistics(generated[key])
+            result[name] = frechet_distance_from_statistics(*stats, *statistics[key])
+        else:
+            result[name] = frechet_distance(generated[key], real[key])
     if "spatial" in generated and "fd" in result:
         result["fid"] = result["fd"]
     return result

@@ -121,8 +121,25 @@ def frechet_distance_from_statistics(
 
 
 def frechet_distance(features_a: Tensor | np.ndarray, features_b: Tensor | np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets ``(N_a, D)`` and ``(N_b, D)``."""
-    return frechet_distance_from_statistics(*feature_statistics(features_a), *feature_statistics(features_b))
+    """Fréchet distance between Gaussians fitted to two feature sets ``(N_a, D)`` and ``(N_b, D)``.
+
+    With :math:`A = (X_a - \\mu_a) / \\sqrt{N_a - 1}` (so :math:`\\Sigma_a = A^T A`) and :math:`B` alike, the
+    trace term :math:`\\operatorname{tr}(\\Sigma_a \\Sigma_b)^{1/2}` is the sum of the singular values of the
+    :math:`N_a \\times N_b` matrix :math:`A B^T` (the non-zero eigenvalues of :math:`A^T A B^T B` are those
+    of :math:`(A B^T)(A B^T)^T`): when that matrix is smaller than :math:`D \\times D` (few samples of wide
+    features), it is used instead of the covariances' square roots.
+    """
+    a, b = _as_float64(features_a), _as_float64(features_b)
+    (count_a, dim), count_b = a.shape, b.shape[0]
+    if b.shape[1] != dim:
+        raise ValueError(f"features of different widths: {a.shape}, {b.shape}")
+    if count_a * count_b * min(count_a, count_b) >= dim**3:
+        return frechet_distance_from_statistics(*feature_statistics(a), *feature_statistics(b))
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    centred_a, centred_b = (a - mu_a) / np.sqrt(count_a - 1), (b - mu_b) / np.sqrt(count_b - 1)
+    trace_sqrt = np.linalg.svd(centred_a @ centred_b.T, compute_uv=False).sum()
+    traces = np.sum(centred_a**2) + np.sum(centred_b**2)
+    return max(float(np.sum((mu_a - mu_b) ** 2) + traces - 2.0 * trace_sqrt), 0.0)
 
 
 def polynomial_kernel(x: Tensor, y: Tensor) -> Tensor:
