@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from fpdm.cli import UsageError
 
-__all__ = ["Runtime", "gather_objects", "resolve_device", "setup_runtime", "shutdown_runtime"]
+__all__ = ["Runtime", "gather_objects", "resolve_device", "run_on_main", "setup_runtime", "shutdown_runtime"]
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -95,3 +98,23 @@ def gather_objects(runtime: Runtime, obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * runtime.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def run_on_main(runtime: Runtime, action: Callable[[], T]) -> T | None:
+    """``action()`` on rank 0 alone, its outcome shared: when it raises a ``UsageError`` or an ``OSError``
+    every rank raises the same (a refusal stops them all; no rank is left waiting in a collective). Returns
+    the action's result on rank 0, ``None`` on the other ranks."""
+    result, failure = None, None
+    if runtime.is_main:
+        try:
+            result = action()
+        except (UsageError, OSError) as error:
+            failure = error
+    outcome = None if failure is None else (isinstance(failure, UsageError), str(failure))
+    outcomes = gather_objects(runtime, outcome)
+    if failure is not None:
+        raise failure
+    if outcomes[0] is not None:
+        usage, message = outcomes[0]
+        raise UsageError(message) if usage else OSError(message)
+    return result
