@@ -8,14 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+import pickle
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from fpdm.cli import UsageError
 
-__all__ = ["Runtime", "gather_objects", "resolve_device", "setup_runtime", "shutdown_runtime"]
+__all__ = [
+    "Runtime",
+    "gather_objects",
+    "on_main_then_all",
+    "resolve_device",
+    "setup_runtime",
+    "shutdown_runtime",
+]
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -95,3 +106,34 @@ def gather_objects(runtime: Runtime, obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * runtime.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def on_main_then_all(runtime: Runtime, work: Callable[[], T]) -> T:
+    """Run ``work`` on rank 0 only; every rank returns its result, or raises the error it raised.
+
+    For what one process must do for all (check and prepare an output folder) while the others wait: a
+    refusal on rank 0 stops every rank with the same exception (``UsageError``, ``OSError``, ... : any
+    exception that pickles; others arrive as a ``RuntimeError`` with its message).
+    """
+    if not runtime.distributed:
+        return work()
+    outcome: Any = None
+    if runtime.is_main:
+        try:
+            outcome = ("ok", work())
+        except Exception as error:
+            outcome = ("error", error if _pickles(error) else RuntimeError(str(error)))
+    shared = [outcome]  # broadcast_object_list fills it in place on the other ranks
+    dist.broadcast_object_list(shared, src=0)
+    kind, value = shared[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def _pickles(obj: Any) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:
+        return False
+    return True
