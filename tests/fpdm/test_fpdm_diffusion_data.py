@@ -214,6 +214,11 @@ def test_the_adm_crop_halves_with_a_box_filter_resizes_the_short_side_and_takes_
     expected = np.asarray(step.crop((9, 0, 25, 16)), dtype=np.float32) / 127.5 - 1.0
     got = pil_to_tensor(image, 16, crop="adm").permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(got, expected)
+    # A short side of exactly 2 x 16 is halved too: 150x64 -> 75x32 -> 37x16, centred from x = 10.
+    exact = image.resize((150, 64), Image.BICUBIC)
+    step = exact.resize((75, 32), Image.BOX).resize((37, 16), Image.BOX).resize((37, 16), Image.BICUBIC)
+    expected = np.asarray(step.crop((10, 0, 26, 16)), dtype=np.float32) / 127.5 - 1.0
+    np.testing.assert_array_equal(pil_to_tensor(exact, 16, crop="adm").permute(1, 2, 0).numpy(), expected)
     # The plain centre crop takes the square first: another image.
     assert not np.array_equal(pil_to_tensor(image, 16).permute(1, 2, 0).numpy(), expected)
     with pytest.raises(ValueError, match="crop must be one of"):

@@ -137,6 +137,29 @@ def test_a_row_does_not_depend_on_the_batch_it_is_encoded_in():
     torch.testing.assert_close(mean, vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
 
 
+def test_row_seeds_are_numpys_seed_sequence_of_seed_row_and_stream():
+    # The documented definition, so that another tool can draw the same noise.
+    for seed, row, stream in [(0, 0, 0), (0, 1, 0), (1, 0, 0), (0, 0, 1), (7, 1_281_166, 1)]:
+        expected = np.random.SeedSequence([seed, row, stream]).generate_state(1, np.uint64)[0]
+        assert row_seed(seed, row, stream) == int(expected)
+    seeds = {row_seed(seed, row, stream) for seed in range(3) for row in range(50) for stream in range(2)}
+    assert len(seeds) == 300
+
+
+def test_dataloader_workers_outlive_a_signal_sent_to_the_whole_process_group():
+    # A terminal's Ctrl-C or a scheduler's SIGTERM reaches the workers too: they must keep serving the
+    # main process, which finishes its step and stops them itself.
+    from fpdm.data import quiet_worker
+
+    loader = torch.utils.data.DataLoader(range(40), batch_size=4, num_workers=1, worker_init_fn=quiet_worker)
+    batches = iter(loader)
+    got = [next(batches)]
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        os.kill(batches._workers[0].pid, signum)
+    got += list(batches)
+    assert torch.equal(torch.cat(got), torch.arange(40))
+
+
 def test_random_flips_are_a_function_of_seed_and_row_and_flip_the_image(tmp_path, one_thread):
     images = write_images(tmp_path / "images")
     for flip in ("none", "random"):
