@@ -77,9 +77,14 @@ def machine_load() -> dict:
     busy = []
     for line in ps.stdout.splitlines()[1:]:
         pid, cpu, rss, args = line.split(None, 3)
-        if float(cpu) >= 10.0 and int(pid) != os.getpid():
-            busy.append({"cpu_percent": float(cpu), "rss_MB": int(rss) // 1024, "command": args[:100]})
+        if float(cpu) >= 10.0 and int(pid) != os.getpid() and not args.startswith("ps "):
+            busy.append({"cpu_percent": float(cpu), "rss_MB": int(rss) // 1024, "command": _program(args)})
     return {"loadavg": [round(x, 2) for x in os.getloadavg()], "busy_processes": busy[:8]}
+
+
+def _program(args: str) -> str:
+    """A command line without its folders (``/x/.venv/bin/python -m pytest`` -> ``python -m pytest``)."""
+    return " ".join(Path(word).name if "/" in word else word for word in args.split()[:6])
 
 
 def write_latents_folder(folder: Path, rows: int) -> int:
