@@ -22,6 +22,10 @@ from fpdm.latents import RANDOM_TINY_VAE, encode_batch, row_seed, tiny_vae
 from fpdm.training import StepBatches, TrainConfig, batch_indices, training_batches
 from test_command_lines import TINY, exit_status
 
+# Extraction in this process runs on one thread, as the subprocesses below do (OMP_NUM_THREADS=1): the
+# same arithmetic, the same bytes.
+from test_parallel import one_thread  # noqa: F401  (a module-wide autouse fixture)
+
 EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "fpdm"
 REPO = EXAMPLE_DIR.parents[1]
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 128
@@ -63,26 +67,12 @@ def folder_bytes(folder: Path) -> dict:
     return {**arrays, "meta": {k: v for k, v in meta.items() if k != "source"}}
 
 
-@pytest.fixture
-def one_thread():
-    """Extraction in this process with the threads of the subprocesses below (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An image folder and its extraction in one uninterrupted process, one thread."""
     root = tmp_path_factory.mktemp("reference")
     images = write_images(root / "images")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert latents.main(argv(images, root / "latents")) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert latents.main(argv(images, root / "latents")) == 0
     return images, root / "latents"
 
 
@@ -160,7 +150,7 @@ def test_dataloader_workers_outlive_a_signal_sent_to_the_whole_process_group():
     assert torch.equal(torch.cat(got), torch.arange(40))
 
 
-def test_random_flips_are_a_function_of_seed_and_row_and_flip_the_image(tmp_path, one_thread):
+def test_random_flips_are_a_function_of_seed_and_row_and_flip_the_image(tmp_path):
     images = write_images(tmp_path / "images")
     for flip in ("none", "random"):
         out = tmp_path / flip
@@ -213,7 +203,7 @@ def progress(out: Path) -> list[int]:
     return np.load(out / "progress.npy").tolist()
 
 
-def test_a_killed_extraction_resumes_to_the_uninterrupted_result(reference, tmp_path, capsys, one_thread):
+def test_a_killed_extraction_resumes_to_the_uninterrupted_result(reference, tmp_path, capsys):
     images, single = reference
     out = tmp_path / "killed"
     script = DRIVER.format(at=4, signal="SIGKILL", argv=argv(images, out, "--commit-every", "0"))
@@ -228,7 +218,7 @@ def test_a_killed_extraction_resumes_to_the_uninterrupted_result(reference, tmp_
     assert folder_bytes(out) == folder_bytes(single)
 
 
-def test_sigterm_finishes_the_batch_records_it_and_a_rerun_completes(reference, tmp_path, capsys, one_thread,
+def test_sigterm_finishes_the_batch_records_it_and_a_rerun_completes(reference, tmp_path, capsys,
                                                                      monkeypatch):  # fmt: skip
     images, single = reference
     real, calls = latents.encode_batch, []
@@ -395,6 +385,7 @@ def test_the_dataset_holds_memory_maps_never_the_arrays(user_folder):
     "damage, message",
     [
         (lambda f: (f / "meta.json").unlink(), "has no meta.json"),
+        (lambda f: None, "is a file of a latents folder; name the folder: latents:"),
         (lambda f: (f / "meta.json").write_text("{"), "not a JSON file"),
         (lambda f: edit_meta(f, format="fpdm-latents/9"), "this version reads 'fpdm-latents/1'"),
         (lambda f: edit_meta(f, count=599), "but meta.json says float32 (599, 4, 4, 4)"),
@@ -404,11 +395,24 @@ def test_the_dataset_holds_memory_maps_never_the_arrays(user_folder):
         (lambda f: edit_meta(f, scaling_factor="0.18"), "'scaling_factor' is '0.18', of the wrong type"),
         (lambda f: np.save(f / "labels.npy", np.zeros(600, np.int32)), "expected int64 (600,)"),
     ],
-    ids=["no-meta", "bad-json", "format", "count", "labels", "class-names", "dtype", "type", "int32"],
+    ids=[
+        "no-meta",
+        "the-array",
+        "bad-json",
+        "format",
+        "count",
+        "labels",
+        "class-names",
+        "dtype",
+        "type",
+        "int32",
+    ],
 )
 def test_a_folder_that_does_not_match_its_meta_is_one_line(user_folder, damage, message, tmp_path, capsys):
     folder, _, _ = user_folder
     damage(folder)
+    if "is a file" in message:
+        folder = folder / "latents.npy"
     with pytest.raises(FileKindError, match=message.replace("(", r"\(").replace(")", r"\)")):
         LatentFolder(folder)
     status, err = exit_status(

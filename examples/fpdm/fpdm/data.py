@@ -376,6 +376,10 @@ def read_latents_meta(folder: str | Path) -> dict[str, Any]:
                 f"{folder}: a latents file of the older format (torch.save); convert it once with: "
                 f"{_convert_command(folder)}"
             )
+        if folder.name in (LATENTS_NAME, LABELS_NAME, META_NAME):
+            raise FileKindError(
+                f"{folder}: is a file of a latents folder; name the folder: latents:{folder.parent}"
+            )
         raise FileKindError(f"{folder}: is a file (expected {LATENTS_KIND})")
     if not folder.is_dir():
         raise FileKindError(f"{folder}: no such folder (expected {LATENTS_KIND})")

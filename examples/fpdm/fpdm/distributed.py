@@ -6,10 +6,11 @@ device; :func:`shutdown_runtime` leaves it cleanly, which a process must do befo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -20,6 +21,7 @@ from fpdm.cli import UsageError
 __all__ = [
     "Runtime",
     "gather_objects",
+    "joined",
     "on_main_then_all",
     "resolve_device",
     "setup_runtime",
@@ -97,6 +99,19 @@ def shutdown_runtime(runtime: Runtime, *, wait: bool) -> None:
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def joined(requested: str) -> Iterator[Runtime]:
+    """:func:`setup_runtime` for the block, then :func:`shutdown_runtime`: waiting for every rank when the
+    block ended well, not after an error (a peer may be stuck in another collective)."""
+    runtime = setup_runtime(requested)
+    ended_well = False
+    try:
+        yield runtime
+        ended_well = True
+    finally:
+        shutdown_runtime(runtime, wait=ended_well)
 
 
 def gather_objects(runtime: Runtime, obj: Any) -> list[Any]:

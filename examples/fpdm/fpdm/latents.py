@@ -97,7 +97,7 @@ from fpdm.data import (
     quiet_worker,
     read_image,
 )
-from fpdm.distributed import Runtime, gather_objects, on_main_then_all, setup_runtime, shutdown_runtime
+from fpdm.distributed import Runtime, gather_objects, joined, on_main_then_all
 from fpdm.files import FileKindError, load_tensors
 from fpdm.training import StopSignals
 
@@ -798,14 +798,8 @@ def extract(args: argparse.Namespace) -> dict[str, Any] | None:
         Ctrl-C or SIGTERM; the finished batches are kept.
     """
     _check_args(args)
-    runtime = setup_runtime(args.device)
-    ended_well = False
-    try:
-        summary = _extract(args, runtime)
-        ended_well = True
-        return summary
-    finally:
-        shutdown_runtime(runtime, wait=ended_well)
+    with joined(args.device) as runtime:
+        return _extract(args, runtime)
 
 
 def _extract(args: argparse.Namespace, runtime: Runtime) -> dict[str, Any] | None:
