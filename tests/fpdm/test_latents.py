@@ -267,6 +267,24 @@ def no_encoding(monkeypatch):
     monkeypatch.setattr(latents, "encode_batch", refuse)
 
 
+def test_a_folder_in_use_by_another_extraction_is_refused_and_free_once_it_ends(
+    tmp_path, capsys, no_encoding
+):
+    import fcntl
+
+    images = write_images(tmp_path / "images")
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / "extract.lock", "w") as held:  # what a running extraction holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for extra in ([], ["--overwrite"]):
+            status, err = exit_status(latents.main, argv(images, out, *extra), capsys)
+            assert status == EXIT_USAGE and one_line(err) and "in use by another extract_latents.py" in err
+    assert os.listdir(out) == ["extract.lock"]
+    # A killed run's lock file is no obstacle (the system released its flock): see the resume after
+    # SIGKILL above; a complete folder has no lock file (the first test).
+
+
 def test_a_file_as_out_is_refused_before_any_encoding_even_with_overwrite(tmp_path, capsys, no_encoding):
     images = write_images(tmp_path / "images")
     out = tmp_path / "latents.pt"

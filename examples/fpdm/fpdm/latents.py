@@ -50,6 +50,8 @@ timestep (``sqrt(beta_1) = 0.01``); training reads them as float32.
   uninterrupted run. ``job.json`` describes the unfinished job, so that a different one (another folder,
   VAE, size, seed, ...) is refused instead of mixed in.
 * When every batch is done, rank 0 writes ``meta.json`` and removes ``job.json`` and ``progress.npy``.
+* One extraction at a time works in a folder: rank 0 holds an exclusive ``flock`` on ``extract.lock``
+  (released by the system if the process dies, so a killed run leaves no stale lock); a second is refused.
 * Every problem with ``--out`` (a file, a folder of other files, another job, no permission, too little
   disk space) is one line and exit status 2 before any image is encoded.
 
@@ -117,8 +119,10 @@ __all__ = [
 
 #: One byte per batch: 1 once the batch's rows are on disk.
 PROGRESS_NAME = "progress.npy"
+#: Held (``flock``) by the extraction at work in the folder; released by the system when its process ends.
+LOCK_NAME = "extract.lock"
 #: Every file an extraction writes in its folder.
-OWN_FILES = (META_NAME, JOB_NAME, PROGRESS_NAME, LATENTS_NAME, LABELS_NAME)
+OWN_FILES = (META_NAME, JOB_NAME, PROGRESS_NAME, LATENTS_NAME, LABELS_NAME, LOCK_NAME)
 #: What ``meta.json`` records of how a folder was made: a rerun resumes only a job equal in all of them.
 IDENTITY_KEYS = (
     *("format", "source", "source_digest", "count", "num_classes", "class_names", "image_size"),
@@ -336,20 +340,57 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+class FolderLock:
+    """One extraction at a time in a folder: an exclusive ``flock`` on its ``extract.lock``, taken without
+    waiting and held until :meth:`release` or the end of the process (a killed run leaves no stale lock)."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise ``UsageError`` naming the folder."""
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(
+                f"--out {self.path.parent} is in use by another extract_latents.py (it holds {self.path}); "
+                "wait for it to end or use another --out"
+            ) from None
+        self.fd = fd
+
+    def release(self, remove: bool = False) -> None:
+        """Let go of the lock (and remove its file when the folder is finished)."""
+        if self.fd is None:
+            return
+        if remove:
+            self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+
+
 def _ours(name: str) -> bool:
     """A file an extraction writes (its temporary files included)."""
     return name in OWN_FILES or any(name.startswith(f".{own}.") for own in OWN_FILES)
 
 
-def _stored_job(out: Path) -> tuple[str, dict[str, Any] | None]:
-    """What ``out`` holds: ``("empty" | "complete" | "unfinished" | "unstarted" | "other", description)``."""
-    names = sorted(os.listdir(out))
-    others = [name for name in names if not _ours(name)]
+def _refuse_other_files(out: Path) -> None:
+    """``UsageError`` for a folder that holds anything an extraction did not write."""
+    others = sorted(name for name in os.listdir(out) if not _ours(name))
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise UsageError(
             f"--out {out} holds files that are not latents ({shown}); use an empty or a new folder"
         )
+
+
+def _stored_job(out: Path) -> tuple[str, dict[str, Any] | None]:
+    """What ``out`` holds: ``("empty" | "complete" | "unfinished" | "unstarted" | "other", description)``."""
+    names = sorted(os.listdir(out))
     for name, state in ((META_NAME, "complete"), (JOB_NAME, "unfinished")):
         if name in names:
             try:
@@ -357,6 +398,7 @@ def _stored_job(out: Path) -> tuple[str, dict[str, Any] | None]:
             except (OSError, ValueError):
                 stored = None
             return state, stored if isinstance(stored, dict) else {}
+    names = [name for name in names if name != LOCK_NAME]
     if PROGRESS_NAME in names:
         return "unstarted", None  # the arrays were made, the job never described: nothing was encoded
     return ("other", None) if LATENTS_NAME in names or LABELS_NAME in names else ("empty", None)
@@ -368,15 +410,25 @@ def _differences(stored: dict[str, Any], job: dict[str, Any]) -> list[str]:
     ]
 
 
-def check_destination(out: Path, job: dict[str, Any], overwrite: bool) -> str:
+def check_destination(out: Path, job: dict[str, Any], overwrite: bool, lock: FolderLock) -> str:
     """Decide what to do with ``--out``: ``"new"``, ``"resume"`` or ``"complete"``; ``UsageError`` (one
-    line) for a file, a folder of other files, another job's latents without ``overwrite``, or a folder
-    that cannot be written. Creates the folder (a probe file is written and removed)."""
+    line) for a file, a folder that cannot be written, a folder in use by another extraction, a folder of
+    other files, another job's latents without ``overwrite``. Creates the folder (a probe file is written
+    and removed) and takes its ``lock``."""
     if out.exists() and not out.is_dir():
         raise UsageError(
             f"--out {out} is a file; the latents are written to a folder ({', '.join(OWN_FILES[:3])})"
         )
-    state, stored = _stored_job(out) if out.is_dir() else ("empty", None)
+    if out.is_dir():
+        _refuse_other_files(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise UsageError(f"--out {out} cannot be written ({describe_os_error(error)})") from None
+    lock.acquire()
+    state, stored = _stored_job(out)
     if state in ("complete", "unfinished") and not overwrite:
         assert stored is not None
         changed = _differences(stored, job)
@@ -391,12 +443,6 @@ def check_destination(out: Path, job: dict[str, Any], overwrite: bool) -> str:
             f"--out {out} holds {LATENTS_NAME} or {LABELS_NAME} without {META_NAME} or {JOB_NAME}; pass "
             "--overwrite to replace them, or another --out"
         )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as error:
-        raise UsageError(f"--out {out} cannot be written ({describe_os_error(error)})") from None
     if overwrite or state in ("empty", "other", "unstarted"):
         return "new"
     return "resume" if state == "unfinished" else "complete"
@@ -425,6 +471,13 @@ def _prepare(out: Path, job: dict[str, Any], state: str) -> str:
         writer.create()
         _write_json(out / JOB_NAME, job)
         return f"extracting {job['count']} images into {out}"
+    stored, keys = json.loads((out / JOB_NAME).read_text()), ("latent_shape", "scaling_factor")
+    changed = [f"{key} {stored.get(key)!r} -> {job[key]!r}" for key in keys if stored.get(key) != job[key]]
+    if changed:
+        raise UsageError(
+            f"--out {out}: the VAE {job['vae']} now gives another {'; '.join(changed)} than the unfinished "
+            "extraction used; pass --overwrite to start again"
+        )
     writer.open()
     writer.close()
     done = writer.num_batches - len(writer.pending())
@@ -727,13 +780,22 @@ def build_parser() -> argparse.ArgumentParser:
         "destination that cannot take the job among them, before any encoding), 3 a file that could not be "
         "written, 130 Ctrl-C and 143 SIGTERM (finished batches are kept)."
     )
-    parser = OneLineParser(description=__doc__.split("\n")[0], epilog=epilog)
+    description = (
+        "Encode an image folder with a VAE into a latents folder for train.py --data latents:DIR, in "
+        "batches, resumable, split over the processes of torchrun."
+    )
+    parser = OneLineParser(description=description, epilog=epilog)
     add = parser.add_argument
-    add("--data", help="the images: folder:PATH, an image folder PATH/<class>/<image>")
+    add("--data", metavar="folder:PATH", help="the images: an image folder PATH/<class>/<image>")
     add("--convert", metavar="OLD.pt", help="convert a .pt latents file of the earlier format instead")
-    add("--out", required=True, help="output folder (latents.npy, labels.npy, meta.json)")
+    add("--out", required=True, metavar="DIR", help="output folder (latents.npy, labels.npy, meta.json)")
     add("--overwrite", action="store_true", help="replace the latents or unfinished extraction in --out")
-    add("--vae", default=None, help="AutoencoderKL: Hub id or local folder (with --convert: recorded only)")
+    add(
+        "--vae",
+        default=None,
+        metavar="NAME",
+        help="AutoencoderKL: Hub id or local folder (with --convert: recorded only)",
+    )
     add("--random-tiny-vae", action="store_true", default=None, help="a small random VAE (tests)")
     add("--image-size", type=bounded_int(1), default=None, help="side of the square images (default: 256)")
     add("--crop", choices=CROPS, default=None, help="center (default) or adm (ADM's and DiT's ImageNet crop)")
@@ -805,23 +867,29 @@ def extract(args: argparse.Namespace) -> dict[str, Any] | None:
 def _extract(args: argparse.Namespace, runtime: Runtime) -> dict[str, Any] | None:
     out = Path(args.out)
     source, job = _image_job(args) if args.data is not None else _convert_job(args)
-    existed = out.exists()
-    state = on_main_then_all(runtime, lambda: check_destination(out, job, args.overwrite))
-    if state == "complete":
-        if runtime.is_main:
-            print(f"[extract_latents] {out} already holds these latents; nothing to do", file=sys.stderr)
-        return None
+    existed, lock = out.exists(), FolderLock(out)
     try:
-        vae = _open_vae(args, job) if isinstance(source, ImageFolder) else None
-        notice = on_main_then_all(runtime, lambda: _prepare(out, job, state))
-    except BaseException:
-        if runtime.is_main and not existed and out.is_dir() and not os.listdir(out):
-            out.rmdir()  # a folder this command made for a job it refused is no obstacle to the next
-        raise
-    if runtime.is_main:
-        print(f"[extract_latents] {notice}", file=sys.stderr, flush=True)
-    outcome = _run_rank(args, runtime, job, source, vae)
-    return _conclude(args, runtime, job, gather_objects(runtime, outcome))
+        state = on_main_then_all(runtime, lambda: check_destination(out, job, args.overwrite, lock))
+        if state == "complete":
+            if runtime.is_main:
+                print(f"[extract_latents] {out} already holds these latents; nothing to do", file=sys.stderr)
+            return None
+        try:
+            vae = _open_vae(args, job) if isinstance(source, ImageFolder) else None
+            notice = on_main_then_all(runtime, lambda: _prepare(out, job, state))
+        except BaseException:
+            if runtime.is_main and not existed and set(os.listdir(out)) <= {LOCK_NAME}:
+                lock.release(remove=True)
+                out.rmdir()  # a folder this command made for a job it refused is no obstacle to the next
+            raise
+        if runtime.is_main:
+            print(f"[extract_latents] {notice}", file=sys.stderr, flush=True)
+        outcome = _run_rank(args, runtime, job, source, vae)
+        summary = _conclude(args, runtime, job, gather_objects(runtime, outcome))
+        lock.release(remove=True)  # the folder is complete
+        return summary
+    finally:
+        lock.release()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
