@@ -6,9 +6,11 @@ device; :func:`shutdown_runtime` leaves it cleanly, which a process must do befo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Callable
+import pickle
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -16,7 +18,16 @@ import torch.distributed as dist
 
 from fpdm.cli import UsageError
 
-__all__ = ["Runtime", "gather_objects", "resolve_device", "run_on_main", "setup_runtime", "shutdown_runtime"]
+__all__ = [
+    "Runtime",
+    "gather_objects",
+    "joined",
+    "on_main_then_all",
+    "resolve_device",
+    "run_on_main",
+    "setup_runtime",
+    "shutdown_runtime",
+]
 
 T = TypeVar("T")
 
@@ -91,6 +102,19 @@ def shutdown_runtime(runtime: Runtime, *, wait: bool) -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def joined(requested: str) -> Iterator[Runtime]:
+    """:func:`setup_runtime` for the block, then :func:`shutdown_runtime`: waiting for every rank when the
+    block ended well, not after an error (a peer may be stuck in another collective)."""
+    runtime = setup_runtime(requested)
+    ended_well = False
+    try:
+        yield runtime
+        ended_well = True
+    finally:
+        shutdown_runtime(runtime, wait=ended_well)
+
+
 def gather_objects(runtime: Runtime, obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (a list of one without a process group)."""
     if not runtime.distributed:
@@ -100,21 +124,43 @@ def gather_objects(runtime: Runtime, obj: Any) -> list[Any]:
     return gathered
 
 
-def run_on_main(runtime: Runtime, action: Callable[[], T]) -> T | None:
-    """``action()`` on rank 0 alone, its outcome shared: when it raises a ``UsageError`` or an ``OSError``
-    every rank raises the same (a refusal stops them all; no rank is left waiting in a collective). Returns
-    the action's result on rank 0, ``None`` on the other ranks."""
-    result, failure = None, None
+def on_main_then_all(runtime: Runtime, work: Callable[[], T]) -> T:
+    """Run ``work`` on rank 0 only; every rank returns its result, or raises the error it raised.
+
+    For what one process must do for all (check and prepare an output folder) while the others wait: a
+    refusal on rank 0 stops every rank with the same exception (``UsageError``, ``OSError``, ... : any
+    exception that pickles; others arrive as a ``RuntimeError`` with its message).
+    """
+    if not runtime.distributed:
+        return work()
+    outcome: Any = None
     if runtime.is_main:
         try:
-            result = action()
-        except (UsageError, OSError) as error:
-            failure = error
-    outcome = None if failure is None else (isinstance(failure, UsageError), str(failure))
-    outcomes = gather_objects(runtime, outcome)
-    if failure is not None:
-        raise failure
-    if outcomes[0] is not None:
-        usage, message = outcomes[0]
-        raise UsageError(message) if usage else OSError(message)
-    return result
+            outcome = ("ok", work())
+        except Exception as error:
+            outcome = ("error", error if _pickles(error) else RuntimeError(str(error)))
+    shared = [outcome]  # broadcast_object_list fills it in place on the other ranks
+    dist.broadcast_object_list(shared, src=0)
+    kind, value = shared[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def _pickles(obj: Any) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:
+        return False
+    return True
+
+
+def run_on_main(runtime: Runtime, action: Callable[[], T]) -> T | None:
+    """``action()`` on rank 0 alone, its result kept there: for what only rank 0 may hold (a lock).
+
+    A refusal stops every rank as in :func:`on_main_then_all`; returns the result on rank 0 and ``None`` on
+    the other ranks (nothing is sent to them but the outcome).
+    """
+    kept: list[T] = []
+    on_main_then_all(runtime, lambda: kept.append(action()))
+    return kept[0] if kept else None
