@@ -397,24 +397,30 @@ def fpdm_memory(data: dict[str, Any]) -> dict[str, str]:
         for name, r in data["results"].items()
     ]
     gb = ".2f"
-    head = f"Batch {data['batch']}, {data['input']}, fp32; GB = 1e9 bytes.\n\n"
-    return {
-        "fpdm_memory": head
-        + table(
-            rows,
-            [
-                ("name", "configuration", ""),
-                ("params_M", "params", lambda v: f"{v:.1f} M"),
-                ("weights_GB", "weights", gb),
-                ("saved_activations_GB", "saved activations", gb),
-                ("fwd_bwd_GB", "fwd+bwd peak", gb),
-                ("adamw_states_GB", "AdamW states", gb),
-                ("total_GB", "total", gb),
-                ("total_vs_dit", "vs DiT", gb),
-            ],
-            "lrrrrrrr",
+    text = f"Batch {data['batch']}, {data['input']}, fp32; GB = 1e9 bytes.\n\n" + table(
+        rows,
+        [
+            ("name", "configuration", ""),
+            ("params_M", "params", lambda v: f"{v:.1f} M"),
+            ("weights_GB", "weights", gb),
+            ("saved_activations_GB", "saved activations", gb),
+            ("fwd_bwd_GB", "fwd+bwd peak", gb),
+            ("peak_set_by", "peak set by", ""),
+            ("adamw_states_GB", "AdamW states", gb),
+            ("total_GB", "total", gb),
+            ("total_vs_dit", "vs DiT", gb),
+        ],
+        "lrrrrlrrr",
+    )
+    if saving := data.get("activation_saving"):
+        text += (
+            "\n\nGradient checkpointing cuts DiT's saved activations from "
+            f"{saving['dit_activations_GB']:.2f} to {saving['checkpointed_activations_GB']:.2f} GB; the "
+            "fwd+bwd peak is about max(activations, parameter gradients) plus transients, so the saving "
+            "shows in it from batch "
+            f"{saving['batch_from_which_activations_set_the_peak']} on."
         )
-    }
+    return {"fpdm_memory": text}
 
 
 def fpdm_sampling(data: dict[str, Any]) -> dict[str, str]:
@@ -630,8 +636,8 @@ def fpdm_chain_analysis(data: dict[str, Any]) -> dict[str, str]:
     out = {
         "fpdm_perturbation": (
             f"{data['model']}, {data['samples']} samples, {data['steps']} DDIM timesteps: a defect of RMS "
-            f"{gains['size']:g} per entry added to the sequential trajectory after timestep $k$ moves the "
-            "sample by *gain* times the defect (2-norms over the batch):\n\n"
+            f"{gains['size']:g} per entry added to the sequential trajectory's state entering timestep $k$ "
+            "moves the sample by *gain* times the defect (2-norms over the batch):\n\n"
             + table(
                 gains["summary"],
                 [
