@@ -57,7 +57,9 @@ def resolve_alias(app: Sphinx, env: Any, node: Any, contnode: Any) -> Any:
     for name in domain.objects:
         if name != target and name.startswith("implicitdiff.") and _import(name) is obj:
             fromdoc, reftype = node["refdoc"], node["reftype"]
-            return domain.resolve_xref(env, fromdoc, app.builder, reftype, name, node, contnode)
+            return domain.resolve_xref(
+                env, fromdoc, app.builder, reftype, name, node, contnode
+            )
     return None
 
 
