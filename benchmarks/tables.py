@@ -71,8 +71,9 @@ def sci(value: float) -> str:
     return "0" if value == 0 else f"{value:.1e}"
 
 
-def ms(value: float) -> str:
-    return f"{value:.0f} ms"
+def short(value: float, fmt: str = ".0e") -> str:
+    """``1e-6`` rather than ``1e-06``."""
+    return format(value, fmt).replace("e-0", "e-").replace("e+0", "e+")
 
 
 # ------------------------------------------------------------------------------------- provenance
@@ -86,9 +87,13 @@ def describe(meta: dict[str, Any]) -> str:
     if device and device != "cpu":
         where = f"{device}" + (f", CUDA {meta['cuda']}" if meta.get("cuda") else "")
     else:
-        threads = meta.get("torch_threads")
-        where = f"{meta.get('processor') or meta.get('machine', 'CPU')} ({meta.get('cores', '?')} cores"
-        where += f", {threads} torch thread{'s' if threads != 1 else ''})" if threads else ")"
+        threads, cores = meta.get("torch_threads"), meta.get("cores")
+        counts = [f"{cores} cores"] * bool(cores) + [f"{threads} torch thread{'s' * (threads != 1)}"] * bool(
+            threads
+        )
+        where = f"{meta.get('processor') or meta.get('machine', 'CPU')}" + (
+            f" ({', '.join(counts)})" if counts else ""
+        )
     text = f"{where}, torch {meta.get('torch', '?')}, {str(meta.get('date', '?'))[:10]}"
     load = meta.get("load_average")
     if isinstance(load, list) and load:
@@ -469,7 +474,7 @@ def fpdm_compile(data: dict[str, Any]) -> dict[str, str]:
 
 
 def _tau(value: float | None) -> str:
-    return "sequential" if value is None else f"{value:.0e}"
+    return "sequential" if value is None else short(value)
 
 
 def _quality(columns: list[Column]) -> list[Column]:
@@ -503,12 +508,12 @@ def fpdm_parallel_tau(data: dict[str, Any]) -> dict[str, str]:
                 summary.append(
                     {**row, "rule": RULE_NAMES.get(rule, rule), "per_step": row["evaluations_per_step"]}
                 )
-    short = table(
+    summary_table = table(
         summary,
         [
             ("model", "model", ""),
             ("rule", "rule", ""),
-            ("tau", "$\\tau$", lambda v: f"{v:.0e}"),
+            ("tau", "$\\tau$", short),
             ("sweeps", "sweeps", "d"),
             ("per_step", "evaluations per step", ".1f"),
             ("max_diff", "max diff", sci),
@@ -517,7 +522,7 @@ def fpdm_parallel_tau(data: dict[str, Any]) -> dict[str, str]:
         ],
         "llrrrrrr",
     )
-    return {"fpdm_parallel_tau": full, "parallel_tau": short, "parallel_published": published(facts)}
+    return {"fpdm_parallel_tau": full, "parallel_tau": summary_table, "parallel_published": published(facts)}
 
 
 RULE_NAMES = {"Picard": "Picard (ParaDiGMS)"}
@@ -582,8 +587,9 @@ def published(facts: dict[str, Any]) -> str:
     ]
 
     def span(values: list[float], fmt: str) -> str:
-        low, high = format(min(values), fmt), format(max(values), fmt)
-        return low if low == high else f"{low}-{high}"
+        render = (lambda v: short(v, fmt)) if "e" in fmt else (lambda v: format(v, fmt))
+        low, high = render(min(values)), render(max(values))
+        return low if low == high else f"{low}{' to ' if 'e' in fmt else '-'}{high}"
 
     for rule in facts["rules"]:
         cells: dict[str, list[str]] = {"rounds": [], "per_step": [], "diff": []}
@@ -652,7 +658,7 @@ def fpdm_chain_analysis(data: dict[str, Any]) -> dict[str, str]:
             uniform,
             [
                 ("rule", "rule", ""),
-                ("tau", "$\\tau$", ".0e"),
+                ("tau", "$\\tau$", short),
                 ("scaled_sweeps", "sweeps, $\\tau\\sigma_{t_k}$", "d"),
                 ("uniform_sweeps", "sweeps, uniform $\\tau$", "d"),
                 ("scaled_max_diff", "max diff, $\\tau\\sigma_{t_k}$", sci),
@@ -663,7 +669,7 @@ def fpdm_chain_analysis(data: dict[str, Any]) -> dict[str, str]:
         "fpdm_newton": table(
             newton["rows"],
             [
-                ("tau", "$\\tau$", ".0e"),
+                ("tau", "$\\tau$", short),
                 ("rule", "rule", ""),
                 ("sweeps", "rounds", "d"),
                 ("max_diff", "max diff", sci),
@@ -762,6 +768,9 @@ SOURCES = [
     Source("chain.json", "python -m benchmarks.chain", chain, ("chain_rows", "chain_grid")),
     Source("gpu.json", "python -m benchmarks.gpu", gpu, ("gpu_solvers", "gpu_fpdm", "gpu_chain")),
     Source("fpdm_memory.json", "python -m benchmarks.fpdm_memory --batch 2", fpdm_memory, ("fpdm_memory",)),
+    Source("fpdm_memory_batch1.json", "python -m benchmarks.fpdm_memory --batch 1 --only DiT-XL/2 --out "
+           "benchmarks/results/fpdm_memory_batch1.json",
+           lambda data: {"fpdm_memory_batch1": fpdm_memory(data)["fpdm_memory"]}, ("fpdm_memory_batch1",)),
     Source("fpdm_sampling.json", "python -m benchmarks.fpdm_sampling", fpdm_sampling, ("fpdm_sampling",)),
     Source("fpdm_compile.json", "python -m benchmarks.fpdm_compile --whole", fpdm_compile, ("fpdm_compile",)),
     Source("fpdm_parallel_tau.json", "python -m benchmarks.fpdm_parallel --tau-sweep", fpdm_parallel_tau,
