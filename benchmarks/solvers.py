@@ -150,14 +150,14 @@ def measure_memory(problem: str, keys: list[str], max_iter: int, tol: float) -> 
 # ------------------------------------------------------------------------------------------- the driver
 
 
-def driver(reps: int, device: str) -> list[dict[str, object]]:
+def driver(reps: int, device: str, quick: bool = False) -> list[dict[str, object]]:
     """Host reads and wall time against a plain loop and torchdeq (``benchmarks/driver_rows.py``).
 
     CPU: the conv problem of 32 x 16 x 32 x 32 with 30 evaluations per solve. CUDA: the conv problem of
     64 x 64 x 32 x 32 with 100 evaluations and a sequence problem of 32 x 256 x 1152 with 12.
     """
     if device == "cpu":
-        problems = [conv_problem(32, 16, 32, 30, device)]
+        problems = [conv_problem(4, 4, 8, 6, device) if quick else conv_problem(32, 16, 32, 30, device)]
     else:
         problems = [conv_problem(64, 64, 32, 100, device), sequence_problem(32, 256, 1152, 12, device)]
     rows: list[dict[str, object]] = []
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"batch": BATCH, "dim": DIM, "tol": TOL, "max_iter": MAX_ITER, "reps": reps},
         "solves": rows,
         "memory_vs_max_iter": memory_rows,
-        "driver": driver(reps, "cpu"),
+        "driver": driver(reps, "cpu", args.quick),
     }
     print(tables.render("solvers.json", record))
     if out is not None:
