@@ -196,5 +196,5 @@ def test_grid_sweeps_checks_the_chain_against_its_rollout():
     torch.testing.assert_close(out.xs, chain.rollout(), atol=1e-8 * 12, rtol=0)
     assert 1 <= out.sweeps <= 12
     wrong = dataclasses.replace(out, xs=out.xs + 1e-3 * (torch.arange(13) > 5)[:, None])
-    with pytest.raises(AssertionError, match="residuals"):
+    with pytest.raises(AssertionError, match="residuals reported are not those"):
         chain_grid.check_against_rollout(chain, wrong, chain_grid.TOL)
