@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 
@@ -174,14 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions per solver")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help="cpu or cuda; cuda runs the driver rows only")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: up to 2)")
+    # One thread: on a shared machine a second thread spins waiting on the first and times the others' load.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
     if args.memory_child:
         memory_child(args.memory_child)
         return 0
     started = harness.start()
     reps = 1 if args.quick else args.reps
-    torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     out = harness.out_path(args)
     if args.device != "cpu":
         record = {"driver": driver(reps, args.device)}
