@@ -165,6 +165,23 @@ def fpdm_memory(data: dict[str, Any]) -> Facts:
     }
 
 
+def fpdm_sampling(data: dict[str, Any]) -> Facts:
+    rows = data["results"]
+    return {
+        "ratios": span((r["ratio"] for r in rows), ".2f", " to "),
+        "cpu_ratios": span((r["cpu_ratio"] for r in rows), ".2f", " to "),
+    }
+
+
+def fpdm_compile(data: dict[str, Any]) -> Facts:
+    rows = data["results"]
+    blocks = {r["preset"].split("-")[0]: r for r in rows if r["mode"] == "blocks"}
+    return {
+        "blocks": " and ".join(f"{blocks[m]['cpu_vs_eager']:.2f} ({m})" for m in ("FPDM", "DiT")),
+        "warmup": f"{blocks['FPDM']['warmup_s']:.0f}",
+    }
+
+
 def fpdm_parallel_tau(data: dict[str, Any]) -> Facts:
     """``fpdm_parallel_tau.json``: the default scale, the scale that keeps FD, and what they cost."""
     f = parallel_facts(data)
@@ -235,6 +252,8 @@ FACTS: dict[str, Callable[[dict[str, Any]], Facts]] = {
     "gradients.json": gradients,
     "gpu.json": gpu,
     "fpdm_memory.json": fpdm_memory,
+    "fpdm_sampling.json": fpdm_sampling,
+    "fpdm_compile.json": fpdm_compile,
     "fpdm_parallel_tau.json": fpdm_parallel_tau,
     "fpdm_chain_analysis.json": fpdm_chain_analysis,
 }
@@ -302,6 +321,13 @@ QUOTES = [
     Quote(MEASUREMENTS, "gpu.json", "DiT-XL/2 at batch 128 peaks at {peaks}"),
     Quote(MEASUREMENTS, "gpu.json", "makes the FPDM-XL/2 step {fpdm_speedup} times faster"),
     Quote(MEASUREMENTS, "gpu.json", "the H100's {sampler} above"),
+    Quote(
+        MEASUREMENTS,
+        "fpdm_sampling.json",
+        "the sampler took {ratios} times the hand loop's time ({cpu_ratios} in",
+    ),
+    Quote(MEASUREMENTS, "fpdm_compile.json", "compiled blocks take {blocks} times the eager step's CPU time"),
+    Quote(MEASUREMENTS, "fpdm_compile.json", "after a warm-up of {warmup} s"),
     Quote(
         "docs/fpdm.md", "fpdm_chain_analysis.json", "contracts the residual by {contraction}x per iteration"
     ),
