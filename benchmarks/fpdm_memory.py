@@ -4,7 +4,7 @@ The paper (Bai & Melas-Kyriazi 2024) reports that FPDM uses 60% less memory than
 script measures it on the CPU, at the same batch, on 256 px ImageNet-shaped latents (32x32x4, 256 tokens):
 
     python -m benchmarks.fpdm_memory --batch 2
-    python -m benchmarks.fpdm_memory --quick      # the digits presets, in seconds
+    python -m benchmarks.fpdm_memory --quick      # DiT and FPDM at the digits presets, in seconds
 
 Method. Each configuration runs in a fresh process (:func:`benchmarks.harness.run_module`) so that no
 allocator cache carries over. Peak memory is the process's resident-set high-water mark, reset just before
@@ -144,6 +144,8 @@ def derive(report: dict) -> dict:
 
 def run_all(batch: int, threads: int, only: list[str] | None, quick: bool) -> dict:
     rows = {}
+    if quick and not only:  # one configuration of each model: the smoke run spawns two processes, not four
+        only = ["DiT-XL/2", "FPDM-XL/2, S-JFB 6 no-grad + 3 grad"]
     for name in CONFIGS:
         if only and name not in only:
             continue
