@@ -63,12 +63,13 @@ def extra_launches(rule: Callable, mode: str, iterations: int = 40) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = harness.parser(__doc__, "launches.json").parse_args(argv)
+    started = harness.start()
     modes = ("fixed", "tolerance")
     rows = {name: {mode: extra_launches(rule, mode) for mode in modes} for name, rule in RULES.items()}
     record = {"f_launches": F_LAUNCHES, "extra_launches_per_iteration": rows}
     print(tables.render("launches.json", record))
     if (out := harness.out_path(args)) is not None:
-        harness.write_results(out, record, quick=args.quick)
+        harness.write_results(out, record, started=started, quick=args.quick)
     return 0
 
 
