@@ -473,6 +473,45 @@ def fpdm_compile(data: dict[str, Any]) -> dict[str, str]:
     return {"fpdm_compile": head + table(body, columns, "l" + "r" * (len(columns) - 1))}
 
 
+def fpdm_data(data: dict[str, Any]) -> dict[str, str]:
+    """``benchmarks/results/fpdm_data.json``: training on a latents folder, and extracting one."""
+    gib = ".2f"
+
+    def largest(peaks: dict[str, float] | str | None) -> float | str | None:
+        return max(peaks.values()) if isinstance(peaks, dict) else peaks  # or why it was not measured
+
+    train = [
+        {**r, "folder": largest(r["folder_peak_GiB"]), "pt": largest(r.get("pt_peak_GiB"))}
+        for r in data.get("train", [])
+    ]
+    text = (
+        "Training, `torchrun --nproc_per_node 2`, 3 steps: peak RSS of the largest process (GiB).\n\n"
+        + table(
+            train,
+            [
+                ("rows", "rows", ","),
+                ("file_GiB", "latents file (GiB)", gib),
+                ("folder", "latents folder, memory-mapped", gib),
+                ("pt", "whole `.pt` file loaded", lambda v: v if isinstance(v, str) else f"{v:.2f}"),
+            ],
+            "rrrr",
+        )
+    )
+    if extract := data.get("extract"):
+        text += "\n\nExtraction with `--workers 0`: peak resident set of the process (GiB).\n\n" + table(
+            extract, [("images", "images", ","), ("peak_GiB", "peak RSS (GiB)", ".3f")], "rr"
+        )
+    if throughput := data.get("throughput"):
+        speeds: dict[int, list[float]] = {}
+        for r in throughput:
+            speeds.setdefault(r["workers"], []).append(r["images_per_second"])
+        rows = [{"workers": w, "speeds": ", ".join(f"{v:.1f}" for v in s)} for w, s in speeds.items()]
+        text += "\n\nImages per second of the encoding loop, runs alternated:\n\n" + table(
+            rows, [("workers", "`--workers`", "d"), ("speeds", "images/s, each run", "")], "rr"
+        )
+    return {"fpdm_data": text}
+
+
 def _tau(value: float | None) -> str:
     return "sequential" if value is None else short(value)
 
@@ -776,6 +815,7 @@ SOURCES = [
     Source("fpdm_parallel_tau.json", "python -m benchmarks.fpdm_parallel --tau-sweep", fpdm_parallel_tau,
            ("fpdm_parallel_tau", "parallel_tau", "parallel_published")),
     Source("fpdm_parallel.json", "python -m benchmarks.fpdm_parallel", fpdm_parallel, ("fpdm_parallel",)),
+    Source("fpdm_data.json", "python -m benchmarks.fpdm_data --baseline-ref main", fpdm_data, ("fpdm_data",)),
     Source("fpdm_chain_analysis.json", "python -m benchmarks.fpdm_parallel --analysis", fpdm_chain_analysis,
            ("fpdm_perturbation", "fpdm_uniform_tolerance", "fpdm_newton", "fpdm_contraction")),
 ]  # fmt: skip
