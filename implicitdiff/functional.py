@@ -11,13 +11,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
+from ._compile import compiling, outside_compile
 from ._onefunction import Held, caching_active, holding, parts_of
 from ._tree import PyTree, TreeSpec, tensor_leaves, tree_paths
 from ._validate import check_bool, check_int, refuse_functorch
 from .gradients import JFB, GradientEstimator
 from .gradients._base import StartsFromImage
 from .solvers import Anderson, Solver, SolverResult
-from .solvers._driver import compiling, outside_compile
 
 __all__ = ["BoundMap", "DEQOutput", "fixed_point"]
 

@@ -7,10 +7,10 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from .._compile import compiling
 from .._validate import check_int, check_real, refuse_functorch
 from ..solvers import Anderson, Solver, SolverResult
 from ..solvers._base import check_stop_mode
-from ..solvers._driver import compiling
 from ._base import ExplicitInputs
 from ._implicit import implicit_attach
 

@@ -26,9 +26,9 @@ or dataclass of tensors and host numbers (a step counter); the driver only hands
 apply to it. Tensors whose first dimension is the batch are per sample: :func:`~implicitdiff.solve_chain`
 selects their rows when its window slides, and keeps anything else as it is. A step reads no value from
 the device (no ``.item()``, no boolean indexing), so that the loop never waits for it. And host numbers
-may change from step to step, because a solve runs eagerly, outside ``torch.compile``
-(:func:`outside_compile`); only a captured fixed-budget solve (:class:`~implicitdiff.solvers.Captured`)
-fixes them, by replaying the steps it recorded.
+may change from step to step, because a solve runs eagerly, outside ``torch.compile``; only a captured
+fixed-budget solve (:class:`~implicitdiff.solvers.Captured`) fixes them, by replaying the steps it
+recorded.
 
 On a GPU every operation of the loop is a kernel launch; the bookkeeping of an iteration is five of them
 (:class:`Progress`) and the residual one or two, beside the rule's own step.
@@ -38,58 +38,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from .._compile import call_watching_input, outside_compile, write_into
 from ._base import SolverResult, check_solve_args, residual_norm, working_dtype
 
 __all__ = ["Evaluator", "Progress", "UpdateRule", "as_update_rule", "iterate"]
-
-
-_Fn = TypeVar("_Fn", bound=Callable[..., Any])
-
-
-def outside_compile(fn: _Fn) -> _Fn:
-    """``fn`` run eagerly when ``torch.compile`` meets it (a graph break around it).
-
-    A solve's number of iterations depends on the data (a tolerance, a drawn budget): traced, it would
-    become a guard of the compiled graph, and each new count a recompilation. Run outside, it costs one
-    graph break, and the code around it compiles once.
-    """
-    return cast(_Fn, torch.compiler.disable(fn))
-
-
-def compiling() -> bool:
-    """Whether ``torch.compile`` is tracing the caller."""
-    return bool(torch.compiler.is_compiling())
-
-
-def write_into(out: Tensor, op: Callable[..., Tensor], *args: Any, **kwargs: Any) -> None:
-    """``out[...] = op(*args)`` with no temporary in eager mode (``op(*args, out=out)``).
-
-    ``torch.compile`` refuses ``out=`` into a strided view (a slot of a history buffer); there the
-    result is copied in, and the compiler fuses the two.
-    """
-    if compiling():
-        out.copy_(op(*args, **kwargs))
-    else:
-        op(*args, **kwargs, out=out)
-
-
-def call_watching_input(fn: Callable[..., Any], x: Tensor, *leading: Any) -> tuple[Any, bool]:
-    """``fn(*leading, x)`` and whether it wrote into ``x`` in place.
-
-    The version counter sees in-place writes for free (no copy), but ``torch.compile`` cannot trace it:
-    under compilation the write is not detected and ``False`` is returned.
-    """
-    if compiling() or x.is_inference():
-        # Inference tensors have no version counter: under torch.inference_mode() the check is skipped.
-        return fn(*leading, x), False
-    version = x._version
-    out = fn(*leading, x)
-    return out, x._version != version
 
 
 class Evaluator:

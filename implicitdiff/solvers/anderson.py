@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._compile import write_into
 from .._validate import check_int, check_real
-from ._driver import UpdateRule, write_into
+from ._driver import UpdateRule
 
 __all__ = ["Anderson"]
 

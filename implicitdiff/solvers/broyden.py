@@ -7,8 +7,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from .._compile import write_into
 from .._validate import check_int
-from ._driver import UpdateRule, write_into
+from ._driver import UpdateRule
 from .anderson import _check_restart_factor
 
 __all__ = ["Broyden"]
