@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
+import warnings
 from collections.abc import Iterable
 
 import torch
 
-__all__ = ["check_bool", "check_int", "check_real", "refuse_functorch"]
+__all__ = ["check_bool", "check_int", "check_real", "refuse_class", "refuse_functorch", "warn_caller"]
 
 
 def _describe(value: object) -> str:
@@ -76,6 +78,18 @@ def check_real(
     return value
 
 
+def refuse_class(name: str, value: object) -> None:
+    """A ``TypeError`` if ``value`` is a class where an instance of it is wanted (``solver=Anderson``).
+
+    A class is callable, so it would pass for a solver or a map and fail at its first call instead.
+    """
+    if isinstance(value, type):
+        raise TypeError(
+            f"{name} must be an instance, got the class {value.__name__}: pass {value.__name__}() "
+            "(with its options, if any)"
+        )
+
+
 def refuse_functorch(what: str, tensors: Iterable[object], instead: str, *, vmap_only: bool = False) -> None:
     """A one-line ``RuntimeError`` if a tensor is wrapped by a ``torch.func`` transform.
 
@@ -86,3 +100,19 @@ def refuse_functorch(what: str, tensors: Iterable[object], instead: str, *, vmap
     if any(isinstance(t, torch.Tensor) and check(t) for t in tensors):
         under = "torch.func.vmap" if vmap_only else "torch.func transforms (grad, vjp, jacrev, vmap)"
         raise RuntimeError(f"{what} does not run under {under}: {instead}")
+
+
+def warn_caller(message: str, category: type[Warning] = DeprecationWarning) -> None:
+    """Warn, pointing at the first frame outside implicitdiff and torch: the user's line.
+
+    A layer's ``forward`` and ``set_extra_state`` are called through torch's own frames
+    (``Module.__call__``, ``load_state_dict``), whose depth differs between torch versions; Python shows
+    a ``DeprecationWarning`` by default only when it points at the user's ``__main__``.
+    """
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").split(".")[0] in _OURS:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+_OURS = ("implicitdiff", "torch")

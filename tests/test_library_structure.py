@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "implicitdiff"
 ALLOWED_GETATTR = {
     ("chain.py", "state"),  # reading the fields of a rule's dataclass state, to select their rows
     ("_implicit.py", "node"),  # an autograd node's leaf tensor, where it has one
-    ("functional.py", "f"),  # f's __name__, for error messages
+    ("_boundmap.py", "f"),  # f's __name__, for error messages
 }
 
 
