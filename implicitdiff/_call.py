@@ -13,7 +13,7 @@ from ._compile import compiling, outside_compile
 from ._onefunction import Held
 from ._start import initial_state
 from ._tree import PyTree, tensor_leaves
-from ._validate import refuse_functorch
+from ._validate import forward_mode_active, has_tangent, refuse_functorch
 from .gradients import GradientEstimator
 from .gradients._base import StartsFromImage
 from .solvers import Solver, SolverResult
@@ -31,23 +31,25 @@ class Solved(NamedTuple):
 
 
 def needs_grad(f: Callable[..., Any], x: PyTree, f_kwargs: Mapping[str, Any]) -> bool:
-    """Whether autograd will want a gradient out of the solution.
+    """Whether autograd will want a derivative out of the solution.
 
     For an ``nn.Module`` we can look at its parameters; for any other callable we cannot see what it
-    closes over, so we assume it may need one whenever grad mode is on.
+    closes over, so we assume it may need one whenever grad mode is on. An input (or parameter) that
+    carries a forward-mode tangent wants one whatever the grad mode: ``no_grad`` does not stop forward
+    mode.
     """
+    inputs = [x] if isinstance(x, Tensor) and not f_kwargs else tensor_leaves((x, tuple(f_kwargs.values())))
+    if forward_mode_active() and any(has_tangent(t) for t in (*inputs, *_parameters(f))):
+        return True
     if not torch.is_grad_enabled():
         return False
-    if isinstance(x, Tensor):
-        if x.requires_grad:
-            return True
-    elif any(leaf.requires_grad for leaf in tensor_leaves(x)):
+    if any(t.requires_grad for t in inputs) or not isinstance(f, nn.Module):
         return True
-    if f_kwargs and any(leaf.requires_grad for leaf in tensor_leaves(tuple(f_kwargs.values()))):
-        return True
-    if isinstance(f, nn.Module):
-        return any(p.requires_grad for p in f.parameters())
-    return True
+    return any(p.requires_grad for p in f.parameters())
+
+
+def _parameters(f: Callable[..., Any]) -> list[Tensor]:
+    return list(f.parameters()) if isinstance(f, nn.Module) else []
 
 
 class Trajectory:

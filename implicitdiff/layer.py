@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from ._compile import compiling
 from ._onefunction import parts_of
 from ._tree import PyTree
 from ._validate import check_bool, check_int, refuse_class, warn_caller
@@ -231,8 +232,9 @@ def _f_kwargs(f_kwargs: Mapping[str, Any] | None, loose: dict[str, Any]) -> dict
         raise TypeError(
             f"pass f's keyword arguments one way: f_kwargs={{...}}, not also loose ({', '.join(loose)})"
         )
-    warn_caller(
-        f"keyword arguments for f given loose to the layer's call ({', '.join(loose)}) are deprecated: "
-        "pass them as f_kwargs={...}"
-    )
+    if not compiling():  # a compiled forward would break its graph on the warning
+        warn_caller(
+            f"keyword arguments for f given loose to the layer's call ({', '.join(loose)}) are deprecated: "
+            "pass them as f_kwargs={...}"
+        )
     return loose

@@ -107,7 +107,9 @@ class Evaluator:
                 f"or nn.ReLU(inplace=True) applied to {self._argument}); the residual cannot be measured "
                 "then. Compute on a copy or out of place."
             )
-        return out.reshape(z.shape[0], -1).to(self.wdtype)
+        # Detached: under forward-mode AD (torch.func.jvp, forward_ad) the solve's iterates carry no
+        # tangent, as under no_grad they carry no graph; an estimator attaches the solution afterwards.
+        return out.detach().reshape(z.shape[0], -1).to(self.wdtype)
 
 
 def residual(fz: Tensor, z: Tensor, stop_mode: str) -> Tensor:
@@ -230,11 +232,16 @@ class UpdateRule:
     * :meth:`restart`, for rules with a history to forget; defining it sets :attr:`can_restart`;
     * :attr:`restart_factor` (``> 1``): a sample whose residual grows past this multiple of its best
       is sent back to its best iterate and restarted (``inf``, the default, never);
-    * :attr:`needs_residual`: :meth:`step` reads the residual even with a fixed budget.
+    * :attr:`needs_residual`: :meth:`step` reads the residual even with a fixed budget;
+    * :attr:`per_sample_history`: the rule's history fits each row of the batch on that row's own past,
+      as if the rows were independent samples (Anderson, Broyden). The driver does not read it;
+      :func:`~implicitdiff.solve_chain`, whose rows are the steps of a chain and depend on each other,
+      warns when given such a rule.
     """
 
     restart_factor: float = math.inf
     needs_residual: bool = False
+    per_sample_history: ClassVar[bool] = False
     #: Whether the class defines :meth:`accept` (set when a subclass is created).
     judges_trials: ClassVar[bool] = False
     #: Whether the class defines :meth:`restart` (set when a subclass is created).

@@ -76,6 +76,9 @@ class Anderson(UpdateRule):
         residual bookkeeping of a fixed-budget solve).
     """
 
+    #: Each sample's history is fitted on its own past alone (see :attr:`UpdateRule.per_sample_history`).
+    per_sample_history = True
+
     def __init__(self, m: int = 6, lam: float = 1e-8, beta: float = 1.0, restart_factor: float = 1e3) -> None:
         self.m = check_int("m", m, low=1)
         self.lam = check_real("lam", lam, low=0.0)

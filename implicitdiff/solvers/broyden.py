@@ -59,6 +59,9 @@ class Broyden(UpdateRule):
         A sample restarts once its residual exceeds this multiple of the best it has seen (> 1).
     """
 
+    #: Each sample's history is fitted on its own past alone (see :attr:`UpdateRule.per_sample_history`).
+    per_sample_history = True
+
     def __init__(self, memory: int = 20, restart_factor: float = 1e3) -> None:
         self.memory = check_int("memory", memory, low=1)
         self.restart_factor = _check_restart_factor(restart_factor)
