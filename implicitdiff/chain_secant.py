@@ -17,12 +17,12 @@ Newton's method on the banded system :math:`Z = F(Z)` (the idea of ParaSolver, L
 with :math:`\hat J_k = I` it is the cumulative Picard iteration of ParaDiGMS (Shih et al. 2023),
 with :math:`\hat J_k = 0` plain Picard on the steps. :class:`ChainSecant` models each step's
 Jacobian from that step's own evaluations, without derivatives: the last ``m`` sweeps give pairs
-:math:`(\Delta x, \Delta s)` of input and output changes of step :math:`k`, and
+:math:`(\Delta z, \Delta s)` of input and output changes of step :math:`k`, and
 
 .. math::
 
-    \hat J_k d = B d + (\Delta S - B \Delta X)\,\gamma, \qquad
-    \gamma = \arg\min_\gamma \|\Delta X \gamma - d\|^2 + \lambda \|\gamma\|^2,
+    \hat J_k d = B d + (\Delta S - B \Delta Z)\,\gamma, \qquad
+    \gamma = \arg\min_\gamma \|\Delta Z \gamma - d\|^2 + \lambda \|\gamma\|^2,
 
 with each pair scaled to a unit input change, a multisecant model (the type-II least squares of
 Anderson acceleration) on top of the base :math:`B = I` (``form="cumulative"``) or :math:`B = 0`
@@ -150,11 +150,11 @@ class ChainSecant:
         state.k += 1
 
     def models(self, state: _History, base: float) -> tuple[Tensor, Tensor]:
-        r"""Per step and block, :math:`P = (\hat X \hat X^\top + \lambda I)^{-1} \hat X` and
-        :math:`C^\top = (\hat S - B \hat X)^\top`, so that :math:`\hat J d = B d + C^\top (P d)`.
+        r"""Per step and block, :math:`P = (\hat Z \hat Z^\top + \lambda I)^{-1} \hat Z` and
+        :math:`C^\top = (\hat S - B \hat Z)^\top`, so that :math:`\hat J d = B d + C^\top (P d)`.
 
-        Each pair is scaled to a unit input change first (:math:`\hat X_i = \Delta X_i / \|\Delta X_i\|`,
-        :math:`\hat S_i = \Delta S_i / \|\Delta X_i\|`: the same secant): a chain's changes shrink by
+        Each pair is scaled to a unit input change first (:math:`\hat Z_i = \Delta Z_i / \|\Delta Z_i\|`,
+        :math:`\hat S_i = \Delta S_i / \|\Delta Z_i\|`: the same secant): a chain's changes shrink by
         orders of magnitude from sweep to sweep, and a shift relative to the largest pair would drown
         the small, recent ones.
         """

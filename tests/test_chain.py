@@ -12,6 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from implicitdiff import Anderson, Broyden, ChainResult, ChainRuleWarning, ChainSecant, Picard, solve_chain
 from implicitdiff.chain import FORMS
@@ -37,7 +38,7 @@ class ToyChain:
         scale = torch.tensor(gains, dtype=torch.float64) / torch.linalg.matrix_norm(A, ord=2)
         self.A = A * scale[:, None, None]
         self.b = torch.randn(num_steps, dim, generator=generator, dtype=torch.float64)
-        self.x0 = torch.randn(dim, generator=generator, dtype=torch.float64)
+        self.z0 = torch.randn(dim, generator=generator, dtype=torch.float64)
         self.lipschitz = torch.linalg.matrix_norm(self.A, ord=2)  # tanh is 1-Lipschitz
         self.act = torch.tanh if act == "tanh" else (lambda y: y)
         self.calls = 0
@@ -52,10 +53,10 @@ class ToyChain:
         return self.act(torch.einsum("kij,kj->ki", self.A[k], x) + self.b[k])
 
     def rollout(self) -> Tensor:
-        xs = [self.x0]
+        zs = [self.z0]
         for k in range(self.A.shape[0]):
-            xs.append(self.act(self.A[k] @ xs[-1] + self.b[k]))
-        return torch.stack(xs)
+            zs.append(self.act(self.A[k] @ zs[-1] + self.b[k]))
+        return torch.stack(zs)
 
 
 def error_bound(chain: ToyChain, residual: Tensor) -> Tensor:
@@ -69,15 +70,15 @@ def error_bound(chain: ToyChain, residual: Tensor) -> Tensor:
 
 def check_against_rollout(chain: ToyChain, out: ChainResult, tol: float) -> None:
     steps = chain.A.shape[0]
-    assert out.xs.shape == (steps + 1, chain.x0.shape[0])
-    assert torch.equal(out.xs[0], chain.x0)
+    assert out.zs.shape == (steps + 1, chain.z0.shape[0])
+    assert torch.equal(out.zs[0], chain.z0)
     assert out.all_converged
     assert float(out.residual.max()) <= tol
     # The residuals reported are those of the returned trajectory.
-    images = chain.act(torch.einsum("kij,kj->ki", chain.A, out.xs[:-1]) + chain.b)
-    actual = torch.linalg.vector_norm(images - out.xs[1:], dim=1)
+    images = chain.act(torch.einsum("kij,kj->ki", chain.A, out.zs[:-1]) + chain.b)
+    actual = torch.linalg.vector_norm(images - out.zs[1:], dim=1)
     torch.testing.assert_close(out.residual, actual, atol=ROUNDING, rtol=0)
-    error = torch.linalg.vector_norm(out.xs[1:] - chain.rollout()[1:], dim=1)
+    error = torch.linalg.vector_norm(out.zs[1:] - chain.rollout()[1:], dim=1)
     slack = ROUNDING * torch.arange(1, steps + 1, dtype=torch.float64)
     assert torch.all(error <= error_bound(chain, out.residual) + slack), (error, out.residual)
 
@@ -113,7 +114,7 @@ def test_chain_matches_the_sequential_rollout_within_the_bound_of_its_residuals(
     chain, window = case
     steps = chain.A.shape[0]
     rule = SOLVERS[solver]()
-    out = solve_chain(chain.step, chain.x0, steps, solver=rule, tol=tol, window=window, form=form)
+    out = solve_chain(chain.step, chain.z0, steps, solver=rule, tol=tol, window=window, form=form)
     check_against_rollout(chain, out, tol)
     # Any rule finishes within num_steps sweeps (each sweep finalises at least one step).
     assert out.sweeps <= steps
@@ -123,22 +124,22 @@ def test_chain_matches_the_sequential_rollout_within_the_bound_of_its_residuals(
 def test_picard_never_needs_more_sweeps_than_steps_and_tol_zero_is_the_rollout(case, form):
     chain, window = case
     steps = chain.A.shape[0]
-    out = solve_chain(chain.step, chain.x0, steps, tol=0.0, window=window, max_iter=steps, form=form)
+    out = solve_chain(chain.step, chain.z0, steps, tol=0.0, window=window, max_iter=steps, form=form)
     assert out.all_converged and out.sweeps <= steps
-    torch.testing.assert_close(out.xs, chain.rollout(), atol=ROUNDING * steps, rtol=0)
+    torch.testing.assert_close(out.zs, chain.rollout(), atol=ROUNDING * steps, rtol=0)
 
 
 @given(chains())
 def test_a_window_smaller_than_the_chain_gives_the_same_trajectory_and_bounds_each_call(case):
     chain, window = case
     steps, tol = chain.A.shape[0], 1e-9
-    full = solve_chain(chain.step, chain.x0, steps, tol=tol)
+    full = solve_chain(chain.step, chain.z0, steps, tol=tol)
     chain.largest_call = 0
-    windowed = solve_chain(chain.step, chain.x0, steps, tol=tol, window=window)
+    windowed = solve_chain(chain.step, chain.z0, steps, tol=tol, window=window)
     assert chain.largest_call <= (window or steps)
     check_against_rollout(chain, windowed, tol)
     # Both are within the bound of their residuals of the rollout, hence of each other.
-    distance = torch.linalg.vector_norm(full.xs[1:] - windowed.xs[1:], dim=1)
+    distance = torch.linalg.vector_norm(full.zs[1:] - windowed.zs[1:], dim=1)
     allowed = error_bound(chain, full.residual) + error_bound(chain, windowed.residual)
     assert torch.all(distance <= allowed + ROUNDING * steps)
 
@@ -148,19 +149,19 @@ def test_evaluations_count_every_step_passed_to_step_and_nothing_else(case, solv
     chain, window = case
     steps = chain.A.shape[0]
     out = solve_chain(
-        chain.step, chain.x0, steps, solver=SOLVERS[solver](), tol=1e-6, window=window, form=form
+        chain.step, chain.z0, steps, solver=SOLVERS[solver](), tol=1e-6, window=window, form=form
     )
     assert out.sweeps == chain.calls
-    assert out.evaluations == int(chain.asked.sum())
+    assert out.total_evaluations == int(chain.asked.sum())
     assert torch.equal(out.evaluations_per_step, chain.asked)
     # Final steps are never evaluated again: a step is evaluated at most once per sweep, and step 0
-    # (whose predecessor x0 is final from the start) exactly once.
+    # (whose predecessor z0 is final from the start) exactly once.
     assert int(chain.asked[0]) == 1
     assert int(chain.asked.max()) <= out.sweeps
 
 
 def test_picard_takes_every_sweep_on_a_chain_that_never_settles_early():
-    # x_{k+1} = 2 x_k + 1 from guesses x0: step j is exact only once every step before it is.
+    # z_{k+1} = 2 z_k + 1 from guesses z0: step j is exact only once every step before it is.
     steps = 12
     calls = []
 
@@ -170,11 +171,11 @@ def test_picard_takes_every_sweep_on_a_chain_that_never_settles_early():
 
     out = solve_chain(step, torch.zeros(1, dtype=torch.float64), steps, tol=1e-12)
     expected = torch.tensor([[2.0**j - 1.0] for j in range(steps + 1)], dtype=torch.float64)
-    assert torch.equal(out.xs, expected)
+    assert torch.equal(out.zs, expected)
     assert out.sweeps == steps
     # Sweep s evaluates the steps s..N-1: the final prefix is never evaluated again.
     assert calls == [list(range(s, steps)) for s in range(steps)]
-    assert out.evaluations == steps * (steps + 1) // 2
+    assert out.total_evaluations == steps * (steps + 1) // 2
 
 
 def euler_chain(steps: int, horizon: float) -> tuple[Callable[[Tensor, Tensor], Tensor], Tensor]:
@@ -193,12 +194,12 @@ def test_the_cumulative_form_is_what_makes_picard_parallel_on_an_integrator():
     # On F an error travels down the chain multiplied by J_k = I + O(h) and never fades: every sweep
     # finalises one step. On G it is multiplied by J_k - I = O(h): Picard-Lindelof, (L T)^s / s!.
     steps = 60
-    step, x0 = euler_chain(steps, horizon=1.0)
-    on_steps = solve_chain(step, x0, steps, tol=1e-8, form="step")
-    cumulative = solve_chain(step, x0, steps, tol=1e-8, form="cumulative")
+    step, z0 = euler_chain(steps, horizon=1.0)
+    on_steps = solve_chain(step, z0, steps, tol=1e-8, form="step")
+    cumulative = solve_chain(step, z0, steps, tol=1e-8, form="cumulative")
     assert on_steps.sweeps == steps
     assert cumulative.all_converged and cumulative.sweeps <= steps // 3
-    torch.testing.assert_close(cumulative.xs, on_steps.xs, atol=1e-8 * steps, rtol=0)
+    torch.testing.assert_close(cumulative.zs, on_steps.zs, atol=1e-8 * steps, rtol=0)
 
 
 class StepTagRule(UpdateRule):
@@ -236,10 +237,10 @@ def test_a_users_rule_keeps_its_history_aligned_with_the_steps_as_the_window_sli
         return torch.cat([body, (k + 1).to(x.dtype)[:, None]], dim=1)
 
     rule = StepTagRule()
-    x0 = torch.zeros(dim, dtype=torch.float64)
-    out = solve_chain(step, x0, steps, solver=rule, tol=1e-10, window=window)
+    z0 = torch.zeros(dim, dtype=torch.float64)
+    out = solve_chain(step, z0, steps, solver=rule, tol=1e-10, window=window)
     assert out.all_converged
-    assert torch.equal(out.xs[:, -1], torch.arange(steps + 1, dtype=torch.float64))
+    assert torch.equal(out.zs[:, -1], torch.arange(steps + 1, dtype=torch.float64))
     assert rule.checked > 0
     if window in (3, 7):
         assert rule.restarted > 0  # steps entered the window while others stayed in flight
@@ -268,22 +269,22 @@ def test_one_host_read_per_sweep(solver):
         return torch.tanh(torch.einsum("kij,kj->ki", chain.A[k], x) + chain.b[k])
 
     with SyncCounter() as syncs:
-        out = solve_chain(step, chain.x0, 40, solver=SOLVERS[solver](), tol=1e-8, window=16)
+        out = solve_chain(step, chain.z0, 40, solver=SOLVERS[solver](), tol=1e-8, window=16)
     assert out.all_converged and out.sweeps >= 2
     assert syncs.count <= out.sweeps, syncs.by_op
 
 
 def test_the_budget_of_sweeps_is_respected_and_unfinished_steps_say_so():
     chain = ToyChain(20, 4, [1.0] * 20, seed=1, act="tanh")
-    out = solve_chain(chain.step, chain.x0, 20, tol=1e-12, max_iter=3, window=5)
+    out = solve_chain(chain.step, chain.z0, 20, tol=1e-12, max_iter=3, window=5)
     assert out.sweeps == 3
     assert not out.all_converged
     done = int(out.converged.sum())
     assert 3 <= done < 20
     assert torch.all(out.converged[:done]) and not torch.any(out.converged[done:])
     # Known residuals are those of the returned trajectory; unknown ones are inf.
-    images = torch.tanh(torch.einsum("kij,kj->ki", chain.A, out.xs[:-1]) + chain.b)
-    actual = torch.linalg.vector_norm(images - out.xs[1:], dim=1)
+    images = torch.tanh(torch.einsum("kij,kj->ki", chain.A, out.zs[:-1]) + chain.b)
+    actual = torch.linalg.vector_norm(images - out.zs[1:], dim=1)
     known = torch.isfinite(out.residual)
     torch.testing.assert_close(out.residual[known], actual[known], atol=ROUNDING, rtol=0)
     assert not known[done] and not torch.any(known[done + 5 :])
@@ -301,24 +302,24 @@ def test_a_step_that_returns_nan_stops_the_chain_at_the_last_finite_step():
 
 
 def test_states_of_any_shape_and_dtype_come_back_in_that_shape_and_dtype():
-    x0 = torch.randn(2, 3, 4)
+    z0 = torch.randn(2, 3, 4)
 
     def step(k: Tensor, x: Tensor) -> Tensor:
         assert x.shape == (k.shape[0], 2, 3, 4) and x.dtype == torch.float32
         return 0.5 * x + k.to(x.dtype).view(-1, 1, 1, 1)
 
-    out = solve_chain(step, x0, 6, window=4)
-    assert out.xs.shape == (7, 2, 3, 4) and out.xs.dtype == torch.float32
-    expected = x0
+    out = solve_chain(step, z0, 6, window=4)
+    assert out.zs.shape == (7, 2, 3, 4) and out.zs.dtype == torch.float32
+    expected = z0
     for k in range(6):
         expected = 0.5 * expected + k
-    torch.testing.assert_close(out.xs[-1], expected)
+    torch.testing.assert_close(out.zs[-1], expected)
     assert out.residual.dtype == torch.float32 and float(out.residual.max()) <= 1e-5
 
 
 def test_no_steps_is_the_initial_state():
     out = solve_chain(lambda k, x: x, torch.ones(3), 0)
-    assert out.xs.shape == (1, 3) and out.sweeps == 0 and out.evaluations == 0
+    assert out.zs.shape == (1, 3) and out.sweeps == 0 and out.total_evaluations == 0
     assert out.all_converged
 
 
@@ -341,15 +342,15 @@ def _ok(k: Tensor, x: Tensor) -> Tensor:
         ({"stop_mode": "max"}, ValueError, "stop_mode"),
         ({"form": "integral"}, ValueError, "form"),
         ({"solver": lambda g, z0, **kw: None}, TypeError, "solver must be an update rule"),
-        ({"x0": [1.0, 2.0]}, TypeError, "x0"),
-        ({"x0": torch.ones(2, dtype=torch.long)}, TypeError, "floating-point"),
+        ({"z0": [1.0, 2.0]}, TypeError, "z0"),
+        ({"z0": torch.ones(2, dtype=torch.long)}, TypeError, "floating-point"),
         ({"step": "not callable"}, TypeError, "step"),
     ],
 )
 def test_bad_arguments_raise_errors_that_name_them(kwargs, error, match):
-    args: dict[str, Any] = {"step": _ok, "x0": torch.ones(2), "num_steps": 4, **kwargs}
+    args: dict[str, Any] = {"step": _ok, "z0": torch.ones(2), "num_steps": 4, **kwargs}
     with pytest.raises(error, match=match):
-        solve_chain(args.pop("step"), args.pop("x0"), args.pop("num_steps"), **args)
+        solve_chain(args.pop("step"), args.pop("z0"), args.pop("num_steps"), **args)
 
 
 def test_rules_with_trial_steps_are_refused():
@@ -365,7 +366,7 @@ def test_rules_with_trial_steps_are_refused():
 
 
 def test_a_step_that_misbehaves_is_named():
-    with pytest.raises(ValueError, match="stacked like x"):
+    with pytest.raises(ValueError, match="stacked like z"):
         solve_chain(lambda k, x: x[0], torch.ones(2), 3)
     with pytest.raises(ValueError, match="in place"):
         solve_chain(lambda k, x: x.mul_(0.5), torch.ones(2), 3)
@@ -373,13 +374,13 @@ def test_a_step_that_misbehaves_is_named():
 
 def test_the_relative_residual_does_not_depend_on_the_scale_of_the_states():
     chain = ToyChain(20, 4, [0.7] * 20, seed=5, act="affine")
-    out = solve_chain(chain.step, chain.x0, 20, tol=1e-8, stop_mode="rel", window=6)
+    out = solve_chain(chain.step, chain.z0, 20, tol=1e-8, stop_mode="rel", window=6)
     scaled = solve_chain(
-        lambda k, x: 1e6 * chain.step(k, x / 1e6), 1e6 * chain.x0, 20, tol=1e-8, stop_mode="rel", window=6
+        lambda k, x: 1e6 * chain.step(k, x / 1e6), 1e6 * chain.z0, 20, tol=1e-8, stop_mode="rel", window=6
     )
     assert out.all_converged and scaled.all_converged and out.sweeps == scaled.sweeps
-    images = torch.einsum("kij,kj->ki", chain.A, out.xs[:-1]) + chain.b
-    relative = torch.linalg.vector_norm(images - out.xs[1:], dim=1) / (
+    images = torch.einsum("kij,kj->ki", chain.A, out.zs[:-1]) + chain.b
+    relative = torch.linalg.vector_norm(images - out.zs[1:], dim=1) / (
         torch.linalg.vector_norm(images, dim=1) + 1e-9
     )
     torch.testing.assert_close(out.residual, relative, atol=ROUNDING, rtol=0)
@@ -397,7 +398,7 @@ def test_a_rule_that_proposes_non_finite_values_falls_back_to_the_image_and_is_r
             return state
 
     chain = ToyChain(12, 3, [0.5] * 12, seed=2, act="tanh")
-    out = solve_chain(chain.step, chain.x0, 12, solver=Broken(), tol=1e-9)
+    out = solve_chain(chain.step, chain.z0, 12, solver=Broken(), tol=1e-9)
     check_against_rollout(chain, out, 1e-9)
     assert Broken.restarted > 0 and not torch.any(out.nonfinite)
 
@@ -411,14 +412,14 @@ def test_each_step_meets_its_own_tolerance_and_the_bound_follows(solver):
     chain = ToyChain(steps, 5, [0.8] * steps, seed=11, act="tanh")
     # Loose early, tight late (as a sampler's noise-scaled tolerance), and the reverse.
     for tols in (torch.logspace(-2, -10, steps, dtype=torch.float64), torch.logspace(-10, -3, steps)):
-        out = solve_chain(chain.step, chain.x0, steps, solver=SOLVERS[solver](), tol=tols, window=8)
+        out = solve_chain(chain.step, chain.z0, steps, solver=SOLVERS[solver](), tol=tols, window=8)
         assert out.all_converged
         assert torch.all(out.residual <= tols.to(out.residual.dtype) + ROUNDING)
-        images = chain.act(torch.einsum("kij,kj->ki", chain.A, out.xs[:-1]) + chain.b)
+        images = chain.act(torch.einsum("kij,kj->ki", chain.A, out.zs[:-1]) + chain.b)
         torch.testing.assert_close(
-            out.residual, torch.linalg.vector_norm(images - out.xs[1:], dim=1), atol=ROUNDING, rtol=0
+            out.residual, torch.linalg.vector_norm(images - out.zs[1:], dim=1), atol=ROUNDING, rtol=0
         )
-        error = torch.linalg.vector_norm(out.xs[1:] - chain.rollout()[1:], dim=1)
+        error = torch.linalg.vector_norm(out.zs[1:] - chain.rollout()[1:], dim=1)
         slack = ROUNDING * torch.arange(1, steps + 1, dtype=torch.float64)
         assert torch.all(error <= error_bound(chain, out.residual) + slack)
 
@@ -426,8 +427,8 @@ def test_each_step_meets_its_own_tolerance_and_the_bound_follows(solver):
 def test_a_loose_tolerance_on_some_steps_costs_fewer_sweeps_than_a_tight_one_everywhere():
     steps = 30
     chain = ToyChain(steps, 4, [0.9] * steps, seed=2, act="tanh")
-    tight = solve_chain(chain.step, chain.x0, steps, tol=1e-10)
-    mixed = solve_chain(chain.step, chain.x0, steps, tol=[1e-3] * 20 + [1e-10] * 10)
+    tight = solve_chain(chain.step, chain.z0, steps, tol=1e-10)
+    mixed = solve_chain(chain.step, chain.z0, steps, tol=[1e-3] * 20 + [1e-10] * 10)
     assert mixed.all_converged and mixed.sweeps < tight.sweeps
 
 
@@ -454,13 +455,13 @@ def test_max_batch_bounds_each_call_and_changes_nothing_else(solver, max_batch):
     steps = 20
     whole = ToyChain(steps, 4, [0.7] * steps, seed=4, act="tanh")
     chunked = ToyChain(steps, 4, [0.7] * steps, seed=4, act="tanh")
-    a = solve_chain(whole.step, whole.x0, steps, solver=SOLVERS[solver](), tol=1e-10, window=12)
+    a = solve_chain(whole.step, whole.z0, steps, solver=SOLVERS[solver](), tol=1e-10, window=12)
     b = solve_chain(
-        chunked.step, chunked.x0, steps, solver=SOLVERS[solver](), tol=1e-10, window=12, max_batch=max_batch
+        chunked.step, chunked.z0, steps, solver=SOLVERS[solver](), tol=1e-10, window=12, max_batch=max_batch
     )
     assert chunked.largest_call <= max_batch < whole.largest_call
-    assert a.sweeps == b.sweeps and a.evaluations == b.evaluations
-    torch.testing.assert_close(b.xs, a.xs, atol=1e-12, rtol=0)
+    assert a.sweeps == b.sweeps and a.total_evaluations == b.total_evaluations
+    torch.testing.assert_close(b.zs, a.zs, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="max_batch must be an int >= 1"):
         solve_chain(_ok, torch.ones(2), 4, max_batch=0)
 
@@ -480,7 +481,7 @@ GRID = [
 def grid_sweeps(case: dict[str, Any], solver: Any) -> ChainResult:
     chain = ToyChain(case["steps"], 6, [case["gain"]] * case["steps"], case["seed"], case["act"])
     out = solve_chain(
-        chain.step, chain.x0, case["steps"], solver=solver, tol=1e-8, form=case["form"], window=case["window"]
+        chain.step, chain.z0, case["steps"], solver=solver, tol=1e-8, form=case["form"], window=case["window"]
     )
     check_against_rollout(chain, out, 1e-8)
     return out
@@ -507,30 +508,30 @@ def test_chain_secant_is_newton_on_a_linear_chain_once_each_step_has_dim_pairs(d
     steps = 60
     for seed in range(5):
         chain = ToyChain(steps, dim, [1.0] * steps, seed, "affine")
-        out = solve_chain(chain.step, chain.x0, steps, solver=ChainSecant(m=dim), tol=1e-9, form=form)
+        out = solve_chain(chain.step, chain.z0, steps, solver=ChainSecant(m=dim), tol=1e-9, form=form)
         check_against_rollout(chain, out, 1e-9)
         assert out.sweeps <= dim + 4, (seed, out.sweeps)
 
 
 def test_chain_secant_takes_fewer_sweeps_than_cumulative_picard_on_an_integrator():
     steps = 60
-    step, x0 = euler_chain(steps, horizon=2.0)
-    picard = solve_chain(step, x0, steps, tol=1e-8, form="cumulative")
-    secant = solve_chain(step, x0, steps, solver=ChainSecant(), tol=1e-8, form="cumulative")
+    step, z0 = euler_chain(steps, horizon=2.0)
+    picard = solve_chain(step, z0, steps, tol=1e-8, form="cumulative")
+    secant = solve_chain(step, z0, steps, solver=ChainSecant(), tol=1e-8, form="cumulative")
     assert picard.all_converged and secant.all_converged
     assert secant.sweeps < picard.sweeps
-    torch.testing.assert_close(secant.xs, picard.xs, atol=2e-8 * steps, rtol=0)
+    torch.testing.assert_close(secant.zs, picard.zs, atol=2e-8 * steps, rtol=0)
 
 
 def test_chain_secant_history_follows_its_steps_when_the_window_slides():
     # A window that slides at every sweep: the rule's rows are re-indexed each time. The trajectory must
     # not depend on the window (both are within the bound of the rollout) and the history must help.
     chain = ToyChain(40, 2, [1.0] * 40, 3, "affine")
-    whole = solve_chain(chain.step, chain.x0, 40, solver=ChainSecant(m=2), tol=1e-9)
-    sliding = solve_chain(chain.step, chain.x0, 40, solver=ChainSecant(m=2), tol=1e-9, window=10)
+    whole = solve_chain(chain.step, chain.z0, 40, solver=ChainSecant(m=2), tol=1e-9)
+    sliding = solve_chain(chain.step, chain.z0, 40, solver=ChainSecant(m=2), tol=1e-9, window=10)
     check_against_rollout(chain, whole, 1e-9)
     check_against_rollout(chain, sliding, 1e-9)
-    picard = solve_chain(chain.step, chain.x0, 40, tol=1e-9, window=10)
+    picard = solve_chain(chain.step, chain.z0, 40, tol=1e-9, window=10)
     assert sliding.sweeps < picard.sweeps
 
 
@@ -557,3 +558,39 @@ def test_per_sample_rules_warn_that_a_chain_is_not_a_batch_and_the_chain_rules_d
 def test_chain_secant_checks_its_arguments(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ChainSecant(**kwargs)
+
+
+def test_solve_chain_refuses_a_z0_that_requires_grad():
+    z0 = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"z0 requires grad.*z0.detach\(\)"):
+        solve_chain(lambda k, x: 0.5 * x + 1.0, z0, 5)
+    with torch.no_grad():
+        assert solve_chain(lambda k, x: 0.5 * x + 1.0, z0, 5).all_converged
+    assert solve_chain(lambda k, x: 0.5 * x + 1.0, z0.detach(), 5).all_converged
+
+
+def test_solve_chain_takes_a_pytree_and_equals_the_flat_chain():
+    z0 = {"a": torch.zeros(3), "b": (torch.ones(2, 2),)}
+    seen = []
+
+    def step_tree(k, x):
+        seen.append(pytree.tree_map(lambda t: tuple(t.shape), x))
+        return {"a": 0.5 * x["a"] + 1 + 0.1 * x["b"][0].sum((1, 2))[:, None], "b": (0.5 * x["b"][0],)}
+
+    def step_flat(k, x):
+        a, b = x[:, :3], x[:, 3:].reshape(-1, 2, 2)
+        return torch.cat([0.5 * a + 1 + 0.1 * b.sum((1, 2))[:, None], (0.5 * b).reshape(-1, 4)], dim=1)
+
+    tree = solve_chain(step_tree, z0, 6, solver=Anderson(m=2))
+    flat = solve_chain(step_flat, torch.cat([torch.zeros(3), torch.ones(4)]), 6, solver=Anderson(m=2))
+    assert seen[0] == {"a": (6, 3), "b": ((6, 2, 2),)}
+    assert tree.zs["a"].shape == (7, 3) and tree.zs["b"][0].shape == (7, 2, 2)
+    assert torch.equal(tree.zs["a"], flat.zs[:, :3])
+    assert torch.equal(tree.zs["b"][0], flat.zs[:, 3:].reshape(7, 2, 2))
+    assert tree.sweeps == flat.sweeps
+
+
+def test_solve_chain_names_the_leaf_a_step_got_wrong():
+    with pytest.raises(ValueError, match=r"step\(k, z\) returned shape \(2, 1\) at z\['b'\]"):
+        z0 = {"a": torch.zeros(3), "b": torch.zeros(2)}
+        solve_chain(lambda k, x: {"a": x["a"], "b": x["b"][:, :1]}, z0, 2)

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "implicitdiff"
 
 #: The getattr calls the package may make: none of them asks an object which protocol it follows.
 ALLOWED_GETATTR = {
-    ("chain.py", "state"),  # reading the fields of a rule's dataclass state, to select their rows
+    ("_chainloop.py", "state"),  # reading the fields of a rule's dataclass state, to select their rows
     ("_implicit.py", "node"),  # an autograd node's leaf tensor, where it has one
     ("_boundmap.py", "f"),  # f's __name__, for error messages
 }
