@@ -13,6 +13,7 @@ from implicitdiff import (
     PhantomGradient,
     fixed_point,
 )
+from implicitdiff.functional import BoundMap
 
 
 def test_f_returning_another_shape_is_a_clear_error(x):
@@ -87,3 +88,18 @@ def test_under_autocast_the_leaves_f_returns_are_cast_back_to_the_state_dtype():
         out = fixed_point(f, torch.randn(2, 4), (torch.zeros(2, 4), torch.ones(2, 3)), tol=1e-2)
     assert out.z[0].dtype == torch.float32 and out.z[1].dtype == torch.float32
     assert out.z[0].requires_grad
+
+
+def test_a_bound_map_counts_its_calls_and_shares_the_count_with_the_maps_made_from_it():
+    x = torch.randn(2, 3)
+    g = BoundMap(lambda z, x, scale: scale * z + x, x, torch.zeros(2, 3), {"scale": torch.tensor(0.5)})
+    g(torch.zeros(2, 3))
+    other = g.with_inputs(torch.ones(2, 3), torch.tensor(2.0))
+    torch.testing.assert_close(other(torch.ones(2, 3)), torch.full((2, 3), 3.0))
+    assert g.calls == other.calls == 2
+    g.reset_calls()
+    assert other.calls == 0
+    with pytest.warns(DeprecationWarning, match="counts its own calls"):
+        old = BoundMap(lambda z, x: z + x, x, torch.zeros(2, 3), {}, [0])  # the 0.2 spelling
+    old(torch.zeros(2, 3))
+    assert old.calls == 1

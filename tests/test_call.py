@@ -16,6 +16,7 @@ from implicitdiff import (
     Picard,
     fixed_point,
 )
+from implicitdiff.solvers import SolverResult
 
 
 def picard_function(g, z0, *, max_iter, tol, stop_mode="abs"):
@@ -169,3 +170,88 @@ def test_torch_func_grad_works_with_jfb_and_is_refused_with_ift(tanh_f):
 def nan_for_negative_x(z: Tensor, x: Tensor) -> Tensor:
     """A contraction for samples with ``x[:, 0] >= 0``, NaN from the first call for the others."""
     return 0.5 * torch.tanh(z) + x + torch.sqrt(x[:, :1])
+
+
+class WrongSolver:
+    """A user's solver that returns something other than a solution of the state it was given."""
+
+    def __init__(self, change) -> None:
+        self.change = change
+
+    def __repr__(self) -> str:
+        return "WrongSolver()"
+
+    def __call__(self, g, z0, *, max_iter, tol, stop_mode="abs"):
+        z = self.change(Picard()(g, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode).z)
+        residual = torch.zeros(z0.shape[0])
+        return SolverResult(z=z, residual=residual, converged=residual == 0, nfe=1)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda z: z[:1], r"returned z \(1, 6\) torch.float32 on cpu; .* \(\(3, 6\) torch.float32 on cpu\)"),
+        (lambda z: z.double(), r"returned z \(3, 6\) torch.float64 on cpu"),
+        (lambda z: z.to("meta"), r"returned z \(3, 6\) torch.float32 on meta"),
+        (lambda z: z.reshape(3, 2, 3), r"returned z \(3, 2, 3\)"),
+    ],
+)
+def test_what_a_solver_returns_is_checked_and_the_solver_named(cell, x, change, message):
+    # Before the check, a short batch reached f through the estimator and was blamed on f.
+    with pytest.raises(ValueError, match=rf"solver WrongSolver\(\) {message}"):
+        fixed_point(cell, x, solver=WrongSolver(change), grad=JFB())
+    with pytest.raises(TypeError, match=r"solver WrongSolver\(\) returned a SolverResult whose z is list"):
+        fixed_point(cell, x, solver=WrongSolver(lambda z: [z]))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Forward mode: torch.func.jvp and torch.autograd.forward_ad
+# ------------------------------------------------------------------------------------------------------
+
+
+def _forward_problem():
+    gen = torch.Generator().manual_seed(3)
+    W = 0.5 * torch.randn(5, 5, generator=gen, dtype=torch.float64) / 5**0.5
+    x = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    v = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    return (lambda z, x: torch.tanh(z @ W.T + x)), W, x, v
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+@pytest.mark.parametrize("how", ["func.jvp", "forward_ad"])
+def test_forward_mode_through_jfb_and_unrolled_phantom_matches_their_formulas(how, grad_mode):
+    f, W, x, v = _forward_problem()
+    z_star = fixed_point(f, x, tol=1e-13, max_iter=300).z.detach()
+    # JFB is f(z*, x) with z* held fixed: its tangent is f's partial derivative in x.
+    jfb = (1 - torch.tanh(z_star @ W.T + x) ** 2) * v
+    # Unrolled phantom, k steps z <- (1 - tau) z + tau f(z, x) from z*, carry the tangent
+    # t <- (1 - tau) t + tau (f_z t + f_x v).
+    k, tau, t, z = 3, 0.5, torch.zeros_like(v), z_star
+    for _ in range(k):
+        d = 1 - torch.tanh(z @ W.T + x) ** 2
+        t = (1 - tau) * t + tau * d * (t @ W.T + v)
+        z = (1 - tau) * z + tau * f(z, x)
+    for grad, expected in ((JFB(), jfb), (PhantomGradient(k=k, tau=tau), t)):
+        solve = DEQLayer(f, grad=grad, tol=1e-13, max_iter=300)
+        with torch.set_grad_enabled(grad_mode):  # no_grad does not stop forward mode
+            if how == "func.jvp":
+                _, tangent = torch.func.jvp(lambda x: solve(x).z, (x,), (v,))
+            else:
+                with torch.autograd.forward_ad.dual_level():
+                    out = solve(torch.autograd.forward_ad.make_dual(x, v)).z
+                    tangent = torch.autograd.forward_ad.unpack_dual(out).tangent
+        assert tangent is not None
+        torch.testing.assert_close(tangent, expected, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("how", ["func.jvp", "forward_ad"])
+def test_ift_refuses_forward_mode_in_one_line_naming_what_works(how):
+    f, _, x, v = _forward_problem()
+    solve = DEQLayer(f, grad=IFT(), tol=1e-10, max_iter=100)
+    with pytest.raises(RuntimeError, match=r"IFT .*(forward-mode|torch.func).*(JFB|\.backward)") as caught:
+        if how == "func.jvp":
+            torch.func.jvp(lambda x: solve(x).z, (x,), (v,))
+        else:
+            with torch.autograd.forward_ad.dual_level():
+                solve(torch.autograd.forward_ad.make_dual(x, v))
+    assert "\n" not in str(caught.value)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import itertools
-import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from implicitdiff import Anderson, Broyden, ChainResult, ChainRuleWarning, ChainSecant, Picard, solve_chain
+from implicitdiff import Anderson, Broyden, ChainResult, ChainSecant, Picard, solve_chain
 from implicitdiff.chain import FORMS
 from implicitdiff.diagnostics import SyncCounter
 from implicitdiff.solvers import UpdateRule
@@ -202,65 +202,6 @@ def test_the_cumulative_form_is_what_makes_picard_parallel_on_an_integrator():
     torch.testing.assert_close(cumulative.zs, on_steps.zs, atol=1e-8 * steps, rtol=0)
 
 
-class StepTagRule(UpdateRule):
-    """Picard whose per-sample state is the index of the step the sample is: checks the rows follow the steps.
-
-    The chain's last coordinate is ``k + 1`` after step ``k`` whatever its input, so ``fz[:, -1]`` tags
-    each row with its step; a state row that drifted to another step would disagree with it.
-    """
-
-    def __init__(self) -> None:
-        self.checked = 0
-        self.restarted = 0
-
-    def init(self, z: Tensor, fz: Tensor) -> Tensor:
-        return fz[:, -1].clone()
-
-    def step(self, state: Tensor, z: Tensor, fz: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
-        known = state >= 0
-        assert torch.equal(state[known], fz[known, -1])
-        self.checked += int(known.sum())
-        return torch.lerp(z, fz, 0.8), fz[:, -1].clone()
-
-    def restart(self, state: Tensor, mask: Tensor) -> Tensor:
-        self.restarted += int(mask.sum())
-        return torch.where(mask, -1.0, state)
-
-
-@pytest.mark.parametrize("window", [None, 1, 3, 7])
-def test_a_users_rule_keeps_its_history_aligned_with_the_steps_as_the_window_slides(window):
-    steps, dim = 15, 3
-    A = 0.5 * torch.eye(dim - 1, dtype=torch.float64)
-
-    def step(k: Tensor, x: Tensor) -> Tensor:
-        body = torch.tanh(x[:, :-1] @ A.T + 0.1 * k[:, None])
-        return torch.cat([body, (k + 1).to(x.dtype)[:, None]], dim=1)
-
-    rule = StepTagRule()
-    z0 = torch.zeros(dim, dtype=torch.float64)
-    out = solve_chain(step, z0, steps, solver=rule, tol=1e-10, window=window)
-    assert out.all_converged
-    assert torch.equal(out.zs[:, -1], torch.arange(steps + 1, dtype=torch.float64))
-    assert rule.checked > 0
-    if window in (3, 7):
-        assert rule.restarted > 0  # steps entered the window while others stayed in flight
-
-
-def test_a_rule_without_restart_is_reinitialised_when_steps_enter():
-    class Counting:
-        inits = 0
-
-        def init(self, z: Tensor, fz: Tensor) -> None:
-            Counting.inits += 1
-
-        def step(self, state: None, z: Tensor, fz: Tensor, residual: Tensor | None) -> tuple[Tensor, None]:
-            return fz, state
-
-    out = solve_chain(lambda k, x: 0.5 * x + 1.0, torch.zeros(2), 30, solver=Counting(), window=4)
-    assert out.all_converged
-    assert Counting.inits >= 2
-
-
 @pytest.mark.parametrize("solver", ["picard", "anderson", "broyden"])
 def test_one_host_read_per_sweep(solver):
     chain = ToyChain(40, 8, [0.9] * 40, seed=3, act="tanh")
@@ -351,18 +292,6 @@ def test_bad_arguments_raise_errors_that_name_them(kwargs, error, match):
     args: dict[str, Any] = {"step": _ok, "z0": torch.ones(2), "num_steps": 4, **kwargs}
     with pytest.raises(error, match=match):
         solve_chain(args.pop("step"), args.pop("z0"), args.pop("num_steps"), **args)
-
-
-def test_rules_with_trial_steps_are_refused():
-    class Trial(UpdateRule):
-        def step(self, state, z, fz, residual):
-            return fz, state
-
-        def accept(self, state, residual, trial_residual):
-            return trial_residual <= residual, state
-
-    with pytest.raises(TypeError, match="accept"):
-        solve_chain(_ok, torch.ones(2), 3, solver=Trial())
 
 
 def test_a_step_that_misbehaves_is_named():
@@ -535,31 +464,6 @@ def test_chain_secant_history_follows_its_steps_when_the_window_slides():
     assert sliding.sweeps < picard.sweeps
 
 
-def test_per_sample_rules_warn_that_a_chain_is_not_a_batch_and_the_chain_rules_do_not():
-    for rule in (Anderson(), Broyden()):
-        with pytest.warns(ChainRuleWarning, match="ChainSecant"):
-            solve_chain(_ok, torch.ones(2), 3, solver=rule)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ChainRuleWarning)
-        for rule in (None, Picard(), ChainSecant()):
-            solve_chain(_ok, torch.ones(2), 3, solver=rule)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"m": 0}, "m must be"),
-        ({"m": 2.5}, "m must be"),
-        ({"lam": -1.0}, "lam must be"),
-        ({"safeguard": 1.0}, "safeguard must be"),
-        ({"safeguard": float("nan")}, "safeguard must be"),
-    ],
-)
-def test_chain_secant_checks_its_arguments(kwargs, match):
-    with pytest.raises((ValueError, TypeError), match=match):
-        ChainSecant(**kwargs)
-
-
 def test_solve_chain_refuses_a_z0_that_requires_grad():
     z0 = torch.zeros(3, requires_grad=True)
     with pytest.raises(ValueError, match=r"z0 requires grad.*z0.detach\(\)"):
@@ -594,3 +498,118 @@ def test_solve_chain_names_the_leaf_a_step_got_wrong():
     with pytest.raises(ValueError, match=r"step\(k, z\) returned shape \(2, 1\) at z\['b'\]"):
         z0 = {"a": torch.zeros(3), "b": torch.zeros(2)}
         solve_chain(lambda k, x: {"a": x["a"], "b": x["b"][:, :1]}, z0, 2)
+
+
+# ------------------------------------------------------------------------------------------ a fixed budget
+
+
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("solver", ["picard", "chain_secant", "anderson"])
+def test_tol_none_makes_exactly_max_iter_sweeps_with_no_host_reads_and_an_exact_prefix(solver, window):
+    chain = ToyChain(30, 3, [0.5] * 30, seed=4, act="tanh")  # contracting: a tolerance would stop early
+
+    def step(k: Tensor, z: Tensor) -> Tensor:  # the bare step: no counting, no host reads
+        return torch.tanh(torch.einsum("kij,kj->ki", chain.A[k], z) + chain.b[k])
+
+    with SyncCounter() as syncs:
+        out = solve_chain(step, chain.z0, 30, solver=SOLVERS[solver](), tol=None, max_iter=20, window=window)
+    assert syncs.count == 0, syncs.by_op
+    assert out.sweeps == 20 and out.converged.tolist() == [True] * 20 + [False] * 10
+    # The steps made final are exact at their images: the sequential rollout, with residual 0.
+    rollout = chain.rollout()
+    torch.testing.assert_close(out.zs[:21], rollout[:21], atol=ROUNDING * 20, rtol=0)
+    assert torch.equal(out.residual[:20], torch.zeros(20, dtype=torch.float64))
+    whole = solve_chain(step, chain.z0, 30, solver=SOLVERS[solver](), tol=None, window=window)
+    assert whole.sweeps == 30 and whole.all_converged  # the default budget, num_steps, finishes
+    torch.testing.assert_close(whole.zs, rollout, atol=ROUNDING * 30, rtol=0)
+
+
+def test_tol_none_reports_a_non_finite_step_and_the_steps_after_it_as_not_converged():
+    def step(k: Tensor, z: Tensor) -> Tensor:
+        return torch.where((k == 3)[:, None], torch.nan, 0.5 * z + 1.0)
+
+    out = solve_chain(step, torch.zeros(2), 8, tol=None)
+    assert out.sweeps == 8  # a fixed budget reads nothing, so it does not stop early
+    assert out.converged.tolist() == [True] * 3 + [False] * 5
+    assert bool(out.nonfinite[3])
+
+
+def test_the_default_tolerance_is_the_working_dtypes():
+    def step(k: Tensor, z: Tensor) -> Tensor:
+        return 0.9 * z + 1.0
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10), (torch.bfloat16, 1e-5)):
+        auto = solve_chain(step, torch.zeros(3, dtype=dtype), 40, window=5)
+        explicit = solve_chain(step, torch.zeros(3, dtype=dtype), 40, window=5, tol=tol)
+        assert auto.sweeps == explicit.sweeps and torch.equal(auto.zs, explicit.zs), dtype
+
+
+# ------------------------------------------------------------------------------ names and the old names
+
+
+def test_the_names_before_0_3_still_work_and_warn():
+    z0 = torch.zeros(3)
+    with pytest.warns(DeprecationWarning, match=r"solve_chain\(x0=\.\.\.\) is deprecated"):
+        old = solve_chain(lambda k, z: 0.5 * z + 1.0, x0=z0, num_steps=6)
+    new = solve_chain(lambda k, z: 0.5 * z + 1.0, z0=z0, num_steps=6)
+    assert torch.equal(old.zs, new.zs)
+    with pytest.warns(DeprecationWarning, match="ChainResult.zs"):
+        assert old.xs is old.zs
+    with pytest.warns(DeprecationWarning, match="total_evaluations"):
+        assert old.evaluations == old.total_evaluations == int(old.evaluations_per_step.sum())
+    with pytest.raises(TypeError, match="x0, its deprecated name"):
+        solve_chain(lambda k, z: z, z0=z0, x0=z0, num_steps=2)
+
+
+def test_every_error_names_the_callers_own_argument():
+    def step(k: Tensor, z: Tensor) -> Tensor:
+        return z
+
+    with pytest.raises(TypeError, match=r"z0 must have a floating-point dtype, got torch\.int64"):
+        solve_chain(step, torch.zeros(2, dtype=torch.long), 3)
+    with pytest.raises(TypeError, match=r"z0\['b'\] is torch.float64"):
+        solve_chain(step, {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.float64)}, 3)
+    with pytest.raises(ValueError, match=r"step\(k, z\) must return a state with the structure of z0"):
+        solve_chain(lambda k, z: (z["a"],), {"a": torch.zeros(2)}, 3)
+    with pytest.raises(ValueError, match=r"step\(k, z\) returned torch.float64 on cpu at z\['a'\]"):
+        solve_chain(lambda k, z: {"a": z["a"].double()}, {"a": torch.zeros(2)}, 3)
+    with pytest.raises(ValueError, match=r"step\(k, z\) must return the next states stacked like z"):
+        solve_chain(lambda k, z: z[:1], torch.zeros(2), 3)
+
+
+# -------------------------------------------------------------------------- per-step tolerances as arrays
+
+
+def test_per_step_tolerances_may_be_any_array_like():
+    chain = ToyChain(12, 3, [0.8] * 12, seed=6, act="tanh")
+    tols = [1e-4] * 6 + [1e-9] * 6
+    reference = solve_chain(chain.step, chain.z0, 12, tol=torch.tensor(tols), window=5)
+    for form in (tols, tuple(tols), np.array(tols), torch.tensor(tols)):
+        out = solve_chain(chain.step, chain.z0, 12, tol=form, window=5)
+        assert out.sweeps == reference.sweeps and torch.equal(out.zs, reference.zs), type(form)
+    assert solve_chain(chain.step, chain.z0, 12, tol=np.float64(1e-6)).all_converged
+
+
+def test_one_bad_tolerance_among_many_is_named_by_its_step_in_a_short_message():
+    tols = np.full(1000, 1e-6)
+    tols[417] = np.nan
+    with pytest.raises(ValueError, match=r"tol\[417\] is nan \(1 of 1000 values are not\)") as caught:
+        solve_chain(_ok, torch.ones(2), 1000, tol=tols)
+    assert len(str(caught.value)) < 200
+    with pytest.raises(TypeError, match="tol must be a number >= 0, one per step"):
+        solve_chain(_ok, torch.ones(2), 4, tol={"a": 1e-3})
+
+
+def test_max_batch_bounds_each_call_for_a_structured_state_too():
+    calls = []
+
+    def step(k: Tensor, z: dict) -> dict:
+        calls.append(k.shape[0])
+        return {"a": 0.5 * z["a"] + 1.0, "b": 0.9 * z["b"]}
+
+    z0 = {"a": torch.zeros(2), "b": torch.ones(3, 2)}
+    whole = solve_chain(step, z0, 20, tol=1e-9)
+    calls.clear()
+    chunked = solve_chain(step, z0, 20, tol=1e-9, max_batch=3)
+    assert max(calls) <= 3 < 20
+    assert torch.equal(chunked.zs["a"], whole.zs["a"]) and torch.equal(chunked.zs["b"], whole.zs["b"])

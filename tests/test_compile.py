@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch._dynamo
@@ -106,3 +109,14 @@ def test_stochastic_jfb_draws_do_not_recompile_a_compiled_layer():
     assert len(draws) > 2  # the draws differed
     if TORCH_VERSION >= (2, 11):  # see the test above
         assert len(graphs) == warm
+
+
+def test_importing_implicitdiff_loads_neither_the_compiler_nor_the_optional_libraries():
+    # torch._dynamo costs seconds per process (every DDP rank pays it) and a script that never compiles
+    # has no use for it; torchdeq and scipy are the bench extra's. One subprocess checks all three.
+    code = (
+        "import sys, implicitdiff, implicitdiff.solvers, implicitdiff.regularizers, implicitdiff.nn; "
+        "bad = [m for m in ('torch._dynamo', 'torchdeq', 'scipy') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
