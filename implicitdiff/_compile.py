@@ -5,13 +5,13 @@ guard of the compiled graph and each new count a recompilation, so solves run ea
 (:func:`outside_compile`). Inside code that ``torch.compile`` may trace, ``out=`` into a strided view
 and the tensors' version counters are not available (:func:`write_into`, :func:`call_watching_input`).
 
-Nothing here imports ``torch._dynamo`` when ``implicitdiff`` is imported: it costs seconds per process,
-and a training script that never compiles should not load the compiler. It is imported the first time
-a function marked :func:`outside_compile` runs.
+Nothing here imports ``torch._dynamo``: it costs seconds per process, and a program that never compiles
+should not load the compiler. Only ``torch.compile`` itself brings it in.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -28,11 +28,21 @@ def outside_compile(fn: _Fn) -> _Fn:
 
     A solve's number of iterations depends on the data (a tolerance, a drawn budget): traced, it would
     become a guard of the compiled graph, and each new count a recompilation. Run outside, it costs one
-    graph break, and the code around it compiles once. This is ``torch.compiler.disable`` applied at
-    the first call (torch's own lazy form of it), so that importing the library does not import the
-    compiler.
+    graph break, and the code around it compiles once.
+
+    When the compiler traces the call, it meets ``torch.compiler.disable(fn)`` (made at that first call,
+    torch's lazy form of it) and steps out; an eager call goes straight to ``fn``, so a program that
+    never compiles never imports the compiler (``torch._dynamo``: seconds per process).
     """
-    return cast(_Fn, torch._disable_dynamo(fn))
+    disabled = torch._disable_dynamo(fn)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if compiling():
+            return disabled(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return cast(_Fn, call)
 
 
 def compiling() -> bool:

@@ -111,12 +111,20 @@ def test_stochastic_jfb_draws_do_not_recompile_a_compiled_layer():
         assert len(graphs) == warm
 
 
-def test_importing_implicitdiff_loads_neither_the_compiler_nor_the_optional_libraries():
-    # torch._dynamo costs seconds per process (every DDP rank pays it) and a script that never compiles
-    # has no use for it; torchdeq and scipy are the bench extra's. One subprocess checks all three.
+def test_importing_implicitdiff_and_solving_eagerly_load_neither_the_compiler_nor_optional_libraries():
+    # torch._dynamo costs seconds per process (every DDP rank pays it) and a program that never compiles
+    # has no use for it; torchdeq and scipy are the bench extra's. One subprocess checks all three, after
+    # the import and after eager solves through each path that steps out of compiled graphs.
+    check = (
+        "bad = [m for m in ('torch._dynamo', 'torchdeq', 'scipy') if m in sys.modules]; assert not bad, bad; "
+    )
     code = (
-        "import sys, implicitdiff, implicitdiff.solvers, implicitdiff.regularizers, implicitdiff.nn; "
-        "bad = [m for m in ('torch._dynamo', 'torchdeq', 'scipy') if m in sys.modules]; "
-        "assert not bad, bad"
+        "import sys, torch, implicitdiff, implicitdiff.solvers, implicitdiff.regularizers, implicitdiff.nn; "
+        + check
+        + "from implicitdiff import IFT, SJFB, DEQLayer, fixed_point, solve_chain; "
+        "x = torch.ones(2, 3, requires_grad=True); "
+        "fixed_point(lambda z, x: 0.5 * z + x, x, grad=IFT()).z.sum().backward(); "
+        "DEQLayer(lambda z, x: 0.5 * z + x, grad=SJFB()).train()(x).z.sum().backward(); "
+        "solve_chain(lambda k, z: 0.5 * z + 1.0, torch.zeros(3), 5); " + check
     )
     subprocess.run([sys.executable, "-c", code], check=True)
