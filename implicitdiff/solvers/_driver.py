@@ -57,7 +57,7 @@ class Evaluator:
     host integer: the host decides how many calls happen). A map that writes into its input is refused:
     it would make the residual compare ``g(z)`` with a ``z`` that ``g`` itself changed, and report a false
     convergence. The driver evaluates ``g(z)`` on ``(B, ...)`` states; :func:`~implicitdiff.solve_chain`
-    evaluates ``step(k, x)`` on the steps in flight.
+    evaluates ``step(k, z)`` on the steps in flight.
     """
 
     def __init__(
