@@ -256,7 +256,7 @@ def test_looking_up_f_costs_little_next_to_a_walk():
 # ------------------------------------------------------------------------------- intermediate states
 
 
-def _correction_run(n_states: int | None, steps: int = 60) -> tuple[float, float]:
+def _correction_run(n_states: int | None, steps: int = 20) -> tuple[float, float]:
     """Train a small DEQ regressor; return its first and last task loss (at out.z)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 6, generator=gen)
@@ -265,7 +265,7 @@ def _correction_run(n_states: int | None, steps: int = 60) -> tuple[float, float
     lin, inject, head = nn.Linear(16, 16), nn.Linear(6, 16), nn.Linear(16, 3)
     deq = DEQLayer(lambda z, x: torch.tanh(0.5 * lin(z) + x), grad=JFB(), max_iter=8, tol=None)
     params = [*lin.parameters(), *inject.parameters(), *head.parameters()]
-    opt = torch.optim.Adam(params, lr=1e-2)
+    opt = torch.optim.Adam(params, lr=5e-2)
     losses = []
     for _ in range(steps):
         out = deq(inject(x), n_states=n_states)
@@ -284,8 +284,8 @@ def _correction_run(n_states: int | None, steps: int = 60) -> tuple[float, float
 
 def test_the_fixed_point_correction_loss_over_the_states_trains_a_model():
     first, last = _correction_run(n_states=3)
-    # The baseline is the untrained model's loss (the first step's); 60 Adam steps on this smooth
-    # regression take it down several-fold with or without correction (plain JFB gives a similar ratio).
+    # The baseline is the untrained model's loss (the first step's); 20 Adam steps (lr 0.05) on this
+    # smooth regression take it down about three-fold with or without correction (plain JFB: similar).
     assert last < 0.5 * first
     plain_first, plain_last = _correction_run(n_states=None)
     assert first == plain_first
