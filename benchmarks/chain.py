@@ -148,10 +148,10 @@ def chain_rows(
             return solve_chain(step, x0, steps, solver=solver(), tol=tol, window=window, form=form)
 
         out, wall = timed(run, reps)
-        error = float((out.xs - reference).flatten(1).norm(dim=1).max())
+        error = float((out.zs - reference).flatten(1).norm(dim=1).max())
         rows.append(
             {"chain": name, "method": method, "form": form, "window": window or steps}
-            | {"sweeps": out.sweeps, "evaluations": out.evaluations, "max_error": error}
+            | {"sweeps": out.sweeps, "evaluations": out.total_evaluations, "max_error": error}
             | {"converged": out.all_converged, "wall_ms": wall}
         )
     return rows

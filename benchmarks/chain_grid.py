@@ -70,16 +70,16 @@ def check_against_rollout(chain: ToyChain, out: ChainResult, tol: float) -> None
     """Raise ``AssertionError`` unless ``out`` is a converged trajectory of ``chain`` within its bound."""
     steps = chain.A.shape[0]
     problems = []
-    if out.xs.shape != (steps + 1, chain.x0.shape[0]) or not torch.equal(out.xs[0], chain.x0):
-        problems.append(f"trajectory of shape {tuple(out.xs.shape)} not starting at x0")
+    if out.zs.shape != (steps + 1, chain.x0.shape[0]) or not torch.equal(out.zs[0], chain.x0):
+        problems.append(f"trajectory of shape {tuple(out.zs.shape)} not starting at x0")
     elif not out.all_converged or float(out.residual.max()) > tol:
         problems.append(f"not converged: largest residual {float(out.residual.max()):.1e} > {tol:g}")
     else:
-        images = chain.act(torch.einsum("kij,kj->ki", chain.A, out.xs[:-1]) + chain.b)
-        actual = torch.linalg.vector_norm(images - out.xs[1:], dim=1)
+        images = chain.act(torch.einsum("kij,kj->ki", chain.A, out.zs[:-1]) + chain.b)
+        actual = torch.linalg.vector_norm(images - out.zs[1:], dim=1)
         if not torch.allclose(out.residual, actual, atol=ROUNDING, rtol=0):
             problems.append("the residuals reported are not those of the returned trajectory")
-        error = torch.linalg.vector_norm(out.xs[1:] - chain.rollout()[1:], dim=1)
+        error = torch.linalg.vector_norm(out.zs[1:] - chain.rollout()[1:], dim=1)
         slack = ROUNDING * torch.arange(1, steps + 1, dtype=torch.float64)
         if not torch.all(error <= error_bound(chain, out.residual) + slack):
             problems.append(

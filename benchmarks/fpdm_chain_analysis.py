@@ -164,7 +164,7 @@ def newton(step: Step, x0: Tensor, sigma: Tensor, xs_seq: Tensor, taus: tuple[fl
         ):
             out = solve_chain(step, x0, steps, solver=solver, tol=tol, form="cumulative")
             rows.append({"tau": tau, "rule": rule, "sweeps": out.sweeps})
-            rows[-1]["max_diff"] = float((out.xs[-1] - xs_seq[-1]).abs().max())
+            rows[-1]["max_diff"] = float((out.zs[-1] - xs_seq[-1]).abs().max())
     return {"rows": rows}
 
 

@@ -142,7 +142,7 @@ def parallel_gpu_rows(device: str | torch.device = "cuda", quick: bool = False) 
                 row.update(steps=steps, tau=par.options["tau"], max_batch=par.options["max_batch"])
                 row.update(sequential_s=seq_s, parallel_s=par_s, speedup=seq_s / par_s, sweeps=par.sweeps)
                 row.update(block_evals=par.block_evals, sequential_block_evals=seq.spent_total)
-                row.update(evaluations=par.chain.evaluations, converged=par.converged)
+                row.update(evaluations=par.chain.total_evaluations, converged=par.converged)
                 row["max_diff"] = float((par.images - seq.images).abs().max())
                 rows.append(row)
     return rows

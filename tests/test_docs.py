@@ -40,6 +40,11 @@ API_MODULES = (
     "implicitdiff.gradients",
     "implicitdiff.regularizers",
     "implicitdiff.functional",
+    "implicitdiff.chain",
+    "implicitdiff.chain_secant",
+    "implicitdiff.diagnostics",
+    "implicitdiff.nn",
+    "implicitdiff.layer",
 )
 PYTHON_LIKE = re.compile(r"^\s*(\{(code-block|code|sourcecode)\}\s*)?(py|python3?|pycon|ipython3?)\b", re.I)
 
@@ -149,6 +154,39 @@ def test_every_public_name_is_in_the_api_reference():
             if not paths & documented:
                 missing.append(f"{module_name}.{name}")
     assert not missing, "public names missing from docs/api/*.md: " + ", ".join(missing)
+
+
+def test_every_name_in_the_api_reference_is_public():
+    """Each name a docs/api/ page documents is in the ``__all__`` of a public module (no private path)."""
+    import importlib
+
+    text = "\n".join(path.read_text(encoding="utf-8") for path in sorted((DOCS / "api").glob("*.md")))
+    directive = r"^\.\. auto(?:class|function|data|exception|module|method|attribute)::\s+([\w.]+)"
+    names = set(re.findall(directive, text, flags=re.M))
+    names |= set(re.findall(r"^   (implicitdiff(?:\.\w+)+)\s*$", text, flags=re.M))  # autosummary entries
+    private = []
+    for name in sorted(names):
+        parts = name.split(".")
+        if any(part.startswith("_") and part != "__call__" for part in parts):
+            private.append(name)
+            continue
+        if _is_module(name):
+            continue  # a module
+        module_name, attr = ".".join(parts[:-1]), parts[-1]
+        if not _is_module(module_name):
+            continue  # a member of a class (Class.method)
+        if attr not in getattr(importlib.import_module(module_name), "__all__", ()):
+            private.append(name)
+    assert not private, "names on API pages that are not public: " + ", ".join(private)
+
+
+def _is_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 @pytest.mark.parametrize("page", RUNNABLE, ids=lambda page: str(page.relative_to(ROOT)))

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..solvers import SolverResult
 
-__all__ = ["AdjointSolve", "implicit_attach"]
+__all__ = ["NO_FORWARD_MODE", "AdjointSolve", "implicit_attach"]
 
 #: ``solve(vjp_map, g) -> SolverResult`` solves ``u = vjp_map(u)`` (which already includes ``+ g``).
 AdjointSolve = Callable[[Callable[[Tensor], Tensor], Tensor], SolverResult]
@@ -137,6 +137,13 @@ def implicit_attach(
     return attached
 
 
+#: The one line forward-mode AD meets: the implicit machinery is reverse mode only.
+NO_FORWARD_MODE = (
+    "IFT has no forward-mode derivative (torch.autograd.forward_ad, torch.func.jvp): use JFB() or "
+    "PhantomGradient() for forward mode, or IFT with reverse mode (.backward(), torch.autograd.grad)"
+)
+
+
 class _ImplicitFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, problem: _Problem, *inputs: Tensor) -> Tensor:
@@ -144,6 +151,10 @@ class _ImplicitFunction(torch.autograd.Function):
         out = problem.p_star.clone()
         ctx.save_for_backward(out, *inputs)
         return out
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Tensor | None) -> Tensor:
+        raise RuntimeError(NO_FORWARD_MODE)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
