@@ -10,7 +10,7 @@ from torch import Tensor
 from .._validate import check_int, check_real, refuse_functorch
 from ..solvers import Anderson, Solver, SolverResult
 from ..solvers._base import check_stop_mode
-from ..solvers._driver import compiling
+from ..solvers._driver import outside_compile
 from ._base import ExplicitInputs
 from ._implicit import implicit_attach
 
@@ -143,20 +143,24 @@ class IFT:
         """The forward cap, unchanged."""
         return max_iter
 
+    @outside_compile
     def attach(self, f_x: Callable[[Tensor], Tensor], z_star: Tensor, *, training: bool) -> Tensor:
         """Attach ``z_star`` to autograd with the exact implicit gradient.
 
         ``f_x`` may say which tensors it receives (:class:`~implicitdiff.gradients.ExplicitInputs`, as
         the layer's maps do); a plain callable is differentiated with respect to the leaves its graph
         reaches.
+
+        It runs outside ``torch.compile`` (like the solve) and evaluates a compiled ``f`` eagerly: the
+        backward differentiates this one evaluation's graph once per adjoint iteration, which a
+        compiled backward may refuse (its saved buffers donated to a single use).
         """
-        if not compiling():
-            refuse_functorch(
-                "IFT",
-                [z_star, *(f_x.inputs if isinstance(f_x, ExplicitInputs) else ())],
-                "its backward walks the autograd graph of f; use torch.autograd.grad or .backward(), or "
-                "JFB and PhantomGradient, which work under torch.func",
-            )
+        refuse_functorch(
+            "IFT",
+            [z_star, *(f_x.inputs if isinstance(f_x, ExplicitInputs) else ())],
+            "its backward walks the autograd graph of f; use torch.autograd.grad or .backward(), or "
+            "JFB and PhantomGradient, which work under torch.func",
+        )
         if isinstance(f_x, ExplicitInputs) and f_x.inputs:
             bound = f_x
             explicit = bound.inputs
