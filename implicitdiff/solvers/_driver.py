@@ -36,7 +36,9 @@ On a GPU every operation of the loop is a kernel launch; the bookkeeping of an i
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
@@ -57,8 +59,22 @@ def outside_compile(fn: _Fn) -> _Fn:
     A solve's number of iterations depends on the data (a tolerance, a drawn budget): traced, it would
     become a guard of the compiled graph, and each new count a recompilation. Run outside, it costs one
     graph break, and the code around it compiles once.
+
+    ``torch.compiler.disable`` imports ``torch._dynamo`` (seconds, and an interpreter that then carries
+    its state to exit), so it is applied at the first call made once ``torch._dynamo`` is loaded: before
+    that nothing can be compiling (``torch.compile`` imports it), and ``fn`` is called as it is.
     """
-    return cast(_Fn, torch.compiler.disable(fn))
+    disabled: list[Callable[..., Any]] = []
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return cast(_Fn, call)
 
 
 def compiling() -> bool:
