@@ -44,6 +44,36 @@ def tanh_map(A: torch.Tensor, b: torch.Tensor):
     return lambda z: torch.tanh(torch.einsum("bij,bj->bi", A, z) + b)
 
 
+def drive(rule, refs, g, z: torch.Tensor, steps: int, restarts: dict, tolerance) -> None:
+    """Step ``rule`` by hand as the driver does, each step against the per-sample ``refs``.
+
+    ``restarts[k] = (samples, back)``: after step ``k`` those samples restart and go back to the point
+    (and image) of step ``back``, as the driver sends a restarted sample to its best iterate.
+    ``tolerance(refs, expected)`` bounds the difference of a step.
+    """
+    fz = g(z)
+    state = rule.init(z, fz)
+    seen = [(z, fz)]
+    for k in range(steps):
+        z_next, state = rule.step(state, z, fz, None)
+        expected = torch.stack([ref.step(z[i], fz[i]) for i, ref in enumerate(refs)])
+        tol, err = tolerance(refs, expected), float((z_next - expected).abs().max())
+        assert err <= tol, (k, err, tol)
+        z, fz = z_next, g(z_next)
+        seen.append((z, fz))
+        if k in restarts:
+            samples, back = restarts[k]
+            mask = torch.zeros(len(refs), dtype=torch.bool)
+            mask[samples] = True
+            state = rule.restart(state, mask)
+            z, fz = (
+                torch.where(mask[:, None], seen[back][0], z),
+                torch.where(mask[:, None], seen[back][1], fz),
+            )
+            for i in samples:
+                refs[i].restart()
+
+
 # ----------------------------------------------------------------------------------------------- Anderson
 
 
@@ -100,28 +130,8 @@ def test_anderson_after_a_restart_keeps_the_last_residual_and_no_old_difference(
     # At step 5 sample 1 restarts from its iterate of step 2, at step 9 (the ring has wrapped since)
     # samples 0 and 2 from theirs of step 7: the driver sends a restarted sample back to its best iterate.
     restarts = {5: ([1], 2), 9: ([0, 2], 7)}
-    z = torch.zeros(batch, n, dtype=DTYPE)
-    fz = g(z)
-    state = rule.init(z, fz)
-    seen = [(z, fz)]
-    for k in range(steps):
-        z_next, state = rule.step(state, z, fz, None)
-        expected = torch.stack([ref.step(z[i], fz[i]) for i, ref in enumerate(refs)])
-        tol = 8 * (n + m) * EPS * max(ref.bound for ref in refs)
-        assert float((z_next - expected).abs().max()) <= tol, (k, float((z_next - expected).abs().max()), tol)
-        z, fz = z_next, g(z_next)
-        seen.append((z, fz))
-        if k in restarts:
-            samples, back = restarts[k]
-            mask = torch.zeros(batch, dtype=torch.bool)
-            mask[samples] = True
-            state = rule.restart(state, mask)
-            z, fz = (
-                torch.where(mask[:, None], seen[back][0], z),
-                torch.where(mask[:, None], seen[back][1], fz),
-            )
-            for i in samples:
-                refs[i].restart()
+    z0 = torch.zeros(batch, n, dtype=DTYPE)
+    drive(rule, refs, g, z0, steps, restarts, lambda refs, _: 8 * (n + m) * EPS * max(r.bound for r in refs))
 
 
 # ----------------------------------------------------------------------------------------------- Broyden
@@ -194,24 +204,14 @@ def test_a_restarted_broyden_sample_skips_the_jump_then_takes_updates_again() ->
     g = tanh_map(A, b)
     rule = Broyden(memory=20)  # more than the steps: no restart from a full memory
     refs = [BroydenReference(n) for _ in range(batch)]
-    z = torch.zeros(batch, n, dtype=DTYPE)
-    fz = g(z)
-    state = rule.init(z, fz)
-    seen = [(z, fz)]
-    for k in range(steps):
-        z_next, state = rule.step(state, z, fz, None)
-        expected = torch.stack([ref.step(z[i], fz[i]) for i, ref in enumerate(refs)])
+
+    def tolerance(refs: list[BroydenReference], expected: torch.Tensor) -> float:
         # Each update divides by w.y = |w||y| cos: its rounding grows like 1/cos, over the updates made.
         worst = max(ref.updates / ref.smallest_cos for ref in refs)
-        tol = 16 * n * EPS * (1 + worst) * (1 + float(expected.abs().max()))
-        assert float((z_next - expected).abs().max()) <= tol, (k, float((z_next - expected).abs().max()), tol)
-        z, fz = z_next, g(z_next)
-        seen.append((z, fz))
-        if k == 3:  # sample 0 goes back to its iterate of step 1 and restarts
-            mask = torch.tensor([True, False])
-            state = rule.restart(state, mask)
-            z, fz = torch.where(mask[:, None], seen[1][0], z), torch.where(mask[:, None], seen[1][1], fz)
-            refs[0].restart()
+        return 16 * n * EPS * (1 + worst) * (1 + float(expected.abs().max()))
+
+    # After step 3 sample 0 goes back to its point of step 1 and restarts.
+    drive(rule, refs, g, torch.zeros(batch, n, dtype=DTYPE), steps, {3: ([0], 1)}, tolerance)
     # Sample 0 skipped the jump's pair, then updated at every later step: not stuck at Picard steps.
     assert refs[0].updates == steps - 2 and refs[1].updates == steps - 1
 
