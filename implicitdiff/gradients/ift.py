@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from .._compile import compiling
+from .._compile import compiling, outside_compile
 from .._validate import (
     check_int,
     check_real,
@@ -151,12 +151,17 @@ class IFT:
         """The forward cap, unchanged."""
         return max_iter
 
+    @outside_compile
     def attach(self, f_x: Callable[[Tensor], Tensor], z_star: Tensor, *, training: bool) -> Tensor:
         """Attach ``z_star`` to autograd with the exact implicit gradient.
 
         ``f_x`` may say which tensors it receives (:class:`~implicitdiff.gradients.ExplicitInputs`, as
         the layer's maps do); a plain callable is differentiated with respect to the leaves its graph
         reaches.
+
+        It runs outside ``torch.compile`` (like the solve) and evaluates a compiled ``f`` eagerly: the
+        backward differentiates this one evaluation's graph once per adjoint iteration, which a
+        compiled backward may refuse (its saved buffers donated to a single use).
         """
         if not compiling():
             inputs = [z_star, *(f_x.inputs if isinstance(f_x, ExplicitInputs) else ())]
