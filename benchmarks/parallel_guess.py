@@ -186,10 +186,10 @@ def held_out_rows(quick: bool) -> list[dict[str, Any]]:
             for tau in ladder:
                 tol = tau * sigma * math.sqrt(x0.numel())
                 out = solve_chain(step, x0, STEPS, solver=rule(), tol=tol, form=form)
-                diff = float((out.xs[-1] - x).abs().max())
+                diff = float((out.zs[-1] - x).abs().max())
                 if diff <= MAX_DIFF and (best is None or out.sweeps < best["sweeps"]):
                     best = {"rule": name, "form": form, "tau": tau, "sweeps": out.sweeps}
-                    best.update(evaluations=out.evaluations, max_diff=diff)
+                    best.update(evaluations=out.total_evaluations, max_diff=diff)
         rows.append(best or {"rule": name, "sweeps": None})
     return rows
 

@@ -38,7 +38,7 @@ def distributed_step(
     r"""``step`` for :func:`~implicitdiff.solve_chain` with each call split over the ranks of ``group``.
 
     Every rank of the group must call :func:`~implicitdiff.solve_chain` with the same arguments (the same
-    ``x0``, tolerances and rule) and the wrapped step: each call then reaches every rank with the same
+    ``z0``, tolerances and rule) and the wrapped step: each call then reaches every rank with the same
     steps ``k``. Rank ``r`` of ``W`` evaluates rows ``[r c, (r + 1) c)`` of the call, :math:`c = \lceil
     \mathrm{rows} / W \rceil` (a rank left with fewer rows repeats its last one, or the call's last, so
     that every rank sends ``c`` rows; the repeats are dropped), and one ``all_gather`` of the images
@@ -53,7 +53,7 @@ def distributed_step(
     Parameters
     ----------
     step : callable
-        ``step(k, x) -> x_next`` as :func:`~implicitdiff.solve_chain` takes it; its images must be
+        ``step(k, z) -> z_next`` as :func:`~implicitdiff.solve_chain` takes it; its images must be
         tensors (or a pytree of tensors) of one dtype, on the device the group communicates on (the
         rank's GPU for NCCL, the CPU for gloo).
     group : ProcessGroup, optional
@@ -79,10 +79,10 @@ def distributed_step(
     Under ``torchrun --nproc_per_node 2`` (gloo on the CPU, NCCL on GPUs), every rank runs::
 
         torch.distributed.init_process_group("gloo")
-        out = solve_chain(distributed_step(step), x0, 100, solver=ChainSecant(), form="cumulative")
+        out = solve_chain(distributed_step(step), z0, 100, solver=ChainSecant(), form="cumulative")
     """
     if not callable(step):
-        raise TypeError(f"step must be callable as step(k, x), got {type(step).__name__}")
+        raise TypeError(f"step must be callable as step(k, z), got {type(step).__name__}")
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "distributed_step needs an initialised torch.distributed process group (e.g. "
@@ -91,12 +91,12 @@ def distributed_step(
     chunk = None if max_batch is None else check_int("max_batch", max_batch, low=1)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
 
-    def spread(k: Tensor, x: Any) -> Any:
+    def spread(k: Tensor, z: Any) -> Any:
         rows = k.shape[0]
         share = -(-rows // world)
         start = min(rank * share, rows - 1)
         index = torch.arange(start, start + share, device=k.device).clamp_(max=rows - 1)
-        mine = _evaluate(step, k.index_select(0, index), _rows(x, index), chunk)
+        mine = _evaluate(step, k.index_select(0, index), _rows(z, index), chunk)
         leaves, spec = pytree.tree_flatten(mine)
         _check_leaves(leaves, share)
         packed = torch.cat([leaf.reshape(share, -1) for leaf in leaves], dim=1)
@@ -112,18 +112,18 @@ def distributed_step(
     return spread
 
 
-def _rows(x: Any, index: Tensor) -> Any:
-    """The rows ``index`` of every leaf of ``x`` (its steps in flight)."""
-    return pytree.tree_map(lambda leaf: leaf.index_select(0, index), x)
+def _rows(z: Any, index: Tensor) -> Any:
+    """The rows ``index`` of every leaf of ``z`` (its steps in flight)."""
+    return pytree.tree_map(lambda leaf: leaf.index_select(0, index), z)
 
 
-def _evaluate(step: Callable[[Tensor, Any], Any], k: Tensor, x: Any, chunk: int | None) -> Any:
-    """``step(k, x)``, in chunks of at most ``chunk`` steps (in order) when given."""
+def _evaluate(step: Callable[[Tensor, Any], Any], k: Tensor, z: Any, chunk: int | None) -> Any:
+    """``step(k, z)``, in chunks of at most ``chunk`` steps (in order) when given."""
     rows = k.shape[0]
     if chunk is None or chunk >= rows:
-        return step(k, x)
+        return step(k, z)
     outs = [
-        step(k[i : i + chunk], _rows(x, torch.arange(i, min(i + chunk, rows), device=k.device)))
+        step(k[i : i + chunk], _rows(z, torch.arange(i, min(i + chunk, rows), device=k.device)))
         for i in range(0, rows, chunk)
     ]
     return pytree.tree_map(lambda *parts: torch.cat(parts), *outs)
@@ -131,14 +131,14 @@ def _evaluate(step: Callable[[Tensor, Any], Any], k: Tensor, x: Any, chunk: int 
 
 def _check_leaves(leaves: list[Any], rows: int) -> None:
     if not leaves or not all(isinstance(leaf, Tensor) for leaf in leaves):
-        raise TypeError("step(k, x) must return a tensor or a pytree of tensors to be gathered")
+        raise TypeError("step(k, z) must return a tensor or a pytree of tensors to be gathered")
     dtypes = {leaf.dtype for leaf in leaves}
     if len(dtypes) > 1:
         raise TypeError(
-            f"step(k, x) must return leaves of one dtype to be gathered, got {sorted(map(str, dtypes))}"
+            f"step(k, z) must return leaves of one dtype to be gathered, got {sorted(map(str, dtypes))}"
         )
     for leaf in leaves:
         if leaf.dim() < 1 or leaf.shape[0] != rows:
             raise ValueError(
-                f"step(k, x) must return {rows} rows (one per step asked), got shape {tuple(leaf.shape)}"
+                f"step(k, z) must return {rows} rows (one per step asked), got shape {tuple(leaf.shape)}"
             )

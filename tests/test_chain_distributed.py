@@ -55,9 +55,9 @@ def solve(chain: Chain, step, case) -> dict:
     rule = ChainSecant(blocks=SAMPLES) if name == "secant" else Picard()
     out = solve_chain(step, chain.x0, STEPS, solver=rule, tol=1e-9, form=form, window=window)
     return {
-        "xs": out.xs,
+        "zs": out.zs,
         "sweeps": out.sweeps,
-        "evaluations": out.evaluations,
+        "evaluations": out.total_evaluations,
         "converged": out.all_converged,
     }
 
@@ -72,7 +72,7 @@ def _solve_all(rank: int) -> dict:
     x0 = {"head": chain.x0[:, :2], "tail": chain.x0[:, 2:].reshape(SAMPLES, 1, DIM - 2)}
     out = solve_chain(distributed_step(chain.dict_step), x0, STEPS, tol=1e-9)
     report["dict"] = {
-        "xs": torch.cat([out.xs["head"], out.xs["tail"].flatten(2)], dim=2),
+        "zs": torch.cat([out.zs["head"], out.zs["tail"].flatten(2)], dim=2),
         "sweeps": out.sweeps,
     }
     return report
@@ -94,8 +94,8 @@ def test_two_processes_give_one_processs_trajectory_each_evaluating_half_the_ste
             split = results[rank][index]
             assert (split["sweeps"], split["evaluations"]) == (alone["sweeps"], alone["evaluations"]), case
             # Both ranks gathered the same images: the same trajectory to the bit.
-            assert torch.equal(split["xs"], results[0][index]["xs"]), case
-            torch.testing.assert_close(split["xs"], alone["xs"], atol=ROUNDING, rtol=0)
+            assert torch.equal(split["zs"], results[0][index]["zs"]), case
+            torch.testing.assert_close(split["zs"], alone["zs"], atol=ROUNDING, rtol=0)
             # Each rank evaluated its share of each call: ceil(rows / 2) of them, never all.
             assert (
                 alone["evaluations"] / WORLD
@@ -106,7 +106,7 @@ def test_two_processes_give_one_processs_trajectory_each_evaluating_half_the_ste
     alone = solve_chain(chain.step, chain.x0, STEPS, tol=1e-9)
     for rank in range(WORLD):
         assert results[rank]["dict"]["sweeps"] == alone.sweeps
-        torch.testing.assert_close(results[rank]["dict"]["xs"], alone.xs, atol=ROUNDING, rtol=0)
+        torch.testing.assert_close(results[rank]["dict"]["zs"], alone.zs, atol=ROUNDING, rtol=0)
 
 
 def test_distributed_step_needs_a_process_group():

@@ -14,7 +14,7 @@ from fpdm import latents as extract_latents
 from fpdm import sweeping as sweep
 from fpdm import training as train
 from fpdm.cli import UsageError
-from fpdm.data import LatentDataset, load_dataset
+from fpdm.data import load_dataset
 from fpdm.diffusion import GaussianDiffusion
 from fpdm.files import FileKindError, load_tensors
 from fpdm.models import create_model
@@ -219,20 +219,27 @@ def latents_payload(labels):
         (latents_payload([0, 1, 3]), "labels range over 0..3, outside the 3 classes"),
         (latents_payload([-1, 1, 2]), "labels range over -1..2"),
         ({"latents": torch.randn(2, 4, 4, 4), "labels": torch.tensor([0, 1])}, "has no 'num_classes'"),
-        ({**latents_payload([0, 1]), "latents": torch.full((2, 4, 4, 4), float("nan"))}, "NaN"),
     ],
-    ids=["text", "label-too-large", "label-negative", "missing-key", "nan"],
+    ids=["text", "label-too-large", "label-negative", "missing-key"],
 )
-def test_a_bad_latents_file_is_one_line_in_python_and_on_the_command_line(tmp_path, content, message, capsys):
+def test_a_bad_old_latents_file_is_one_line_when_converted(tmp_path, content, message, capsys):
     path = tmp_path / "latents.pt"
     path.write_text(content) if isinstance(content, str) else torch.save(content, path)
-    with pytest.raises(FileKindError, match=message):
-        LatentDataset(path)
     status, err = exit_status(
-        train.main, ["--out", str(tmp_path / "run"), *TINY, "--data", f"latents:{path}"], capsys
+        extract_latents.main, ["--convert", str(path), "--out", str(tmp_path / "out")], capsys
     )
-    assert status == 2 and message.split(" (")[0] in err and err.count("\n") == 1
-    assert str(path) in err
+    assert status == 2 and message in err and err.count("\n") == 1
+    assert str(path) in err and not (tmp_path / "out").exists()
+
+
+def test_non_finite_latents_are_refused_with_status_1_and_nothing_of_them_is_written(tmp_path, capsys):
+    path = tmp_path / "latents.pt"
+    torch.save({**latents_payload([0, 1, 2, 0]), "latents": torch.full((4, 4, 4, 4), float("nan"))}, path)
+    argv = ["--convert", str(path), "--out", str(tmp_path / "out"), "--no-progress"]
+    status, err = exit_status(extract_latents.main, argv, capsys)
+    (line,) = [line for line in err.splitlines() if "error:" in line]  # after the notice that it started
+    assert status == 1 and "non-finite latents in rows 0..3" in line and err.endswith(line + "\n")
+    assert not (tmp_path / "out" / "meta.json").exists()
 
 
 def test_bad_data_specs_are_usage_errors(tmp_path, capsys):
@@ -306,8 +313,14 @@ def test_a_budget_beyond_every_timestep_is_spent_on_iterations_not_refused():
         (sweep.main, ["--sjfb-grad", "3", "1"], "--sjfb-grad must be MIN MAX with MIN <= MAX"),
         (evaluate.main, ["--samples", "x.npz", "--kid-subsets", "0"], "--kid-subsets"),
         (evaluate.main, ["--samples", "x.npz", "--kid-subset-size", "1"], "--kid-subset-size"),
-        (extract_latents.main, ["--images", "x", "--out", "y.pt", "--batch-size", "0"], "--batch-size"),
-        (extract_latents.main, ["--images", "x", "--out", "y.pt", "--image-size", "0"], "--image-size"),
+        (extract_latents.main, ["--data", "folder:x", "--out", "y", "--batch-size", "0"], "--batch-size"),
+        (extract_latents.main, ["--data", "folder:x", "--out", "y", "--image-size", "0"], "--image-size"),
+        (extract_latents.main, ["--data", "folder:x", "--out", "y", "--workers", "-1"], "--workers"),
+        (
+            extract_latents.main,
+            ["--data", "folder:x", "--out", "y", "--commit-every", "nan"],
+            "--commit-every",
+        ),
     ],
 )
 def test_the_other_command_lines_refuse_bad_counts(main, argv, message, capsys):
@@ -325,13 +338,25 @@ def test_evaluate_names_a_samples_file_of_the_wrong_kind(tmp_path, content, caps
 
 
 def test_extract_latents_does_not_overwrite_without_asking(tmp_path, capsys):
-    out = tmp_path / "latents.pt"
-    out.write_text("keep me")
-    status, err = exit_status(
-        extract_latents.main, ["--images", str(tmp_path), "--out", str(out), "--random-tiny-vae"], capsys
-    )
-    assert status == 2 and "already exists" in err and "--overwrite" in err
-    assert out.read_text() == "keep me"
+    from PIL import Image
+
+    out = tmp_path / "latents"
+    out.mkdir()
+    (out / "meta.json").write_text(json.dumps({"format": "fpdm-latents/1", "count": 1}))
+    (tmp_path / "images" / "c").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "c" / "0.png")
+    argv = [
+        "--data",
+        f"folder:{tmp_path / 'images'}",
+        "--out",
+        str(out),
+        "--random-tiny-vae",
+        "--image-size",
+        "8",
+    ]
+    status, err = exit_status(extract_latents.main, argv, capsys)
+    assert status == 2 and err.count("\n") == 1 and "latents of another job" in err and "--overwrite" in err
+    assert json.loads((out / "meta.json").read_text())["count"] == 1
 
 
 def test_usage_errors_are_value_errors_for_python_callers():

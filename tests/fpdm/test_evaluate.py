@@ -326,23 +326,26 @@ def test_evaluate_images_takes_any_feature_extractor():
         evaluate_images(fake, real=real, extractor=project, labels=torch.zeros(300))
 
 
-def test_inception_adapter_feeds_uint8_rgb_images_to_the_network():
+def test_inception_adapter_feeds_uint8_rgb_values_to_the_network():
     seen = []
 
-    def stand_in_network(pixels):
-        seen.append(pixels)
-        return (pixels.float().mean(dim=(2, 3)),)  # a tuple, as torch-fidelity's network returns
+    class StandIn(torch.nn.Module):
+        def forward(self, pixels):
+            seen.append(pixels)
+            return {"pool": pixels.mean(dim=(2, 3)), "logits": pixels[:, :, 0, 0]}
 
     images = torch.tensor([-1.0, 0.0, 1.0, 0.5]).reshape(1, 1, 2, 2).repeat(2, 1, 1, 1)
-    features = InceptionFeatures(stand_in_network)(images)
+    adapter = InceptionFeatures(StandIn())
+    features = adapter(images)
     (pixels,) = seen
-    assert pixels.dtype == torch.uint8 and pixels.shape == (2, 3, 2, 2)
+    assert pixels.shape == (2, 3, 2, 2) and torch.equal(pixels, pixels.round())  # uint8 values, 3 channels
     assert pixels[0, 2].flatten().tolist() == [0, 128, 255, 191]
-    assert features.shape == (2, 3)
+    assert features.shape == (2, 3) and set(adapter.features(images)) == {"pool", "logits"}
 
 
-def test_inception_extractor_says_what_is_missing(tmp_path):
-    with pytest.raises((ImportError, FileNotFoundError), match=r"torch-fidelity|weights"):
+def test_inception_extractor_says_where_to_get_its_weights(tmp_path):
+    message = r"not found at .*missing.pth; download .*pt_inception-2015-12-05"
+    with pytest.raises(FileNotFoundError, match=message):
         inception_extractor(tmp_path / "missing.pth")
 
 

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from fpdm.data import ImageFolder, LatentDataset, load_dataset, load_digits
+from fpdm.data import ImageFolder, LatentFolder, load_dataset, load_digits, pil_to_tensor
 from fpdm.diffusion import GaussianDiffusion
 from fpdm.reverse import model_eps
 
@@ -156,18 +156,73 @@ def test_image_folder_reads_real_images_with_labels_from_class_folders(tmp_path)
 
 def test_extract_latents_script_writes_latents_the_dataset_loads(tmp_path):
     write_image_folder(tmp_path / "images")
-    out = tmp_path / "latents.pt"
+    out = tmp_path / "latents"
     from fpdm import latents as extract_latents
 
-    argv = ["--images", str(tmp_path / "images"), "--out", str(out), "--random-tiny-vae",
-            "--image-size", "16", "--batch-size", "4", "--device", "cpu"]  # fmt: skip
+    argv = ["--data", f"folder:{tmp_path / 'images'}", "--out", str(out), "--random-tiny-vae",
+            "--image-size", "16", "--batch-size", "4", "--device", "cpu", "--workers", "0"]  # fmt: skip
     assert extract_latents.main(argv) == 0
-    data = LatentDataset(out)
+    data = LatentFolder(out)
     # The tiny VAE downsamples once: 16x16x3 images -> 8x8x4 latents.
-    assert data.images.shape == (6, 4, 8, 8) and data.num_classes == 2
+    assert data.latents.shape == (6, 4, 8, 8) and data.num_classes == 2 and data.class_names == ["cat", "dog"]
     assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    assert torch.isfinite(data.images).all() and data.images.std() > 0
-    assert load_dataset(f"latents:{out}").images.shape == (6, 4, 8, 8)
+    x, _ = data.fetch(range(6))
+    assert torch.isfinite(x).all() and x.std() > 0
+    assert load_dataset(f"latents:{out}").fetch([5])[0].shape == (1, 4, 8, 8)
+
+
+def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    write_image_folder(root)
+    (root / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / ".ipynb_checkpoints" / "0-checkpoint.png")
+    (root / "cat" / "._0.png").write_bytes(b"macOS resource fork, not an image")
+    data = ImageFolder(root, image_size=8)
+    assert data.classes == ["cat", "dog"] and data.num_classes == 2
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]  # not shifted by the hidden folder
+    assert [data.path(i).name for i in range(3)] == ["0.png", "1.png", "2.png"]
+
+
+def test_a_class_folder_without_images_is_refused_in_one_line(tmp_path, capsys):
+    from fpdm import training as train
+
+    root = tmp_path / "images"
+    write_image_folder(root)
+    (root / "bird").mkdir()
+    (root / "bird" / "readme.txt").write_text("the download failed")
+    with pytest.raises(ValueError, match=r"class folder .*bird holds no image"):
+        ImageFolder(root, image_size=8)
+    argv = ["--out", str(tmp_path / "run"), "--data", f"folder:{root}", "--image-size", "8", "--steps", "1"]
+    try:
+        status = train.main(argv)
+    except SystemExit as stop:
+        status = stop.code
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "bird holds no image" in err
+
+
+def test_the_adm_crop_halves_with_a_box_filter_resizes_the_short_side_and_takes_the_centre():
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, size=(70, 150, 3), dtype=np.uint8))  # 150 x 70
+    # By hand, for 16 px: 150x70 -> 75x35 -> 37x17 (box, while the short side >= 32), then bicubic to a short
+    # side of 16: 35x16 (round(37 * 16 / 17) = 35), then the centred 16x16 from x = 9.
+    step = image.resize((75, 35), Image.BOX).resize((37, 17), Image.BOX).resize((35, 16), Image.BICUBIC)
+    expected = np.asarray(step.crop((9, 0, 25, 16)), dtype=np.float32) / 127.5 - 1.0
+    got = pil_to_tensor(image, 16, crop="adm").permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(got, expected)
+    # A short side of exactly 2 x 16 is halved too: 150x64 -> 75x32 -> 37x16, centred from x = 10.
+    exact = image.resize((150, 64), Image.BICUBIC)
+    step = exact.resize((75, 32), Image.BOX).resize((37, 16), Image.BOX).resize((37, 16), Image.BICUBIC)
+    expected = np.asarray(step.crop((10, 0, 26, 16)), dtype=np.float32) / 127.5 - 1.0
+    np.testing.assert_array_equal(pil_to_tensor(exact, 16, crop="adm").permute(1, 2, 0).numpy(), expected)
+    # The plain centre crop takes the square first: another image.
+    assert not np.array_equal(pil_to_tensor(image, 16).permute(1, 2, 0).numpy(), expected)
+    with pytest.raises(ValueError, match="crop must be one of"):
+        pil_to_tensor(image, 16, crop="random")
 
 
 def test_unknown_dataset_spec_is_a_clear_error():

@@ -487,16 +487,34 @@ def test_a_huge_budget_under_the_tolerance_schedule_does_not_allocate_for_it(fpd
 def test_a_full_disk_while_writing_samples_keeps_the_earlier_samples_whole(
     fpdm_checkpoint, tmp_path, capsys, monkeypatch
 ):
+    from fpdm import shards
+
     out = tmp_path / "samples"
     argv = [str(fpdm_checkpoint), "--budget", "8", "--num", "2", "--no-progress", "--out", str(out)]
     assert sample_cli.main(argv) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def full_disk(path, **arrays):
+    def full_disk(path, *args, **kwargs):
         Path(path).write_bytes(b"PK partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(np, "savez", full_disk)
+    def full_disk_in_shard(handle, **arrays):
+        handle.write(b"PK partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    # The disk fills up while the batch's shard is written, then while the shards are merged.
+    real_savez = np.savez
+    monkeypatch.setattr(np, "savez", full_disk_in_shard)
     status, err = exit_status(sample_cli.main, [*argv, "--overwrite", "--seed", "1"], capsys)
     assert status == EXIT_WRITE and one_line(err) and "No space left on device" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no partial file, no stray folder
+    monkeypatch.setattr(np, "savez", real_savez)
+    monkeypatch.setattr(shards, "write_npz_streamed", full_disk)
+    status, err = exit_status(sample_cli.main, [*argv, "--overwrite", "--seed", "1"], capsys)
+    assert status == EXIT_WRITE and one_line(err) and "No space left on device" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "shards"} == before
+    assert [p.name for p in (out / "shards").glob("batch-*")] == ["batch-000000.npz"]  # kept for the rerun
+    monkeypatch.undo()
+    assert sample_cli.main([*argv, "--overwrite", "--seed", "1"]) == 0
+    assert "resuming: 1 of 1 batches" in capsys.readouterr().out
+    assert not (out / "shards").exists() and (out / "samples.npz").read_bytes() != before["samples.npz"]

@@ -333,7 +333,7 @@ def test_block_evaluations_counted_match_the_calls(name, guidance, request):
     assert rows == out.guided_evals * 3  # block rows = per-sample evaluations x batch (x 2 guided)
     assert sum(out.spent) == out.block_evals
     per_step = 2 + 2 if name == "fpdm" else 2
-    assert out.block_evals == per_step * out.chain.evaluations
+    assert out.block_evals == per_step * out.chain.total_evaluations
     assert out.sequential_block_evals == STEPS * per_step
     if name == "fpdm":
         assert out.iterations == [2 * int(n) for n in out.chain.evaluations_per_step]
@@ -675,12 +675,12 @@ def test_a_first_guess_counts_its_model_calls_as_rounds_and_evaluations(name, wa
     out, counted = sample_counting_rows(request, name, warmup=warmup, coarse=coarse)
     rows = parallel.guess_rows(STEPS, warmup, coarse)
     assert len(rows) == warmup + coarse and rows[:warmup] == list(range(warmup))  # coarse ones start after
-    assert out.sweeps == len(rows) + out.chain.sweeps and out.chain.evaluations == sum(
+    assert out.sweeps == len(rows) + out.chain.sweeps and out.chain.total_evaluations == sum(
         out.chain.evaluations_per_step
     )
     assert counted == out.block_evals * 3  # an independent tally of every block call
     per_step = 2 + 2 if name == "fpdm" else 2
-    assert out.block_evals == per_step * (len(rows) + out.chain.evaluations)
+    assert out.block_evals == per_step * (len(rows) + out.chain.total_evaluations)
     for row in range(STEPS):
         chained = int(out.chain.evaluations_per_step[row - warmup]) if row >= warmup else 0
         assert out.spent[row] == per_step * ((row in rows) + chained)

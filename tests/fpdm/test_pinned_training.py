@@ -70,14 +70,16 @@ def test_a_batch_larger_than_the_data_is_refused():
 
 
 def test_training_fetches_exactly_the_planned_batches_across_epochs_and_a_resume(tmp_path, monkeypatch):
+    from fpdm.data import TensorPairs
+
     fetched = []
-    real_fetch = train.fetch
+    real_fetch = TensorPairs.fetch
 
     def recording_fetch(dataset, indices):
-        fetched.append(indices.clone())
+        fetched.append(torch.as_tensor(indices).clone())
         return real_fetch(dataset, indices)
 
-    monkeypatch.setattr(train, "fetch", recording_fetch)
+    monkeypatch.setattr(TensorPairs, "fetch", recording_fetch)
     # 1797 digits in batches of 600: 2 steps an epoch, so 5 steps cross two epoch boundaries.
     cfg = parse_args(
         ["--out", str(tmp_path / "run"), *TINY, "--batch-size", "600", "--steps", "3", "--seed", "4"]

@@ -8,7 +8,7 @@ parallel sampler share one DDIM update.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from fpdm.schedule import SPACINGS, NoiseSchedule
 
-__all__ = ["METHODS", "SPACINGS", "GaussianDiffusion", "to_device"]
+__all__ = ["METHODS", "SPACINGS", "GaussianDiffusion", "Generators", "draw_noise", "to_device"]
 
 #: The reverse steps: deterministic (or ``eta``-noised) DDIM, ancestral DDPM.
 METHODS = ("ddim", "ddpm")
@@ -25,6 +25,24 @@ METHODS = ("ddim", "ddpm")
 def _at_least_zero(value: Any) -> Any:
     """``max(value, 0)`` of a float or a tensor (rounding can take ``1 - abar' - sigma^2`` below 0)."""
     return value.clamp(min=0) if isinstance(value, Tensor) else max(value, 0.0)
+
+
+#: Where sampling noise comes from: one CPU generator for the whole batch, one per sample (a sequence as long
+#: as the batch), or ``None`` for torch's global generator.
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def draw_noise(shape: tuple[int, ...], generator: Generators) -> Tensor:
+    """Standard normal noise of ``shape`` on the CPU, from one generator or from one generator per sample.
+
+    With a sequence of generators, sample ``i`` (``shape[0]`` of them) gets ``randn(shape[1:])`` from its own
+    generator: its noise does not depend on the other samples of the batch, nor on the batch size.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator)
+    if len(generator) != shape[0]:
+        raise ValueError(f"one generator per sample: got {len(generator)} generators for {shape[0]} samples")
+    return torch.stack([torch.randn(shape[1:], generator=g) for g in generator])
 
 
 def to_device(tensor: Tensor, device: torch.device) -> Tensor:
@@ -170,12 +188,13 @@ class GaussianDiffusion(NoiseSchedule):
         *,
         method: str = "ddim",
         eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> Tensor:
         """One reverse step by ``method`` (``"ddim"`` or ``"ddpm"``), drawing its noise from ``generator`` on
-        the CPU when it needs any (DDPM, or DDIM with ``eta > 0``, before the last step)."""
+        the CPU when it needs any (DDPM, or DDIM with ``eta > 0``, before the last step); one generator per
+        sample draws each sample's noise from its own (:func:`draw_noise`)."""
         needs_noise = t_prev >= 0 and (method == "ddpm" or eta > 0)
-        noise = to_device(torch.randn(x_t.shape, generator=generator), x_t.device) if needs_noise else None
+        noise = to_device(draw_noise(tuple(x_t.shape), generator), x_t.device) if needs_noise else None
         if method == "ddim":
             return self.ddim_step(x_t, eps, t, t_prev, eta=eta, noise=noise)
         return self.ddpm_step(x_t, eps, t, t_prev, noise=noise)
@@ -189,7 +208,7 @@ class GaussianDiffusion(NoiseSchedule):
         *,
         method: str = "ddim",
         eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         callback: Callable[[int, int, Tensor, Tensor, Tensor], None] | None = None,
     ) -> Tensor:
         """The sampling loop, the one every sampler of the example runs: for each timestep ``t`` (descending)

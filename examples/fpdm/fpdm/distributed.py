@@ -6,16 +6,30 @@ device; :func:`shutdown_runtime` leaves it cleanly, which a process must do befo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from typing import Any
+import pickle
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from fpdm.cli import UsageError
 
-__all__ = ["Runtime", "gather_objects", "resolve_device", "setup_runtime", "shutdown_runtime"]
+__all__ = [
+    "Runtime",
+    "gather_objects",
+    "joined",
+    "on_main_then_all",
+    "resolve_device",
+    "run_on_main",
+    "setup_runtime",
+    "shutdown_runtime",
+]
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -88,6 +102,19 @@ def shutdown_runtime(runtime: Runtime, *, wait: bool) -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def joined(requested: str) -> Iterator[Runtime]:
+    """:func:`setup_runtime` for the block, then :func:`shutdown_runtime`: waiting for every rank when the
+    block ended well, not after an error (a peer may be stuck in another collective)."""
+    runtime = setup_runtime(requested)
+    ended_well = False
+    try:
+        yield runtime
+        ended_well = True
+    finally:
+        shutdown_runtime(runtime, wait=ended_well)
+
+
 def gather_objects(runtime: Runtime, obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (a list of one without a process group)."""
     if not runtime.distributed:
@@ -95,3 +122,45 @@ def gather_objects(runtime: Runtime, obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * runtime.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def on_main_then_all(runtime: Runtime, work: Callable[[], T]) -> T:
+    """Run ``work`` on rank 0 only; every rank returns its result, or raises the error it raised.
+
+    For what one process must do for all (check and prepare an output folder) while the others wait: a
+    refusal on rank 0 stops every rank with the same exception (``UsageError``, ``OSError``, ... : any
+    exception that pickles; others arrive as a ``RuntimeError`` with its message).
+    """
+    if not runtime.distributed:
+        return work()
+    outcome: Any = None
+    if runtime.is_main:
+        try:
+            outcome = ("ok", work())
+        except Exception as error:
+            outcome = ("error", error if _pickles(error) else RuntimeError(str(error)))
+    shared = [outcome]  # broadcast_object_list fills it in place on the other ranks
+    dist.broadcast_object_list(shared, src=0)
+    kind, value = shared[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def _pickles(obj: Any) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:
+        return False
+    return True
+
+
+def run_on_main(runtime: Runtime, action: Callable[[], T]) -> T | None:
+    """``action()`` on rank 0 alone, its result kept there: for what only rank 0 may hold (a lock).
+
+    A refusal stops every rank as in :func:`on_main_then_all`; returns the result on rank 0 and ``None`` on
+    the other ranks (nothing is sent to them but the outcome).
+    """
+    kept: list[T] = []
+    on_main_then_all(runtime, lambda: kept.append(action()))
+    return kept[0] if kept else None

@@ -9,18 +9,32 @@ containers, never pickled code). A file that is missing, damaged, or of another 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["FileKindError", "load_tensors", "read_jsonl", "save_atomically", "staged_folder"]
+__all__ = [
+    "FileKindError",
+    "NpzMember",
+    "load_tensors",
+    "npz_member_rows",
+    "read_jsonl",
+    "save_atomically",
+    "save_json_atomically",
+    "save_npz_atomically",
+    "staged_folder",
+    "write_npz_streamed",
+]
 
 
 class FileKindError(ValueError):
@@ -49,18 +63,128 @@ def save_atomically(payload: Any, path: str | Path) -> Path:
     return path
 
 
+def save_json_atomically(payload: Any, path: str | Path) -> Path:
+    """``payload`` as indented JSON at ``path``, written aside and moved in (``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def save_npz_atomically(path: str | Path, **arrays: np.ndarray) -> Path:
+    """``np.savez`` to ``path`` through a temporary file in the same folder, flushed and moved in by
+    ``os.replace``: a reader sees the whole file or none (an interrupted run leaves at most a temporary)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclasses.dataclass
+class NpzMember:
+    """One array of an ``.npz`` written piece by piece: its shape, dtype, and a callable that yields its rows
+    in order as arrays ``(k, *shape[1:])`` (the pieces' rows must add up to ``shape[0]``)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    pieces: Callable[[], Iterable[np.ndarray]]
+
+
+def write_npz_streamed(path: str | Path, members: dict[str, NpzMember]) -> Path:
+    """Write an ``.npz`` that ``np.load`` reads, one member after another, each from its pieces.
+
+    Memory is one piece at a time, whatever the arrays' sizes: each member is a ``.npy`` (its header from
+    ``numpy.lib.format``, C order) streamed into an uncompressed ZIP64 entry, the layout ``np.savez`` writes.
+
+    Raises
+    ------
+    ValueError
+        When the pieces of a member do not have its dtype and row shape, or do not add up to its rows.
+    """
+    path = Path(path)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, member in members.items():
+            dtype, shape = np.dtype(member.dtype), tuple(int(n) for n in member.shape)
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array_header_2_0(entry, header)
+                rows = 0
+                for piece in member.pieces():
+                    piece = np.asarray(piece)
+                    if piece.dtype != dtype or piece.shape[1:] != shape[1:]:
+                        raise ValueError(
+                            f"{name}: a piece {piece.dtype} {piece.shape} does not fit {dtype} {shape}"
+                        )
+                    entry.write(np.ascontiguousarray(piece).tobytes())
+                    rows += piece.shape[0]
+                if rows != shape[0]:
+                    raise ValueError(f"{name}: the pieces hold {rows} rows, expected {shape[0]}")
+    return path
+
+
+def npz_member_rows(path: str | Path, name: str, batch: int) -> tuple[tuple[int, ...], np.dtype, Iterator]:
+    """The shape and dtype of the array ``name`` of an ``.npz``, and an iterator over its rows in pieces of
+    ``batch``, read from the file as it goes (memory: one piece), for C-ordered arrays of plain dtypes.
+
+    Raises
+    ------
+    FileKindError
+        When the file has no such member, or it is not a plain C-ordered ``.npy``.
+    """
+    archive = zipfile.ZipFile(path)
+    try:
+        entry = archive.open(f"{name}.npy")
+        version = np.lib.format.read_magic(entry)
+        read_header = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read_header(entry)
+    except (KeyError, ValueError, zipfile.BadZipFile) as error:
+        archive.close()
+        raise FileKindError(f"{path}: cannot read the array {name!r} ({error})") from None
+    if fortran or dtype.hasobject or not shape:
+        archive.close()
+        raise FileKindError(f"{path}: the array {name!r} is not a C-ordered array of numbers")
+    row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+
+    def rows() -> Iterator[np.ndarray]:
+        with archive, entry:
+            for start in range(0, shape[0], batch):
+                count = min(batch, shape[0] - start)
+                data = entry.read(count * row_bytes)
+                if len(data) != count * row_bytes:
+                    raise FileKindError(f"{path}: the array {name!r} is cut short")
+                yield np.frombuffer(data, dtype=dtype).reshape(count, *shape[1:])
+
+    return tuple(shape), dtype, rows()
+
+
 @contextlib.contextmanager
-def staged_folder(out: str | Path) -> Iterator[Path]:
+def staged_folder(out: str | Path, replaces: Iterable[str] = ()) -> Iterator[Path]:
     """A temporary folder inside ``out`` for a command's outputs: when the block ends without an error its
-    files replace those of ``out`` (each by ``os.replace``, atomic); on an error (a full disk) it is removed
-    and the files already in ``out`` are left as they were."""
+    files replace those of ``out`` (each by ``os.replace``, atomic), and the files of ``out`` named in
+    ``replaces`` that the stage does not hold are deleted (an older run's output that the new one does not
+    write); on an error (a full disk) it is removed and the files already in ``out`` are left as they were."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
     try:
         yield stage
+        written = {item.name for item in stage.iterdir()}
         for item in sorted(stage.iterdir()):
             os.replace(item, out / item.name)
+        for name in sorted(set(replaces) - written):
+            (out / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

@@ -31,9 +31,11 @@ __all__ = [
     "feature_statistics",
     "frechet_distance",
     "frechet_distance_from_statistics",
+    "inception_score",
     "kernel_inception_distance",
     "mmd2_unbiased",
     "polynomial_kernel",
+    "precision_recall",
 ]
 
 FeatureExtractor = Callable[[Tensor], Tensor]
@@ -60,10 +62,25 @@ def _as_float64(features: Tensor | np.ndarray) -> np.ndarray:
     return array
 
 
-def feature_statistics(features: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean ``(D,)`` and covariance ``(D, D)`` (``N - 1`` normalisation) in float64 of features ``(N, D)``."""
-    array = _as_float64(features)
-    return array.mean(axis=0), np.atleast_2d(np.cov(array, rowvar=False))
+def feature_statistics(features: Tensor | np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(D,)`` and covariance ``(D, D)`` (``N - 1`` normalisation) in float64 of features ``(N, D)``.
+
+    Two passes over ``chunk`` rows at a time (the mean, then the centred products), so that 50,000 float32
+    features need no float64 copy of them all.
+    """
+    array = features.detach().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features)
+    if array.ndim != 2 or array.shape[0] < 2:
+        raise ValueError(f"need features (N, D) with N >= 2, got shape {array.shape}")
+    count, dim = array.shape
+    mean = np.zeros(dim)
+    for start in range(0, count, chunk):
+        mean += array[start : start + chunk].astype(np.float64).sum(axis=0)
+    mean /= count
+    products = np.zeros((dim, dim))
+    for start in range(0, count, chunk):
+        centred = array[start : start + chunk].astype(np.float64) - mean
+        products += centred.T @ centred
+    return mean, products / (count - 1)
 
 
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
@@ -104,8 +121,25 @@ def frechet_distance_from_statistics(
 
 
 def frechet_distance(features_a: Tensor | np.ndarray, features_b: Tensor | np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets ``(N_a, D)`` and ``(N_b, D)``."""
-    return frechet_distance_from_statistics(*feature_statistics(features_a), *feature_statistics(features_b))
+    """Fréchet distance between Gaussians fitted to two feature sets ``(N_a, D)`` and ``(N_b, D)``.
+
+    With :math:`A = (X_a - \\mu_a) / \\sqrt{N_a - 1}` (so :math:`\\Sigma_a = A^T A`) and :math:`B` alike, the
+    trace term :math:`\\operatorname{tr}(\\Sigma_a \\Sigma_b)^{1/2}` is the sum of the singular values of the
+    :math:`N_a \\times N_b` matrix :math:`A B^T` (the non-zero eigenvalues of :math:`A^T A B^T B` are those
+    of :math:`(A B^T)(A B^T)^T`): when that matrix is smaller than :math:`D \\times D` (few samples of wide
+    features), it is used instead of the covariances' square roots.
+    """
+    a, b = _as_float64(features_a), _as_float64(features_b)
+    (count_a, dim), count_b = a.shape, b.shape[0]
+    if b.shape[1] != dim:
+        raise ValueError(f"features of different widths: {a.shape}, {b.shape}")
+    if count_a * count_b * min(count_a, count_b) >= dim**3:
+        return frechet_distance_from_statistics(*feature_statistics(a), *feature_statistics(b))
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    centred_a, centred_b = (a - mu_a) / np.sqrt(count_a - 1), (b - mu_b) / np.sqrt(count_b - 1)
+    trace_sqrt = np.linalg.svd(centred_a @ centred_b.T, compute_uv=False).sum()
+    traces = np.sum(centred_a**2) + np.sum(centred_b**2)
+    return max(float(np.sum((mu_a - mu_b) ** 2) + traces - 2.0 * trace_sqrt), 0.0)
 
 
 def polynomial_kernel(x: Tensor, y: Tensor) -> Tensor:
@@ -172,6 +206,73 @@ def kernel_inception_distance(
         dtype=torch.float64,
     )
     return float(values.mean()), float(values.std(unbiased=False))
+
+
+def inception_score(logits: Tensor | np.ndarray, split_size: int = 5000) -> float:
+    r"""Inception Score (Salimans et al. 2016) of logits ``(N, K)``, computed as ADM's evaluator does.
+
+    .. math:: \mathrm{IS} = \exp\Big(\frac{1}{n} \sum_i \mathrm{KL}\big(p(y | x_i) \,\|\, p(y)\big)\Big),
+              \quad p(y) = \frac{1}{n} \sum_i p(y | x_i)
+
+    over consecutive splits of ``split_size`` samples (the last one may be shorter), averaged. In float64;
+    ``0 log 0 = 0``. It is 1 when every prediction is the same, ``K`` when predictions are one-hot and the
+    classes equally frequent.
+    """
+    array = _as_float64(logits)
+    probs = np.exp(array - array.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    scores = []
+    for start in range(0, probs.shape[0], split_size):
+        part = probs[start : start + split_size]
+        marginal = part.mean(axis=0, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0.0)
+        scores.append(float(np.exp(terms.sum(axis=1).mean())))
+    return float(np.mean(scores))
+
+
+def _kth_neighbour_radii(features: Tensor, k: int, chunk: int) -> Tensor:
+    """Distance of each row to its ``k``-th nearest other row."""
+    radii = []
+    for start in range(0, features.shape[0], chunk):
+        distances = torch.cdist(features[start : start + chunk], features)  # (c, N), itself at 0
+        radii.append(distances.kthvalue(k + 1, dim=1).values)
+    return torch.cat(radii)
+
+
+def _inside(points: Tensor, centres: Tensor, radii: Tensor, chunk: int) -> Tensor:
+    """Whether each point lies in the union of the balls ``(centres, radii)``."""
+    inside = []
+    for start in range(0, points.shape[0], chunk):
+        distances = torch.cdist(points[start : start + chunk], centres)  # (c, M)
+        inside.append((distances <= radii[None]).any(dim=1))
+    return torch.cat(inside)
+
+
+def precision_recall(
+    real: Tensor | np.ndarray, generated: Tensor | np.ndarray, k: int = 3, chunk: int = 1024
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) with k-nearest-neighbour manifolds.
+
+    Each set's manifold is the union of balls around its points, of radius the distance to the ``k``-th
+    nearest other point of the same set. Precision is the fraction of generated points inside the real
+    manifold; recall the fraction of real points inside the generated one. Distances in float64, ``chunk``
+    rows of the distance matrix at a time (memory ``chunk x N``).
+
+    Returns
+    -------
+    tuple of float
+        ``(precision, recall)``.
+    """
+    a, b = torch.as_tensor(_as_float64(real)), torch.as_tensor(_as_float64(generated))
+    if a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) <= k:
+        raise ValueError(
+            f"need features (N, D) with N > k = {k} in both sets, got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
+    real_radii, generated_radii = _kth_neighbour_radii(a, k, chunk), _kth_neighbour_radii(b, k, chunk)
+    precision = _inside(b, a, real_radii, chunk).double().mean()
+    recall = _inside(a, b, generated_radii, chunk).double().mean()
+    return float(precision), float(recall)
 
 
 @torch.no_grad()

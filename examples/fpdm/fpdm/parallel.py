@@ -113,7 +113,7 @@ class ParallelResult(RunSummary):
     options : dict
         The options of the run, for reports.
     chain : ChainResult
-        The full result of :func:`implicitdiff.solve_chain` (trajectory ``xs`` included).
+        The full result of :func:`implicitdiff.solve_chain` (trajectory ``zs`` included).
     """
 
     images: Tensor
@@ -577,7 +577,7 @@ def sample_parallel(
         None if reuse and implicit else "sampling.sample(method='ddim', eta=0, reuse=False)"
     )
     return ParallelResult(
-        images=chain.xs[-1],
+        images=chain.zs[-1],
         timesteps=timesteps,
         sweeps=len(rows) + chain.sweeps,
         block_evals=sum(counts) * cost,

@@ -176,15 +176,17 @@ def _read_lock(path: Path) -> dict[str, Any] | None:
 
 
 class RunLock:
-    """Ownership of a run folder: the file ``train.lock`` holding the owner's pid, host and start time.
+    """Ownership of a run folder: the file ``name`` (``train.lock``; ``sample.lock`` for ``sample.py``)
+    holding the owner's pid, host and start time; ``program`` names the owner in messages.
 
     :meth:`acquire` creates it atomically (written to a temporary file, then hard-linked to its name, which
     fails if the name exists), so a reader never sees a half-written lock and two runs never both win.
     :meth:`release` deletes it if it is still this process's.
     """
 
-    def __init__(self, out: Path) -> None:
-        self.path = Path(out) / LOCK_NAME
+    def __init__(self, out: Path, name: str = LOCK_NAME, program: str = "train.py") -> None:
+        self.path = Path(out) / name
+        self.program = program
         self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         self.held = False
 
@@ -199,7 +201,7 @@ class RunLock:
             The folder cannot be created or written (read-only, a file in the way, disk full).
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}.tmp")
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.owner) + "\n")
         try:
             for _ in range(3):
@@ -222,16 +224,16 @@ class RunLock:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(owner.get("started", 0))))
         if host != self.owner["host"]:
             raise UsageError(
-                f"--out {self.path.parent} is in use by train.py pid {pid} on host {host} (since {since}); "
-                f"use another --out, or delete {self.path} if that run is gone"
+                f"--out {self.path.parent} is in use by {self.program} pid {pid} on host {host} (since "
+                f"{since}); use another --out, or delete {self.path} if that run is gone"
             )
         if isinstance(pid, int) and _pid_alive(pid):
             raise UsageError(
-                f"--out {self.path.parent} is in use by train.py pid {pid} on this host (since {since}); "
-                "wait for it to end or use another --out"
+                f"--out {self.path.parent} is in use by {self.program} pid {pid} on this host (since "
+                f"{since}); wait for it to end or use another --out"
             )
-        print(f"[train] {self.path}: taking over the lock of pid {pid}, which is no longer running",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(f"[{Path(self.program).stem}] {self.path}: taking over the lock of pid {pid}, which is no "
+              "longer running", file=sys.stderr, flush=True)  # fmt: skip
         # Another run may take it over at the same moment: only the one whose link succeeds wins.
         with contextlib.suppress(FileNotFoundError):
             if _read_lock(self.path) == owner:

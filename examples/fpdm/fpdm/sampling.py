@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fpdm.diffusion import METHODS, GaussianDiffusion, to_device
+from fpdm.diffusion import METHODS, GaussianDiffusion, Generators, draw_noise, to_device
 from fpdm.models import ModelState
 from fpdm.reverse import RunSummary, model_eps, sampling_run
 from implicitdiff import Picard, Solver
@@ -37,6 +38,8 @@ __all__ = [
     "pick_steps",
     "plan_timesteps",
     "sample",
+    "sample_generators",
+    "sample_labels",
 ]
 
 SCHEDULES = ("constant", "increasing", "decreasing", "tolerance")
@@ -110,6 +113,33 @@ class SampleResult(RunSummary):
     def guided_evals(self) -> int:
         """Block evaluations per sample counting the unconditional half of guidance: ``spent_total * 2``."""
         return self.spent_total * self.batch_factor
+
+
+def sample_generators(seed: int, start: int, stop: int) -> list[torch.Generator]:
+    """One CPU generator for each sample index in ``range(start, stop)``, seeded by ``(seed, index)`` alone.
+
+    The 64-bit seed of sample ``i`` comes from numpy's ``SeedSequence((seed, i))``, which mixes the pair so
+    that neighbouring indices and seeds give unrelated streams. Handed to :func:`sample`, each sample's
+    initial noise and per-step noise come from its own generator: the images depend on ``(seed, index)``
+    only, not on the batch size nor on how the indices are spread over processes.
+    """
+    if start < 0 or stop < start:
+        raise ValueError(f"need 0 <= start <= stop, got start={start}, stop={stop}")
+    generators = []
+    for index in range(start, stop):
+        low, high = np.random.SeedSequence((seed, index)).generate_state(2, np.uint32).tolist()
+        generators.append(torch.Generator().manual_seed(low | (high << 32)))
+    return generators
+
+
+def sample_labels(start: int, stop: int, num_classes: int, cycle: Sequence[int] | None = None) -> Tensor:
+    """The class labels of the sample indices ``range(start, stop)``: index ``i`` gets
+    ``cycle[i % len(cycle)]`` (default: every class in turn, ``i % num_classes``), so a run of ``N`` samples
+    is balanced over the classes and a label never needs the others to be built."""
+    index = torch.arange(start, stop)
+    if not cycle:
+        return index % num_classes
+    return torch.as_tensor(list(cycle), dtype=torch.long)[index % len(cycle)]
 
 
 def block_cost(model: nn.Module) -> tuple[int, bool]:
@@ -357,7 +387,7 @@ def sample(
     eta: float = 0.0,
     guidance: float = 1.0,
     tol: float = 1e-3,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> SampleResult:
     """Sample one image per label under a budget of block evaluations per sample.
@@ -391,9 +421,11 @@ def sample(
     tol : float
         Relative-residual tolerance of the ``"tolerance"`` schedule (other schedules use all their
         iterations).
-    generator : torch.Generator, optional
+    generator : torch.Generator or sequence of torch.Generator, optional
         CPU generator for the initial noise and the noise of DDPM (or DDIM with ``eta > 0``), drawn in the
-        same order as :meth:`GaussianDiffusion.sample`: a seeded run is reproducible.
+        same order as :meth:`GaussianDiffusion.sample`: a seeded run is reproducible. One generator per
+        label (:func:`sample_generators`) draws each sample's noise from its own generator, so a sample
+        does not depend on the batch it is drawn in.
     callback : callable, optional
         Called after each timestep with a dict: ``i``, ``t``, ``x`` (the new sample), ``denoised`` (the
         predicted clean sample), ``spent``, ``iterations``, ``residual`` (a float: reading it from the
@@ -444,7 +476,7 @@ def sample(
             callback(info)
 
     with sampling_run(model) as clock:
-        x = to_device(torch.randn(shape, generator=generator), labels.device)
+        x = to_device(draw_noise(shape, generator), labels.device)
         images = diffusion.reverse_loop(
             eps_at, x, timesteps, method=method, eta=eta, generator=generator, callback=after_step
         )

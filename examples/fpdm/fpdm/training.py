@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -44,7 +44,7 @@ from fpdm.cli import (
     option,
     run_command,
 )
-from fpdm.data import TensorPairs, load_dataset
+from fpdm.data import BatchesOf, load_dataset, quiet_worker
 from fpdm.diffusion import GaussianDiffusion
 from fpdm.distributed import Runtime, gather_objects, setup_runtime, shutdown_runtime
 from fpdm.files import FileKindError
@@ -144,7 +144,7 @@ class TrainConfig:
     depth: int | None = option(None, "DiT: number of blocks (default: the preset's)", low=1)
     pre_depth: int | None = option(None, "FPDM: explicit blocks before the implicit block", low=0)
     post_depth: int | None = option(None, "FPDM: explicit blocks after the implicit block", low=0)
-    data: str = option("digits", "'digits', 'digits-train', 'digits-test', 'folder:PATH' or 'latents:FILE'")
+    data: str = option("digits", "'digits', 'digits-train', 'digits-test', 'folder:PATH' or 'latents:DIR'")
     image_size: int = option(32, "side of the images of a folder: dataset", low=1)
     batch_size: int = option(128, "global batch, split over the processes", low=1)
     steps: int = option(5000, "training steps (in all, counting those of a resumed run)", low=1)
@@ -178,6 +178,11 @@ class TrainConfig:
     overwrite: bool = option(
         False, "start again in a folder that holds a run, deleting its checkpoint and log"
     )
+    workers: int = option(
+        0,
+        "DataLoader worker processes that read (and decode) the batches ahead; 0: the training process",
+        low=0,
+    )
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
     bf16: bool | None = option(None, "bf16 autocast (default: on CUDA)")
     progress: bool = option(True, "show a progress bar")
@@ -194,7 +199,7 @@ class TrainConfig:
     )
     #: Fields that say how to run, not what: never compared on resume.
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = (
-        *("out", "resume", "overwrite", "device", "bf16", "progress", "compile"),
+        *("out", "resume", "overwrite", "workers", "device", "bf16", "progress", "compile"),
     )
 
     def check(self) -> None:
@@ -287,6 +292,11 @@ def build_model(cfg: TrainConfig, in_channels: int, input_size: int, num_classes
 # ----------------------------------------------------------------------------------------------------
 
 
+def epoch_order(num_items: int, seed: int, epoch: int) -> Tensor:
+    """The order of the items in epoch ``epoch``: a permutation seeded by ``(seed, epoch)``."""
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
 def batch_indices(num_items: int, batch_size: int, seed: int, step: int) -> Tensor:
     """The global batch of training step ``step``: epochs are seeded permutations, the last partial
     batch of an epoch is dropped."""
@@ -294,16 +304,73 @@ def batch_indices(num_items: int, batch_size: int, seed: int, step: int) -> Tens
     if per_epoch == 0:
         raise UsageError(f"--batch-size {batch_size} exceeds the dataset ({num_items} items)")
     epoch, k = divmod(step, per_epoch)
-    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[k * batch_size : (k + 1) * batch_size]
+    return epoch_order(num_items, seed, epoch)[k * batch_size : (k + 1) * batch_size]
 
 
-def fetch(dataset: Any, indices: Tensor) -> tuple[Tensor, Tensor]:
-    """Stack the items ``indices`` of a dataset (fast path for in-memory tensors)."""
-    if isinstance(dataset, TensorPairs):
-        return dataset.images[indices], dataset.labels[indices]
-    items = [dataset[int(i)] for i in indices]
-    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+class StepBatches(torch.utils.data.Sampler):
+    """The indices one rank reads at the steps ``start .. stop - 1``: its share of each global batch
+    :func:`batch_indices` (rank ``r`` of ``W`` takes the ``r``-th of ``W`` equal slices).
+
+    A sampler for ``DataLoader(BatchesOf(dataset), sampler=..., batch_size=None)``: the order stays a
+    function of ``(seed, step)`` whatever reads it, and a rank never reads another rank's rows. An epoch's
+    permutation is drawn once, not at every step.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int,
+        start: int,
+        stop: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.start, self.stop, self.rank, self.world_size = start, stop, rank, world_size
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_epoch = max(1, self.num_items // self.batch_size)
+        local = self.batch_size // self.world_size
+        order, order_epoch = None, -1
+        for step in range(self.start, self.stop):
+            epoch, k = divmod(step, per_epoch)
+            if epoch != order_epoch:
+                batch_indices(self.num_items, self.batch_size, self.seed, step)  # its checks
+                order, order_epoch = epoch_order(self.num_items, self.seed, epoch), epoch
+            assert order is not None
+            first = k * self.batch_size + self.rank * local
+            yield order[first : first + local].tolist()
+
+
+def training_batches(
+    dataset: Any, cfg: Any, runtime: Runtime, start: int
+) -> Generator[tuple[Tensor, Tensor], None, None]:
+    """This rank's ``(x, y)`` of the steps ``start .. cfg.steps - 1``, read by ``cfg.workers`` DataLoader
+    workers (decoding images there) or, with none, by this process; on the run's device."""
+    loader = torch.utils.data.DataLoader(
+        BatchesOf(dataset),
+        sampler=StepBatches(
+            len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps, runtime.rank, runtime.world_size
+        ),
+        batch_size=None,
+        num_workers=cfg.workers,
+        pin_memory=runtime.device.type == "cuda",
+        worker_init_fn=quiet_worker,
+        # Its own generator: a DataLoader draws its workers' base seed from the global RNG otherwise, which
+        # would shift the training's random draws at each resume.
+        generator=torch.Generator(),
+    )
+    for batch in loader:
+        if isinstance(batch, str):  # a file that cannot be read any more
+            raise FileKindError(batch)
+        x, y = batch
+        yield x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,6 +437,8 @@ class _Run:
     saved_step: int = 0
     #: Ctrl-C and SIGTERM, caught while the loop runs.
     stop: StopSignals = dataclasses.field(default_factory=lambda: StopSignals())
+    #: This rank's batches, from the step the loop starts at (:func:`training_batches`).
+    batches: Generator[tuple[Tensor, Tensor], None, None] | None = None
 
     @property
     def estimator(self) -> Any:
@@ -399,6 +468,7 @@ def _build_run(cfg: TrainConfig, runtime: Runtime) -> _Run:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dataset = _load_data(cfg)
+    batch_indices(len(dataset), cfg.batch_size, cfg.seed, 0)  # a batch larger than the data: refused now
     sample_x, _ = dataset[0]
     # Same seed on every rank: identical initial weights (DDP also broadcasts them from rank 0).
     torch.manual_seed(cfg.seed)
@@ -501,10 +571,9 @@ def _train_step(run: _Run, step: int, last_good: int | None) -> tuple[Tensor, Te
     """
     cfg, runtime = run.cfg, run.runtime
     run.model.train()
-    local_batch = cfg.batch_size // runtime.world_size
-    indices = batch_indices(len(run.dataset), cfg.batch_size, cfg.seed, step)
-    x, y = fetch(run.dataset, indices[runtime.rank * local_batch : (runtime.rank + 1) * local_batch])
-    x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+    if run.batches is None:
+        run.batches = training_batches(run.dataset, cfg, runtime, start=step)
+    x, y = next(run.batches)
     with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
         loss, state = run.diffusion.training_loss(run.net, x, y, generator=run.noise_gen)
     # One reduction for two questions: a non-finite loss on any rank, a stop signal on any rank.
@@ -697,7 +766,11 @@ def _train_in_folder(run: _Run, start_step: int) -> dict[str, Any]:
         dist.barrier()  # the folder is ready before any rank writes to it
     log_path = Path(cfg.out) / LOG_NAME
     with open(log_path, "a") if runtime.is_main else contextlib.nullcontext() as log, run.stop:
-        summary = _loop(run, start_step, log)
+        try:
+            summary = _loop(run, start_step, log)
+        finally:
+            if run.batches is not None:
+                run.batches.close()  # stops the DataLoader's workers
         if runtime.distributed:
             record = _check_replicas(run)
             if record is not None:
