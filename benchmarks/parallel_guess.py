@@ -2,11 +2,11 @@
 
 ::
 
-    python benchmarks/parallel_guess.py            # ~30 min on 2 busy cores; trains two models if needed
-    python benchmarks/parallel_guess.py --quick    # a smoke run in a minute; its numbers mean nothing
+    python -m benchmarks.parallel_guess            # ~35 min on 2 busy cores; trains two models if needed
+    python -m benchmarks.parallel_guess --quick    # a smoke run in a minute; its numbers mean nothing
 
-For FPDM-Digits/2 and DiT-Digits/2 trained here (``train.py``'s ``train``, 400 steps, kept under
-``runs/bench-parallel``), 100 images sampled from the same noise by sequential DDIM (100 timesteps, FPDM
+For FPDM-Digits/2 and DiT-Digits/2 trained here (``benchmarks.fpdm_chains.trained_model``, 400 steps, kept
+under ``runs/bench-parallel``), 100 images sampled from the same noise by sequential DDIM (100 timesteps, FPDM
 with 2 Picard iterations per timestep from cold starts) and by ``fpdm.parallel.sample_parallel``, one row
 per entry of ``CONFIGS``: sequential rounds (the guess's model calls included), block evaluations per
 sample and their ratio to the sequential sampler's, the largest and the RMS difference from the
@@ -24,41 +24,31 @@ thread each), side by side, with the largest difference between their samples. W
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
 import traceback
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.parallel import DEFAULT_TAU, noise_levels, paradigms_tolerances, sample_parallel
+from fpdm.sampling import block_cost, sample
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-# The example's package (examples/fpdm/fpdm/) is not installed: this is the one path entry.
-sys.path.insert(0, str(ROOT / "examples" / "fpdm"))
+from benchmarks import harness, tables
+from benchmarks.fpdm_chains import ITERATIONS, STEPS, TRAIN, trained_model
+from implicitdiff import ChainRuleWarning, ChainSecant, Picard, solve_chain
 
-from fpdm.diffusion import GaussianDiffusion  # noqa: E402
-from fpdm.parallel import DEFAULT_TAU, noise_levels, paradigms_tolerances, sample_parallel  # noqa: E402
-from fpdm.sampling import block_cost, sample  # noqa: E402
-
-from implicitdiff import ChainSecant, Picard, solve_chain  # noqa: E402
-from implicitdiff.chain import ChainRuleWarning  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results" / "parallel_guess.json"
-RUNS = ROOT / "runs" / "bench-parallel"
-STEPS, ITERATIONS, MAX_DIFF = 100, 2, 1e-3
-TRAIN = {"steps": 400, "lr": 2e-3, "batch_size": 128, "ema_warmup": True, "data": "digits-train"}
+MAX_DIFF = 1e-3
 DIFFUSION = GaussianDiffusion()
+MODELS = ("FPDM-Digits/2", "DiT-Digits/2")
 
 #: (label, sample_parallel options): ``None`` for the rule is sample_parallel's default (ChainSecant with
 #: one secant model per sample); "paradigms" for ``tol`` is ParaDiGMS's criterion at tolerance 0.1.
@@ -75,19 +65,6 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("ParaDiGMS (its criterion 0.1, every timestep)", {"solver": "picard", "tol": "paradigms"}),
     ("ChainSecant, ParaDiGMS's criterion 0.1", {"tol": "paradigms"}),
 ]
-
-
-def trained_model(name: str, quick: bool) -> nn.Module:
-    """The preset ``name`` trained with the example's ``train`` (``TRAIN``), with its EMA weights; cached."""
-    from fpdm.generation import load_model
-    from fpdm.training import CHECKPOINT_NAME, TrainConfig, train
-
-    steps = 3 if quick else TRAIN["steps"]
-    out = RUNS / f"{name.split('-')[0].lower()}-{steps}"
-    if not (out / CHECKPOINT_NAME).exists():
-        options = {**TRAIN, "steps": steps, "ckpt_every": steps, "log_every": max(steps // 4, 1)}
-        train(TrainConfig(out=str(out), model=name, device="cpu", progress=False, **options))
-    return load_model(out / CHECKPOINT_NAME)
 
 
 def _options(model: nn.Module, config: dict[str, Any], steps: int) -> dict[str, Any]:
@@ -142,7 +119,7 @@ def sampler_rows(
         row.update(max_diff=float(diff.abs().max()), rms_diff=float(diff.pow(2).mean().sqrt()))
         row.update(fd=_fd(out.images, labels, quick), options={k: v for k, v in config.items() if k != "tol"})
         rows.append(row)
-        print(_cells(row), flush=True)
+        print(row["model"], row["method"], row["sweeps"], row["block_evals"], flush=True)
     return rows
 
 
@@ -270,77 +247,34 @@ def process_rows(name: str, num: int, steps: int, quick: bool) -> dict[str, Any]
     }
 
 
-def _cells(row: dict[str, Any]) -> str:
-    fd = "" if row["fd"] is None else f"{row['fd']:.2f}"
-    return (
-        f"| {row['model']} | {row['method']} | {row['sweeps']} | {row['block_evals']} | {row['ratio']:.2f}x "
-        f"| {row['max_diff']:.1e} | {row['rms_diff']:.1e} | {fd} |"
-    )
-
-
-def _write(record: dict[str, Any]) -> None:
-    RESULTS.parent.mkdir(exist_ok=True)
-    partial = RESULTS.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(record, indent=1) + "\n")
-    partial.replace(RESULTS)  # atomic: a killed run leaves the last complete file
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny training and batch: a smoke run")
+    parser = harness.parser(__doc__, "parallel_guess.json")
     parser.add_argument("--num", type=int, default=100, help="images per configuration")
-    parser.add_argument(
-        "--processes-only",
-        action="store_true",
-        help="measure 1 against 2 processes again, keep the other rows",
-    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", ChainRuleWarning)
-    start = time.perf_counter()
+    started = harness.start()
     num, steps = (8, 12) if args.quick else (args.num, STEPS)
     labels = torch.arange(num) % 10
-    if args.processes_only:
-        record = json.loads(RESULTS.read_text())
-        record["processes"] = [
-            process_rows(name, num, steps, False) for name in ("FPDM-Digits/2", "DiT-Digits/2")
-        ]
-        record.update(processes_date=time.strftime("%Y-%m-%d %H:%M"), load_average_1min=os.getloadavg()[0])
-        print("1 vs 2 processes:", record["processes"])
-        _write(record)
-        return 0
-    print("| model | method | sweeps | block evals / sample | x sequential | max diff | RMS diff | FD |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     rows: list[dict[str, Any]] = []
-    for name in ("FPDM-Digits/2", "DiT-Digits/2"):
+    for name in MODELS:
         rows += sampler_rows(name, trained_model(name, args.quick), labels, steps, args.quick)
-    held_out = held_out_rows(args.quick)
-    print("held-out chain (rounds to within 1e-3):", held_out)
-    conversion = tolerance_conversion(steps)
-    print("tolerance conversion:", conversion)
-    processes = [process_rows(name, num, steps, args.quick) for name in ("FPDM-Digits/2", "DiT-Digits/2")]
-    print("1 vs 2 processes:", processes)
     record = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "torch": torch.__version__,
-        "threads": 1,
-        "load_average_1min": os.getloadavg()[
-            0
-        ],  # other work on the machine: wall-clock is only comparable within a run
         "steps": steps,
         "iterations": ITERATIONS,
+        "train": TRAIN,
         "num_images": num,
         "default_tau": DEFAULT_TAU,
+        "max_diff": MAX_DIFF,
         "rows": rows,
-        "held_out": held_out,
-        "tolerance_conversion": conversion,
-        "processes": processes,
-        "total_s": time.perf_counter() - start,
+        "held_out": held_out_rows(args.quick),
+        "tolerance_conversion": tolerance_conversion(steps),
+        "processes": [process_rows(name, num, steps, args.quick) for name in MODELS],
     }
-    if not args.quick:
-        _write(record)
-    print(f"total {record['total_s']:.0f} s")
+    print(tables.render("parallel_guess.json", record))
+    out = harness.out_path(args)
+    if out is not None:
+        harness.write_results(out, record, started=started, quick=args.quick)
     return 0
 
 
