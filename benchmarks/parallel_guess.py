@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from fpdm.diffusion import GaussianDiffusion
-from fpdm.parallel import DEFAULT_TAU, noise_levels, paradigms_tolerances, sample_parallel
+from fpdm.parallel import DEFAULT_TAU, paradigms_equivalent, paradigms_tolerances, sample_parallel
 from fpdm.sampling import block_cost, sample
 from torch import Tensor, nn
 
@@ -172,22 +172,19 @@ def held_out_rows(quick: bool) -> list[dict[str, Any]]:
 
 
 def tolerance_conversion(steps: int) -> dict[str, Any]:
-    """Our noise-scaled ``DEFAULT_TAU * sigma_k`` in ParaDiGMS's units (the last two timesteps have none)."""
+    """Our noise-scaled ``DEFAULT_TAU * sigma_k`` in ParaDiGMS's units (the last two timesteps have none),
+    and ParaDiGMS's default 0.1 as our ``tau``."""
     timesteps = DIFFUSION.respace(steps)
-    ours = DEFAULT_TAU * noise_levels(DIFFUSION, timesteps)
-    per_unit = paradigms_tolerances(DIFFUSION, timesteps, 1.0)
-    theirs = (ours / per_unit)[per_unit > 0]
+    theirs = paradigms_equivalent(DIFFUSION, timesteps, DEFAULT_TAU)
+    theirs = theirs[torch.isfinite(theirs)]
+    as_tau = (DEFAULT_TAU * 0.1 / theirs).tolist()  # tolerance / tau is linear in tau
     return {
         "tau": DEFAULT_TAU,
         "paradigms_equivalent_min": float(theirs.min()),
         "paradigms_equivalent_median": float(theirs.median()),
         "paradigms_equivalent_max": float(theirs.max()),
-        "paradigms_default_0.1_as_tau_min": float(
-            (0.1 * per_unit / noise_levels(DIFFUSION, timesteps))[:-2].min()
-        ),
-        "paradigms_default_0.1_as_tau_max": float(
-            (0.1 * per_unit / noise_levels(DIFFUSION, timesteps))[:-2].max()
-        ),
+        "paradigms_default_0.1_as_tau_min": min(as_tau),
+        "paradigms_default_0.1_as_tau_max": max(as_tau),
     }
 
 

@@ -156,7 +156,10 @@ def test_the_default_rule_couples_the_timesteps_per_sample_and_takes_no_more_swe
     default = sample_parallel(dit, DIFFUSION, labels, **options)
     options["generator"] = seeded()
     picard = sample_parallel(dit, DIFFUSION, labels, solver=Picard(), **options)
-    assert default.options["solver"].startswith("ChainSecant(") and "blocks=3" in default.options["solver"]
+    assert (
+        default.options["chain_rule"].startswith("ChainSecant(")
+        and "blocks=3" in default.options["chain_rule"]
+    )
     assert default.converged and picard.converged
     assert default.sweeps <= picard.sweeps
 
@@ -423,7 +426,7 @@ def test_sample_cli_parallel_mode(checkpoint, tmp_path, capsys):
         *common,
         "--out",
         str(tmp_path / "par"),
-        *"--parallel --chain-solver anderson --chain-tol 0".split(),
+        *"--parallel --chain-rule anderson --chain-tol 0".split(),
     ]
     assert sample_cli.main(argv) == 0
     assert str(tmp_path / "par" / "samples.npz") in capsys.readouterr().out
@@ -431,7 +434,9 @@ def test_sample_cli_parallel_mode(checkpoint, tmp_path, capsys):
     assert np.abs(seq["images"] - par["images"]).max() < 1e-5  # same noise, same model, exact chain
     summary = json.loads((tmp_path / "par" / "summary.json").read_text())
     assert (
-        summary["parallel"] is True and summary["batches"] == 2 and summary["solver"].startswith("Anderson")
+        summary["parallel"] is True
+        and summary["batches"] == 2
+        and summary["chain_rule"].startswith("Anderson")
     )
     assert summary["reuse"] is False  # cold starts by default in the parallel mode
     assert summary["reproduces"] == "sampling.sample(method='ddim', eta=0, reuse=False)"
@@ -759,6 +764,41 @@ def test_paradigms_tolerances_are_its_criterion_on_each_steps_residual():
             expected = 0.1 * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
         assert math.isclose(float(got[k]), expected, rel_tol=1e-12, abs_tol=1e-300), k
     assert float(got[0]) > 0 and got[-2:].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("tau", [1e-6, 3e-2])
+def test_our_noise_scaled_tolerance_converts_to_paradigms_criterion_from_their_definitions(tau):
+    # A residual d of D entries whose RMS is exactly our tolerance tau * sqrt(1 - abar_{t_k}) meets
+    # ParaDiGMS's ||d||^2 / (D * posterior variance of the step from t_{k+1}) <= tolerance^2 with equality
+    # at the converted tolerance: the statistic, computed from the definitions, is the tolerance squared.
+    timesteps = DIFFUSION.respace(STEPS)
+    converted = parallel.paradigms_equivalent(DIFFUSION, timesteps, tau)
+    after = [*timesteps[1:], -1, -1]
+    gen = torch.Generator().manual_seed(0)
+    D = 3 * 8 * 8
+    for k in range(STEPS):
+        t, t_next = after[k], after[k + 1]
+        if t == -1 or t_next == -1:
+            assert converted[k] == math.inf  # no posterior variance: ParaDiGMS accepts only an exact state
+            continue
+        sigma = math.sqrt(1 - float(DIFFUSION.alpha_bar(timesteps[k])))
+        d = torch.randn(D, generator=gen, dtype=torch.float64)
+        d *= tau * sigma / d.pow(2).mean().sqrt()  # RMS exactly our tolerance
+        a, a_next = float(DIFFUSION.alpha_bar(t)), float(DIFFUSION.alpha_bar(t_next))
+        posterior = (1 - a_next) / (1 - a) * (1 - a / a_next)
+        statistic = float(d.pow(2).sum()) / (D * posterior)
+        assert math.isclose(statistic, float(converted[k]) ** 2, rel_tol=1e-9), k
+
+
+def test_chain_solver_is_the_deprecated_spelling_of_chain_rule():
+    base = ["model.pt", "--budget", "8", "--parallel"]
+    with pytest.warns(FutureWarning, match="--chain-solver is deprecated: spell it --chain-rule"):
+        old = sample_cli.parse_args([*base, "--chain-solver", "anderson"])
+    new = sample_cli.parse_args([*base, "--chain-rule", "anderson"])
+    assert old.chain_rule == new.chain_rule == "anderson" and not hasattr(old, "chain_solver")
+    assert sample_cli.parse_args(base).chain_rule == "secant"
+    with pytest.raises(SystemExit):
+        sample_cli.parse_args([*base, "--chain-solver", "newton"])  # the same choices as --chain-rule
 
 
 def test_max_evals_bounds_the_evaluations_spent_and_says_when_it_stopped_the_chain(dit):

@@ -23,6 +23,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -328,7 +329,7 @@ def _parallel_options(model: nn.Module, diffusion: GaussianDiffusion, args: argp
     if hasattr(model, "pre_depth"):
         options.update(iterations=min(plan), block_solver=make_solver(args.solver))
     options.update(
-        solver=None if args.chain_solver == "secant" else make_solver(args.chain_solver),
+        solver=None if args.chain_rule == "secant" else make_solver(args.chain_rule),
         tol=args.chain_tol,
         tau=args.chain_tau,
         window=args.window,
@@ -688,6 +689,24 @@ def _max_batch_option(text: str) -> int | str:
     return value
 
 
+class _Renamed(argparse.Action):
+    """An option's old spelling: it still sets the new option, and warns (``FutureWarning``) with its name.
+
+    (``--solver`` is FPDM's fixed-point solver of each timestep; the chain's rule had been spelt
+    ``--chain-solver``.)
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, help=f"deprecated spelling of {new}", **kwargs)
+        self.new = new
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: Any = None
+    ) -> None:
+        warnings.warn(f"{option} is deprecated: spell it {self.new}", FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; see the module docstring."""
     parser = OneLineParser(description=__doc__.split("\n")[0])
@@ -709,7 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--guidance", type=bounded_float(), default=2.0, help="classifier-free guidance scale (1: none)")
     add("--tol", type=bounded_float(0.0, low_open=True), default=None, help=TOL_HELP)
     add("--parallel", action="store_true", help="DDIM with every timestep solved at once (parallel.py)")
-    add("--chain-solver", default=None, choices=CHAIN_SOLVERS, help="--parallel: chain rule (secant)")
+    add(
+        "--chain-rule", default=None, choices=CHAIN_RULES, help="--parallel: the chain's update rule (secant)"
+    )
+    add("--chain-solver", dest="chain_rule", choices=CHAIN_RULES, action=_Renamed, new="--chain-rule")
     add("--chain-tol", type=bounded_float(0.0), default=None, help=CHAIN_TOL_HELP)
     add("--chain-tau", type=bounded_float(0.0), default=None, help=CHAIN_TAU_HELP)
     add("--window", type=positive, default=None, help="--parallel: timesteps per sweep (default: all)")
@@ -728,14 +750,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: The rules of ``--chain-solver``: ``secant`` is :class:`implicitdiff.ChainSecant` with one model per
+#: The rules of ``--chain-rule``: ``secant`` is :class:`implicitdiff.ChainSecant` with one model per
 #: sample (``sample_parallel``'s default), the others the solvers of :data:`fpdm.registry.SOLVERS`.
-CHAIN_SOLVERS = ("secant", *SOLVERS)
+CHAIN_RULES = ("secant", *SOLVERS)
 
 #: Options that only ``--parallel`` uses, and their defaults there (``--chain-tol`` and ``--chain-tau`` stay
 #: ``None`` when not given: ``sample_parallel``'s noise-scaled tolerances with its ``DEFAULT_TAU``).
 PARALLEL_ONLY = {
-    "chain_solver": "secant",
+    "chain_rule": "secant",
     "chain_tol": None,
     "chain_tau": None,
     "window": None,

@@ -320,6 +320,24 @@ def paradigms_tolerances(
     return tolerance * posterior.clamp_min(0.0).sqrt()
 
 
+def paradigms_equivalent(diffusion: GaussianDiffusion, timesteps: list[int], tau: float) -> Tensor:
+    r"""ParaDiGMS's tolerance, per timestep, that is the noise-scaled RMS tolerance :math:`\tau\sigma_{t_k}`.
+
+    Step :math:`k`'s residual :math:`d` (``D`` entries) passes ours when
+    :math:`\|d\|^2 / D \le \tau^2 \sigma_{t_k}^2` and ParaDiGMS's when
+    :math:`\|d\|^2 / (D\,\tilde\beta_{t_{k+1}}) \le \mathrm{tolerance}^2`
+    (:func:`paradigms_tolerances`); the two tests are one where
+
+    .. math:: \mathrm{tolerance}_k = \tau\,\sigma_{t_k} / \sqrt{\tilde\beta_{t_{k+1}}}.
+
+    Float64 ``(len(timesteps),)``; ``inf`` for the last two steps, into :math:`t = -1`, whose posterior
+    variance is zero (ParaDiGMS accepts them only when exact).
+    """
+    per_unit = paradigms_tolerances(diffusion, timesteps, 1.0)
+    ours = tau * noise_levels(diffusion, timesteps)
+    return torch.where(per_unit > 0, ours / per_unit.clamp_min(1e-300), math.inf)
+
+
 def guess_rows(steps: int, warmup: int = 0, coarse: int = 0) -> list[int]:
     """The timesteps the first guess evaluates one after another: the first ``warmup`` and ``coarse``
     evenly spaced over the rest (``warmup`` included), ascending and distinct."""
@@ -566,12 +584,13 @@ def sample_parallel(
         counts[warmup + k] += count
     residuals = [0.0] * warmup + (chain.residual / scale).tolist()
     options = {"model": type(model).__name__, "method": "ddim", "eta": 0.0, "parallel": True}
-    options.update(solver=repr(rule), form=form)
+    # "solver" is FPDM's fixed-point solver of each timestep, as in the sequential sampler's summary.
+    options.update(chain_rule=repr(rule), form=form)
     options.update(tol=uniform, tau=scale_tau, window=window, max_batch=max_batch)
     options.update(guidance=guidance, steps=steps, warmup=warmup, coarse=coarse, guess_rows=rows)
     options.update(max_evals=max_evals, ranks=1 if group is None else _world(group))
     options["iterations_per_call"] = iters if implicit else None
-    options.update(reuse=bool(reuse and implicit), block_solver=repr(block_solver) if block_solver else None)
+    options.update(reuse=bool(reuse and implicit), solver=repr(block_solver) if block_solver else None)
     # The sequential sampler whose samples these are (none with reuse across sweeps).
     options["reproduces"] = (
         None if reuse and implicit else "sampling.sample(method='ddim', eta=0, reuse=False)"
