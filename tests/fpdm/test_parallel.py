@@ -444,6 +444,20 @@ def test_sample_cli_parallel_mode(checkpoint, tmp_path, capsys):
     assert summary["iterations_per_call"] == 2 and 1 <= summary["sweeps"] <= 6  # 24 // 6 - (1 pre + 1 post)
 
 
+def test_sample_cli_max_evals_caps_what_the_parallel_sampler_spends(checkpoint, tmp_path):
+    # --budget 24 is the sequential run reproduced (6 timesteps of 4 blocks); the exact chain spends more,
+    # and --max-evals caps the block evaluations per sample actually spent, whatever the chain needed.
+    common = [str(checkpoint), *"--num 2 --budget 24 --steps 6 --guidance 1 --no-progress".split()]
+    free = [*common, "--out", str(tmp_path / "free"), "--parallel", "--chain-tol", "0"]
+    assert sample_cli.main(free) == 0
+    spent = json.loads((tmp_path / "free" / "summary.json").read_text())["spent_total"]
+    assert spent > 44
+    capped = [*common, "--out", str(tmp_path / "cap"), "--parallel", "--chain-tol", "0", "--max-evals", "44"]
+    assert sample_cli.main(capped) == 0
+    summary = json.loads((tmp_path / "cap" / "summary.json").read_text())
+    assert summary["max_evals"] == 44 and 24 <= summary["spent_total"] <= 44
+
+
 def test_sample_cli_parallel_defaults_to_noise_scaled_tolerances_and_records_them(checkpoint, tmp_path):
     common = [
         str(checkpoint),

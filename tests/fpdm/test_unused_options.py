@@ -97,6 +97,7 @@ UNUSED_SAMPLE = [
     ("fpdm", ["--window", "3"], "--window 3 does nothing here: it is for --parallel"),
     ("fpdm", ["--chain-tau", "0.01"], "--chain-tau 0.01 does nothing here: it is for --parallel"),
     ("fpdm", ["--max-batch", "4"], "--max-batch 4 does nothing here: it is for --parallel"),
+    ("fpdm", ["--max-evals", "40"], "--max-evals 40 does nothing here: it is for --parallel"),
     ("fpdm", ["--form", "cumulative"], "--form cumulative does nothing here: it is for --parallel"),
     (
         "fpdm",

@@ -336,6 +336,7 @@ def _parallel_options(model: nn.Module, diffusion: GaussianDiffusion, args: argp
         form=args.form,
         max_batch=None if args.max_batch == "none" else args.max_batch,
         guidance=args.guidance,
+        max_evals=args.max_evals,
     )
     return options
 
@@ -673,6 +674,11 @@ TOL_HELP = "FPDM, --schedule tolerance: the relative residual that ends a solve 
 REUSE_HELP = "warm start from the last step; default on (--parallel reproduces --no-reuse, refuses --reuse)"
 CHAIN_TOL_HELP = "--parallel: one RMS residual for every timestep (default: --chain-tau's noise-scaled ones)"
 CHAIN_TAU_HELP = f"--parallel: RMS residual tau * sqrt(1 - abar_t) per timestep (default {DEFAULT_TAU:g})"
+BUDGET_HELP = (
+    "transformer-block evaluations per sample (--parallel: of the sequential run it reproduces; it spends "
+    "more, capped by --max-evals)"
+)
+MAX_EVALS_HELP = "--parallel: most block evaluations per sample, first guess included (default: no cap)"
 MAX_BATCH_HELP = "--parallel: timesteps per model call, 'auto' (default; fits CUDA memory) or 'none'"
 
 
@@ -717,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--overwrite", action="store_true", help="replace the samples already in --out")
     add("--num-samples", type=positive, default=None, help=NUM_SAMPLES_HELP)
     add("--num", type=positive, default=None, help="--num-samples for one process (torchrun takes --num)")
-    add("--budget", type=positive, required=True, help="transformer-block evaluations per sample")
+    add("--budget", type=positive, required=True, help=BUDGET_HELP)
     add("--steps", type=positive, default=None, help="timesteps (default: picked from the budget)")
     add("--schedule", default=None, choices=SCHEDULES, help="FPDM: iterations per timestep (constant)")
     add("--solver", default=None, choices=tuple(SOLVERS), help="FPDM: fixed-point solver (default: picard)")
@@ -737,6 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--window", type=positive, default=None, help="--parallel: timesteps per sweep (default: all)")
     add("--form", default=None, choices=FORMS, help="--parallel: the map iterated (default: cumulative)")
     add("--max-batch", type=_max_batch_option, default=None, help=MAX_BATCH_HELP)
+    add("--max-evals", type=positive, default=None, help=MAX_EVALS_HELP)
     add("--seed", type=bounded_int(0), default=0, help="seed of the noise")
     add("--labels", type=bounded_int(0), nargs="*", default=None, help="labels to cycle (default: all)")
     add("--batch-size", type=positive, default=100, help="images per batch (of each process)")
@@ -763,6 +770,7 @@ PARALLEL_ONLY = {
     "window": None,
     "form": "cumulative",
     "max_batch": "auto",
+    "max_evals": None,
 }
 #: Options of the sequential sampler that ``--parallel`` does not use.
 SEQUENTIAL_ONLY = ("schedule", "tol")
