@@ -63,6 +63,7 @@ class Chain:
         cumulative: bool,
         max_batch: int | None = None,
         init: Tensor | None = None,
+        samples: int | None = None,
     ) -> None:
         self.evaluate = Evaluator(
             step, z0.shape, z0.dtype, name="step(k, z)", returns="the next states stacked like z"
@@ -73,6 +74,7 @@ class Chain:
         self.device = z0.device
         wdtype = self.evaluate.wdtype
         self.zs = z0.detach().reshape(1, -1).to(wdtype).repeat(num_steps + 1, 1)
+        self.samples = samples  # z0's leading dimension (None: a pytree), shown to the rule (Sweep.samples)
         self.init = init  # the first guess, kept whole: entering steps start from their rows of it, shifted
         if init is not None:
             self.zs[1:] = init[1:]
@@ -164,6 +166,7 @@ class Chain:
             origin=self.zs[self.lo : self.lo + 1],
             cumulative=self.cumulative,
             stop_mode=self.stop_mode,
+            samples=self.samples,
         )
         if self.state is None:
             self.state = self.rule.start(sweep)

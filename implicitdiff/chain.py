@@ -294,9 +294,6 @@ def solve_chain(
     wdtype = working_dtype(flat.dtype)
     num_steps = check_int("num_steps", num_steps, low=0)
     rule = as_chain_rule(solver)
-    check_state = getattr(rule, "check_state", None)  # optional in the protocol (ChainRule)
-    if check_state is not None:
-        check_state(z0)
     tols = _check_tol(tol, num_steps, wdtype, flat.device)
     max_batch = None if max_batch is None else check_int("max_batch", max_batch, low=1)
     max_iter = max(num_steps, 1) if max_iter is None else check_int("max_iter", max_iter, low=1)
@@ -307,8 +304,10 @@ def solve_chain(
     run_step = step if spec is None else _packed_step(step, spec.named("z"))
     with torch.no_grad():
         guess = _check_init(init, z0, flat, spec, num_steps, wdtype)
+        samples = None if spec is not None else (flat.shape[0] if flat.dim() else 1)
+        cumulative = form == "cumulative"
         chain = Chain(
-            run_step, flat, num_steps, rule, tols, window, stop_mode, form == "cumulative", max_batch, guess
+            run_step, flat, num_steps, rule, tols, window, stop_mode, cumulative, max_batch, guess, samples
         )
         chain.run(max_iter)
     zs = chain.zs.reshape(num_steps + 1, *flat.shape).to(flat.dtype)

@@ -92,10 +92,10 @@ class ChainSecant:
         model, so the changes of one sample do not blur the model of another. ``>= 1``. The samples
         are the leading dimension of a tensor ``z0`` (each entry of a 1-D one), and ``blocks`` must
         divide it: a block that cut a sample would model its part of the step's Jacobian without the
-        rest, and the rule could take up to ``num_steps`` sweeps where Picard takes a few, so
-        :func:`~implicitdiff.solve_chain` refuses it before any evaluation (:meth:`check_state`), as
-        it refuses ``blocks > 1`` for a pytree ``z0``, whose packed state holds its leaves one after
-        another.
+        rest, and the rule could take up to ``num_steps`` sweeps where Picard takes a few, so the
+        rule refuses it (``ValueError`` from :func:`~implicitdiff.solve_chain` when the rule starts,
+        after the first sweep), as it refuses ``blocks > 1`` for a pytree ``z0``, whose packed state
+        holds its leaves one after another.
 
     Notes
     -----
@@ -121,38 +121,31 @@ class ChainSecant:
     def __repr__(self) -> str:
         return f"ChainSecant(m={self.m}, lam={self.lam}, safeguard={self.safeguard}, blocks={self.blocks})"
 
-    def check_state(self, z0: object) -> None:
-        """Refuse an initial state that ``blocks`` would cut inside a sample (``ValueError``).
-
-        Called by :func:`~implicitdiff.solve_chain` with ``z0`` as given, before the first sweep.
-        """
-        if self.blocks == 1:
-            return
-        if not isinstance(z0, Tensor):
-            raise ValueError(
-                f"ChainSecant(blocks={self.blocks}) needs z0 as one tensor whose leading dimension holds the "
-                f"samples, got {type(z0).__name__}: a pytree state is packed leaf after leaf, so its blocks "
-                "would cut the samples; stack each sample's leaves into one row, or use blocks=1"
-            )
-        samples = z0.shape[0] if z0.dim() else 1
-        if samples % self.blocks:
-            raise ValueError(
-                f"ChainSecant(blocks={self.blocks}) must divide z0's leading dimension (its samples), got "
-                f"z0 of shape {tuple(z0.shape)}: a block that cuts a sample misses the coupling of its "
-                f"entries, and the rule may take up to num_steps sweeps; use a divisor of {samples}"
-            )
-
     def start(self, sweep: Sweep) -> _History:
         """An empty history for the ``(rows, n)`` steps in flight."""
         z = sweep.estimates
         rows, n = z.shape
-        if n % self.blocks:
-            raise ValueError(
-                f"blocks must divide the size of a state: got blocks={self.blocks} for states of {n} entries"
-            )
+        self._check_blocks(sweep.samples)
         empty = z.new_zeros(rows, self.m, n)
         known = torch.zeros(rows, dtype=torch.bool, device=z.device)
         return _History(empty, empty.clone(), z.clone(), z.clone(), torch.zeros_like(z), known, 0)
+
+    def _check_blocks(self, samples: int | None) -> None:
+        """Refuse a state that ``blocks`` would cut inside a sample (``ValueError``)."""
+        if self.blocks == 1:
+            return
+        if samples is None:
+            raise ValueError(
+                f"ChainSecant(blocks={self.blocks}) needs z0 as one tensor whose leading dimension holds the "
+                "samples, got a pytree: its state is packed leaf after leaf, so its blocks would cut the "
+                "samples; stack each sample's leaves into one row, or use blocks=1"
+            )
+        if samples % self.blocks:
+            raise ValueError(
+                f"ChainSecant(blocks={self.blocks}) must divide z0's leading dimension (its {samples} "
+                "samples): a block that cuts a sample misses the coupling of its entries, and the rule may "
+                f"take up to num_steps sweeps; use a divisor of {samples}"
+            )
 
     def record(self, state: _History, prev: Tensor, fz: Tensor, z: Tensor) -> None:
         r"""Judge the last proposals, then write this sweep's pair ``(prev - last_in, fz - last_out)``.

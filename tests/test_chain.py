@@ -720,7 +720,8 @@ def test_chain_secant_refuses_blocks_that_cut_a_sample_and_takes_no_more_sweeps_
         ):
             solve_chain(step, x0, 50, solver=ChainSecant(blocks=blocks))
     with pytest.raises(ValueError, match=r"ChainSecant\(blocks=2\) needs z0 as one tensor"):
-        solve_chain(lambda k, x: x, {"a": x0, "b": x0}, 5, solver=ChainSecant(blocks=2))
+        halve = lambda k, x: {name: 0.5 * leaf + 1.0 for name, leaf in x.items()}  # noqa: E731
+        solve_chain(halve, {"a": x0, "b": x0}, 5, solver=ChainSecant(blocks=2))
     for gain, form in itertools.product((0.5, 0.9, 1.1), FORMS):
         step, x0 = samples_chain(gain)
         picard = solve_chain(step, x0, 50, tol=1e-8, form=form).sweeps

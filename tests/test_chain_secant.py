@@ -35,6 +35,7 @@ def _sweep(inputs, images, estimates, final, change, cumulative):
         origin=torch.zeros(1, inputs.shape[1], dtype=inputs.dtype),
         cumulative=cumulative,
         stop_mode="abs",
+        samples=inputs.shape[1],  # a state of one entry per sample: any blocks dividing it keep samples whole
     )
 
 

@@ -250,7 +250,7 @@ def test_a_leaf_with_the_wrong_leading_dimension_is_refused_with_its_path(rows: 
     def step(k: torch.Tensor, x: dict) -> dict:
         return {"a": 0.5 * x["a"], "b": wrong(x["b"]) if x["b"].shape[0] == 4 else x["b"]}
 
-    with pytest.raises(ValueError, match=rf"step\(k, x\) returned shape \({rows}, 3\) at x\['b'\]"):
+    with pytest.raises(ValueError, match=rf"step\(k, z\) returned shape \({rows}, 3\) at z\['b'\]"):
         solve_chain(step, x0, 4)
 
     def f(z: dict, x: torch.Tensor) -> dict:

@@ -577,11 +577,7 @@ def sample_parallel(
             max_batch=max_batch,
             init=None if guess is None else guess[warmup:],
         )
-    counts = [0] * steps
-    for row in rows:
-        counts[row] += 1
-    for k, count in enumerate(chain.evaluations_per_step.tolist()):
-        counts[warmup + k] += count
+    counts = _evaluations_per_timestep(steps, rows, warmup, chain)
     residuals = [0.0] * warmup + (chain.residual / scale).tolist()
     options = {"model": type(model).__name__, "method": "ddim", "eta": 0.0, "parallel": True}
     # "solver" is FPDM's fixed-point solver of each timestep, as in the sequential sampler's summary.
@@ -592,9 +588,7 @@ def sample_parallel(
     options["iterations_per_call"] = iters if implicit else None
     options.update(reuse=bool(reuse and implicit), solver=repr(block_solver) if block_solver else None)
     # The sequential sampler whose samples these are (none with reuse across sweeps).
-    options["reproduces"] = (
-        None if reuse and implicit else "sampling.sample(method='ddim', eta=0, reuse=False)"
-    )
+    options["reproduces"] = None if reuse and implicit else REPRODUCES
     return ParallelResult(
         images=chain.zs[-1],
         timesteps=timesteps,
@@ -611,6 +605,20 @@ def sample_parallel(
         options=options,
         chain=chain,
     )
+
+
+#: The sequential sampler whose samples the parallel sampler gives (without FPDM's reuse across sweeps).
+REPRODUCES = "sampling.sample(method='ddim', eta=0, reuse=False)"
+
+
+def _evaluations_per_timestep(steps: int, rows: list[int], warmup: int, chain: ChainResult) -> list[int]:
+    """How often each timestep was evaluated: once per first-guess row, then by the chain (after warm-up)."""
+    counts = [0] * steps
+    for row in rows:
+        counts[row] += 1
+    for k, count in enumerate(chain.evaluations_per_step.tolist()):
+        counts[warmup + k] += count
+    return counts
 
 
 class _Shifted:
