@@ -193,8 +193,8 @@ def test_grid_sweeps_checks_the_chain_against_its_rollout():
     case = {"steps": 12, "gain": 0.8, "act": "tanh", "form": "cumulative", "window": None, "seed": 0}
     out = chain_grid.grid_sweeps(case, None)
     chain = chain_grid.ToyChain(12, 6, [0.8] * 12, 0, "tanh")
-    torch.testing.assert_close(out.xs, chain.rollout(), atol=1e-8 * 12, rtol=0)
+    torch.testing.assert_close(out.zs, chain.rollout(), atol=1e-8 * 12, rtol=0)
     assert 1 <= out.sweeps <= 12
-    wrong = dataclasses.replace(out, xs=out.xs + 1e-3 * (torch.arange(13) > 5)[:, None])
+    wrong = dataclasses.replace(out, zs=out.zs + 1e-3 * (torch.arange(13) > 5)[:, None])
     with pytest.raises(AssertionError, match="residuals reported are not those"):
         chain_grid.check_against_rollout(chain, wrong, chain_grid.TOL)
