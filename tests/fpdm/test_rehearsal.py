@@ -208,3 +208,47 @@ def test_keep_refuses_a_folder_that_holds_files(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         rh.main(["--keep", str(tmp_path)])
     assert stopped.value.code == 2 and "exists and is not an empty folder" in capsys.readouterr().err
+
+
+SLEEPER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print(child.pid, flush=True)
+open(sys.argv[1], "w").write(str(child.pid))
+time.sleep(120)
+"""
+
+
+def gone(pid: int, seconds: float = 10.0) -> bool:
+    """Whether process ``pid`` has ended (a zombie awaiting its reaper counts as ended) within ``seconds``."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_stage_past_its_time_is_stopped_with_every_process_it_started(tmp_path, monkeypatch):
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    (tmp_path / "logs").mkdir()
+    monkeypatch.setattr(rh, "EXAMPLE_DIR", tmp_path)
+    monkeypatch.setattr(rh, "STAGE_TIMEOUT", 5)
+    with pytest.raises(RehearsalFailure, match=r"sleepy: no result after 5 s of\n  python .*sleeper\.py"):
+        rh.launch("sleeper.py", [str(tmp_path / "pid")], 1, tmp_path / "logs", "sleepy")
+    assert gone(int((tmp_path / "pid").read_text()))  # the grandchild too, not only the script
+
+
+def test_a_stage_that_fails_shows_its_command_and_the_end_of_its_output(tmp_path, monkeypatch):
+    (tmp_path / "failing.py").write_text("import sys\nprint('the reason', file=sys.stderr)\nsys.exit(3)\n")
+    (tmp_path / "logs").mkdir()
+    monkeypatch.setattr(rh, "EXAMPLE_DIR", tmp_path)
+    with pytest.raises(RehearsalFailure, match=r"broken: exit status 3 of\n.*failing\.py\n.*\nthe reason"):
+        rh.launch("failing.py", [], 1, tmp_path / "logs", "broken")
+    assert (tmp_path / "logs" / "broken.err").read_text() == "the reason\n"

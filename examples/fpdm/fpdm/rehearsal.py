@@ -23,16 +23,19 @@ unless ``--keep DIR`` names a folder to keep (with each stage's output in ``DIR/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any, TypeVar
 
 import numpy as np
@@ -64,6 +67,8 @@ META_KEYS = (
 LATENTS_FILES = {"latents.npy", "labels.npy", "meta.json"}
 RUN_FILES = {"checkpoint.pt", "log.jsonl"}
 SAMPLE_FILES = {"grid.png", "samples.npz", "summary.json"}
+#: Seconds a stage may take before it is stopped (a few minutes is usual on a busy 2-core CPU).
+STAGE_TIMEOUT = 900
 #: The scores ``evaluate.py --extractor inception`` reports, each a finite number.
 SCORES = ("fid", "sfid", "inception_score", "precision", "recall", "kid_mean", "kid_std")
 
@@ -72,21 +77,23 @@ class RehearsalFailure(AssertionError):
     """A stage failed, or wrote something other than what its documentation promises."""
 
 
+@dataclasses.dataclass(frozen=True)
 class Sizes:
     """How big the rehearsal is: small enough for a few minutes on two CPU cores, big enough that every
-    split is uneven (the last batch of extraction and sampling is partial, each rank gets a share)."""
+    split is uneven (the last batch of extraction and of sampling is partial; each rank gets a share)."""
 
-    processes = 2
-    images_per_class = 7  # 21 images: extraction batches 4, 4, 4, 4, 4, 1
-    image_size = 16  # the tiny VAE halves it: latents 4x8x8
-    extract_batch = 4
-    train_steps = 6
-    train_batch = 8
-    hidden_size, num_heads = 32, 2
-    num_samples = 10  # sampling batches 4, 4, 2 over two ranks
-    sample_batch = 4
-    budget = 8  # block evaluations per sample: 2 timesteps of 1 + 1 blocks and 2 iterations
-    kid_subset_size = 5
+    processes: int = 2
+    images_per_class: int = 7  # 21 images: extraction batches 4, 4, 4, 4, 4, 1
+    image_size: int = 16  # the tiny VAE halves it: latents 4x8x8
+    extract_batch: int = 4
+    train_steps: int = 6
+    train_batch: int = 8
+    hidden_size: int = 32
+    num_heads: int = 2
+    num_samples: int = 10  # sampling batches 4, 4, 2 over two ranks
+    sample_batch: int = 4
+    budget: int = 8  # block evaluations per sample: 2 timesteps of 1 + 1 blocks and 2 iterations
+    kid_subset_size: int = 5
 
 
 def expect(condition: bool, message: str) -> None:
@@ -324,15 +331,26 @@ def launch(script: str, args: Sequence[str], processes: int, logs: Path, stage: 
     shown = shlex.join(["python" if c == sys.executable else c for c in command])
     print(f"[rehearsal] {stage}: {shown}", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # nothing is downloaded
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
-    (logs / f"{stage}.out").write_text(proc.stdout)
-    (logs / f"{stage}.err").write_text(proc.stderr)
+    # In a session of its own, so that a timeout or Ctrl-C ends torchrun's workers with it.
+    with subprocess.Popen(
+        command, stdout=PIPE, stderr=PIPE, text=True, env=env, start_new_session=True
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=STAGE_TIMEOUT)
+        except BaseException as stopped:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if isinstance(stopped, subprocess.TimeoutExpired):
+                raise RehearsalFailure(f"{stage}: no result after {STAGE_TIMEOUT} s of\n  {shown}") from None
+            raise
+    (logs / f"{stage}.out").write_text(stdout)
+    (logs / f"{stage}.err").write_text(stderr)
     if proc.returncode != 0:
-        tail = proc.stderr[-3000:]
+        tail = stderr[-3000:]
         raise RehearsalFailure(
             f"{stage}: exit status {proc.returncode} of\n  {shown}\n--- its output ends:\n{tail}"
         )
-    return proc.stdout
+    return stdout
 
 
 class Clock:
@@ -355,7 +373,7 @@ class Clock:
         return "\n".join([*rows, f"  {'total':<9} {sum(self.seconds.values()):7.1f} s"])
 
 
-def _prepare(work: Path, sizes: type[Sizes]) -> dict[str, Any]:
+def _prepare(work: Path, sizes: Sizes) -> dict[str, Any]:
     visible = write_image_folder(work / "images", sizes.images_per_class)
     inception = write_random_inception(work / "inception-random.pth")
     return {
@@ -366,7 +384,7 @@ def _prepare(work: Path, sizes: type[Sizes]) -> dict[str, Any]:
     }
 
 
-def _extract(work: Path, inputs: dict[str, Any], sizes: type[Sizes]) -> dict[str, Any]:
+def _extract(work: Path, inputs: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
     """Two processes extract and are checked against the format; one process (here, on one thread as each
     rank has) extracts again, and the two folders are compared byte for byte."""
     from fpdm.latents import main as extract_main
@@ -382,7 +400,7 @@ def _extract(work: Path, inputs: dict[str, Any], sizes: type[Sizes]) -> dict[str
     return meta
 
 
-def _train(work: Path, sizes: type[Sizes]) -> None:
+def _train(work: Path, sizes: Sizes) -> None:
     run, latents = work / "run", work / "latents"
     args = flags(data=f"latents:{latents}", model="FPDM-Digits/2", hidden_size=sizes.hidden_size)
     args += flags(num_heads=sizes.num_heads, steps=sizes.train_steps, batch_size=sizes.train_batch)
@@ -391,14 +409,14 @@ def _train(work: Path, sizes: type[Sizes]) -> None:
     check_training(run, stdout, sizes.train_steps, latents, sizes.processes)
 
 
-def _sample(work: Path, inputs: dict[str, Any], meta: dict[str, Any], sizes: type[Sizes]) -> None:
+def _sample(work: Path, inputs: dict[str, Any], meta: dict[str, Any], sizes: Sizes) -> None:
     args = flags(work / "run" / "checkpoint.pt", num_samples=sizes.num_samples, budget=sizes.budget)
     args += flags(batch_size=sizes.sample_batch, device="cpu", no_progress=True, out=work / "samples")
     launch("sample.py", args, sizes.processes, work / "logs", "sample")
     check_samples(work / "samples", sizes.num_samples, meta, inputs["vae"], sizes.processes)
 
 
-def _evaluate(work: Path, inputs: dict[str, Any], sizes: type[Sizes]) -> None:
+def _evaluate(work: Path, inputs: dict[str, Any], sizes: Sizes) -> None:
     args = flags(samples=work / "samples" / "samples.npz", real=f"folder:{inputs['images']}")
     args += flags(extractor="inception", inception_weights=inputs["inception"], out=work / "scores.json")
     args += flags(kid_subsets=10, kid_subset_size=sizes.kid_subset_size)
@@ -406,7 +424,7 @@ def _evaluate(work: Path, inputs: dict[str, Any], sizes: type[Sizes]) -> None:
     check_scores(work / "scores.json", sizes.num_samples, len(inputs["visible"]))
 
 
-def rehearse(work: Path, sizes: type[Sizes] = Sizes) -> Clock:
+def rehearse(work: Path, sizes: Sizes = Sizes()) -> Clock:
     """Run the five stages in ``work`` (an empty folder) and check each; return their wall times.
 
     Raises
