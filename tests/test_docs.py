@@ -180,6 +180,41 @@ def test_every_name_in_the_api_reference_is_public():
     assert not private, "names on API pages that are not public: " + ", ".join(private)
 
 
+#: A dotted name of the library on a page: ``implicitdiff.solvers.Captured``, ``implicitdiff.nn.forget``.
+LIBRARY_NAME = re.compile(r"(?<![\w./])implicitdiff(?:\.[A-Za-z_]\w*)+")
+
+
+def test_every_library_name_on_a_page_exists():
+    """A page names no removed or misspelt object: each ``implicitdiff.x.y`` it writes imports."""
+    missing = [
+        f"{page.relative_to(ROOT)}: {name}"
+        for page in user_doc_pages()
+        for name in sorted(set(LIBRARY_NAME.findall(page.read_text(encoding="utf-8"))))
+        if not _names_something(name)
+    ]
+    assert not missing, "names that do not exist:\n" + "\n".join(missing)
+
+
+def _names_something(dotted: str) -> bool:
+    """Whether ``dotted`` is a module, a member of one, or an attribute its class documents."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        if not _is_module(".".join(parts[:cut])):
+            continue
+        obj: object = importlib.import_module(".".join(parts[:cut]))
+        for i, attr in enumerate(parts[cut:], start=cut):
+            if not hasattr(obj, attr):
+                # an instance attribute that the class's docstring lists (``last_backward : ...``)
+                last = i == len(parts) - 1
+                doc = getattr(obj, "__doc__", None) or ""
+                return last and isinstance(obj, type) and re.search(rf"^\s*{attr}\s*:", doc, re.M) is not None
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
 def _is_module(name: str) -> bool:
     import importlib.util
 
