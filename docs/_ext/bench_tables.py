@@ -61,20 +61,19 @@ def _owner_has(owner: Any, attr: str) -> bool:
 
 
 def _candidates(node: Any, documented: Iterable[str]) -> list[str]:
-    """The full names a reference may mean: as written, then in its class, then in its module."""
+    """The full names a reference may mean: as written, in its class, in its module, then by its
+    short name when exactly one documented object has it (a summary line with no module in scope)."""
     target = node.get("reftarget", "").lstrip("~.")
     module, klass = node.get("py:module"), node.get("py:class")
     names = [target]
-    if (
-        "." not in target
-    ):  # a short name where no module is in scope (an autosummary's summary line)
-        names += sorted(
-            {name for name in documented if name.rpartition(".")[2] == target}, key=len
-        )[:1]
     if module and klass:
         names.append(f"{module}.{klass}.{target}")
     if module:
         names.append(f"{module}.{target}")
+    if "." not in target:
+        same = [name for name in documented if name.rpartition(".")[2] == target]
+        if len({id(_import(name)) for name in same}) == 1:
+            names.append(min(same, key=len))
     return [name for name in names if name.startswith("implicitdiff.")]
 
 
