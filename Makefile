@@ -58,7 +58,7 @@ package-check: $(PY)
 
 docs: $(PY)
 	$(PIP) $(TORCH) -e '.[docs]'
-	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+	$(PY) -m sphinx -n -W --keep-going -b html docs docs/_build/html
 
 lint: $(PY)
 	$(PY) -m ruff check .
