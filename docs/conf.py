@@ -69,12 +69,6 @@ nitpick_ignore = [
     ("py:class", "torch.Tensor"),
     ("py:class", "collections.Counter"),
     ("py:class", "pytree"),  # the docstrings' word for a nested structure of tensors
-    # SolverResult.frozen_evaluations: napoleon reads its one-line docstring, "Evaluations of samples
-    # that had already converged or failed: ...", as "type: description". Drop these three once that
-    # sentence loses its colon.
-    ("py:class", "Evaluations"),
-    ("py:class", "samples that had already converged"),
-    ("py:class", "failed"),
 ]
 
 html_theme = "furo"
