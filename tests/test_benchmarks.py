@@ -130,7 +130,7 @@ def test_every_script_is_run_quick_by_some_test():
         "fpdm_chain_analysis": "trains two digits models first",
     }
     untested = [p.stem for p in SCRIPTS if p.stem not in QUICK and f'"{p.stem}"' not in fpdm]
-    assert sorted(set(untested) - slow) == [], untested
+    assert sorted(set(untested) - set(slow)) == [], untested
 
 
 # --- the harness ---------------------------------------------------------------------------------------
