@@ -116,7 +116,7 @@ def test_the_package_modules_import_each_other_without_a_circle():
     for name in graph:
         visit(name, ())
     # The library-like modules do not reach the command lines' modules.
-    library = ("data", "diffusion", "files", "metrics", "registry", "cli", "models", "run_folder")
+    library = ("data", "diffusion", "files", "metrics", "cli", "models", "run_folder")
     library += ("sampling", "parallel", "reverse", "schedule")
     for low_level in library:
         assert not graph[low_level] & COMMAND_MODULES, low_level
@@ -197,10 +197,10 @@ def test_no_code_comment_names_a_machine_or_a_path_outside_the_repository(path):
     assert not MACHINE_NOTES.search(path.read_text()), path.name
 
 
-def test_every_command_line_offers_the_registrys_solvers_and_estimators():
+def test_every_command_line_offers_the_same_solvers_and_estimators():
     from fpdm import generation as sample
     from fpdm import training as train
-    from fpdm.registry import ESTIMATORS, SOLVERS
+    from fpdm.training import ESTIMATORS, SOLVERS
 
     def choices(parser, dest):
         (action,) = [a for a in parser._actions if a.dest == dest]
@@ -209,9 +209,9 @@ def test_every_command_line_offers_the_registrys_solvers_and_estimators():
     assert choices(train.build_parser(), "solver") == set(SOLVERS)
     assert choices(train.build_parser(), "grad") == set(ESTIMATORS)
     assert choices(sample.build_parser(), "solver") == set(SOLVERS)
-    # The solver and estimator names are written once, in registry.py.
+    # The solver and estimator names are written once, in training.py's table.
     for path in EXAMPLE:
-        if path.name != "registry.py":
+        if path.name != "training.py":
             text = path.read_text()
             assert not re.search(r"""["']broyden["']""", text), path.name
             assert not re.search(r"""["']phantom["']\s*[:,]""", text), path.name

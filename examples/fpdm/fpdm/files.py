@@ -8,11 +8,14 @@ containers, never pickled code). A file that is missing, damaged, or of another 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import pickle
+import secrets
 import shutil
 import tempfile
 import zipfile
@@ -50,7 +53,7 @@ def save_atomically(payload: Any, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
@@ -58,9 +61,21 @@ def save_atomically(payload: Any, path: str | Path) -> Path:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _temporary_beside(path: Path) -> tuple[int, Path]:
+    """A new file beside ``path`` (``.NAME.RANDOM.tmp``), open for writing, whose mode follows the umask
+    as every other file's does (``tempfile.mkstemp`` makes it 0600, which the final rename would keep)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
 def save_json_atomically(payload: Any, path: str | Path) -> Path:
@@ -77,7 +92,7 @@ def save_npz_atomically(path: str | Path, **arrays: np.ndarray) -> Path:
     """``np.savez`` to ``path`` through a temporary file in the same folder, flushed and moved in by
     ``os.replace``: a reader sees the whole file or none (an interrupted run leaves at most a temporary)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, **arrays)
@@ -85,7 +100,7 @@ def save_npz_atomically(path: str | Path, **arrays: np.ndarray) -> Path:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -213,6 +228,9 @@ def load_tensors(path: str | Path, expected: str, keys: Iterable[str] = ()) -> d
         raise FileKindError(f"{path}: is a folder (expected {expected})")
     if not path.is_file():
         raise FileKindError(f"{path}: no such file (expected {expected})")
+    not_saved = _not_a_torch_save_file(path)
+    if not_saved:
+        raise FileKindError(f"{path}: {not_saved}, not a torch.save file (expected {expected})")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for a file it cannot read; all mean the same here
@@ -231,6 +249,28 @@ def load_tensors(path: str | Path, expected: str, keys: Iterable[str] = ()) -> d
     if missing:
         raise FileKindError(f"{path}: has no {', '.join(map(repr, missing))} (expected {expected})")
     return payload
+
+
+def _not_a_torch_save_file(path: Path) -> str | None:
+    """What a file is when its first bytes show that ``torch.save`` did not write it (``None`` otherwise).
+
+    ``torch.save`` writes a ZIP archive (``PK``) or, in its legacy format, a pickle of protocol 2 or more
+    (``0x80``); any other start is another kind of file, which the unpickler would otherwise describe as
+    "pickled objects" it refuses.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if head.startswith((b"PK", b"\x80")):
+        return None
+    if not head:
+        return "is empty"
+    try:  # a multi-byte character cut at the end of the head is still text
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return "is binary data of another kind"
+    if any(not char.isprintable() and char not in "\t\r\n" for char in text):
+        return "is binary data of another kind"
+    return "is a text file"
 
 
 def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], int]:

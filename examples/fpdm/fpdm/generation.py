@@ -38,11 +38,10 @@ from fpdm.diffusion import METHODS, SPACINGS, GaussianDiffusion
 from fpdm.distributed import Runtime, run_on_main, setup_runtime, shutdown_runtime
 from fpdm.files import FileKindError, staged_folder
 from fpdm.parallel import DEFAULT_TAU, FORMS, ParallelResult, sample_parallel
-from fpdm.registry import SOLVERS, make_solver
 from fpdm.run_folder import RunLock
 from fpdm.sampling import SCHEDULES, SampleResult, plan_timesteps, sample, sample_generators, sample_labels
 from fpdm.shards import SHARDS_NAME, ShardPlan, merge_shards, open_shards
-from fpdm.training import TrainConfig, build_model, load_checkpoint, stored_config
+from fpdm.training import SOLVERS, load_trained_model, make_solver
 
 __all__ = [
     "LOCK_NAME",
@@ -68,19 +67,10 @@ LOCK_NAME = "sample.lock"
 
 
 def _load(path: str | Path, ema: bool, device: str | torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a checkpoint (in eval mode) and the checkpoint's stored configuration, as saved."""
-    ckpt = load_checkpoint(path)
-    cfg = TrainConfig(**stored_config(ckpt, TrainConfig))
-    if ema and "ema" in ckpt:
-        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-    else:
-        state = ckpt["model"]
-    _, in_channels, patch, _ = state["patch_embed.weight"].shape  # (D, C, p, p)
-    grid = math.isqrt(state["pos_embed"].shape[1])
-    num_classes = state["y_embedder.table.weight"].shape[0] - 1
-    model = build_model(cfg, in_channels, grid * patch, num_classes)
-    model.load_state_dict(state)
-    return model.to(device).eval(), dict(ckpt.get("config", {}))
+    """The model of a checkpoint (in eval mode) and the checkpoint's stored configuration, as saved
+    (:func:`training.load_trained_model`)."""
+    model, config = load_trained_model(path, ema=ema)
+    return model.to(device).eval(), config
 
 
 def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> nn.Module:
@@ -723,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: The rules of ``--chain-solver``: ``secant`` is :class:`implicitdiff.ChainSecant` with one model per
-#: sample (``sample_parallel``'s default), the others the solvers of :data:`fpdm.registry.SOLVERS`.
+#: sample (``sample_parallel``'s default), the others the solvers of :data:`fpdm.training.SOLVERS`.
 CHAIN_SOLVERS = ("secant", *SOLVERS)
 
 #: Options that only ``--parallel`` uses, and their defaults there (``--chain-tol`` and ``--chain-tau`` stay

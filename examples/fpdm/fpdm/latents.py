@@ -81,6 +81,7 @@ from fpdm.cli import (
     EXIT_NON_FINITE,
     Interrupted,
     OneLineParser,
+    StopSignals,
     UsageError,
     bounded_float,
     bounded_int,
@@ -101,7 +102,6 @@ from fpdm.data import (
 )
 from fpdm.distributed import Runtime, gather_objects, joined, on_main_then_all
 from fpdm.files import FileKindError, load_tensors
-from fpdm.training import StopSignals
 
 __all__ = [
     "IDENTITY_KEYS",
