@@ -7,6 +7,7 @@ alive) is refused, and every refusal names the lock file and the command that cl
 """
 
 import json
+import multiprocessing
 import os
 import socket
 import stat
@@ -190,6 +191,31 @@ def test_a_lock_released_while_a_contender_opens_it_leaves_one_owner(tmp_path, m
         RunLock(tmp_path).acquire()
     second.release()
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+def started_then_asleep(started) -> None:
+    started.set()
+    time.sleep(120)
+
+
+def test_a_forked_child_does_not_keep_the_lock_of_an_owner_that_died(tmp_path):
+    # DataLoader workers are forked: they must not hold the owner's lock after it is gone.
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    fork = multiprocessing.get_context("fork")
+    started = fork.Event()
+    child = fork.Process(target=started_then_asleep, args=(started,))
+    child.start()
+    try:
+        assert started.wait(timeout=60)  # the child runs (what happens at a fork is done)
+        os.close(lock._fd)  # the owner dies: the system closes its descriptors, the file stays
+        lock._fd = None
+        other = RunLock(tmp_path)
+        other.acquire()  # refused if the child still held the lock
+        other.release()
+    finally:
+        child.kill()
+        child.join()
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -302,6 +302,7 @@ class RunLock:
             os.close(fd)
             raise
         self._fd = fd
+        _HELD.add(fd)
 
     def _locked_file(self) -> int:
         """A descriptor of the lock file with its exclusive lock held."""
@@ -377,8 +378,26 @@ class RunLock:
             if _same_file(self._fd, self.path):
                 self.path.unlink(missing_ok=True)
         finally:
+            _HELD.discard(self._fd)
             os.close(self._fd)
             self._fd = None
+
+
+#: The descriptors of the locks this process holds. A forked child (a ``DataLoader`` worker) closes its
+#: copies, so that the lock stays its owner's alone and goes when the owner ends, not when the last child
+#: does. (A child's ``close`` drops its reference; the lock is held while any reference is open.)
+_HELD: set[int] = set()
+
+
+def _close_in_child() -> None:
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 def _same_file(fd: int, path: Path) -> bool:
