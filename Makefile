@@ -64,7 +64,7 @@ format: $(PY)
 
 bench: $(PY)
 	$(PIP) $(TORCH) -e '.[bench]'
-	$(PY) benchmarks/solvers.py
+	$(PY) -m benchmarks.solvers
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info docs/_build

@@ -2,7 +2,8 @@
 
 Run::
 
-    python benchmarks/chain.py     # prints a table, writes benchmarks/results/chain.json
+    python -m benchmarks.chain           # prints the tables, writes benchmarks/results/chain.json
+    python -m benchmarks.chain --quick   # one timed run and 6 chains of the grid
 
 Three chains:
 
@@ -15,40 +16,30 @@ Three chains:
   a real diffusion sampler's, with no network), float64, ParaDiGMS's noise-scaled tolerance
   ``tol_k = 1e-4 * sigma_k * sqrt(numel)`` on each step (RMS per entry ``1e-4 sigma_k``).
 
-And the test grid: the 252 toy chains of ``tests/test_chain.py``'s ``ToyChain`` (12, 30 and 60 steps,
-gains 0.5 to 1.1, tanh and affine, both forms, full window and 8, three seeds; float64, tol 1e-8), on
-which the script counts, per rule, the chains where it took more sweeps than Picard on the same form.
+And the grid of :mod:`benchmarks.chain_grid`: 252 small chains (12, 30 and 60 steps, gains 0.5 to 1.1,
+tanh and affine, both forms, full window and 8, three seeds; float64, tol 1e-8), on which the script
+counts, per rule, the chains where it took more sweeps than Picard on the same form and window.
 
 Per method: ``sweeps`` (sequential rounds: batched calls of the step), ``evaluations`` (steps
 evaluated, summed over the calls), the largest distance of any state to the sequential rollout, and
 the median wall-clock of 5 runs on one thread (a shared CPU: noisy, for scale only), for both maps
-(``form="step"`` and ``form="cumulative"``). "reinit" re-creates the rule's state at every slide
-instead of carrying each step's history along.
+(``form="step"`` and ``form="cumulative"``).
 """
 
 from __future__ import annotations
 
-import json
-import platform
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-import implicitdiff.chain as chain_module
-from implicitdiff import Anderson, Broyden, ChainSecant, Picard, solve_chain
-from implicitdiff.chain import ChainRuleWarning
+from benchmarks import harness, tables
+from benchmarks.chain_grid import GRID, grid_sweeps
+from implicitdiff import Anderson, Broyden, ChainRuleWarning, ChainSecant, Picard, solve_chain
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_chain import GRID, grid_sweeps
-
-RESULTS = Path(__file__).parent / "results" / "chain.json"
 STEPS, DIM, TOL, REPS = 50, 64, 1e-5, 5
 DDIM_STEPS, DDIM_TAU = 100, 1e-4
 
@@ -109,28 +100,22 @@ def sequential(step: Callable[[Tensor, Tensor], Tensor], x0: Tensor, steps: int 
     return torch.stack(xs)
 
 
-def reinit(state: Any, index: Tensor, rows: int) -> None:
-    return None  # solve_chain re-initialises a missing state at its next evaluation
-
-
-# name -> (rule factory, window, form, re-initialise the rule at every slide)
-METHODS: dict[str, tuple[Callable[[], Any], int | None, str, bool]] = {
-    "Picard": (Picard, None, "step", False),
-    "Picard, window 10": (Picard, 10, "step", False),
-    "Anderson(m=5)": (lambda: Anderson(m=5), None, "step", False),
-    "Anderson(m=5), reinit": (lambda: Anderson(m=5), None, "step", True),
-    "Broyden(memory=10)": (lambda: Broyden(memory=10), None, "step", False),
-    "Picard (ParaDiGMS)": (Picard, None, "cumulative", False),
-    "Picard, window 10 (ParaDiGMS)": (Picard, 10, "cumulative", False),
-    "Anderson(m=5) ": (lambda: Anderson(m=5), None, "cumulative", False),
-    "Anderson(m=5), window 10": (lambda: Anderson(m=5), 10, "cumulative", False),
-    "Anderson(m=5), reinit ": (lambda: Anderson(m=5), None, "cumulative", True),
-    "Broyden(memory=10) ": (lambda: Broyden(memory=10), None, "cumulative", False),
-    "ChainSecant(m=3)": (ChainSecant, None, "step", False),
-    "ChainSecant(m=3), window 10": (ChainSecant, 10, "step", False),
-    "ChainSecant(m=3) ": (ChainSecant, None, "cumulative", False),
-    "ChainSecant(m=3), window 10 ": (ChainSecant, 10, "cumulative", False),
-}
+#: (method, rule factory, window, form), in the order of the table.
+METHODS: list[tuple[str, Callable[[], Any], int | None, str]] = [
+    ("Picard", Picard, None, "step"),
+    ("Picard", Picard, 10, "step"),
+    ("Anderson(m=5)", lambda: Anderson(m=5), None, "step"),
+    ("Broyden(memory=10)", lambda: Broyden(memory=10), None, "step"),
+    ("ChainSecant(m=3)", ChainSecant, None, "step"),
+    ("ChainSecant(m=3)", ChainSecant, 10, "step"),
+    ("Picard (ParaDiGMS)", Picard, None, "cumulative"),
+    ("Picard (ParaDiGMS)", Picard, 10, "cumulative"),
+    ("Anderson(m=5)", lambda: Anderson(m=5), None, "cumulative"),
+    ("Anderson(m=5)", lambda: Anderson(m=5), 10, "cumulative"),
+    ("Broyden(memory=10)", lambda: Broyden(memory=10), None, "cumulative"),
+    ("ChainSecant(m=3)", ChainSecant, None, "cumulative"),
+    ("ChainSecant(m=3)", ChainSecant, 10, "cumulative"),
+]
 
 #: The rules counted on the test grid (each against Picard on the same form and window).
 GRID_RULES: dict[str, Callable[[], Any]] = {
@@ -140,98 +125,75 @@ GRID_RULES: dict[str, Callable[[], Any]] = {
 }
 
 
-def timed(run: Callable[[], Any]) -> tuple[Any, float]:
+def timed(run: Callable[[], Any], reps: int) -> tuple[Any, float]:
+    """The result of ``run`` and its median wall-clock in ms over ``reps`` runs after a warm-up."""
     run()
-    times, out = [], None
-    for _ in range(REPS):
-        start = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - start)
-    return out, 1e3 * statistics.median(times)
+    seconds, out = harness.timed(run, reps)
+    return out, 1e3 * seconds
 
 
 def chain_rows(
-    name: str, step: Callable[[Tensor, Tensor], Tensor], x0: Tensor, steps: int, tol: Any, extra: Any = None
-) -> list:
-    """The sequential row and one row per method of ``METHODS`` (and of ``extra``) on one chain."""
-    reference, wall = timed(lambda: sequential(step, x0, steps))
+    name: str, step: Callable[[Tensor, Tensor], Tensor], x0: Tensor, steps: int, tol: Any, reps: int,
+    extra: tuple = (),
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The sequential row and one row per entry of ``METHODS`` (and of ``extra``) on one chain."""
+    reference, wall = timed(lambda: sequential(step, x0, steps), reps)
     rows = [
-        {"chain": name, "method": "sequential", "form": "-", "window": 1, "sweeps": steps}
+        {"chain": name, "method": "sequential", "form": "", "window": 1, "sweeps": steps}
         | {"evaluations": steps, "max_error": 0.0, "converged": True, "wall_ms": wall}
     ]
-    for method, (solver, window, form, fresh) in {**METHODS, **(extra or {})}.items():
-        original = chain_module._take_rows
-        if fresh:
-            chain_module._take_rows = reinit
-        try:
+    for method, solver, window, form in [*METHODS, *extra]:
 
-            def run(solver=solver, window=window, form=form) -> Any:
-                return solve_chain(step, x0, steps, solver=solver(), tol=tol, window=window, form=form)
+        def run(solver=solver, window=window, form=form) -> Any:
+            return solve_chain(step, x0, steps, solver=solver(), tol=tol, window=window, form=form)
 
-            out, wall = timed(run)
-        finally:
-            chain_module._take_rows = original
-        error = float((out.xs - reference).flatten(1).norm(dim=1).max())
+        out, wall = timed(run, reps)
+        error = float((out.zs - reference).flatten(1).norm(dim=1).max())
         rows.append(
-            {"chain": name, "method": method.strip(), "form": form, "window": window or steps}
-            | {"sweeps": out.sweeps, "evaluations": out.evaluations, "max_error": error}
+            {"chain": name, "method": method, "form": form, "window": window or steps}
+            | {"sweeps": out.sweeps, "evaluations": out.total_evaluations, "max_error": error}
             | {"converged": out.all_converged, "wall_ms": wall}
         )
     return rows
 
 
-def grid_counts() -> dict[str, dict[str, Any]]:
-    """Per rule of ``GRID_RULES``: sweeps over ``tests/test_chain.py``'s ``GRID``, and the chains where it
-    took more than Picard."""
-    totals: dict[str, dict[str, Any]] = {"Picard": {"sweeps": 0, "worse": 0, "worst_excess": 0}}
-    totals |= {name: {"sweeps": 0, "worse": 0, "worst_excess": 0} for name in GRID_RULES}
-    for case in GRID:
-        sweeps = {}
-        for name, rule in {"Picard": Picard, **GRID_RULES}.items():
-            sweeps[name] = grid_sweeps(case, rule()).sweeps  # checked against the rollout, too
-            excess = sweeps[name] - sweeps["Picard"]
-            totals[name]["sweeps"] += sweeps[name]
+def grid_counts(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per rule of ``GRID_RULES`` and Picard: sweeps over ``cases`` of the grid, and the chains where it
+    took more than Picard (every solve checked against the sequential rollout)."""
+    totals = {name: {"sweeps": 0, "worse": 0, "worst_excess": 0} for name in ["Picard", *GRID_RULES]}
+    for case in cases:
+        picard = grid_sweeps(case, Picard()).sweeps
+        totals["Picard"]["sweeps"] += picard
+        for name, rule in GRID_RULES.items():
+            excess = grid_sweeps(case, rule()).sweeps - picard
+            totals[name]["sweeps"] += picard + excess
             totals[name]["worse"] += int(excess > 0)
             totals[name]["worst_excess"] = max(totals[name]["worst_excess"], excess)
-    return totals
+    description = "12, 30 and 60 steps, gains 0.5 to 1.1, tanh and affine, both forms, the full window and 8"
+    return {"chains": len(cases), "description": description + "; float64, `tol=1e-8`", "rules": totals}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    args = harness.parser(__doc__, "chain.json").parse_args(argv)
+    started = harness.start()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", ChainRuleWarning)  # the per-sample rules are measured on purpose
+    reps = 1 if args.quick else REPS
     rows = []
     for name, make in {"tanh": tanh_chain, "euler": euler_chain}.items():
-        rows += chain_rows(name, *make(), STEPS, TOL)
+        rows += chain_rows(name, *make(), STEPS, TOL, reps)
     step, x0, tol = ddim_chain()
     # The 64 samples are independent: one secant model each.
-    per_sample = {"ChainSecant(m=3, blocks=64)": (lambda: ChainSecant(blocks=64), None, "cumulative", False)}
-    rows += chain_rows("ddim", step, x0, DDIM_STEPS, tol, per_sample)
-    header = f"{'chain':6} {'form':10} {'method':30} {'window':>6} {'sweeps':>6} {'evals':>6}"
-    header += f" {'max error':>10} {'ms':>7}"
-    print(header)
-    for row in rows:
-        print(
-            f"{row['chain']:6} {row['form']:10} {row['method']:30} {row['window']:6d} {row['sweeps']:6d} "
-            f"{row['evaluations']:6d} {row['max_error']:10.2e} {row['wall_ms']:7.1f}"
-        )
-    grid = grid_counts()
-    print(f"\ntest grid ({len(GRID)} chains): sweeps in all, chains worse than Picard, worst excess")
-    for name, counts in grid.items():
-        print(f"  {name:20} {counts['sweeps']:6d} {counts['worse']:4d} {counts['worst_excess']:4d}")
-    RESULTS.parent.mkdir(exist_ok=True)
-    meta = {
-        "steps": STEPS,
-        "dim": DIM,
-        "tol": TOL,
-        "dtype": "float32 (ddim and the grid: float64)",
-        "ddim": {"steps": DDIM_STEPS, "tau": DDIM_TAU, "samples": 64, "dim": 16},
-        "machine": platform.platform(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    RESULTS.write_text(json.dumps({"meta": meta, "rows": rows, "grid": grid}, indent=1) + "\n")
+    per_sample = (("ChainSecant(m=3, blocks=64)", lambda: ChainSecant(blocks=64), None, "cumulative"),)
+    rows += chain_rows("ddim", step, x0, DDIM_STEPS, tol, reps, per_sample)
+    settings = {"steps": STEPS, "dim": DIM, "tol": TOL, "dtype": "float32 (ddim and the grid: float64)"}
+    settings.update(reps=reps, ddim={"steps": DDIM_STEPS, "tau": DDIM_TAU, "samples": 64, "dim": 16})
+    record = {"settings": settings, "rows": rows, "grid": grid_counts(GRID[::50] if args.quick else GRID)}
+    print(tables.render("chain.json", record))
+    if (out := harness.out_path(args)) is not None:
+        harness.write_results(out, record, started=started, quick=args.quick)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """The solver driver's rows: host reads per iteration and wall time against a plain loop and torchdeq.
 
-Shared by ``benchmarks/solvers.py`` (CPU) and ``benchmarks/gpu.py`` (CUDA). For each problem, solver
+Shared by ``benchmarks.solvers`` (CPU) and ``benchmarks.gpu`` (CUDA). For each problem, solver
 and mode, one row:
 
 * ``syncs_per_iter``: host synchronisations per evaluation, counted with
@@ -16,9 +16,10 @@ and mode, one row:
 * ``overhead``: ``wall / (nfe x one evaluation of g)``;
 * ``launches_per_iter``: kernel launches per evaluation beside ``g``'s own, counted with
   :class:`implicitdiff.diagnostics.LaunchCounter` (the same count on every device);
-* on CUDA, ``graph_ms``: the same solve replayed from a CUDA graph (:class:`implicitdiff.solvers.Captured`,
-  fixed budgets), and ``plain_graph_ms``: the plain loop replayed from a CUDA graph, the limit of
-  launch-free iteration; ``graph_vs_plain`` is ``graph_ms / plain_ms``.
+* on CUDA, ``graph_ms``: the same solve replayed from a CUDA graph by a ``DEQLayer`` whose solver is
+  :class:`implicitdiff.solvers.Captured` (fixed budgets), and ``plain_graph_ms``: the plain loop
+  replayed from a CUDA graph, the limit of launch-free iteration; ``graph_vs_plain`` is
+  ``graph_ms / plain_ms``.
 
 Modes: ``fixed`` is ``tol=None`` (a fixed budget, no host reads); ``tol`` is a tolerance that is never
 reached, so the solve runs the same number of evaluations but pays for its checks (one host read every
@@ -27,16 +28,15 @@ reached, so the solve runs the same number of evaluations but pays for its check
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from benchmarks import harness
+from implicitdiff import DEQLayer
 from implicitdiff.diagnostics import LaunchCounter, SyncCounter
-from implicitdiff.functional import BoundMap
 from implicitdiff.solvers import Anderson, Broyden, Captured, Picard
 
 UNREACHABLE_TOL = 1e-30
@@ -54,10 +54,6 @@ class Problem:
 
     def g(self, z: Tensor) -> Tensor:
         return self.f(z, self.x)
-
-    def bound(self) -> BoundMap:
-        """``g`` as the layer builds it: a map that names its input, so that a CUDA graph can replay it."""
-        return BoundMap(self.f, self.x, self.z0, {}, [0])
 
 
 def conv_problem(batch: int, channels: int, size: int, iters: int, device: str, seed: int = 0) -> Problem:
@@ -103,11 +99,6 @@ TORCHDEQ = {"Picard": ("fixed_point_iter", {}), "Anderson(m=6)": ("anderson", {"
             "Broyden(20)": ("broyden", {"LBFGS_thres": 20})}  # fmt: skip
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _torchdeq_run(
     name: str, g: Callable[[Tensor], Tensor], z0: Tensor, iters: int
 ) -> Callable[[], object] | None:
@@ -131,29 +122,10 @@ def _torchdeq_run(
     return run
 
 
-class _Counted:
-    def __init__(self, g: Callable[[Tensor], Tensor]) -> None:
-        self.g, self.calls = g, 0
-
-    def __call__(self, z: Tensor) -> Tensor:
-        self.calls += 1
-        return self.g(z)
-
-
 def _time(runs: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each run, in interleaved rounds after one warm-up each."""
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
-    walls: dict[str, list[float]] = {key: [] for key in runs}
-    for run in runs.values():
-        run()
-    for _ in range(reps):
-        for key, run in runs.items():
-            _sync(device)
-            start = clock()
-            run()
-            _sync(device)
-            walls[key].append(clock() - start)
-    return {key: statistics.median(values) for key, values in walls.items()}
+    """Median seconds of each run, interleaved: wall-clock on CUDA, the process's CPU time on the CPU."""
+    timings = harness.interleaved(runs, reps, device=device)
+    return {key: t.wall if device.type == "cuda" else t.cpu for key, t in timings.items()}
 
 
 def driver_rows(
@@ -184,7 +156,7 @@ def driver_rows(
                 makers["torchdeq"] = theirs
             syncs, nfe, launches = {}, {}, {}
             for key, make in makers.items():
-                counted = _Counted(problem.g)
+                counted = harness.Counted(problem.g)
                 run = make(counted)
                 with SyncCounter() as counter, LaunchCounter() as launched:
                     run()
@@ -236,11 +208,10 @@ def _graph_runs(
     problem: Problem, solver: Callable[..., object], plain: Callable[[], Tensor]
 ) -> dict[str, Callable[[], object]]:
     """On CUDA: the fixed-budget solve replayed by :class:`Captured`, and the plain loop as a CUDA graph."""
-    captured = Captured(solver)
-    bound = problem.bound()
+    layer = DEQLayer(problem.f, solver=Captured(solver), max_iter=problem.iters, tol=None).eval()
 
     def graph() -> object:
-        return captured(bound, problem.z0, max_iter=problem.iters, tol=None)
+        return layer(problem.x, problem.z0)
 
     graph()  # captures
     stream = torch.cuda.Stream()
@@ -252,33 +223,3 @@ def _graph_runs(
     with torch.cuda.graph(plain_graph):
         plain()
     return {"graph": graph, "plain_graph": plain_graph.replay}
-
-
-COLUMNS = [
-    ("problem", "problem", ""),
-    ("solver", "solver", ""),
-    ("mode", "mode", ""),
-    ("nfe", "nfe", "d"),
-    ("syncs_per_iter", "syncs/iter", ".2f"),
-    ("wall_ms", "wall ms", ".2f"),
-    ("plain_ms", "plain loop ms", ".2f"),
-    ("vs_plain", "/ plain", ".2f"),
-    ("launches_per_iter", "launches/iter", ".1f"),
-    ("graph_ms", "graph ms", ".2f"),
-    ("plain_graph_ms", "plain graph ms", ".2f"),
-    ("graph_vs_plain", "graph / plain", ".2f"),
-    ("torchdeq_ms", "torchdeq ms", ".2f"),
-    ("torchdeq_syncs_per_iter", "torchdeq syncs/iter", ".2f"),
-    ("vs_torchdeq", "/ torchdeq", ".2f"),
-]
-
-
-def table(rows: list[dict[str, object]], columns: list[tuple[str, str, str]] = COLUMNS) -> str:
-    """A markdown table; a missing value prints as a dash."""
-    head = "| " + " | ".join(title for _, title, _ in columns) + " |"
-    rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = [
-        "| " + " | ".join(format(row[key], fmt) if key in row else "-" for key, _, fmt in columns) + " |"
-        for row in rows
-    ]
-    return "\n".join([head, rule, *body])

@@ -1,7 +1,8 @@
 """Memory and speed of the FPDM example's data path: training on a latents folder, and extracting one.
 
-    python benchmarks/fpdm_data.py                      # writes benchmarks/results/fpdm_data.json
-    python benchmarks/fpdm_data.py --baseline-ref main  # and the .pt path of a git revision, side by side
+    python -m benchmarks.fpdm_data                      # writes benchmarks/results/fpdm_data.json
+    python -m benchmarks.fpdm_data --baseline-ref main  # and the .pt path of a git revision, side by side
+    python -m benchmarks.fpdm_data --quick --out /tmp/d.json  # a smoke run (small sizes) in a minute
 
 Three measurements, each in fresh processes:
 
@@ -25,11 +26,8 @@ shared machine they decide how much two workers can add.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -38,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import harness, tables
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fpdm"
-RESULTS = ROOT / "benchmarks" / "results" / "fpdm_data.json"
 ROW_SHAPE = (4, 32, 32)
 NUM_CLASSES = 1000
 #: The model trained: small, so that the resident set shows the data path, not the activations.
@@ -236,41 +235,19 @@ def baseline_package(work: Path, ref: str) -> Path:
     return target / "examples" / "fpdm"
 
 
-def print_table(report: dict) -> None:
-    print("training, torchrun --nproc_per_node 2, 3 steps: peak RSS per process (GiB)")
-    for row in report.get("train", []):
-        new = ", ".join(f"{v:.2f}" for v in row["folder_peak_GiB"].values())
-        old = row.get("pt_peak_GiB", "not measured")
-        old = ", ".join(f"{v:.2f}" for v in old.values()) if isinstance(old, dict) else old
-        print(f"  {row['rows']:>7} rows, {row['file_GiB']:.2f} GiB: latents folder {new}; .pt file {old}")
-    print("extraction, --workers 0: peak RSS of the process (GiB)")
-    for row in report.get("extract", []):
-        print(f"  {row['images']:>5} images: {row['peak_GiB']:.3f}")
-    print("extraction speed (images/s of the encoding loop)")
-    for row in report.get("throughput", []):
-        print(f"  workers {row['workers']}, repeat {row['repeat']}: {row['images_per_second']}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = harness.parser(__doc__, "fpdm_data.json")
     parser.add_argument("--rows", type=int, nargs="+", default=[16_384, 131_072], help="latents folder sizes")
     parser.add_argument("--images", type=int, nargs=2, default=[256, 2048], help="two image folder sizes")
     parser.add_argument("--repeats", type=int, default=2, help="throughput runs per worker count")
     parser.add_argument("--baseline-ref", default=None, help="git revision whose .pt path to measure too")
     parser.add_argument("--baseline-max-gib", type=float, default=0.5, help="largest file for the baseline")
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "extract"], help="parts to skip")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON written")
     args = parser.parse_args(argv)
-    import torch
-
-    report: dict = {
-        "benchmark": "fpdm_data",
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads_per_process": 1},
-        "torch": torch.__version__,
-        "train_args": TRAIN_ARGS,
-        "load_at_start": machine_load(),
-    }
+    if args.quick:
+        args.rows, args.images, args.repeats = [256], [8, 16], 1
+    started = harness.start()
+    report: dict = {"train_args": TRAIN_ARGS, "load_at_start": machine_load()}
     with tempfile.TemporaryDirectory(prefix="fpdm-data-") as tmp:
         work = Path(tmp)
         baseline = baseline_package(work, args.baseline_ref) if args.baseline_ref else None
@@ -280,12 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             report["train"] = measure_training(work, args.rows, baseline, args.baseline_max_gib)
         if "extract" not in args.skip:
             report["extract"], report["throughput"] = measure_extraction(work, args.images, args.repeats)
-    print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(args.out.name + ".tmp")
-    tmp_out.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp_out, args.out)
-    print(f"wrote {args.out}", file=sys.stderr)
+    print(tables.render("fpdm_data.json", report))
+    if (out := harness.out_path(args)) is not None:
+        harness.write_results(out, report, started=started, quick=args.quick)
     return 0
 
 

@@ -1,6 +1,6 @@
 """FPDM-XL/2 and DiT-XL/2 on a GPU: training steps (eager, compiled), memory, FLOP utilisation, sampling.
 
-The ``fpdm`` section of ``benchmarks/gpu.py`` (run that script; this module holds the measurements):
+The ``fpdm`` section of :mod:`benchmarks.gpu` (run that script; this module holds the measurements):
 
 * **Training step** at batch 128 under bf16 autocast with fused AdamW, for FPDM-XL/2 with S-JFB fixed at its
   most expensive draw (6 no-grad and 3 differentiable iterations of the implicit block) and DiT-XL/2 (also
@@ -24,29 +24,19 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.models import FPDM, create_model
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-# The example's package (examples/fpdm/fpdm/) is not installed: this is the one path entry.
-sys.path.insert(0, str(ROOT / "examples" / "fpdm"))
-
-from fpdm.diffusion import GaussianDiffusion  # noqa: E402
-from fpdm.models import FPDM, create_model  # noqa: E402
-
-from implicitdiff import SJFB, Picard  # noqa: E402
-from implicitdiff.diagnostics import SyncCounter  # noqa: E402
+from benchmarks import harness
+from implicitdiff import SJFB, Picard
+from implicitdiff.diagnostics import SyncCounter
 
 #: Dense bf16 matrix-product rate measured on this workplace's H100 (8192^3, random data).
 H100_BF16_PEAK = 790e12
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _graph_count() -> int:
@@ -120,10 +110,10 @@ def _training_row(
         optimizer.step()
 
     graphs_before = _graph_count()
-    _sync(device)
+    harness.sync(device)
     start = time.perf_counter()
     step()
-    _sync(device)
+    harness.sync(device)
     first = time.perf_counter() - start
     step()  # the second call may still compile (grad-mode variants)
     graphs_warm = _graph_count()
@@ -131,10 +121,10 @@ def _training_row(
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
-        _sync(device)
+        harness.sync(device)
         start = time.perf_counter()
         step()
-        _sync(device)
+        harness.sync(device)
         times.append(time.perf_counter() - start)
     graphs_after = _graph_count()
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
@@ -206,18 +196,10 @@ def _sampler_row(model: nn.Module, batch: int, dtype: torch.dtype, device: torch
                 x = diffusion.ddim_step(x, eps, t, t_prev)
         return x
 
-    walls: dict[str, list[float]] = {"ours": [], "hand": []}
-    ours(), hand()
-    for _ in range(reps):
-        for key, fn in (("ours", ours), ("hand", hand)):
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            walls[key].append(time.perf_counter() - start)
+    timings = harness.interleaved({"ours": ours, "hand": hand}, reps, device=device)
     with SyncCounter() as syncs:
         ours()
-    median = {key: statistics.median(values) for key, values in walls.items()}
+    median = {key: timing.wall for key, timing in timings.items()}
     return {
         "batch": batch,
         "dtype": str(dtype).replace("torch.", ""),
@@ -231,7 +213,7 @@ def _sampler_row(model: nn.Module, batch: int, dtype: torch.dtype, device: torch
 
 
 def fpdm_section(device: str, quick: bool) -> dict[str, Any]:
-    """The ``fpdm`` section of ``benchmarks/gpu.py``."""
+    """The ``fpdm`` section of :mod:`benchmarks.gpu`."""
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -3,14 +3,15 @@
 The paper (Bai & Melas-Kyriazi 2024) reports that FPDM uses 60% less memory than DiT in training. This
 script measures it on the CPU, at the same batch, on 256 px ImageNet-shaped latents (32x32x4, 256 tokens):
 
-    python benchmarks/fpdm_memory.py --batch 1
+    python -m benchmarks.fpdm_memory --batch 2
+    python -m benchmarks.fpdm_memory --quick      # DiT and FPDM at the digits presets, in seconds
 
-Method. Each configuration runs in a fresh subprocess so that no allocator cache carries over. Peak memory is
-the process's resident-set high-water mark (``VmHWM`` in ``/proc/self/status``), reset with
-``/proc/self/clear_refs`` just before the measured step. glibc is told to serve every allocation of 64 KiB or
-more by ``mmap`` (``MALLOC_MMAP_THRESHOLD_``) and to trim freed memory at once, so freed tensors leave the
-resident set and the high-water mark tracks the live tensors, as ``torch.cuda.max_memory_allocated`` does
-on a GPU. The numbers per configuration (GB = 1e9 bytes):
+Method. Each configuration runs in a fresh process (:func:`benchmarks.harness.run_module`) so that no
+allocator cache carries over. Peak memory is the process's resident-set high-water mark, reset just before
+the measured step (:func:`benchmarks.harness.peak_rss_growth`), with glibc serving every allocation of
+64 KiB or more by ``mmap`` and trimming freed memory at once, so freed tensors leave the resident set and
+the high-water mark tracks the live tensors, as ``torch.cuda.max_memory_allocated`` does on a GPU. The
+numbers per configuration (GB = 1e9 bytes):
 
 * ``weights``: resident-set growth when the fp32 model is built;
 * ``activations``: resident-set growth from the start of the step to the end of the forward pass, i.e. what
@@ -35,22 +36,20 @@ halves the peak. ``activation_saving`` reports the saving the total cannot show 
 ``--rederive FILE`` recomputes these fields and the table from a saved report without running anything.
 
 FPDM runs S-JFB at its most expensive draw (6 no-grad and 3 differentiable iterations of the implicit block)
-and at its cheapest differentiable draw (1, i.e. JFB). Writes ``benchmarks/results/fpdm_memory.json``.
+and at its cheapest differentiable draw (1, i.e. JFB). Writes ``benchmarks/results/fpdm_memory.json``;
+``results/fpdm_memory_batch1.json`` holds DiT-XL/2 alone at batch 1 (``--batch 1 --only DiT-XL/2 --out``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "fpdm_memory.json"
+from benchmarks import harness, tables
 
 #: name -> (preset, options)
 CONFIGS: dict[str, tuple[str, dict]] = {
@@ -61,72 +60,56 @@ CONFIGS: dict[str, tuple[str, dict]] = {
 }
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (this benchmark needs Linux)")
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-
-
-def child(name: str, batch: int, threads: int) -> dict:
+def child(name: str, batch: int, threads: int, quick: bool) -> dict:
     """Measure one configuration in this (fresh) process."""
     import torch
-
-    # The example's package (examples/fpdm/fpdm/) is not installed: this is the one path entry.
-    sys.path.insert(0, str(ROOT / "examples" / "fpdm"))
     from fpdm.diffusion import GaussianDiffusion
     from fpdm.models import count_parameters, create_model
 
-    from implicitdiff import Picard
-    from implicitdiff.gradients import SJFB
+    from implicitdiff import SJFB, Picard
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     preset, options = CONFIGS[name]
-    rss0 = _status_kb("VmRSS")
+    preset = preset.replace("XL", "Digits") if quick else preset
+    rss0 = harness.rss_bytes()
     if preset.startswith("FPDM"):
         grad = SJFB(no_grad_iters=(options["no_grad"],) * 2, grad_iters=(options["grad"],) * 2, seed=0)
         model = create_model(preset, solver=Picard(), grad=grad)
     else:
         model = create_model(preset, **options)
     model.train()
-    weights_kb = _status_kb("VmRSS") - rss0
+    weights = harness.rss_bytes() - rss0
     params = count_parameters(model)
     diffusion = GaussianDiffusion()
-    x = torch.randn(batch, 4, 32, 32)
-    y = torch.randint(0, 1000, (batch,))
+    x = torch.randn(batch, model.in_channels, model.input_size, model.input_size)
+    y = torch.randint(0, model.num_classes, (batch,))
+    seen: dict[str, Any] = {}
 
-    def step() -> tuple[float, int, int]:
+    def step() -> None:
         start = time.perf_counter()
         loss, state = diffusion.training_loss(model, x, y)
-        after_forward = _status_kb("VmRSS")  # the graph holds the activations saved for backward
+        seen["after_forward"] = harness.rss_bytes()  # the graph holds the activations saved for backward
         loss.backward()
-        return time.perf_counter() - start, after_forward, state.block_evals
+        seen.update(seconds=time.perf_counter() - start, block_evals=state.block_evals)
 
     step()  # warm-up: allocates the gradients and one-off buffers
     model.zero_grad(set_to_none=True)
-    base = _status_kb("VmRSS")
-    _reset_peak()
-    seconds, after_forward, block_evals = step()
-    fwd_bwd_kb = _status_kb("VmHWM") - base
-    gb = 1024 / 1e9
+    base = harness.rss_bytes()
+    fwd_bwd = harness.peak_rss_growth(step)
     result = {
         "preset": preset,
         "options": options,
         "batch": batch,
         "params_M": params / 1e6,
-        "weights_GB": weights_kb * gb,
-        "fwd_bwd_GB": fwd_bwd_kb * gb,
-        "saved_activations_GB": (after_forward - base) * gb,
+        "weights_GB": weights / 1e9,
+        "fwd_bwd_GB": fwd_bwd / 1e9,
+        "saved_activations_GB": (seen["after_forward"] - base) / 1e9,
         "adamw_states_GB": 8 * params / 1e9,
-        "step_seconds": seconds,
+        "step_seconds": seen["seconds"],
     }
     if preset.startswith("FPDM"):
-        result["block_evals"] = block_evals
+        result["block_evals"] = seen["block_evals"]
     result["total_GB"] = result["weights_GB"] + result["fwd_bwd_GB"] + result["adamw_states_GB"]
     return result
 
@@ -159,84 +142,48 @@ def derive(report: dict) -> dict:
     return report
 
 
-def run_all(batch: int, threads: int, only: list[str] | None) -> dict:
-    env = {
-        **os.environ,
-        "MALLOC_MMAP_THRESHOLD_": "65536",
-        "MALLOC_TRIM_THRESHOLD_": "0",
-        "OMP_NUM_THREADS": str(threads),
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
+def run_all(batch: int, threads: int, only: list[str] | None, quick: bool) -> dict:
     rows = {}
+    if quick and not only:  # one configuration of each model: the smoke run spawns two processes, not four
+        only = ["DiT-XL/2", "FPDM-XL/2, S-JFB 6 no-grad + 3 grad"]
     for name in CONFIGS:
         if only and name not in only:
             continue
-        cmd = [sys.executable, __file__, "--child", name, "--batch", str(batch), "--threads", str(threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-        rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        args = ["--child", name, "--batch", str(batch), "--threads", str(threads)] + ["--quick"] * quick
+        rows[name] = harness.run_module("benchmarks.fpdm_memory", args, threads=threads)
         print(f"  measured {name}: total {rows[name]['total_GB']:.2f} GB", file=sys.stderr)
     report = {
-        "benchmark": "fpdm_memory",
-        "method": "peak RSS (VmHWM) delta in a fresh subprocess per configuration; glibc mmap threshold "
+        "method": "peak RSS (VmHWM) growth in a fresh process per configuration; glibc mmap threshold "
         "64 KiB; AdamW states computed as 8 bytes/parameter",
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": threads},
-        "torch": __import__("torch").__version__,
         "batch": batch,
-        "input": "32x32x4 latents (256 px images), 256 tokens",
+        "input": "8x8x1 digits (quick)" if quick else "32x32x4 latents (256 px images), 256 tokens",
         "results": rows,
     }
     return derive(report)
 
 
-def print_table(report: dict) -> None:
-    head = (
-        f"{'configuration':<38} {'params':>8} {'weights':>8} {'activ.':>7} {'grads':>7} {'fwd+bwd':>8} "
-        f"{'peak set by':>19} {'AdamW':>7} {'total':>7} {'vs DiT':>7}"
-    )
-    print(head)
-    print("-" * len(head))
-    for name, row in report["results"].items():
-        print(
-            f"{name:<38} {row['params_M']:>7.1f}M {row['weights_GB']:>7.2f}G "
-            f"{row['saved_activations_GB']:>6.2f}G {row['param_grads_GB']:>6.2f}G {row['fwd_bwd_GB']:>7.2f}G "
-            f"{row['peak_set_by']:>19} {row['adamw_states_GB']:>6.2f}G {row['total_GB']:>6.2f}G "
-            f"{row.get('total_vs_dit', float('nan')):>7.2f}"
-        )
-    print(f"batch {report['batch']}, {report['input']}; GB = 1e9 bytes")
-    saving = report.get("activation_saving")
-    if saving is not None:
-        print(
-            f"gradient checkpointing: activations {saving['dit_activations_GB']:.2f} -> "
-            f"{saving['checkpointed_activations_GB']:.2f} GB (-{saving['saved_GB']:.2f} GB); the fwd+bwd "
-            "peak is max(activations, gradients) + transients, so the saving shows in it from batch "
-            f"{saving['batch_from_which_activations_set_the_peak']} on"
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=1)
+    parser = harness.parser(__doc__, "fpdm_memory.json")
+    parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=None, help="configuration names to run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rederive", default=None, help="recompute the derived fields of a saved report")
-    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(child(args.child, args.batch, args.threads)))
+        print(json.dumps(child(args.child, args.batch, args.threads, args.quick)))
         return 0
     if args.rederive is not None:
         report = derive(json.loads(Path(args.rederive).read_text()))
-        Path(args.rederive).write_text(json.dumps(report, indent=2) + "\n")
-        print_table(report)
+        meta = report.pop("meta", {})
+        Path(args.rederive).write_text(json.dumps({"meta": meta, **report}, indent=1) + "\n")
+        print(tables.render("fpdm_memory.json", report))
         return 0
-    report = run_all(args.batch, args.threads, args.only)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print_table(report)
+    started = harness.start()
+    report = run_all(args.batch, args.threads, args.only, args.quick)
+    print(tables.render("fpdm_memory.json", report))
+    if (out := harness.out_path(args)) is not None:
+        harness.write_results(out, report, started=started, quick=args.quick)
     return 0
 
 

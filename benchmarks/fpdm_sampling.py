@@ -2,9 +2,9 @@
 
 Run::
 
-    python benchmarks/fpdm_sampling.py                  # writes benchmarks/results/fpdm_sampling.json
-    python benchmarks/fpdm_sampling.py --quick          # fewer repetitions, smaller batches
-    python benchmarks/fpdm_sampling.py --checkpoint runs/demo/train/checkpoint.pt   # trained weights
+    python -m benchmarks.fpdm_sampling                  # writes benchmarks/results/fpdm_sampling.json
+    python -m benchmarks.fpdm_sampling --quick          # 1 repetition, batches 4 and 8
+    python -m benchmarks.fpdm_sampling --checkpoint runs/demo/train/checkpoint.pt   # trained weights
 
 Per configuration (batch, budget, guidance), two ways to compute the same samples:
 
@@ -21,35 +21,23 @@ warm-up each) and ``ratio = sampler / hand``. The target is ``ratio <= 1.05``. `
 counts the sampler's host synchronisations (:class:`implicitdiff.diagnostics.SyncCounter`; a fixed
 schedule reads the residuals once at the end of the run, so it is about ``1 / steps``). ``cpu_ratio`` is
 the same with the process's CPU time, which a busy machine disturbs less (with one thread). Wall-clock on
-a shared machine is noise: the JSON records the load average before and after; re-run on a quiet machine
-for figures to quote. The weights do not change the cost (a constant schedule never stops early); random
-ones are used unless ``--checkpoint`` is given.
+a shared machine is noise: the JSON records the load average at the start and the end; re-run on a quiet
+machine for figures to quote. The weights do not change the cost (a constant schedule never stops early);
+random ones are used unless ``--checkpoint`` is given.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
-from torch import Tensor
-
-# The example's package (examples/fpdm/fpdm/) is not installed: this is the one path entry.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "fpdm"))
-
 from fpdm.diffusion import GaussianDiffusion
 from fpdm.models import FPDM, create_model
 from fpdm.sampling import allocate, block_cost, pick_steps, sample
+from torch import Tensor
 
+from benchmarks import harness, tables
 from implicitdiff.diagnostics import SyncCounter
-
-RESULTS = Path(__file__).parent / "results" / "fpdm_sampling.json"
 
 
 def random_fpdm(seed: int = 0) -> FPDM:
@@ -111,37 +99,26 @@ def bench_config(
     iterations = allocate(budget, steps, fixed, "constant")
     timesteps = diffusion.respace(steps)
 
-    def run_sampler() -> tuple[Tensor, float, float]:
-        start, cpu = time.perf_counter(), time.process_time()
+    def run_sampler() -> Tensor:
         result = sample(model, diffusion, labels, budget=budget, guidance=guidance,
                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-        assert result.spent_total == budget and result.iterations == iterations
-        return result.images, wall, cpu
+        if result.spent_total != budget or result.iterations != iterations:
+            raise RuntimeError(f"the sampler spent {result.spent_total} of {budget} ({result.iterations})")
+        return result.images
 
-    def run_hand() -> tuple[Tensor, float, float]:
-        start, cpu = time.perf_counter(), time.process_time()
-        images = hand_loop(model, diffusion, labels, timesteps, iterations, guidance,
-                           torch.Generator().manual_seed(seed))  # fmt: skip
-        return images, time.perf_counter() - start, time.process_time() - cpu
+    def run_hand() -> Tensor:
+        return hand_loop(model, diffusion, labels, timesteps, iterations, guidance,
+                         torch.Generator().manual_seed(seed))  # fmt: skip
 
-    images_sampler = run_sampler()[0]
-    images_hand = run_hand()[0]
-    walls: dict[str, list[float]] = {"sampler": [], "hand": []}
-    cpus: dict[str, list[float]] = {"sampler": [], "hand": []}
-    for rep in range(reps):
-        # Alternate which goes first so that drift and cache effects hit both alike.
-        order = (("sampler", run_sampler), ("hand", run_hand))
-        for name, fn in order if rep % 2 == 0 else order[::-1]:
-            _, wall, cpu = fn()
-            walls[name].append(wall)
-            cpus[name].append(cpu)
+    images_sampler = run_sampler()
+    images_hand = run_hand()
+    timings = harness.interleaved({"sampler": run_sampler, "hand": run_hand}, reps, warmup=0)
     with SyncCounter() as sampler_syncs:
         run_sampler()
     with SyncCounter() as hand_syncs:
         run_hand()
-    sampler_s, hand_s = statistics.median(walls["sampler"]), statistics.median(walls["hand"])
-    sampler_cpu, hand_cpu = statistics.median(cpus["sampler"]), statistics.median(cpus["hand"])
+    sampler, hand = timings["sampler"], timings["hand"]
+    sampler_s, hand_s, sampler_cpu, hand_cpu = sampler.wall, hand.wall, sampler.cpu, hand.cpu
     return {
         "batch": batch,
         "guidance": guidance,
@@ -150,10 +127,10 @@ def bench_config(
         "iterations_per_step": iterations[0],
         "sampler_s": sampler_s,
         "hand_s": hand_s,
-        "sampler_min_s": min(walls["sampler"]),
-        "hand_min_s": min(walls["hand"]),
+        "sampler_min_s": min(sampler.walls),
+        "hand_min_s": min(hand.walls),
         "ratio": sampler_s / hand_s,
-        "ratio_of_min": min(walls["sampler"]) / min(walls["hand"]),
+        "ratio_of_min": min(sampler.walls) / min(hand.walls),
         "sampler_cpu_s": sampler_cpu,
         "hand_cpu_s": hand_cpu,
         "cpu_ratio": sampler_cpu / hand_cpu,
@@ -165,13 +142,12 @@ def bench_config(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = harness.parser(__doc__, "fpdm_sampling.json")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="3 repetitions, batch 16 and 64 only")
     parser.add_argument("--checkpoint", default=None, help="a train.py checkpoint (default: random weights)")
-    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    started = harness.start()
     torch.set_num_threads(args.threads)
     if args.checkpoint:
         from fpdm.generation import load_model
@@ -181,45 +157,15 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("the benchmark needs an FPDM checkpoint")
     else:
         model = random_fpdm()
-    reps = 3 if args.quick else args.reps
+    reps = 1 if args.quick else args.reps
     # (batch, budget, guidance): the demo's setting (100 digits, guidance 2) and a small unguided batch.
-    configs = (
-        [(16, 48, 1.0), (64, 48, 2.0)] if args.quick else [(16, 48, 1.0), (100, 48, 2.0), (100, 96, 2.0)]
-    )
-    load_before = os.getloadavg()
+    configs = [(4, 48, 1.0), (8, 48, 2.0)] if args.quick else [(16, 48, 1.0), (100, 48, 2.0), (100, 96, 2.0)]
     rows = [bench_config(model, batch, budget, guidance, reps) for batch, budget, guidance in configs]
-    load_after = os.getloadavg()
-    report = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "loadavg_before": load_before,
-            "loadavg_after": load_after,
-        },
-        "model": "checkpoint " + args.checkpoint
-        if args.checkpoint
-        else "FPDM-Digits/2 hidden 64, random weights",
-        "reps": reps,
-        "results": rows,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-
-    header = (
-        f"{'batch':>5} {'guid':>4} {'budget':>6} {'steps':>5} {'iters':>5} {'sampler s':>10} {'hand s':>8} "
-    )
-    print(header + f"{'ratio':>6} {'cpu ratio':>9} {'max|diff|':>9} {'syncs/step':>10}")
-    for r in rows:
-        print(
-            f"{r['batch']:>5} {r['guidance']:>4g} {r['budget']:>6} {r['steps']:>5} "
-            f"{r['iterations_per_step']:>5} {r['sampler_s']:>10.3f} {r['hand_s']:>8.3f} {r['ratio']:>6.3f} "
-            f"{r['cpu_ratio']:>9.3f} {r['max_abs_diff']:>9.1e} {r['syncs_per_timestep']:>10.2f}"
-        )
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; wrote {out}")
+    name = "checkpoint " + args.checkpoint if args.checkpoint else "FPDM-Digits/2 hidden 64, random weights"
+    record = {"model": name, "reps": reps, "results": rows}
+    print(tables.render("fpdm_sampling.json", record))
+    if (out := harness.out_path(args)) is not None:
+        harness.write_results(out, record, started=started, quick=args.quick)
     return 0
 
 

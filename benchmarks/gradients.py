@@ -25,26 +25,24 @@ IFT against torchdeq compares backward against backward: both libraries' backwar
 the same ``z*``, solved in float64 to a residual far below the backward tolerance, so each gradient
 error is that of the backward solve alone (see ``compare_with_torchdeq``).
 
-Run: ``python benchmarks/gradients.py`` (writes ``benchmarks/results/gradients.json``).
+Run: ``python -m benchmarks.gradients`` (writes ``benchmarks/results/gradients.json``); ``--quick`` measures
+one repeat of two estimators and one backward solver.
 """
 
 from __future__ import annotations
 
-import datetime
 import gc
-import json
-import os
-import platform
 import statistics
+import sys
 import time
 import weakref
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from benchmarks import harness, tables
 from implicitdiff import IFT, JFB, SJFB, Anderson, Broyden, DEQLayer, PhantomGradient, Picard
 
 D, BATCH, NORM, X_SCALE, SEED = 256, 32, 0.9, 0.1, 0
@@ -52,7 +50,6 @@ CAPS = (5, 50)
 B_TOL, B_MAX_ITER = 1e-6, 100
 REF_TOL, REF_MAX_ITER = 1e-12, 300
 REPEATS = 3
-OUT = Path(__file__).resolve().parent / "results" / "gradients.json"
 
 
 class TanhCell(nn.Module):
@@ -165,9 +162,12 @@ def peak_live_bytes(step) -> int:
     return mode.peak
 
 
-def measure_estimators(W, x):
+def measure_estimators(W, x, names: tuple[str, ...] | None = None, repeats: int = REPEATS):
+    """Memory and time of each estimator (of ``names``, default all) at each forward cap."""
     rows = []
     for name, make in estimators().items():
+        if names is not None and name not in names:
+            continue
         for cap in CAPS:
             grad = make(cap)
             deq = DEQLayer(TanhCell(W), solver=Anderson(), grad=grad, max_iter=cap, tol=1e-30).train()
@@ -182,7 +182,7 @@ def measure_estimators(W, x):
             saved = saved_bytes(step)
             peak = peak_live_bytes(step)
             walls = []
-            for _ in range(REPEATS):
+            for _ in range(repeats):
                 deq.zero_grad(set_to_none=True)
                 start = time.perf_counter()
                 step(backward=True)
@@ -224,7 +224,9 @@ def reference_solution(W, x):
     return stats.z.detach(), float(stats.residual.max())
 
 
-def compare_with_torchdeq(W, x):
+def compare_with_torchdeq(
+    W, x, solvers: tuple[str, ...] = ("anderson", "broyden", "fixed_point_iter"), repeats: int = REPEATS
+):
     """Backward against backward: each library's IFT backward solve from the same ``z*``.
 
     Both start from ``z_ref`` (``reference_solution``), so the gradient error in each row comes from its
@@ -250,11 +252,11 @@ def compare_with_torchdeq(W, x):
     def rel_err(cell):
         return float((cell.weight.grad - exact_dW).norm() / exact_dW.norm())
 
-    for b_solver in ("anderson", "broyden", "fixed_point_iter"):
+    for b_solver in solvers:
         ours_solver = {"anderson": Anderson(), "broyden": Broyden(), "fixed_point_iter": Picard()}[b_solver]
         # ours: the estimator attaches z_ref exactly as the layer does after its forward solve
         times, ift, cell = [], None, None
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             cell = TanhCell(W)
             ift = IFT(solver=ours_solver, max_iter=B_MAX_ITER, tol=B_TOL, on_failure="ignore")
             z = ift.attach(lambda z, cell=cell: cell(z, x), z_ref, training=True)
@@ -272,7 +274,7 @@ def compare_with_torchdeq(W, x):
         )
         # torchdeq: its IFT gradient function, from the same z_ref
         times, infos = [], []
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             cell = TanhCell(W)
             produce_grad = backward_factory(
                 grad_type="ift",
@@ -297,107 +299,28 @@ def compare_with_torchdeq(W, x):
     return rows, rho, ref_residual
 
 
-def processor_name() -> str:
-    """The CPU's model name (``platform.processor()`` is empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> dict[str, object]:
-    return {
-        "platform": platform.platform(),
-        "processor": processor_name(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": "cpu",
-        # 1, 5 and 15-minute load averages when the run ended: the machine may be shared
-        "load_average": list(os.getloadavg()),
-    }
-
-
-def table(rows, columns) -> str:
-    head = "| " + " | ".join(title for _, title, _ in columns) + " |"
-    rule = "|" + "|".join("---" for _ in columns) + "|"
-    lines = [head, rule]
-    for row in rows:
-        cells = []
-        for key, _, fmt in columns:
-            value = row.get(key, "")
-            cells.append(format(value, fmt) if value != "" else "")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    args = harness.parser(__doc__, "gradients.json").parse_args(argv)
+    started = harness.start()
     torch.set_num_threads(1)  # the machine is shared; one thread keeps timings comparable
     torch.manual_seed(SEED)
     W, x = make_problem()
-    memory_rows = measure_estimators(W, x)
-    torchdeq_rows, rho, ref_residual = compare_with_torchdeq(W, x)
-    result = {
-        "problem": {
-            "f": "tanh(W z + x)",
-            "d": D,
-            "batch": BATCH,
-            "dtype": "float64",
-            "W_spectral_norm": NORM,
-            "x": f"{X_SCALE} * randn",
-            "spectral_radius_of_J_sample0": rho,
-            "b_tol": B_TOL,
-            "b_max_iter": B_MAX_ITER,
-            "z_ref_residual": ref_residual,
-        },
-        "machine": machine(),
-        "date": datetime.date.today().isoformat(),
-        "estimators": memory_rows,
-        "ift_vs_torchdeq": torchdeq_rows,
-    }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"# Gradient estimators on tanh(Wz + x), d={D}, batch {BATCH}, ||W||_2={NORM}, x={X_SCALE}*randn")
-    print(f"# spectral radius of J at z* (sample 0): {rho:.3f}\n")
-    print(
-        table(
-            memory_rows,
-            [
-                ("estimator", "estimator", ""),
-                ("forward_cap", "fwd cap", "d"),
-                ("saved_mib", "saved MiB", ".3f"),
-                ("saved_ratio", "saved x", ".2f"),
-                ("peak_mib", "peak MiB", ".2f"),
-                ("peak_ratio", "peak x", ".2f"),
-                ("fwd_bwd_ms", "fwd+bwd ms", ".1f"),
-                ("backward_nfe", "bwd nfe", ""),
-            ],
-        )
+    repeats = 1 if args.quick else REPEATS
+    names = ("IFT(Anderson)", "JFB") if args.quick else None
+    memory_rows = measure_estimators(W, x, names, repeats)
+    solvers = ("anderson",) if args.quick else ("anderson", "broyden", "fixed_point_iter")
+    torchdeq_rows, rho, ref_residual = compare_with_torchdeq(W, x, solvers, repeats)
+    problem = {"f": "tanh(W z + x)", "d": D, "batch": BATCH, "dtype": "float64", "W_spectral_norm": NORM}
+    problem.update(
+        x=f"{X_SCALE} * randn", spectral_radius_of_J_sample0=rho, b_tol=B_TOL, b_max_iter=B_MAX_ITER
     )
-    print(
-        f"\n# IFT backward, b_tol {B_TOL} (abs), cap {B_MAX_ITER}: implicitdiff vs torchdeq,"
-        f" both from the same z* (residual {ref_residual:.1e})\n"
-    )
-    print(
-        table(
-            torchdeq_rows,
-            [
-                ("library", "library", ""),
-                ("backward_solver", "backward solver", ""),
-                ("backward_ms", "bwd ms", ".1f"),
-                ("backward_nfe", "bwd nfe", "d"),
-                ("backward_residual", "residual", ".2e"),
-                ("converged", "converged", ""),
-                ("grad_rel_err", "dL/dW rel err", ".2e"),
-            ],
-        )
-    )
-    print(f"\nwrote {OUT}")
+    problem.update(z_ref_residual=ref_residual)
+    record = {"problem": problem, "estimators": memory_rows, "ift_vs_torchdeq": torchdeq_rows}
+    print(tables.render("gradients.json", record))
+    if (out := harness.out_path(args)) is not None:
+        harness.write_results(out, record, started=started, quick=args.quick)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

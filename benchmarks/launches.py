@@ -8,30 +8,29 @@ evaluation of ``f``), in both modes, and prints the launches per iteration that 
 
     (launches of the solve - 3 * nfe) / nfe
 
-Usage: ``python benchmarks/launches.py`` (seconds); writes ``benchmarks/results/launches.json``.
+Run: ``python -m benchmarks.launches`` (seconds); writes ``benchmarks/results/launches.json``. The counts
+do not depend on the processor or the load, so ``--quick`` runs the same count.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
+import sys
+from collections.abc import Callable
 
 import torch
-from gradients import processor_name  # benchmarks/gradients.py
+from torch import Tensor
 
+from benchmarks import harness, tables
 from implicitdiff import Anderson, Broyden, Picard
 from implicitdiff.diagnostics import LaunchCounter
 
-RESULTS = Path(__file__).resolve().parent / "results" / "launches.json"
-
-#: The rules as the issue that set the targets measured them.
-RULES = {"picard": Picard(), "anderson": Anderson(m=6), "broyden": Broyden(memory=20)}
+#: The rules at the settings the launch floors of the test suite hold them to.
+RULES = {"Picard()": Picard(), "Anderson(m=6)": Anderson(m=6), "Broyden(memory=20)": Broyden(memory=20)}
 #: Launches of one evaluation of ``tanh(conv(z) + x)``: convolution, add, tanh.
 F_LAUNCHES = 3
 
 
-def conv_map(batch: int = 2, channels: int = 4, size: int = 8, seed: int = 0):
+def conv_map(batch: int = 2, channels: int = 4, size: int = 8, seed: int = 0) -> tuple[Callable, Tensor]:
     """``g(z) = tanh(conv(z) + x)`` with a contractive convolution, and a starting point."""
     gen = torch.Generator().manual_seed(seed)
     conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
@@ -39,15 +38,14 @@ def conv_map(batch: int = 2, channels: int = 4, size: int = 8, seed: int = 0):
         # Contractive, but slowly enough that no residual reaches exactly zero within the budget.
         conv.weight.mul_(0.9)
     x = torch.randn(batch, channels, size, size, generator=gen)
-    z0 = torch.zeros_like(x)
 
-    def g(z: torch.Tensor) -> torch.Tensor:
+    def g(z: Tensor) -> Tensor:
         return torch.tanh(conv(z) + x)
 
-    return g, z0
+    return g, torch.zeros_like(x)
 
 
-def extra_launches(rule, mode: str, iterations: int = 40) -> float:
+def extra_launches(rule: Callable, mode: str, iterations: int = 40) -> float:
     """Launches per evaluation that are not ``f``'s, over a solve of ``iterations`` evaluations.
 
     Tolerance mode uses a tolerance no sample reaches, so every solve runs its whole budget.
@@ -58,33 +56,22 @@ def extra_launches(rule, mode: str, iterations: int = 40) -> float:
         rule(g, z0, max_iter=3, tol=tol)  # warm-up: lazy initialisations out of the count
         with LaunchCounter() as launches:
             out = rule(g, z0, max_iter=iterations, tol=tol)
-    assert out.nfe == iterations
+    if out.nfe != iterations:
+        raise RuntimeError(f"the solve stopped after {out.nfe} of {iterations} evaluations")
     return (launches.count - F_LAUNCHES * out.nfe) / out.nfe
 
 
-def measure() -> dict[str, dict[str, float]]:
+def main(argv: list[str] | None = None) -> int:
+    args = harness.parser(__doc__, "launches.json").parse_args(argv)
+    started = harness.start()
     modes = ("fixed", "tolerance")
-    return {name: {mode: extra_launches(rule, mode) for mode in modes} for name, rule in RULES.items()}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    rows = measure()
-    print(f"{'extra launches per iteration':<30}{'fixed budget':>14}{'tolerance':>12}")
-    for name, row in rows.items():
-        print(f"{name:<30}{row['fixed']:>14.1f}{row['tolerance']:>12.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "torch": torch.__version__,
-        "machine": processor_name(),
-        "f_launches": F_LAUNCHES,
-        "extra_launches_per_iteration": rows,
-    }
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    rows = {name: {mode: extra_launches(rule, mode) for mode in modes} for name, rule in RULES.items()}
+    record = {"f_launches": F_LAUNCHES, "extra_launches_per_iteration": rows}
+    print(tables.render("launches.json", record))
+    if (out := harness.out_path(args)) is not None:
+        harness.write_results(out, record, started=started, quick=args.quick)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

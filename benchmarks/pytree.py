@@ -18,28 +18,22 @@ training step (forward + JFB backward), interleaved, the median of the repeats r
 thread. The ratio is
 ``pytree / flat``; the target is at most 1.05.
 
-Run: ``python benchmarks/pytree.py`` (writes ``benchmarks/results/pytree.json`` and prints a table).
+Run: ``python -m benchmarks.pytree`` (writes ``benchmarks/results/pytree.json`` and prints a table);
+``--quick`` runs 2 repeats.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
-import statistics
-import time
-from pathlib import Path
+import sys
 
 import torch
-from gradients import processor_name  # benchmarks/gradients.py
 from torch import Tensor, nn
 
+from benchmarks import harness, tables
 from implicitdiff import JFB, Anderson, DEQLayer
 
 BATCH, FINE, COARSE = 32, (32, 16, 16), (64, 8, 8)
 MAX_ITER, REPEATS, SEED, THREADS = 20, 15, 0, 1
-OUT = Path(__file__).resolve().parent / "results" / "pytree.json"
 
 
 class TwoScale(nn.Module):
@@ -78,16 +72,9 @@ class HandFlat(nn.Module):
         return torch.cat([out["fine"].reshape(batch, -1), out["coarse"].reshape(batch, -1)], dim=1)
 
 
-def timed(run, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    args = harness.parser(__doc__, "pytree.json").parse_args(argv)
+    started = harness.start()
     # One thread: on a shared 2-core machine two threads time the other users' load more than our code.
     torch.set_num_threads(THREADS)
     torch.manual_seed(SEED)
@@ -115,43 +102,23 @@ def main() -> None:
     # Same values both ways (the flat state holds the fine map first, as the packing does).
     with torch.no_grad():
         a, b = layers["pytree"][0](x, z0_tree), layers["flat"][0](x, z0_flat)
-    assert torch.equal(a.stats.z, b.stats.z), "the two runs must compute the same thing"
+    if not torch.equal(a.stats.z, b.stats.z):
+        raise RuntimeError("the dict state and the hand-flattened state must compute the same thing")
 
+    repeats = 2 if args.quick else REPEATS
     rows = []
     for mode, run in (("forward (no grad)", forward), ("train step (JFB)", train_step)):
-        samples: dict[str, list[float]] = {"pytree": [], "flat": []}
-        for name in samples:
-            run(name)  # warm-up
-        for _ in range(REPEATS):  # interleaved, so that load on the machine hits both alike
-            for name in samples:
-                samples[name] += timed(lambda name=name, run=run: run(name), 1)
-        tree_ms = 1e3 * statistics.median(samples["pytree"])
-        flat_ms = 1e3 * statistics.median(samples["flat"])
+        timing = harness.interleaved({name: lambda name=name, run=run: run(name) for name in layers}, repeats)
+        tree_ms, flat_ms = 1e3 * timing["pytree"].wall, 1e3 * timing["flat"].wall
         rows.append({"mode": mode, "pytree_ms": tree_ms, "flat_ms": flat_ms, "ratio": tree_ms / flat_ms})
-
-    meta = {
-        "batch": BATCH,
-        "leaves": {"fine": list(FINE), "coarse": list(COARSE)},
-        "solver": "Anderson(m=5)",
-        "evaluations": MAX_ITER,
-        "repeats": REPEATS,
-        "machine": platform.platform(),
-        "processor": processor_name(),
-        "threads": torch.get_num_threads(),
-        "load_1min": os.getloadavg()[0],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
-    }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    print(
-        f"{meta['processor']}, {meta['threads']} threads, torch {meta['torch']}, load {meta['load_1min']:.1f}"
-    )
-    print(f"{'mode':<20} {'pytree ms':>10} {'flat ms':>10} {'ratio':>7}")
-    for row in rows:
-        print(f"{row['mode']:<20} {row['pytree_ms']:>10.1f} {row['flat_ms']:>10.1f} {row['ratio']:>7.3f}")
+    settings = {"batch": BATCH, "leaves": {"fine": list(FINE), "coarse": list(COARSE)}}
+    settings.update(solver="Anderson(m=5)", evaluations=MAX_ITER, repeats=repeats)
+    record = {"settings": settings, "rows": rows}
+    print(tables.render("pytree.json", record))
+    if (out := harness.out_path(args)) is not None:
+        harness.write_results(out, record, started=started, quick=args.quick)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

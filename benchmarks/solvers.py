@@ -2,8 +2,8 @@
 
 Run::
 
-    python benchmarks/solvers.py            # full run, writes benchmarks/results/solvers.json
-    python benchmarks/solvers.py --quick    # fewer repetitions
+    python -m benchmarks.solvers            # full run, writes benchmarks/results/solvers.json
+    python -m benchmarks.solvers --quick    # 1 repetition, two problems, no memory tables
 
 What is measured, per (problem, solver):
 
@@ -18,34 +18,27 @@ What is measured, per (problem, solver):
   each solve through ``/proc/self/clear_refs``.
 
 Two further tables: peak memory of the Broyden solvers against ``max_iter`` (ours must stay flat),
-and the driver's rows (``benchmarks/driver_rows.py``): host synchronisations per iteration and wall time
+and the driver's rows (:mod:`benchmarks.driver_rows`): host synchronisations per iteration and wall time
 against a plain loop of the same evaluations and against torchdeq, in a fixed budget and in tolerance
 mode, on a 3x3 convolution with 16 channels on a state of 32 x 16 x 32 x 32 (30 evaluations).
-``--device cuda`` runs only the driver's rows, on the GPU problems of ``benchmarks/gpu.py``.
+``--device cuda`` runs only the driver's rows, on the GPU problems of :mod:`benchmarks.gpu`, and writes
+``benchmarks/results/solvers_cuda.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from benchmarks import harness, tables
+from benchmarks.driver_rows import conv_problem, driver_rows, sequence_problem
 from implicitdiff.solvers import Anderson, Broyden, Picard
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from driver_rows import conv_problem, driver_rows, sequence_problem, table
-
-RESULTS = Path(__file__).parent / "results" / "solvers.json"
 BATCH, DIM, TOL, MAX_ITER = 64, 256, 1e-6, 300
 
 # name -> (spectral norm of W or "hard", dtype). "hard": W symmetric with eigenvalues evenly spread
@@ -113,60 +106,24 @@ def solvers() -> dict[str, Callable[..., Tensor]]:
     }
 
 
-class Counted:
-    """Wraps a map and counts its evaluations."""
-
-    def __init__(self, g: Callable[[Tensor], Tensor]) -> None:
-        self.g, self.calls = g, 0
-
-    def __call__(self, z: Tensor) -> Tensor:
-        self.calls += 1
-        return self.g(z)
-
-
 def time_problem(name: str, reps: int) -> list[dict[str, object]]:
     """nfe, median wall time and final residual of every solver on one problem."""
     g, z0 = make_problem(name)
     runs = solvers()
-    walls: dict[str, list[float]] = {key: [] for key in runs}
     rows: dict[str, dict[str, object]] = {}
     with torch.no_grad():
-        for key, run in runs.items():  # warm-up, nfe and residual
-            counted = Counted(g)
+        for key, run in runs.items():  # nfe and residual
+            counted = harness.Counted(g)
             z = run(counted, z0, MAX_ITER, TOL)
             residual = float(torch.linalg.vector_norm(g(z) - z, dim=1).max())
             rows[key] = {"nfe": counted.calls, "residual": residual, "reached_tol": residual <= TOL}
-        for _ in range(reps):  # interleaved rounds
-            for key, run in runs.items():
-                start = time.perf_counter()
-                run(g, z0, MAX_ITER, TOL)
-                walls[key].append(time.perf_counter() - start)
-    out = []
-    for key in runs:
-        out.append(
-            {"problem": name, "solver": key, **rows[key], "wall_ms": 1e3 * statistics.median(walls[key])}
+        timings = harness.interleaved(
+            {key: lambda run=run: run(g, z0, MAX_ITER, TOL) for key, run in runs.items()}, reps
         )
-    return out
+    return [{"problem": name, "solver": key, **rows[key], "wall_ms": 1e3 * timings[key].wall} for key in runs]
 
 
 # ---------------------------------------------------------------------------------------------- memory
-
-
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _peak_extra_bytes(fn: Callable[[], object]) -> int:
-    """Peak resident bytes that ``fn`` adds on top of what is resident before it runs."""
-    before = _rss("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # reset the high-water mark to the current RSS
-    fn()
-    return max(0, _rss("VmHWM") - before)
 
 
 def memory_child(spec: str) -> None:
@@ -179,35 +136,27 @@ def memory_child(spec: str) -> None:
         for key in job["solvers"]:
             run = runs[key]
             run(g, z0, 3, job["tol"])  # load code paths and kernels before measuring
-            out[key] = _peak_extra_bytes(lambda run=run: run(g, z0, job["max_iter"], job["tol"]))
+            out[key] = harness.peak_rss_growth(lambda run=run: run(g, z0, job["max_iter"], job["tol"]))
     print(json.dumps(out))
 
 
 def measure_memory(problem: str, keys: list[str], max_iter: int, tol: float) -> dict[str, int]:
-    """Peak memory of each solver on ``problem``, in a fresh subprocess."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    """Peak memory of each solver on ``problem``, in a fresh process."""
     spec = json.dumps({"problem": problem, "solvers": keys, "max_iter": max_iter, "tol": tol})
-    done = subprocess.run(
-        [sys.executable, __file__, "--memory-child", spec],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return harness.run_module("benchmarks.solvers", ["--memory-child", spec], threads=1)
 
 
 # ------------------------------------------------------------------------------------------- the driver
 
 
-def driver(reps: int, device: str) -> list[dict[str, object]]:
+def driver(reps: int, device: str, quick: bool = False) -> list[dict[str, object]]:
     """Host reads and wall time against a plain loop and torchdeq (``benchmarks/driver_rows.py``).
 
     CPU: the conv problem of 32 x 16 x 32 x 32 with 30 evaluations per solve. CUDA: the conv problem of
     64 x 64 x 32 x 32 with 100 evaluations and a sequence problem of 32 x 256 x 1152 with 12.
     """
     if device == "cpu":
-        problems = [conv_problem(32, 16, 32, 30, device)]
+        problems = [conv_problem(4, 4, 8, 6, device) if quick else conv_problem(32, 16, 32, 30, device)]
     else:
         problems = [conv_problem(64, 64, 32, 100, device), sequence_problem(32, 256, 1152, 12, device)]
     rows: list[dict[str, object]] = []
@@ -219,97 +168,54 @@ def driver(reps: int, device: str) -> list[dict[str, object]]:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(__doc__, "solvers.json")
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions per solver")
-    parser.add_argument("--quick", action="store_true", help="3 repetitions, for a smoke run")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--device", default="cpu", help="cpu or cuda; cuda runs the driver rows only")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: up to 2)")
-    args = parser.parse_args()
+    # One thread: on a shared machine a second thread spins waiting on the first and times the others' load.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args(argv)
     if args.memory_child:
         memory_child(args.memory_child)
-        return
-    reps = 3 if args.quick else args.reps
-    torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
+        return 0
+    started = harness.start()
+    reps = 1 if args.quick else args.reps
+    torch.set_num_threads(args.threads)
+    out = harness.out_path(args)
     if args.device != "cpu":
-        rows = driver(reps, args.device)
-        print(table(rows))
-        _write(args.out.with_name(f"solvers_{args.device}.json"), {"machine": _machine(), "driver": rows})
-        return
-
+        record = {"driver": driver(reps, args.device)}
+        print(tables.driver_table(record["driver"]))
+        if out is not None:
+            harness.write_results(out.with_name(f"solvers_{args.device}.json"), record, device=args.device)
+        return 0
+    problems = list(PROBLEMS)[:2] if args.quick else list(PROBLEMS)
     rows: list[dict[str, object]] = []
-    for problem in PROBLEMS:
+    for problem in problems:
         timed = time_problem(problem, reps)
-        peaks = measure_memory(problem, [row["solver"] for row in timed], MAX_ITER, TOL)
-        for row in timed:
-            row["peak_mib"] = peaks[row["solver"]] / 2**20
+        if not args.quick:
+            peaks = measure_memory(problem, [str(row["solver"]) for row in timed], MAX_ITER, TOL)
+            for row in timed:
+                row["peak_mib"] = peaks[str(row["solver"])] / 2**20
         rows.extend(timed)
         print(f"done: {problem}", file=sys.stderr)
-    print("\n## Solves to abs tol 1e-6, max_iter 300, batch 64, d 256\n")
-    print(
-        table(
-            rows,
-            [
-                ("problem", "problem", ""),
-                ("solver", "solver", ""),
-                ("nfe", "nfe", "d"),
-                ("wall_ms", "wall ms (median)", ".2f"),
-                ("residual", "final residual", ".2e"),
-                ("reached_tol", "reached tol", ""),
-                ("peak_mib", "peak MiB", ".2f"),
-            ],
-        )
-    )
-
     memory_rows = []
     broydens = ["ours Broyden(memory=20)", "ours Anderson(m=6)", "torchdeq broyden"]
-    for max_iter in (50, 300, 1000):
+    for max_iter in () if args.quick else (50, 300, 1000):
         peaks = measure_memory("tanh hard f64", broydens, max_iter, 1e-300)
         memory_rows += [{"solver": k, "max_iter": max_iter, "peak_mib": v / 2**20} for k, v in peaks.items()]
     memory_rows.sort(key=lambda row: (row["solver"], row["max_iter"]))
-    print("\n## Peak memory against max_iter (hard problem, tolerance never reached)\n")
-    print(
-        table(
-            memory_rows,
-            [("solver", "solver", ""), ("max_iter", "max_iter", "d"), ("peak_mib", "peak MiB", ".2f")],
-        )
-    )
-
-    over = driver(reps, "cpu")
-    print("\n## The driver: host reads and wall against a plain loop and torchdeq (conv 32x16x32x32)\n")
-    print(table(over))
-
-    payload = {
-        "machine": _machine(),
+    record = {
         "settings": {"batch": BATCH, "dim": DIM, "tol": TOL, "max_iter": MAX_ITER, "reps": reps},
         "solves": rows,
         "memory_vs_max_iter": memory_rows,
-        "driver": over,
+        "driver": driver(reps, "cpu", args.quick),
     }
-    _write(args.out, payload)
-
-
-def _machine() -> dict[str, object]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-    }
-
-
-def _write(path: Path, payload: dict[str, object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
-    print(f"\nwrote {path}")
+    print(tables.render("solvers.json", record))
+    if out is not None:
+        harness.write_results(out, record, started=started, quick=args.quick)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

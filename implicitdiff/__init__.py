@@ -19,7 +19,7 @@ from .gradients import (
 from .layer import DEQLayer
 from .solvers import Anderson, Broyden, Picard, Solver, SolverResult
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "IFT",

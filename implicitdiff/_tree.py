@@ -53,7 +53,7 @@ class TreeSpec:
     treedef : torch.utils._pytree.TreeSpec
         The structure.
     root : str
-        The name of the whole tree in messages (``"z"``, ``"x0"``).
+        The name of the whole tree in messages (``"z"``, ``"z0"``).
     keys : tuple of str
         Each leaf's keys from the root, e.g. ``"[1]['h']"``; :attr:`paths` adds the root's name.
     shapes : tuple of torch.Size

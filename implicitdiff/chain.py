@@ -1,15 +1,15 @@
 r"""Parallel in time: a recurrence solved as one fixed point over its whole trajectory.
 
-A recurrence :math:`x_{k+1} = s(k, x_k)`, :math:`k = 0, \dots, N - 1` (the timesteps of a diffusion
+A recurrence :math:`z_{k+1} = s(k, z_k)`, :math:`k = 0, \dots, N - 1` (the timesteps of a diffusion
 sampler, an RNN over a sequence, an ODE integrator) is also the fixed point of the map that applies
 every step at once,
 
 .. math::
 
-    X = F(X), \qquad F(X)_{k+1} = s(k, X_k), \qquad X_0 = x_0,
+    Z = F(Z), \qquad F(Z)_{k+1} = s(k, Z_k), \qquad Z_0 = z_0,
 
-over the trajectory :math:`X = (X_1, \dots, X_N)`. :math:`F` is strictly lower triangular along the
-step axis (step :math:`k + 1` reads only step :math:`k`), so Picard iteration :math:`X \leftarrow F(X)`
+over the trajectory :math:`Z = (Z_1, \dots, Z_N)`. :math:`F` is strictly lower triangular along the
+step axis (step :math:`k + 1` reads only step :math:`k`), so Picard iteration :math:`Z \leftarrow F(Z)`
 is exact after at most :math:`N` sweeps: each sweep makes at least one more step exact. Every sweep
 evaluates all the steps of the window in one batched call of :math:`s`, so when the steps converge
 in far fewer sweeps than there are steps, the chain costs fewer *sequential* rounds than the
@@ -21,7 +21,7 @@ The same fixed point is also that of the *cumulative* map, which sums the increm
 
 .. math::
 
-    G(X)_{k+1} = x_0 + \sum_{i \le k} \bigl(s(i, X_i) - X_i\bigr),
+    G(Z)_{k+1} = z_0 + \sum_{i \le k} \bigl(s(i, Z_i) - Z_i\bigr),
 
 which costs the same evaluations. The two differ in how fast Picard iteration converges: the error
 of a sweep on :math:`F` moves one step down the chain multiplied by the step's Jacobian :math:`J_k`,
@@ -41,26 +41,24 @@ Pokle, Geng, Kolter. *Deep Equilibrium Approaches to Diffusion Models*. NeurIPS 
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import warnings
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
+from ._chainloop import Chain
+from ._chainrules import ChainRuleWarning, as_chain_rule
 from ._tree import PyTree, TreeSpec
-from ._validate import check_int, check_real
-from .chain_secant import ChainSecant
-from .solvers._base import check_stop_mode, residual_norm, working_dtype
-from .solvers._driver import Evaluator, UpdateRule, as_update_rule
-from .solvers.anderson import Anderson
-from .solvers.broyden import Broyden
-from .solvers.picard import Picard
+from ._validate import check_int, check_real, renamed_argument, warn_caller
+from .solvers._base import check_stop_mode, working_dtype
 
-__all__ = ["ChainResult", "ChainRuleWarning", "solve_chain"]
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["FORMS", "ChainResult", "ChainRuleWarning", "solve_chain"]
 
 StepFn = Callable[[Tensor, Any], Any]
 
@@ -72,39 +70,40 @@ FORMS = ("cumulative", "step")
 class ChainResult:
     r"""What :func:`solve_chain` returns.
 
-    Step :math:`k` is the transition from ``xs[k]`` to ``xs[k + 1]``; every per-step tensor has
-    ``num_steps`` entries and stays on the device of ``x0``.
+    Step :math:`k` is the transition from ``zs[k]`` to ``zs[k + 1]``; every per-step tensor has
+    ``num_steps`` entries and stays on the device of ``z0``.
 
     Attributes
     ----------
-    xs : Tensor or pytree of Tensor
-        ``(num_steps + 1, *x0.shape)`` in ``x0``'s dtype: the trajectory, ``xs[0]`` is ``x0``. A step
-        that did not converge (the sweep budget ran out, or a step returned non-finite values) holds
-        its latest estimate. For a pytree ``x0``, the same structure with each leaf
+    zs : Tensor or pytree of Tensor
+        ``(num_steps + 1, *z0.shape)`` in ``z0``'s dtype: the trajectory, ``zs[0]`` is ``z0``. A step
+        that is not final (the sweep budget ran out, or a step returned non-finite values) holds
+        its latest estimate. For a pytree ``z0``, the same structure with each leaf
         ``(num_steps + 1, *leaf.shape)``.
     residual : Tensor
-        ``(num_steps,)``: :math:`\|s(k, x_k) - x_{k+1}\|` of the returned trajectory (divided by
-        :math:`\|s(k, x_k)\| + 10^{-9}` for ``stop_mode="rel"``), as last evaluated. ``inf`` where it
+        ``(num_steps,)``: :math:`\|s(k, z_k) - z_{k+1}\|` of the returned trajectory (divided by
+        :math:`\|s(k, z_k)\| + 10^{-9}` for ``stop_mode="rel"``), as last evaluated. ``inf`` where it
         is not known: a step never evaluated, or one whose predecessor changed after its evaluation.
     converged : Tensor
         ``(num_steps,)`` bool: the step is final, i.e. every earlier step is final and its own
-        residual is at most ``tol``. Always a prefix of the steps.
+        residual is at most ``tol`` (with ``tol=None``: it is exact at its image). Always a prefix of
+        the steps.
     sweeps : int
         Sequential rounds: batched calls of ``step``.
-    evaluations : int
+    total_evaluations : int
         Evaluations of ``step`` counted per step: a call on 7 steps counts 7.
     evaluations_per_step : Tensor
-        ``(num_steps,)`` int: how often each step was evaluated; sums to :attr:`evaluations`.
+        ``(num_steps,)`` int: how often each step was evaluated; sums to :attr:`total_evaluations`.
     nonfinite : Tensor
         ``(num_steps,)`` bool: the last evaluation of this step returned a non-finite value. A
-        non-finite step whose predecessors are final stops the solve.
+        non-finite step whose predecessors are final stops a solve with a tolerance.
     """
 
-    xs: PyTree
+    zs: PyTree
     residual: Tensor
     converged: Tensor
     sweeps: int
-    evaluations: int
+    total_evaluations: int
     evaluations_per_step: Tensor
     nonfinite: Tensor
 
@@ -113,113 +112,63 @@ class ChainResult:
         """Whether every step is final (reads one flag from the device)."""
         return bool(self.converged.all())
 
+    @property
+    def xs(self) -> PyTree:
+        """Deprecated name of :attr:`zs`."""
+        warn_caller("ChainResult.xs is deprecated: the trajectory is ChainResult.zs")
+        return self.zs
+
+    @property
+    def evaluations(self) -> int:
+        """Deprecated name of :attr:`total_evaluations` (``evaluations`` is per sample in a SolverResult)."""
+        warn_caller(
+            "ChainResult.evaluations is deprecated: the total is ChainResult.total_evaluations, the "
+            "count of each step ChainResult.evaluations_per_step"
+        )
+        return self.total_evaluations
+
     def summary(self) -> str:
         """One line for logs: steps converged, sweeps, evaluations, max residual."""
         steps = self.converged.numel()
         worst = float(self.residual.max()) if steps else 0.0
         return (
             f"converged {int(self.converged.sum())}/{steps} steps, sweeps {self.sweeps}, "
-            f"evaluations {self.evaluations}, max residual {worst:.3e}"
+            f"evaluations {self.total_evaluations}, max residual {worst:.3e}"
         )
 
 
-def _default_tol(wdtype: torch.dtype) -> float:
-    # About 100 ulps at unit scale: 1e-5 for float32 (and bf16/fp16 states, which run in float32).
-    return 1e-10 if wdtype == torch.float64 else 1e-5
-
-
-def _packed_step(step: StepFn, spec: TreeSpec) -> StepFn:
-    """``step`` on packed rows ``(rows, n)``: it sees, and returns, the structure of ``x0``."""
-
-    def packed(k: Tensor, x: Tensor) -> Tensor:
-        out = step(k, spec.unpack(x))
-        return spec.pack(spec.leaves_of(out, x.shape[0], "step(k, x)"))
-
-    return packed
-
-
-def _take_rows(state: Any, index: Tensor, rows: int) -> Any:
-    """``state`` with the rows ``index`` of every tensor whose first dimension is the batch (``rows``).
-
-    Update rules keep per-sample tensors batched along dim 0 (the driver's samples, here the steps in
-    flight); other leaves (ints, scalars, shared tensors of another size) are kept as they are.
-    """
-    if isinstance(state, Tensor):
-        return state.index_select(0, index) if state.dim() >= 1 and state.shape[0] == rows else state
-    if dataclasses.is_dataclass(state) and not isinstance(state, type):
-        fields = {f.name: _take_rows(getattr(state, f.name), index, rows) for f in dataclasses.fields(state)}
-        return dataclasses.replace(state, **fields)
-    if isinstance(state, tuple):
-        taken = [_take_rows(leaf, index, rows) for leaf in state]
-        return type(state)(*taken) if hasattr(state, "_fields") else tuple(taken)
-    if isinstance(state, list):
-        return [_take_rows(leaf, index, rows) for leaf in state]
-    if isinstance(state, dict):
-        return {key: _take_rows(leaf, index, rows) for key, leaf in state.items()}
-    return state
-
-
-class ChainRuleWarning(UserWarning):
-    """A rule that treats the steps of a chain as independent samples (Anderson, Broyden).
-
-    Their history fits each step on its own past, blind to the step before it, so on chains they
-    often take more sweeps than Picard: on the 252 test chains of ``benchmarks/chain.py``
-    ``Anderson(m=3)`` took more on 78 (up to 38 more) and ``Broyden(memory=4)`` on 59, where
-    :class:`~implicitdiff.ChainSecant`, which couples the steps, took more on none.
-    Silence it with ``warnings.simplefilter("ignore", ChainRuleWarning)`` where that is measured.
-    """
-
-
-def _check_solver(solver: object) -> UpdateRule | ChainSecant:
-    if isinstance(solver, ChainSecant):
-        return solver
-    if isinstance(solver, (Anderson, Broyden)):
-        warnings.warn(
-            f"{type(solver).__name__} treats the steps of a chain as independent samples and often takes "
-            "more sweeps than Picard on chains; ChainSecant couples the steps (see ChainRuleWarning)",
-            ChainRuleWarning,
-            stacklevel=3,
-        )
-    rule = Picard() if solver is None else as_update_rule(solver, "solver")
-    if rule.judges_trials:
-        raise TypeError(
-            f"solver {solver!r} has accept(): trial steps are judged against a residual that the chain's "
-            "moving predecessors make stale, so rules with accept are not supported by solve_chain"
-        )
-    return rule
-
-
+@renamed_argument("x0", "z0")
 def solve_chain(
     step: StepFn,
-    x0: PyTree,
+    z0: PyTree,
     num_steps: int,
     *,
     solver: Any = None,
-    tol: float | Tensor | Sequence[float] | None = None,
+    tol: float | Sequence[float] | Tensor | np.ndarray | Literal["auto"] | None = "auto",
     max_iter: int | None = None,
     window: int | None = None,
     stop_mode: str = "abs",
     form: str = "step",
     max_batch: int | None = None,
 ) -> ChainResult:
-    r"""Run the recurrence :math:`x_{k+1} = s(k, x_k)` as one fixed point over its trajectory.
+    r"""Run the recurrence :math:`z_{k+1} = s(k, z_k)` as one fixed point over its trajectory.
 
-    With :math:`X = (X_1, \dots, X_N)`, :math:`X_0 = x_0` and the map :math:`F(X)_{k+1} = s(k, X_k)`
-    (``form="step"``) or :math:`G(X)_{k+1} = x_0 + \sum_{i \le k} (s(i, X_i) - X_i)`
+    With :math:`Z = (Z_1, \dots, Z_N)`, :math:`Z_0 = z_0` and the map :math:`F(Z)_{k+1} = s(k, Z_k)`
+    (``form="step"``) or :math:`G(Z)_{k+1} = z_0 + \sum_{i \le k} (s(i, Z_i) - Z_i)`
     (``form="cumulative"``), each sweep evaluates ``step`` once, on all the steps in flight, and lets
-    the update rule ``solver`` propose the next estimates from :math:`X` and its image.
+    the update rule ``solver`` propose the next estimates from :math:`Z` and its image.
     Step :math:`k` is *final* once every earlier step is final and
 
-    .. math:: r_k = \|s(k, X_k) - X_{k+1}\| \le \mathrm{tol}.
+    .. math:: r_k = \|s(k, Z_k) - Z_{k+1}\| \le \mathrm{tol}.
 
     The first step that misses the tolerance but whose predecessors are final is final too, at its
-    image :math:`s(k, X_k)`: that is exactly the sequential value, with residual 0. Each sweep thus
+    image :math:`s(k, Z_k)`: that is exactly the sequential value, with residual 0. Each sweep thus
     finalises at least one step, whatever the rule, so the solve ends after at most ``num_steps``
     sweeps (the guarantee of ParaDiGMS, Shih et al. 2023) and never costs more sequential rounds than the
     recurrence. Final steps are not evaluated again; at most ``window`` steps are in flight, and the
     window slides past the final prefix.
 
-    The returned trajectory satisfies :math:`x_{k+1} = s(k, x_k) + d_k` with
+    The returned trajectory satisfies :math:`z_{k+1} = s(k, z_k) + d_k` with
     :math:`\|d_k\| = r_k \le \mathrm{tol}` (``stop_mode="abs"``), so if each step is
     :math:`L`-Lipschitz its distance to the sequential rollout is at most
     :math:`\mathrm{tol}\,\sum_{i < k} L^i` at step :math:`k`.
@@ -227,15 +176,16 @@ def solve_chain(
     Parameters
     ----------
     step : callable
-        ``step(k, x) -> x_next``: ``k`` is a 1-D LongTensor of step indices, ``x`` the states at those
-        steps stacked on a new leading dimension, ``(len(k), *x0.shape)`` in ``x0``'s dtype (for a
-        pytree ``x0``, its structure with each leaf ``(len(k), *leaf.shape)``); it returns the next
+        ``step(k, z) -> z_next``: ``k`` is a 1-D LongTensor of step indices, ``z`` the states at those
+        steps stacked on a new leading dimension, ``(len(k), *z0.shape)`` in ``z0``'s dtype (for a
+        pytree ``z0``, its structure with each leaf ``(len(k), *leaf.shape)``); it returns the next
         states stacked the same way. It is called on many steps at once, must not
-        modify ``x`` in place, and runs under ``torch.no_grad()``.
-    x0 : Tensor or pytree of Tensor
+        modify ``z`` in place, and runs under ``torch.no_grad()``.
+    z0 : Tensor or pytree of Tensor
         The initial state, any shape, floating point; or a tuple, list or dict (nested) of such tensors,
         all of one dtype and device, packed into one vector per step (the residual is then over every
-        leaf at once). The rule works in ``x0``'s dtype promoted to at least float32.
+        leaf at once). The rule works in ``z0``'s dtype promoted to at least float32. (``x0=``, its
+        name before 0.3, still works and warns.)
     num_steps : int
         :math:`N \ge 0`, the number of steps.
     solver : ChainSecant or update rule, optional
@@ -251,20 +201,25 @@ def solve_chain(
         follows the steps when the window slides; a step entering the window starts with no
         history (through the rule's ``restart``, or by re-initialising the rule when it has no
         ``restart`` of its own). Rules with ``accept`` (trial steps) are refused.
-    tol : float or sequence of float, optional
-        Tolerance on the per-step residual, ``>= 0``; default ``1e-5``, or ``1e-10`` for float64.
-        ``0`` finalises a step only when it is exact: Picard then takes the full ``num_steps``
-        sweeps. A tensor or sequence of ``num_steps`` values gives each step its own tolerance
-        (``tol[k]`` for the residual of step ``k``), e.g. proportional to a diffusion sampler's noise
-        level at that step; the bound below then reads :math:`\sum_{i < k} \mathrm{tol}_i L^{k-1-i}`.
+    tol : float, array-like of float, "auto" or None
+        Tolerance on the per-step residual, ``>= 0``. ``"auto"`` (the default) is the working dtype's
+        default: ``1e-5`` (float32 and below), or ``1e-10`` for float64. ``0`` finalises a step only
+        when it is exact: Picard then takes the full ``num_steps`` sweeps. A sequence, numpy array or
+        tensor of ``num_steps`` values gives each step its own tolerance (``tol[k]`` for the residual
+        of step ``k``), e.g. proportional to a diffusion sampler's noise level at that step; the bound
+        below then reads :math:`\sum_{i < k} \mathrm{tol}_i L^{k-1-i}`. ``None`` is a fixed budget, as
+        in :func:`~implicitdiff.fixed_point`: exactly ``max_iter`` sweeps (at most ``num_steps``) and
+        no host reads. Each sweep makes one more step final, exact at its image (its predecessor was
+        final), so the window slides one step per sweep; ``converged`` marks those steps (up to the
+        first non-finite one) and the others hold their latest estimates.
     max_iter : int, optional
         Cap on sweeps, ``>= 1``; default ``num_steps`` (always enough to finish).
     window : int, optional
         Most steps in flight (evaluated per sweep), ``>= 1``; default all of them. Bounds the memory of
         the batched call and of the rule's history.
     stop_mode : {"abs", "rel"}
-        ``"abs"``: :math:`r_k = \|s(k, X_k) - X_{k+1}\|_2` over all of a state's entries; ``"rel"``:
-        divided by :math:`\|s(k, X_k)\|_2 + 10^{-9}`.
+        ``"abs"``: :math:`r_k = \|s(k, Z_k) - Z_{k+1}\|_2` over all of a state's entries; ``"rel"``:
+        divided by :math:`\|s(k, Z_k)\|_2 + 10^{-9}`.
     max_batch : int, optional
         Most states per call of ``step``: a sweep over more steps than this calls ``step`` on chunks of
         at most ``max_batch`` of them (in order), so that memory is bounded whatever the window.
@@ -283,7 +238,8 @@ def solve_chain(
 
     Notes
     -----
-    The host reads one number per sweep: how many steps became final (how far the window slides).
+    The host reads one number per sweep: how many steps became final (how far the window slides);
+    with ``tol=None``, none.
 
     :class:`~implicitdiff.ChainSecant` keeps per step its last ``m`` secant pairs and proposes the
     trajectory in order down the window, about seven small kernels per step in flight and sweep.
@@ -306,9 +262,9 @@ def solve_chain(
     --------
     >>> import torch
     >>> from implicitdiff import solve_chain
-    >>> step = lambda k, x: 0.5 * x + 1.0   # x_{k+1} = x_k / 2 + 1
+    >>> step = lambda k, z: 0.5 * z + 1.0   # z_{k+1} = z_k / 2 + 1
     >>> out = solve_chain(step, torch.zeros(3), 8)
-    >>> out.all_converged, out.sweeps <= 8, round(float(out.xs[-1, 0]), 4)
+    >>> out.all_converged, out.sweeps <= 8, round(float(out.zs[-1, 0]), 4)
     (True, True, 1.9922)
 
     The chain-aware rule, on a linear chain whose steps do not contract: each step's Jacobian is
@@ -317,231 +273,98 @@ def solve_chain(
 
     >>> from implicitdiff import ChainSecant
     >>> A = torch.tensor([[1.0, 0.5], [-0.5, 1.0]], dtype=torch.float64)  # |A| > 1: no contraction
-    >>> step = lambda k, x: x @ A.T + 1.0
-    >>> x0 = torch.zeros(2, dtype=torch.float64)
-    >>> solve_chain(step, x0, 40, solver=ChainSecant(m=2)).sweeps < solve_chain(step, x0, 40).sweeps
+    >>> step = lambda k, z: z @ A.T + 1.0
+    >>> z0 = torch.zeros(2, dtype=torch.float64)
+    >>> solve_chain(step, z0, 40, solver=ChainSecant(m=2)).sweeps < solve_chain(step, z0, 40).sweeps
     True
     """
     if not callable(step):
-        raise TypeError(f"step must be callable as step(k, x), got {type(step).__name__}")
-    if not isinstance(x0, Tensor):
-        # A pytree: packed into one vector, the step sees (and returns) the structure.
-        spec = TreeSpec.of(x0, "x0")
-        result = solve_chain(
-            _packed_step(step, spec.named("x")),
-            spec.pack_whole(x0),
-            num_steps,
-            solver=solver,
-            tol=tol,
-            max_iter=max_iter,
-            window=window,
-            stop_mode=stop_mode,
-            form=form,
-            max_batch=max_batch,
-        )
-        return dataclasses.replace(result, xs=spec.unpack(result.xs))
-    if x0.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "x0 requires grad, but solve_chain's trajectory carries no gradient (the sweeps run without "
-            "grad): pass x0.detach(), or differentiate through a sequential rollout"
-        )
-    wdtype = working_dtype(x0.dtype)
+        raise TypeError(f"step must be callable as step(k, z), got {type(step).__name__}")
+    flat, spec = _initial_state(z0)
+    wdtype = working_dtype(flat.dtype)
     num_steps = check_int("num_steps", num_steps, low=0)
-    rule = _check_solver(solver)
-    tols = _check_tol(tol, num_steps, wdtype, x0.device)
+    rule = as_chain_rule(solver)
+    tols = _check_tol(tol, num_steps, wdtype, flat.device)
     max_batch = None if max_batch is None else check_int("max_batch", max_batch, low=1)
     max_iter = max(num_steps, 1) if max_iter is None else check_int("max_iter", max_iter, low=1)
     window = num_steps if window is None else check_int("window", window, low=1)
     stop_mode = check_stop_mode(stop_mode)
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    run_step = step if spec is None else _packed_step(step, spec.named("z"))
     with torch.no_grad():
-        chain = _Chain(step, x0, num_steps, rule, tols, window, stop_mode, form == "cumulative", max_batch)
-        return chain.run(max_iter)
+        chain = Chain(
+            run_step, flat, num_steps, rule, tols, window, stop_mode, form == "cumulative", max_batch
+        )
+        chain.run(max_iter)
+    zs = chain.zs.reshape(num_steps + 1, *flat.shape).to(flat.dtype)
+    return ChainResult(
+        zs=zs if spec is None else spec.unpack(zs),
+        residual=chain.residual,
+        converged=chain.converged,
+        sweeps=chain.sweeps,
+        total_evaluations=chain.evaluations,
+        evaluations_per_step=chain.per_step,
+        nonfinite=chain.nonfinite,
+    )
 
 
-def _check_tol(tol: object, num_steps: int, wdtype: torch.dtype, device: torch.device) -> Tensor:
-    """The per-step tolerances as a ``(num_steps,)`` tensor; one number is every step's."""
+def _initial_state(z0: PyTree) -> tuple[Tensor, TreeSpec | None]:
+    """``z0`` as one tensor (a pytree packed into one vector) and the spec that unpacks it."""
+    spec = None
+    if not isinstance(z0, Tensor):
+        spec = TreeSpec.of(z0, "z0")
+        z0 = spec.pack_whole(z0)
+    if z0.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "z0 requires grad, but solve_chain's trajectory carries no gradient (the sweeps run without "
+            "grad): pass z0.detach(), or differentiate through a sequential rollout"
+        )
+    return z0, spec
+
+
+def _packed_step(step: StepFn, spec: TreeSpec) -> StepFn:
+    """``step`` on packed rows ``(rows, n)``: it sees, and returns, the structure of ``z0``."""
+
+    def packed(k: Tensor, z: Tensor) -> Tensor:
+        out = step(k, spec.unpack(z))
+        return spec.pack(spec.leaves_of(out, z.shape[0], "step(k, z)"))
+
+    return packed
+
+
+def _default_tol(wdtype: torch.dtype) -> float:
+    # About 100 ulps at unit scale: 1e-5 for float32 (and bf16/fp16 states, which run in float32).
+    return 1e-10 if wdtype == torch.float64 else 1e-5
+
+
+def _check_tol(tol: object, num_steps: int, wdtype: torch.dtype, device: torch.device) -> Tensor | None:
+    """The per-step tolerances as a ``(num_steps,)`` tensor (``None``: a fixed budget)."""
     if tol is None:
-        return torch.full((num_steps,), _default_tol(wdtype), dtype=wdtype, device=device)
-    if isinstance(tol, (Tensor, Sequence)) and not isinstance(tol, str):
+        return None
+    if isinstance(tol, str) and tol == "auto":
+        tol = _default_tol(wdtype)
+    if isinstance(tol, numbers.Real):
+        return torch.full((num_steps,), check_real("tol", tol, low=0.0), dtype=wdtype, device=device)
+    allowed = "a number >= 0, one per step (a sequence, numpy array or tensor), 'auto' or None"
+    if isinstance(tol, str):
+        raise TypeError(f"tol must be {allowed}, got str {tol!r}")
+    try:
         tols = torch.as_tensor(tol, dtype=wdtype).to(device)
-        if tols.dim() != 1 or tols.shape[0] != num_steps:
-            raise ValueError(
-                f"tol must be a number or one tolerance per step (shape ({num_steps},)), got shape "
-                f"{tuple(tols.shape)}"
-            )
-        if not bool(torch.isfinite(tols).all() and (tols >= 0).all()):
-            raise ValueError(f"tol must hold finite values >= 0, got {tols.tolist()}")
-        return tols
-    return torch.full((num_steps,), check_real("tol", tol, low=0.0), dtype=wdtype, device=device)
-
-
-class _Chain:
-    """The state of one :func:`solve_chain` call and its named steps.
-
-    Rows ``xs[: lo + 1]`` of the trajectory are final; ``z`` holds the estimates of the ``rows`` steps in
-    flight, ``xs[lo + 1 : lo + rows + 1]``. A sweep evaluates them (:meth:`sweep`), finalises the prefix
-    that is now exact or within the tolerance (:meth:`finalise`), lets the rule propose the next estimates
-    (:meth:`propose`) and slides the window past the final prefix (:meth:`slide`).
-    """
-
-    def __init__(
-        self,
-        step: StepFn,
-        x0: Tensor,
-        num_steps: int,
-        rule: UpdateRule | ChainSecant,
-        tol: Tensor,
-        window: int,
-        stop_mode: str,
-        cumulative: bool,
-        max_batch: int | None = None,
-    ) -> None:
-        self.evaluate = Evaluator(
-            step,
-            x0.shape,
-            x0.dtype,
-            name="step(k, x)",
-            returns="the next states stacked like x",
-            argument="x",
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"tol must be {allowed}, got {type(tol).__name__}") from None
+    if tols.dim() == 0:
+        return _check_tol(float(tols), num_steps, wdtype, device)
+    if tols.dim() != 1 or tols.shape[0] != num_steps:
+        raise ValueError(
+            f"tol must be a number or one tolerance per step (shape ({num_steps},)), got shape "
+            f"{tuple(tols.shape)}"
         )
-        self.rule, self.tol, self.window, self.stop_mode = rule, tol, window, stop_mode
-        self.cumulative, self.num_steps, self.max_batch = cumulative, num_steps, max_batch
-        self.sweeps = 0
-        self.shape, self.dtype, self.device = x0.shape, x0.dtype, x0.device
-        wdtype = self.evaluate.wdtype
-        self.xs = x0.detach().reshape(1, -1).to(wdtype).repeat(num_steps + 1, 1)
-        self.residual = torch.full((num_steps,), math.inf, dtype=wdtype, device=self.device)
-        self.converged = torch.zeros(num_steps, dtype=torch.bool, device=self.device)
-        self.nonfinite = torch.zeros(num_steps, dtype=torch.bool, device=self.device)
-        self.per_step = torch.zeros(num_steps, dtype=torch.long, device=self.device)
-        self.evaluations = 0
-        self.lo, self.rows = 0, min(window, num_steps)
-        self.can_restart = isinstance(rule, ChainSecant) or rule.can_restart
-        self.z = self.xs[1 : self.rows + 1].clone()
-        self.state: Any = None  # the rule's state; None until the next sweep initialises it
-
-    def run(self, max_iter: int) -> ChainResult:
-        while self.lo < self.num_steps and self.sweeps < max_iter:
-            prev, fz = self.sweep()
-            res = residual_norm(fz, self.z, self.stop_mode)
-            advance = self.finalise(fz, res)
-            if self.lo + advance >= self.num_steps or self.sweeps >= max_iter or advance == 0:
-                # Steps not final keep the estimates last evaluated; those never evaluated the last one.
-                hi = self.lo + self.rows
-                self.xs[self.lo + advance + 1 : hi + 1] = self.z[advance:]
-                self.xs[hi + 1 :] = self.xs[hi : hi + 1]
-                break
-            self.slide(advance, self.propose(prev, fz, res, advance))
-        return ChainResult(
-            xs=self.xs.reshape(self.num_steps + 1, *self.shape).to(self.dtype),
-            residual=self.residual,
-            converged=self.converged,
-            sweeps=self.sweeps,
-            evaluations=self.evaluations,
-            evaluations_per_step=self.per_step,
-            nonfinite=self.nonfinite,
+    bad = ~(torch.isfinite(tols) & (tols >= 0))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"tol must hold finite values >= 0: tol[{first}] is {float(tols[first])} "
+            f"({int(bad.sum())} of {num_steps} values are not)"
         )
-
-    def sweep(self) -> tuple[Tensor, Tensor]:
-        """Evaluate every step in flight once: their predecessors and images ``(rows, n)``."""
-        lo, rows = self.lo, self.rows
-        k = torch.arange(lo, lo + rows, device=self.device)
-        prev = torch.cat([self.xs[lo : lo + 1], self.z[:-1]])  # each step's predecessor
-        chunk = rows if self.max_batch is None else self.max_batch
-        if chunk >= rows:
-            fz = self.evaluate(prev, k)
-        else:  # bounded memory: the steps in chunks, in order; still one sequential round
-            fz = torch.cat(
-                [self.evaluate(prev[i : i + chunk], k[i : i + chunk]) for i in range(0, rows, chunk)]
-            )
-        self.sweeps += 1
-        self.evaluations += rows
-        self.per_step[lo : lo + rows] += 1
-        return prev, fz
-
-    def finalise(self, fz: Tensor, res: Tensor) -> int:
-        """Make final the leading run of steps within the tolerance, and the next one at its image.
-
-        The first step that misses the tolerance but whose predecessors are final is exact at its image
-        (that is the sequential value) if the image is finite. Returns how many steps became final: the
-        one host read of a sweep.
-        """
-        lo, rows, z = self.lo, self.rows, self.z
-        finite = torch.isfinite(fz).all(dim=1)
-        within = torch.cumprod((res <= self.tol[lo : lo + rows]).to(torch.long), dim=0).sum()
-        image_ok = finite.index_select(0, within.clamp(max=rows - 1).view(1)).squeeze(0) & (within < rows)
-        advance = int(within + image_ok)
-        at_image = torch.arange(rows, device=self.device) >= within
-        self.nonfinite[lo : lo + rows] = ~finite
-        self.residual[lo : lo + rows] = res
-        self.finite = finite
-        if advance:
-            self.xs[lo + 1 : lo + 1 + advance] = torch.where(at_image[:, None], fz, z)[:advance]
-            self.residual[lo : lo + advance] = torch.where(at_image, 0.0, res)[:advance]
-            self.converged[lo : lo + advance] = True
-        if advance < rows:
-            # Evaluated against the estimate its predecessor has just left (or it is non-finite).
-            self.residual[lo + advance] = math.inf
-        return advance
-
-    def propose(self, prev: Tensor, fz: Tensor, res: Tensor, advance: int) -> Tensor:
-        """The rule's next estimates of the steps in flight, from their images under ``F`` or ``G``.
-
-        ``advance >= 1`` steps have just become final; a chain-aware rule starts from their values.
-        """
-        if isinstance(self.rule, ChainSecant):
-            if self.state is None:
-                self.state = self.rule.init(self.z)
-            # The change of the first step still in flight's input: its predecessor's final value
-            # minus the estimate it was evaluated at (zero unless that step was finalised at its image).
-            d = self.xs[self.lo + advance] - self.z[advance - 1]
-            base = 1.0 if self.cumulative else 0.0
-            z_next = self.rule.propose(self.state, prev, fz, self.z, advance, d, base)
-        else:
-            z_next = self._rule_step(prev, fz, res)
-        # A rule that produced non-finite values for a step falls back to its image and forgets it.
-        broken = ~torch.isfinite(z_next).all(dim=1) | ~self.finite
-        if self.can_restart:
-            self.state = self.rule.restart(self.state, broken)
-        return torch.where(broken[:, None], fz, z_next)
-
-    def _rule_step(self, prev: Tensor, fz: Tensor, res: Tensor) -> Tensor:
-        """An update rule's step on the map ``F`` or ``G``: the steps in flight are its batch."""
-        rule = cast(UpdateRule, self.rule)
-        if self.cumulative:
-            # The image under G: the final state plus the running sum of the increments s(k, X_k) - X_k.
-            gz = torch.cumsum(fz - prev, dim=0).add_(self.xs[self.lo : self.lo + 1])
-            gres = residual_norm(gz, self.z, self.stop_mode)
-        else:
-            gz, gres = fz, res
-        if self.state is None:
-            self.state = rule.init(self.z, gz)
-        z_next, self.state = rule.step(self.state, self.z, gz, gres)
-        return z_next
-
-    def slide(self, advance: int, z_next: Tensor) -> None:
-        """Move the window past the ``advance`` steps made final; entering steps start with no history.
-
-        The kept steps move up by ``advance`` rows, each with its rows of the rule's state; an entering
-        step starts from the estimate of the step before it.
-        """
-        rows, n = self.rows, z_next.shape[1]
-        new_lo = self.lo + advance
-        new_rows = min(self.window, self.num_steps - new_lo)
-        kept = rows - advance
-        entering = new_rows - kept
-        index = torch.arange(advance, rows, device=self.device)
-        guess = z_next[-1:] if kept else self.xs[new_lo : new_lo + 1]
-        self.z = torch.cat([z_next.index_select(0, index), guess.expand(entering, n)])
-        if entering and not (self.can_restart and kept):
-            self.state = None  # re-initialised at the next sweep
-        elif self.state is not None:
-            if entering:
-                index = torch.cat([index, index.new_zeros(entering)])
-            self.state = _take_rows(self.state, index, rows)
-            if entering:
-                fresh = torch.arange(new_rows, device=self.device) >= kept
-                self.state = self.rule.restart(self.state, fresh)
-        self.lo, self.rows = new_lo, new_rows
+    return tols

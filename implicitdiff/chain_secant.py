@@ -4,25 +4,25 @@ Picard iteration on a chain updates every step from its predecessor's *old* esti
 rules of :mod:`implicitdiff.solvers` (Anderson, Broyden) treat the steps in flight as independent
 samples, which they are not: step :math:`k + 1` reads step :math:`k`, so a change to step :math:`k`
 is what step :math:`k + 1` most needs to know about. :class:`ChainSecant` passes it on. With
-:math:`d_k = X_k^{\mathrm{new}} - X_k` the change of step :math:`k`'s input, the next estimate of
+:math:`d_k = Z_k^{\mathrm{new}} - Z_k` the change of step :math:`k`'s input, the next estimate of
 its output is the linearised step
 
 .. math::
 
-    X_{k+1}^{\mathrm{new}} = s(k, X_k) + \hat J_k\, d_k,
+    Z_{k+1}^{\mathrm{new}} = s(k, Z_k) + \hat J_k\, d_k,
 
 computed down the window in order (the propagation is sequential, but it is a few small products
 per step, no evaluation of :math:`s`). With the exact Jacobian :math:`\hat J_k = J_k` this is
-Newton's method on the banded system :math:`X = F(X)` (the idea of ParaSolver, Lu et al. 2025),
+Newton's method on the banded system :math:`Z = F(Z)` (the idea of ParaSolver, Lu et al. 2025),
 with :math:`\hat J_k = I` it is the cumulative Picard iteration of ParaDiGMS (Shih et al. 2023),
 with :math:`\hat J_k = 0` plain Picard on the steps. :class:`ChainSecant` models each step's
 Jacobian from that step's own evaluations, without derivatives: the last ``m`` sweeps give pairs
-:math:`(\Delta x, \Delta s)` of input and output changes of step :math:`k`, and
+:math:`(\Delta z, \Delta s)` of input and output changes of step :math:`k`, and
 
 .. math::
 
-    \hat J_k d = B d + (\Delta S - B \Delta X)\,\gamma, \qquad
-    \gamma = \arg\min_\gamma \|\Delta X \gamma - d\|^2 + \lambda \|\gamma\|^2,
+    \hat J_k d = B d + (\Delta S - B \Delta Z)\,\gamma, \qquad
+    \gamma = \arg\min_\gamma \|\Delta Z \gamma - d\|^2 + \lambda \|\gamma\|^2,
 
 with each pair scaled to a unit input change, a multisecant model (the type-II least squares of
 Anderson acceleration) on top of the base :math:`B = I` (``form="cumulative"``) or :math:`B = 0`
@@ -37,14 +37,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._chainrules import Sweep
 from ._validate import check_int, check_real
 from .solvers.anderson import _gram_dtype
 
-__all__ = ["ChainSecant", "ChainSecantState"]
+__all__ = ["ChainSecant"]
 
 
 @dataclass
-class ChainSecantState:
+class _History:
     """The secant history of the steps in flight, one row per step.
 
     ``X`` and ``S`` are ``(rows, m, n)`` rings of input and output differences (slot ``k % m`` the
@@ -67,7 +68,7 @@ class ChainSecantState:
 class ChainSecant:
     r"""Quasi-Newton along the chain for :func:`implicitdiff.solve_chain` (see the module).
 
-    Pass it as ``solver``: ``solve_chain(step, x0, n, solver=ChainSecant(), form="cumulative")``.
+    Pass it as ``solver``: ``solve_chain(step, z0, n, solver=ChainSecant(), form="cumulative")``.
     Each sweep records one secant pair per step in flight, fits each step's Jacobian on its last
     ``m`` pairs, and proposes the next trajectory by carrying every step's change down the window
     through those models. Steps that became final in the sweep pass on their final values.
@@ -101,6 +102,11 @@ class ChainSecant:
     and sweep, and no host read.
     """
 
+    #: A rule written for chains: :func:`~implicitdiff.solve_chain` shows it the chain's structure.
+    reads_chain = True
+    #: It forgets the history of the steps :meth:`restart` names.
+    can_restart = True
+
     def __init__(self, m: int = 3, lam: float | None = None, safeguard: float = 4.0, blocks: int = 1) -> None:
         self.m = check_int("m", m, low=1)
         self.blocks = check_int("blocks", blocks, low=1)
@@ -110,8 +116,9 @@ class ChainSecant:
     def __repr__(self) -> str:
         return f"ChainSecant(m={self.m}, lam={self.lam}, safeguard={self.safeguard}, blocks={self.blocks})"
 
-    def init(self, z: Tensor) -> ChainSecantState:
-        """An empty history for the ``(rows, n)`` steps in flight ``z``."""
+    def start(self, sweep: Sweep) -> _History:
+        """An empty history for the ``(rows, n)`` steps in flight."""
+        z = sweep.estimates
         rows, n = z.shape
         if n % self.blocks:
             raise ValueError(
@@ -119,12 +126,12 @@ class ChainSecant:
             )
         empty = z.new_zeros(rows, self.m, n)
         known = torch.zeros(rows, dtype=torch.bool, device=z.device)
-        return ChainSecantState(empty, empty.clone(), z.clone(), z.clone(), torch.zeros_like(z), known, 0)
+        return _History(empty, empty.clone(), z.clone(), z.clone(), torch.zeros_like(z), known, 0)
 
-    def record(self, state: ChainSecantState, prev: Tensor, fz: Tensor, z: Tensor) -> None:
+    def record(self, state: _History, prev: Tensor, fz: Tensor, z: Tensor) -> None:
         r"""Judge the last proposals, then write this sweep's pair ``(prev - last_in, fz - last_out)``.
 
-        The safeguard: a step whose residual :math:`\|s(k, X_k) - X_{k+1}\|` is larger than it would
+        The safeguard: a step whose residual :math:`\|s(k, Z_k) - Z_{k+1}\|` is larger than it would
         have been without its secant correction (the base model's proposal, Picard's, at the same
         input) forgets its older pairs, so its next proposal leans on the new pair alone.
         """
@@ -142,12 +149,12 @@ class ChainSecant:
         state.known.fill_(True)
         state.k += 1
 
-    def models(self, state: ChainSecantState, base: float) -> tuple[Tensor, Tensor]:
-        r"""Per step and block, :math:`P = (\hat X \hat X^\top + \lambda I)^{-1} \hat X` and
-        :math:`C^\top = (\hat S - B \hat X)^\top`, so that :math:`\hat J d = B d + C^\top (P d)`.
+    def models(self, state: _History, base: float) -> tuple[Tensor, Tensor]:
+        r"""Per step and block, :math:`P = (\hat Z \hat Z^\top + \lambda I)^{-1} \hat Z` and
+        :math:`C^\top = (\hat S - B \hat Z)^\top`, so that :math:`\hat J d = B d + C^\top (P d)`.
 
-        Each pair is scaled to a unit input change first (:math:`\hat X_i = \Delta X_i / \|\Delta X_i\|`,
-        :math:`\hat S_i = \Delta S_i / \|\Delta X_i\|`: the same secant): a chain's changes shrink by
+        Each pair is scaled to a unit input change first (:math:`\hat Z_i = \Delta Z_i / \|\Delta Z_i\|`,
+        :math:`\hat S_i = \Delta S_i / \|\Delta Z_i\|`: the same secant): a chain's changes shrink by
         orders of magnitude from sweep to sweep, and a shift relative to the largest pair would drown
         the small, recent ones.
         """
@@ -164,34 +171,34 @@ class ChainSecant:
         C = S if base == 0.0 else torch.add(S, X, alpha=-base)
         return P, C.transpose(2, 3)
 
-    def propose(
-        self, state: ChainSecantState, prev: Tensor, fz: Tensor, z: Tensor, start: int, d: Tensor, base: float
-    ) -> Tensor:
-        """The next estimates of the steps in flight ``z`` (rows ``start`` on; earlier rows are final).
+    def propose(self, state: _History, sweep: Sweep) -> tuple[Tensor, _History]:
+        """The next estimates of the steps in flight (rows ``sweep.final`` on; earlier rows are final).
 
-        ``prev`` and ``fz`` are the inputs and images just evaluated, ``d`` the change of row
-        ``start``'s input (its predecessor's final value minus its estimate) and ``base`` the form's
-        Jacobian. Rows before ``start`` are returned as ``fz`` (the caller drops them).
+        The change ``sweep.change`` of the first row in flight's input is carried down the window
+        through each step's model on top of the form's Jacobian ``B`` (``I`` cumulative, ``0`` step).
+        Rows before ``sweep.final`` are returned as their images (the caller drops them).
         """
+        prev, fz, z, d = sweep.inputs, sweep.images, sweep.estimates, sweep.change
+        base = 1.0 if sweep.cumulative else 0.0
         self.record(state, prev, fz, z)
         P, Ct = self.models(state, base)
         out = fz.clone()
         state.secant.zero_()
         blocks = (self.blocks, -1, 1)
-        for j in range(start, fz.shape[0]):
+        for j in range(sweep.final, fz.shape[0]):
             secant = torch.bmm(Ct[j], torch.bmm(P[j], d.view(blocks))).view(-1)
             state.secant[j] = secant
             out[j] = torch.add(fz[j], d, alpha=base).add_(secant) if base else fz[j] + secant
             d = out[j] - z[j]
-        return out
+        return out, state
 
-    def restart(self, state: ChainSecantState, mask: Tensor) -> ChainSecantState:
+    def restart(self, state: _History, mask: Tensor) -> _History:
         """Forget the history of the steps in ``mask``; their next evaluation gives no pair."""
         self._forget(state, mask)
         state.known = state.known & ~mask
         return state
 
-    def _forget(self, state: ChainSecantState, mask: Tensor) -> None:
+    def _forget(self, state: _History, mask: Tensor) -> None:
         # In place: this runs every sweep, and a mask rarely set should not cost three new histories.
         state.X.masked_fill_(mask[:, None, None], 0.0)
         state.S.masked_fill_(mask[:, None, None], 0.0)

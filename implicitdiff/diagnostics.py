@@ -33,6 +33,8 @@ _NO_KERNEL = {
     _aten.empty,
     _aten.empty_like,
     _aten.empty_strided,
+    _aten.new_empty,
+    _aten.new_empty_strided,
     _aten._local_scalar_dense,
     _aten.lift_fresh,
     _aten.set_,

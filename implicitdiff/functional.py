@@ -1,4 +1,4 @@
-"""``fixed_point``: an implicit layer's machinery as a function."""
+"""``fixed_point``: an implicit layer's machinery as a function, and what it returns."""
 
 from __future__ import annotations
 
@@ -6,18 +6,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils import _pytree as pytree
 
-from ._onefunction import Held, caching_active, holding, parts_of
-from ._tree import PyTree, TreeSpec, tensor_leaves, tree_paths
-from ._validate import check_bool, check_int, refuse_functorch
+from ._boundmap import BoundMap
+from ._call import Call
+from ._onefunction import parts_of
+from ._tree import PyTree
+from ._validate import check_bool, check_int, refuse_class
 from .gradients import JFB, GradientEstimator
-from .gradients._base import StartsFromImage
 from .solvers import Anderson, Solver, SolverResult
-from .solvers._driver import compiling, outside_compile
 
 __all__ = ["BoundMap", "DEQOutput", "fixed_point"]
 
@@ -57,219 +55,6 @@ class DEQOutput:
     stats: SolverResult
     grad_evals: int = 0
     states: list[PyTree] | None = None
-
-
-def _needs_grad(f: Callable[..., Any], x: PyTree, f_kwargs: Mapping[str, Any]) -> bool:
-    """Whether autograd will want a gradient out of the solution.
-
-    For an ``nn.Module`` we can look at its parameters; for any other callable we cannot see what it
-    closes over, so we assume it may need one whenever grad mode is on.
-    """
-    if not torch.is_grad_enabled():
-        return False
-    if isinstance(x, Tensor):
-        if x.requires_grad:
-            return True
-    elif any(leaf.requires_grad for leaf in tensor_leaves(x)):
-        return True
-    if f_kwargs and any(leaf.requires_grad for leaf in tensor_leaves(tuple(f_kwargs.values()))):
-        return True
-    if isinstance(f, nn.Module):
-        return any(p.requires_grad for p in f.parameters())
-    return True
-
-
-def _autocast_on(device_type: str) -> bool:
-    return bool(torch.is_autocast_enabled(device_type))
-
-
-class BoundMap:
-    """``z -> f(z, x, **f_kwargs)`` with the inputs bound, checking each output against the state ``z0``.
-
-    The state keeps ``z0``'s dtype. Under ``torch.autocast`` an ``f`` ending in a matrix product returns
-    the autocast dtype (bfloat16, float16); its output is cast back to the state's dtype (differentiably),
-    so the solver and every estimator work on states of one dtype. Outside autocast another dtype is an
-    error. Every call adds one to :attr:`calls`.
-
-    A structured state (``spec`` given) is packed: the map takes and returns flat ``(B, n)`` rows,
-    unpacks them into the structure of the user's ``z0`` for ``f`` (views, no copy), checks what ``f``
-    returns leaf by leaf (naming the path of a leaf that differs) and packs it (one copy).
-
-    An estimator that differentiates with respect to the inputs explicitly (:class:`~implicitdiff.IFT`)
-    reads :attr:`inputs` (the tensor leaves of ``x``, then those of ``f_kwargs``'s values, in that
-    order) and calls :meth:`with_inputs` for the same map on other tensors.
-    """
-
-    def __init__(
-        self,
-        f: Callable[..., Any],
-        x: PyTree,
-        z0: Tensor,
-        f_kwargs: Mapping[str, Any],
-        counter: list[int],
-        *,
-        spec: TreeSpec | None = None,
-        held: Held | None = None,
-    ) -> None:
-        self.f, self.x, self.z0 = f, x, z0
-        # Kept as a tuple of pairs: dynamo before torch 2.5 fails to guard a dict that it also sees in the
-        # caller's frame.
-        self._items = tuple(f_kwargs.items())
-        self._counter = counter
-        self._name = getattr(f, "__name__", type(f).__name__)
-        self.spec, self.held = spec, held
-
-    @property
-    def calls(self) -> int:
-        """Evaluations of ``f`` by this map and every map made from it by :meth:`with_inputs`."""
-        return self._counter[0]
-
-    def reset_calls(self) -> None:
-        """Start :attr:`calls` from zero again."""
-        self._counter[0] = 0
-
-    @property
-    def inputs(self) -> tuple[Tensor, ...]:
-        """The tensors ``f`` receives explicitly: the tensor leaves of ``x``, then of ``f_kwargs``."""
-        return tuple(tensor_leaves((self.x, tuple(value for _, value in self._items))))
-
-    def with_inputs(self, *tensors: Tensor) -> BoundMap:
-        """The same map with :attr:`inputs` replaced by ``tensors`` (same order)."""
-        leaves, treedef = pytree.tree_flatten((self.x, tuple(value for _, value in self._items)))
-        expected = sum(isinstance(leaf, Tensor) for leaf in leaves)
-        if len(tensors) != expected:
-            raise ValueError(f"with_inputs takes {expected} tensors (the map's inputs), got {len(tensors)}")
-        replacements = iter(tensors)
-        leaves = [next(replacements) if isinstance(leaf, Tensor) else leaf for leaf in leaves]
-        x, values = pytree.tree_unflatten(leaves, treedef)
-        kwargs = dict(zip((key for key, _ in self._items), values, strict=True))
-        return BoundMap(self.f, x, self.z0, kwargs, self._counter, spec=self.spec, held=self.held)
-
-    def __call__(self, z: Tensor) -> Tensor:
-        if self.held and not _in_cache(self.held):
-            # Called after the layer's call ended (IFT's backward with create_graph): the call's weights.
-            with holding(self.held):
-                return self._evaluate(z)
-        return self._evaluate(z)
-
-    def _evaluate(self, z: Tensor) -> Tensor:
-        state = z if self.spec is None else self.spec.unpack(z)
-        out = self.f(state, self.x, **dict(self._items)) if self._items else self.f(state, self.x)
-        self._counter[0] += 1
-        if self.spec is not None:
-            autocast = _autocast_on(z.device.type)
-            return self.spec.pack(self.spec.leaves_of(out, z.shape[0], f"f ({self._name})", autocast))
-        return self._checked(out)
-
-    def _checked(self, out: object) -> Tensor:
-        z0 = self.z0
-        if not isinstance(out, Tensor):
-            raise TypeError(
-                f"f ({self._name}) must return a Tensor, got {type(out).__name__} (for a structured state, "
-                "pass z0 with that structure)"
-            )
-        if (
-            out.dtype != z0.dtype
-            and out.dtype.is_floating_point
-            and out.device == z0.device
-            and _autocast_on(out.device.type)
-        ):
-            out = out.to(z0.dtype)
-        if out.shape != z0.shape:
-            raise ValueError(
-                f"f ({self._name}) must return a tensor shaped like z {tuple(z0.shape)}, got shape "
-                f"{tuple(out.shape)}. If the state is not shaped like x, pass z0."
-            )
-        if out.dtype != z0.dtype or out.device != z0.device:
-            raise ValueError(
-                f"f ({self._name}) must return a tensor of the state's dtype and device ({z0.dtype} on "
-                f"{z0.device}), got {out.dtype} on {out.device}. The state takes the dtype of z0 (of "
-                "x when z0 is not given): pass a z0 of the dtype f computes in, or cast f's output; "
-                "under torch.autocast the output is cast back for you."
-            )
-        return out
-
-
-def _in_cache(held: Held) -> bool:
-    key, tensor = next(iter(held.items()))
-    return caching_active() and parametrize._cache.get(key) is tensor
-
-
-def check_parts(solver: object, grad: object) -> None:
-    """A ``TypeError`` unless ``solver`` is callable and ``grad`` is a gradient estimator."""
-    if not callable(solver):
-        raise TypeError(f"solver must be callable like a Solver, got {type(solver).__name__}")
-    if not isinstance(grad, GradientEstimator):
-        raise TypeError(
-            f"grad must be a gradient estimator with forward_budget() and attach(), got {type(grad).__name__}"
-        )
-
-
-def _initial_state(x: PyTree, z0: PyTree | None) -> tuple[Tensor, TreeSpec | None]:
-    """The working state (detached) and, for a structured ``z0``, the spec that packs it."""
-    if isinstance(x, Tensor) and (z0 is None or isinstance(z0, Tensor)):
-        if x.dim() < 1 or x.shape[0] < 1:
-            raise ValueError(f"x must have shape (B, ...) with B >= 1, got {tuple(x.shape)}")
-        return _initial_tensor(x, z0, x.shape[0], x.device), None
-    batch, device = _batch_of(x)
-    if z0 is None:
-        raise ValueError(
-            f"z0 is required when x is not a single tensor (x is a {type(x).__name__}): pass z0, the "
-            "starting state, with the structure f returns"
-        )
-    if isinstance(z0, Tensor):
-        return _initial_tensor(None, z0, batch, device), None
-    spec = TreeSpec.of(z0, "z0", rows=batch)
-    if spec.device != device:
-        raise ValueError(f"z0 is on {spec.device} but x is on {device}")
-    # Called z in what f returns (f(z, x)); z0 in the checks of the starting point above.
-    return spec.pack(pytree.tree_leaves(z0)).detach(), spec.named("z")
-
-
-def _batch_of(x: PyTree) -> tuple[int, torch.device]:
-    paths, leaves, _ = tree_paths(x, "x")
-    tensors = [(path, leaf) for path, leaf in zip(paths, leaves, strict=True) if isinstance(leaf, Tensor)]
-    if not tensors:
-        raise TypeError(f"x must be a Tensor or a pytree holding tensors, got {type(x).__name__}")
-    first_path, first = tensors[0]
-    if first.dim() < 1 or first.shape[0] < 1:
-        raise ValueError(f"x must have shape (B, ...) with B >= 1, got {tuple(first.shape)} at {first_path}")
-    for path, leaf in tensors[1:]:
-        if leaf.dim() < 1 or leaf.shape[0] != first.shape[0]:
-            raise ValueError(
-                f"every tensor in x must have shape (B, ...) with one batch size B = {first.shape[0]} "
-                f"({first_path}), got {tuple(leaf.shape)} at {path}"
-            )
-    return first.shape[0], first.device
-
-
-def _initial_tensor(x: Tensor | None, z0: Tensor | None, batch: int, device: torch.device) -> Tensor:
-    """The checks of a single-tensor state (a tensor ``x`` gives the zeros default when ``z0`` is None)."""
-    if z0 is None:
-        assert x is not None
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"x has dtype {x.dtype}; pass a floating-point z0 to start from")
-        return torch.zeros_like(x, memory_format=torch.contiguous_format)
-    if z0.dim() < 1 or z0.shape[0] != batch:
-        raise ValueError(
-            f"z0 must have the batch size of x ({batch}) in its first dimension, got shape {tuple(z0.shape)}"
-        )
-    if not z0.dtype.is_floating_point:
-        raise TypeError(f"z0 must have a floating-point dtype, got {z0.dtype}")
-    if z0.device != device:
-        raise ValueError(f"z0 is on {z0.device} but x is on {device}")
-    return z0.detach()
-
-
-def _unsolved(z0: Tensor) -> SolverResult:
-    batch = z0.shape[0]
-    return SolverResult(
-        z=z0,
-        residual=torch.full((batch,), float("inf"), device=z0.device),
-        converged=torch.zeros(batch, dtype=torch.bool, device=z0.device),
-        nfe=0,
-        evaluations=torch.zeros(batch, dtype=torch.long, device=z0.device),
-    )
 
 
 def fixed_point(
@@ -359,12 +144,12 @@ def fixed_point(
     """
     solver = Anderson() if solver is None else solver
     grad = JFB() if grad is None else grad
-    check_parts(solver, grad)
+    _check_solver_and_grad(solver, grad)
     # Checked here, where the call enters; the solver checks tol, stop_mode and check_every, which it
     # is the one to use.
     max_iter = check_int("max_iter", max_iter, low=1)
     raise_on_nonfinite = check_bool("raise_on_nonfinite", raise_on_nonfinite)
-    return solve_and_attach(
+    return _solve_and_attach(
         f,
         x,
         z0,
@@ -377,16 +162,28 @@ def fixed_point(
         training=training,
         raise_on_nonfinite=raise_on_nonfinite,
         f_kwargs={} if f_kwargs is None else dict(f_kwargs),
-        n_states=check_n_states(n_states),
+        n_states=_check_n_states(n_states),
     )
 
 
-def check_n_states(n_states: object) -> int | None:
+def _check_solver_and_grad(solver: object, grad: object) -> None:
+    """A ``TypeError`` unless ``solver`` is a callable object and ``grad`` a gradient estimator."""
+    refuse_class("solver", solver)
+    refuse_class("grad", grad)
+    if not callable(solver):
+        raise TypeError(f"solver must be callable like a Solver, got {type(solver).__name__}")
+    if not isinstance(grad, GradientEstimator):
+        raise TypeError(
+            f"grad must be a gradient estimator with forward_budget() and attach(), got {type(grad).__name__}"
+        )
+
+
+def _check_n_states(n_states: object) -> int | None:
     """``n_states`` as an int >= 1, or ``None``."""
     return None if n_states is None else check_int("n_states", n_states, low=1)
 
 
-def solve_and_attach(
+def _solve_and_attach(
     f: Callable[..., Any],
     x: PyTree,
     z0: PyTree | None,
@@ -408,150 +205,10 @@ def solve_and_attach(
     ``parametrize.cached()`` with the weights computed once and the masks reset; otherwise it runs as
     it is (a dictionary look-up for a module, nothing for a plain function).
     """
-    call = _Call(f, x, solver, grad, training, f_kwargs, n_states)
+    call = Call(f, x, solver, grad, training, f_kwargs, n_states)
     parts = parts_of(f) if isinstance(f, nn.Module) else None
     if parts is None or not parts.active:
-        return call.run(z0, max_iter, tol, stop_mode, check_every, raise_on_nonfinite)
+        return DEQOutput(*call.run(z0, max_iter, tol, stop_mode, check_every, raise_on_nonfinite))
     with parametrize.cached():
         call.held = parts.begin_call(with_grad=call.needs_grad)
-        return call.run(z0, max_iter, tol, stop_mode, check_every, raise_on_nonfinite)
-
-
-class _Trajectory:
-    """A map that keeps evenly spaced copies of the points it is evaluated at: at most ``2 * keep``.
-
-    Every ``stride``-th point is copied; when more than ``2 * keep`` are held, every other one is
-    dropped and the stride doubles, so the points stay evenly spaced over a solve of unknown length.
-    """
-
-    def __init__(self, g: Callable[[Tensor], Tensor], keep: int) -> None:
-        self.g, self.keep = g, keep
-        self.points: list[Tensor] = []
-        self.stride, self.seen = 1, 0
-
-    def __call__(self, z: Tensor) -> Tensor:
-        if self.seen % self.stride == 0:
-            self.points.append(z.detach().clone())
-            if len(self.points) > 2 * self.keep:
-                self.points = self.points[::2]
-                self.stride *= 2
-        self.seen += 1
-        return self.g(z)
-
-    def spread(self) -> list[Tensor]:
-        """At most ``keep`` of the points, evenly spaced, earliest first."""
-        count = len(self.points)
-        if count <= self.keep:
-            return list(self.points)
-        picks = sorted({round(i * (count - 1) / max(self.keep - 1, 1)) for i in range(self.keep)})
-        return [self.points[i] for i in picks]
-
-
-class _Call:
-    """One call of :func:`solve_and_attach`: the solve, the estimator, the intermediate states."""
-
-    def __init__(
-        self,
-        f: Callable[..., Any],
-        x: PyTree,
-        solver: Solver,
-        grad: GradientEstimator,
-        training: bool,
-        f_kwargs: dict[str, Any],
-        n_states: int | None,
-    ) -> None:
-        self.f, self.x, self.solver, self.grad = f, x, solver, grad
-        self.training, self.f_kwargs, self.n_states = training, f_kwargs, n_states
-        self.held: Held | None = None
-        # Decided once per call (for a module it walks the parameters): the weights computed for the
-        # call and the estimator both follow it.
-        self.needs_grad = _needs_grad(f, x, f_kwargs)
-
-    def run(
-        self,
-        z0: PyTree | None,
-        max_iter: int,
-        tol: float | None,
-        stop_mode: str,
-        check_every: int | None,
-        raise_on_nonfinite: bool,
-    ) -> DEQOutput:
-        z_init, spec = _initial_state(self.x, z0)
-        f_x = BoundMap(self.f, self.x, z_init, self.f_kwargs, [0], spec=spec, held=self.held or None)
-        wanted = 0 if self.n_states is None else self.n_states - 1  # states before z
-        trajectory = _Trajectory(f_x, wanted) if wanted else None
-        stats, start = self.solve(trajectory or f_x, z_init, max_iter, tol, stop_mode, check_every)
-        _check_finite(stats, raise_on_nonfinite)
-        # Counted from zero (not from the solve's count): under torch.compile a count that differs
-        # from call to call would be a guard of the compiled graph.
-        f_x.reset_calls()
-        if not self.needs_grad:
-            z = stats.z.detach()
-        else:
-            z = self.attach(f_x, stats, start)
-        z_out = z if spec is None else spec.unpack(z)
-        states = None
-        if self.n_states is not None:
-            with torch.set_grad_enabled(z.requires_grad):
-                steps = [f_x(point) for point in trajectory.spread()] if trajectory else []
-            states = [*(step if spec is None else spec.unpack(step) for step in steps), z_out]
-        return DEQOutput(z=z_out, stats=stats, grad_evals=f_x.calls, states=states)
-
-    @outside_compile
-    def solve(
-        self,
-        g: Callable[[Tensor], Tensor],
-        z_init: Tensor,
-        max_iter: int,
-        tol: float | None,
-        stop_mode: str,
-        check_every: int | None,
-    ) -> tuple[SolverResult, Tensor]:
-        """The estimator's budget and the no-grad solve; the statistics and where the estimator starts.
-
-        Outside ``torch.compile``: a drawn budget or a data-dependent number of iterations would be a
-        guard of the compiled graph, and each new one a recompilation.
-        """
-        refuse_functorch(
-            "a DEQ solve",
-            [z_init],
-            "its loop decides per sample when to stop and reads flags from the device; samples are "
-            "already batched along dim 0, so call it on the batch instead of mapping over it",
-            vmap_only=True,
-        )
-        budget = self.grad.forward_budget(max_iter, training=self.training)
-        if budget == 0:
-            # An estimator may ask for no forward iterations at all (S-JFB draws 0 sometimes): start
-            # from z0 unsolved; its residual is unknown, so it is reported as not converged.
-            return _unsolved(z_init), z_init.detach()
-        options: dict[str, Any] = {"max_iter": budget, "tol": tol, "stop_mode": stop_mode}
-        if check_every is not None:
-            options["check_every"] = check_every
-        with torch.no_grad():
-            stats = self.solver(g, z_init, **options)
-        if not isinstance(stats, SolverResult):
-            raise TypeError(f"solver {self.solver!r} must return a SolverResult, got {type(stats).__name__}")
-        grad = self.grad
-        if isinstance(grad, StartsFromImage) and grad.starts_from_image and stats.fz is not None:
-            # An estimator that continues the iteration with grad (S-JFB) starts from g(stats.z), which
-            # the solver computed already: n no-grad evaluations then give n steps, none evaluated twice.
-            return stats, stats.fz.detach()
-        return stats, stats.z.detach()
-
-    def attach(self, f_x: BoundMap, stats: SolverResult, start: Tensor) -> Tensor:
-        if not compiling() and _autocast_on(start.device.type) and stats.nfe > 0:
-            # Autocast caches the low-precision copies of the weights; before torch 2.5 a copy made in the
-            # no-grad solve is reused by the estimator's evaluation with grad, which then has no graph back
-            # to the weights. Only a gradient needs the cache cleared.
-            torch.clear_autocast_cache()
-        return self.grad.attach(f_x, start, training=self.training)
-
-
-def _check_finite(stats: SolverResult, raise_on_nonfinite: bool) -> None:
-    nonfinite = stats.nonfinite
-    if raise_on_nonfinite and nonfinite is not None and bool(nonfinite.any()):
-        bad = torch.nonzero(nonfinite).flatten().tolist()
-        raise FloatingPointError(
-            f"f returned non-finite values during the forward solve for samples {bad[:10]}"
-            + (" ..." if len(bad) > 10 else "")
-        )
+        return DEQOutput(*call.run(z0, max_iter, tol, stop_mode, check_every, raise_on_nonfinite))

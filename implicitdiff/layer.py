@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from torch import nn
 
+from ._compile import compiling
 from ._onefunction import parts_of
 from ._tree import PyTree
-from ._validate import check_bool, check_int
-from .functional import DEQOutput, check_n_states, check_parts, solve_and_attach
+from ._validate import check_bool, check_int, refuse_class, warn_caller
+from .functional import DEQOutput, _check_n_states, _check_solver_and_grad, _solve_and_attach
 from .gradients import JFB, GradientEstimator, Stateful
 from .solvers import Anderson, Solver
 from .solvers._base import check_solve_args
@@ -27,7 +28,7 @@ class DEQLayer(nn.Module):
     Parameters
     ----------
     f : nn.Module or callable
-        ``f(z, x, **kwargs) -> z``. If it is a module it is registered as a submodule, so its
+        ``f(z, x, **f_kwargs) -> z``. If it is a module it is registered as a submodule, so its
         parameters belong to the layer. The state ``z`` and the input ``x`` may be tensors or pytrees
         of tensors (tuples, lists, dicts: one feature map per resolution); see
         :func:`~implicitdiff.fixed_point`.
@@ -105,6 +106,7 @@ class DEQLayer(nn.Module):
         n_states: int | None = None,
     ) -> None:
         super().__init__()
+        refuse_class("f", f)
         if not callable(f):
             raise TypeError(f"f must be an nn.Module or a callable f(z, x), got {type(f).__name__}")
         self.f = f
@@ -114,27 +116,40 @@ class DEQLayer(nn.Module):
             parts_of(f)
         self.solver = Anderson() if solver is None else solver
         self.grad = JFB() if grad is None else grad
-        check_parts(self.solver, self.grad)
+        _check_solver_and_grad(self.solver, self.grad)
         self.max_iter, self.tol, self.stop_mode, _ = check_solve_args(max_iter, tol, stop_mode, check_every)
         self.check_every = check_every
         self.raise_on_nonfinite = check_bool("raise_on_nonfinite", raise_on_nonfinite)
-        self.n_states = check_n_states(n_states)
+        self.n_states = _check_n_states(n_states)
 
     def get_extra_state(self) -> dict[str, Any]:
         """The estimator's own state (S-JFB's generator), saved in the layer's ``state_dict``."""
         return {"grad": self.grad.state_dict()} if isinstance(self.grad, Stateful) else {}
 
     def set_extra_state(self, state: Any) -> None:
-        """Restore what :meth:`get_extra_state` saved."""
+        """Restore what :meth:`get_extra_state` saved.
+
+        A state dict saved with another estimator loads too (weights trained with S-JFB fine-tuned with
+        IFT, say): the estimator's state never stands between a user and their weights. Where the two
+        estimators' states do not match, a ``UserWarning`` says what was not restored.
+        """
         if not isinstance(state, dict):
             raise TypeError(f"the layer's extra state must be a dict, got {type(state).__name__}")
-        if "grad" in state:
-            if not isinstance(self.grad, Stateful):
-                raise ValueError(
-                    f"the state dict holds an estimator state, but this layer's estimator {self.grad!r} "
-                    "has none: was it saved from a layer with another estimator?"
-                )
-            self.grad.load_state_dict(state["grad"])
+        grad = self.grad
+        if "grad" in state and isinstance(grad, Stateful):
+            grad.load_state_dict(state["grad"])
+        elif "grad" in state:
+            warn_caller(
+                f"the state dict holds an estimator's state (a draw sequence), which this layer's "
+                f"estimator {self.grad!r} does not have: the weights are loaded, the draw sequence is not",
+                UserWarning,
+            )
+        elif isinstance(grad, Stateful):
+            warn_caller(
+                f"the state dict holds no estimator state (it was saved with an estimator that has none): "
+                f"the weights are loaded, and {self.grad!r} keeps its own draw sequence",
+                UserWarning,
+            )
 
     def extra_repr(self) -> str:
         return (
@@ -151,7 +166,8 @@ class DEQLayer(nn.Module):
         tol: float | Literal["layer"] | None = "layer",
         solver: Solver | None = None,
         n_states: int | Literal["layer"] | None = "layer",
-        **f_kwargs: Any,
+        f_kwargs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
     ) -> DEQOutput:
         """Solve for the fixed point.
 
@@ -168,8 +184,13 @@ class DEQLayer(nn.Module):
             keeps the layer's tolerance.
         n_states : int or None, optional
             Intermediate states to return in ``out.states`` for this call (``"layer"``: the layer's).
-        **f_kwargs
-            Passed on to ``f`` as keyword arguments.
+        f_kwargs : mapping, optional
+            Keyword arguments for ``f`` (conditioning, masks), as in :func:`~implicitdiff.fixed_point`;
+            their tensor leaves are explicit inputs for :class:`~implicitdiff.IFT`, like ``x``'s.
+        **kwargs
+            Deprecated: keyword arguments for ``f`` given loose (``deq(x, scale=0.3)``) still reach ``f``,
+            with a ``DeprecationWarning``; pass ``f_kwargs={"scale": 0.3}``, whose names cannot collide
+            with the layer's own options.
 
         Returns
         -------
@@ -182,9 +203,9 @@ class DEQLayer(nn.Module):
         if max_iter is not None:
             max_iter = check_int("max_iter", max_iter, low=1)
         if solver is not None:
-            check_parts(solver, self.grad)
+            _check_solver_and_grad(solver, self.grad)
         states = self.n_states if isinstance(n_states, str) and n_states == "layer" else n_states
-        return solve_and_attach(
+        return _solve_and_attach(
             self.f,
             x,
             z0,
@@ -196,6 +217,24 @@ class DEQLayer(nn.Module):
             check_every=self.check_every,
             training=self.training,
             raise_on_nonfinite=self.raise_on_nonfinite,
-            f_kwargs=f_kwargs,
-            n_states=check_n_states(states),
+            f_kwargs=_f_kwargs(f_kwargs, kwargs),
+            n_states=_check_n_states(states),
         )
+
+
+def _f_kwargs(f_kwargs: Mapping[str, Any] | None, loose: dict[str, Any]) -> dict[str, Any]:
+    """f's keyword arguments, given as ``f_kwargs=`` or (deprecated) loose in the layer's call."""
+    if f_kwargs is not None and not isinstance(f_kwargs, Mapping):
+        raise TypeError(f"f_kwargs must be a mapping of f's keyword arguments, got {type(f_kwargs).__name__}")
+    if not loose:
+        return {} if f_kwargs is None else dict(f_kwargs)
+    if f_kwargs is not None:
+        raise TypeError(
+            f"pass f's keyword arguments one way: f_kwargs={{...}}, not also loose ({', '.join(loose)})"
+        )
+    if not compiling():  # a compiled forward would break its graph on the warning
+        warn_caller(
+            f"keyword arguments for f given loose to the layer's call ({', '.join(loose)}) are deprecated: "
+            "pass them as f_kwargs={...}"
+        )
+    return loose

@@ -7,6 +7,8 @@ checked everywhere.
 from __future__ import annotations
 
 import warnings
+import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from implicitdiff import DEQLayer, fixed_point
 from implicitdiff.solvers import Anderson, Broyden, Captured, CaptureWarning, Picard
+from implicitdiff.solvers.captured import _Graph
 
 RULES = {"picard": Picard(), "anderson": Anderson(m=4), "broyden": Broyden(memory=6)}
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -83,3 +86,55 @@ def test_a_map_that_reads_the_host_falls_back_with_the_reason():
     with pytest.warns(CaptureWarning, match="capture failed"):
         out = fixed_point(f, x, solver=Captured(Picard()), max_iter=30, tol=None)
     torch.testing.assert_close(out.z, fixed_point(f, x, solver=Picard(), max_iter=30, tol=None).z)
+
+
+class ReplayingOnCpu(Captured):
+    """Captured with a stand-in for a CUDA graph, so that its cache can be tested on any device.
+
+    Like a CUDA graph it does not hold the function it captured: a replay runs that function again on the
+    static inputs while it lives, and once it is freed replays what the graph last computed (a real graph
+    would replay the freed function's kernels on whatever memory its parameters had).
+    """
+
+    def _why_not(self, g, z0, tol):
+        reason = super()._why_not(g, z0, tol)
+        return None if reason is not None and "CUDA device" in reason else reason
+
+    def _capture(self, g, z0, inputs, max_iter, stop_mode, options):
+        static_z0, static_inputs = z0.detach().clone(), tuple(t.detach().clone() for t in inputs)
+        static_map, function = g.with_inputs(*static_inputs), weakref.ref(g.f)
+
+        def solve():
+            return self._solve(static_map, static_z0, max_iter=max_iter, tol=None, stop_mode=stop_mode)
+
+        result = solve()
+        static_map.f = None  # not held by the graph
+
+        def replay():
+            static_map.f = function()
+            if static_map.f is not None:
+                for name, value in vars(solve()).items():
+                    if isinstance(value, Tensor):
+                        getattr(result, name).copy_(value)
+            static_map.f = None
+
+        self.captures += 1
+        return _Graph(SimpleNamespace(replay=replay), static_z0, static_inputs, result)
+
+
+def test_a_graph_is_never_replayed_for_another_function_that_took_the_address_of_a_freed_one():
+    captured = ReplayingOnCpu(Picard())
+    x = torch.randn(3, 4)
+    for step in range(12):
+        scale = 0.1 + 0.05 * step
+        f = lambda z, x, scale=scale: torch.tanh(scale * z + x)  # noqa: E731 (a new function each time)
+        out = fixed_point(f, x, solver=captured, max_iter=3, tol=None)
+        assert torch.equal(out.z, fixed_point(f, x, solver=Picard(), max_iter=3, tol=None).z), step
+        del f  # freed unless the cache holds it: the next function may take its address
+    assert captured.captures == 12
+
+
+def test_intermediate_states_are_named_as_the_reason_a_solve_is_not_captured():
+    with pytest.warns(CaptureWarning, match=r"n_states.*replayed graph would skip"):
+        out = layer(Captured(Picard()))(torch.randn(2, 16), n_states=3)
+    assert len(out.states) == 3

@@ -40,6 +40,11 @@ API_MODULES = (
     "implicitdiff.gradients",
     "implicitdiff.regularizers",
     "implicitdiff.functional",
+    "implicitdiff.chain",
+    "implicitdiff.chain_secant",
+    "implicitdiff.diagnostics",
+    "implicitdiff.nn",
+    "implicitdiff.layer",
 )
 PYTHON_LIKE = re.compile(r"^\s*(\{(code-block|code|sourcecode)\}\s*)?(py|python3?|pycon|ipython3?)\b", re.I)
 
@@ -149,6 +154,39 @@ def test_every_public_name_is_in_the_api_reference():
             if not paths & documented:
                 missing.append(f"{module_name}.{name}")
     assert not missing, "public names missing from docs/api/*.md: " + ", ".join(missing)
+
+
+def test_every_name_in_the_api_reference_is_public():
+    """Each name a docs/api/ page documents is in the ``__all__`` of a public module (no private path)."""
+    import importlib
+
+    text = "\n".join(path.read_text(encoding="utf-8") for path in sorted((DOCS / "api").glob("*.md")))
+    directive = r"^\.\. auto(?:class|function|data|exception|module|method|attribute)::\s+([\w.]+)"
+    names = set(re.findall(directive, text, flags=re.M))
+    names |= set(re.findall(r"^   (implicitdiff(?:\.\w+)+)\s*$", text, flags=re.M))  # autosummary entries
+    private = []
+    for name in sorted(names):
+        parts = name.split(".")
+        if any(part.startswith("_") and part != "__call__" for part in parts):
+            private.append(name)
+            continue
+        if _is_module(name):
+            continue  # a module
+        module_name, attr = ".".join(parts[:-1]), parts[-1]
+        if not _is_module(module_name):
+            continue  # a member of a class (Class.method)
+        if attr not in getattr(importlib.import_module(module_name), "__all__", ()):
+            private.append(name)
+    assert not private, "names on API pages that are not public: " + ", ".join(private)
+
+
+def _is_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 @pytest.mark.parametrize("page", RUNNABLE, ids=lambda page: str(page.relative_to(ROOT)))
@@ -276,13 +314,104 @@ def test_user_docs_carry_no_project_history(page: Path) -> None:
 
 def test_generated_tables_carry_no_project_history(tmp_path: Path) -> None:
     """The tables the docs build renders from benchmarks/results/ (and their fallbacks) say no history."""
-    pytest.importorskip("sphinx", reason="the table generator is a Sphinx extension (pip install '.[docs]')")
-    sys.path.insert(0, str(DOCS / "_ext"))
-    try:
-        import bench_tables
-    finally:
-        sys.path.remove(str(DOCS / "_ext"))
-    snippets = bench_tables.generate(ROOT, tmp_path)
-    snippets["no results file"] = bench_tables.not_measured("`x.json`", "python x.py")
+    from benchmarks import tables
+
+    snippets = tables.generate(ROOT, tmp_path)
+    snippets["no results file"] = tables.not_measured("`x.json`", "python -m benchmarks.x")
     found = {name: history_found(text) for name, text in snippets.items()}
     assert not any(found.values()), {name: lines for name, lines in found.items() if lines}
+
+
+# --- Measured figures come from the results files ----------------------------------------------------
+
+#: A table cell that is a figure: a number with an optional sign, unit and parenthesis ("790 ms (1.37x)").
+FIGURE = re.compile(
+    r"^[~<>]?\s*[-+]?\d[\d,]*(\.\d+)?(e[-+]?\d+)?\s*(%|x|ms|s|GB|MiB|M)?(\s*\(.*\))?$", re.IGNORECASE
+)
+#: The comment that lets a table of figures that are not measurements stay on a page, with its reason.
+NOT_MEASURED = re.compile(r"^\s*<!--\s*not measured:\s*\S.*-->\s*$")
+INCLUDE = re.compile(r"^```\{include\}\s+(?:\.\./)?_generated/(?P<name>[\w-]+)\.md\s*$")
+
+
+def figure_tables(text: str) -> list[str]:
+    """Where ``text`` has a Markdown table with a figure in a body cell and no ``not measured`` comment."""
+    lines = text.splitlines()
+    found = []
+    for i, line in enumerate(lines[:-1]):
+        if not (line.startswith("|") and re.match(r"^\|\s*:?-", lines[i + 1])):
+            continue
+        if i > 0 and (lines[i - 1].startswith("|") or NOT_MEASURED.match(lines[i - 1])):
+            continue
+        body = []
+        for row in lines[i + 2 :]:
+            if not row.startswith("|"):
+                break
+            body += [
+                re.sub(r"`[^`]*`|\$[^$]*\$|\*\*", "", cell).strip() for cell in row.strip("|").split("|")
+            ]
+        figures = [cell for cell in body if FIGURE.match(cell)]
+        if figures:
+            found.append(f"line {i + 1}: a table with figures such as {figures[:3]}")
+    return found
+
+
+def test_the_figure_rule_flags_measured_tables_and_spares_the_others():
+    measured = "| preset | eager | compiled |\n|---|---|---|\n| FPDM | 576 ms | 790 ms (1.37x slower) |\n"
+    counts = "| rule | sweeps |\n| --- | ---: |\n| Picard | 7233 |\n"
+    ratios = "| mode | ratio |\n|---|---|\n| forward | **1.01** |\n"
+    words = "| field | shape |\n| --- | --- |\n| `z` | like `x` |\n| `nfe` | int, `(B,)` |\n"
+    marked = "<!-- not measured: parameter counts -->\n" + counts
+    assert all(figure_tables(table) for table in (measured, counts, ratios))
+    assert not figure_tables(words) and not figure_tables(marked)
+
+
+@pytest.mark.parametrize("page", user_doc_pages(), ids=lambda page: str(page.relative_to(ROOT)))
+def test_no_table_of_measured_figures_is_written_by_hand(page: Path) -> None:
+    """Measured tables are generated from benchmarks/results/ and included from docs/_generated/."""
+    found = figure_tables(page.read_text(encoding="utf-8"))
+    assert not found, (
+        f"{page.relative_to(ROOT)} has tables of figures written by hand; generate them in "
+        "benchmarks/tables.py and include them, or mark a table that holds no measurement with "
+        "<!-- not measured: why -->:\n" + "\n".join(found)
+    )
+
+
+def test_every_included_table_is_generated(tmp_path: Path) -> None:
+    from benchmarks import tables
+
+    generated = set(tables.generate(ROOT, tmp_path))
+    included = {
+        (page.relative_to(ROOT).as_posix(), match["name"])
+        for page in pages()
+        for line in page.read_text(encoding="utf-8").splitlines()
+        if (match := INCLUDE.match(line))
+    }
+    assert len(included) >= 20
+    assert not {name for _, name in included} - generated, sorted(included)
+    snippets = tables.generate(ROOT, tmp_path)
+    missing = sorted({name for _, name in included if "No results file" in snippets[name]})
+    assert not missing, f"the results files behind {missing} are missing"
+
+
+def test_every_quoted_figure_says_what_its_results_file_says() -> None:
+    from benchmarks import quotes
+
+    stale = []
+    for quote, expected in quotes.rendered():
+        page = " ".join((ROOT / quote.page).read_text(encoding="utf-8").split())
+        if " ".join(expected.split()) not in page:
+            stale.append(f"{quote.page}: should read {expected!r} (from benchmarks/results/{quote.file})")
+    assert not stale, "prose figures out of step with their results files:\n" + "\n".join(stale)
+
+
+def test_pages_run_benchmarks_as_modules() -> None:
+    """``python -m benchmarks.<name>`` names a script that exists; the path form no longer runs."""
+    for page in user_doc_pages():
+        text = page.read_text(encoding="utf-8")
+        assert not re.search(r"python3? benchmarks/", text), (
+            f"{page.relative_to(ROOT)}: use python -m benchmarks.x"
+        )
+        for name in re.findall(r"python -m benchmarks\.(\w+)", text):
+            assert (ROOT / "benchmarks" / f"{name}.py").exists(), (
+                f"{page.relative_to(ROOT)}: no benchmarks.{name}"
+            )

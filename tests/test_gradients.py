@@ -655,3 +655,17 @@ def test_a_backward_solve_that_meets_non_finite_values_says_so():
         BackwardSolveError, match=r"1/2 samples not converged \(samples \[0\]\).*non-finite .* 1 "
     ):
         ift_grad_of_x(ift, radius=0.5)
+
+
+def test_neumann_phantom_gradients_refuse_higher_derivatives_and_unrolled_give_them(tanh_f):
+    f = tanh_f
+    x = torch.randn(2, 3, requires_grad=True)
+    out = fixed_point(f, x, grad=PhantomGradient(k=3, mode="neumann"), tol=1e-6, max_iter=60)
+    (gx,) = torch.autograd.grad(out.z.sum(), x, create_graph=False)  # first order works
+    assert torch.isfinite(gx).all()
+    out = fixed_point(f, x, grad=PhantomGradient(k=3, mode="neumann"), tol=1e-6, max_iter=60)
+    with pytest.raises(RuntimeError, match=r"mode='neumann'\) has no higher derivatives.*mode='unrolled'"):
+        torch.autograd.grad(out.z.sum(), x, create_graph=True)
+    out = fixed_point(f, x, grad=PhantomGradient(k=3, mode="unrolled"), tol=1e-6, max_iter=60)
+    (gx,) = torch.autograd.grad(out.z.sum(), x, create_graph=True)
+    assert gx.requires_grad

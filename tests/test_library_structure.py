@@ -18,9 +18,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "implicitdiff"
 
 #: The getattr calls the package may make: none of them asks an object which protocol it follows.
 ALLOWED_GETATTR = {
-    ("chain.py", "state"),  # reading the fields of a rule's dataclass state, to select their rows
+    ("_chainloop.py", "state"),  # reading the fields of a rule's dataclass state, to select their rows
     ("_implicit.py", "node"),  # an autograd node's leaf tensor, where it has one
-    ("functional.py", "f"),  # f's __name__, for error messages
+    ("_boundmap.py", "f"),  # f's __name__, for error messages
 }
 
 
@@ -134,3 +134,40 @@ def test_an_object_with_init_and_step_is_a_rule_and_anything_else_is_refused():
     assert out.all_converged
     with pytest.raises(TypeError, match="rule must be an update rule with init"):
         iterate(object(), lambda z: z, torch.zeros(2, 3), max_iter=3, tol=None)
+
+
+def _solver_classes() -> dict[str, str]:
+    """Each solver class of the library (update rules, chain rules, wrappers) and the module defining it."""
+    import implicitdiff
+    import implicitdiff.solvers
+
+    classes = {}
+    for module in (implicitdiff, implicitdiff.solvers):
+        for name in module.__all__:
+            value = getattr(module, name)
+            if isinstance(value, type) and (issubclass(value, UpdateRule) or hasattr(value, "propose")):
+                classes[name] = value.__module__
+    classes["Captured"] = "implicitdiff.solvers.captured"
+    return classes
+
+
+def test_no_module_tests_for_the_librarys_solver_classes_outside_their_own_module():
+    # Capabilities are declared (judges_trials, can_restart, per_sample_history, reads_chain) and read
+    # from the object; isinstance on our own classes would leave a user's rule out.
+    classes = _solver_classes()
+    assert {"Picard", "Anderson", "Broyden", "ChainSecant", "UpdateRule", "Captured"} <= set(classes)
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = "implicitdiff." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+                continue
+            if node.func.id not in {"isinstance", "issubclass"} or len(node.args) != 2:
+                continue
+            target = node.args[1]
+            names = target.elts if isinstance(target, ast.Tuple) else [target]
+            for name in names:
+                label = name.attr if isinstance(name, ast.Attribute) else getattr(name, "id", None)
+                if label in classes and classes[label] != module.removesuffix(".__init__"):
+                    found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.func.id}(..., {label})")
+    assert not found, found

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 import implicitdiff
 from implicitdiff import IFT, JFB, DEQLayer, PhantomGradient, Picard, fixed_point, regularizers
-from implicitdiff.nn import VariationalDropout, VariationalDropout2d, reset_masks
+from implicitdiff.nn import VariationalDropout
 
 # ------------------------------------------------------------------------------- parametrizations (#24)
 
@@ -194,35 +194,6 @@ def test_a_variational_mask_is_held_within_a_call_and_redrawn_across_calls(grad)
     assert set(masks_first[0].unique().tolist()) <= {0.0, 2.0}
 
 
-def test_variational_dropout_is_the_identity_in_eval_mode():
-    drop = VariationalDropout2d(0.5).eval()
-    x = torch.randn(2, 3, 4, 4)
-    assert drop(x) is x
-
-
-def test_variational_dropout_shares_its_mask_along_all_but_the_batch_and_channel():
-    torch.manual_seed(0)
-    tokens = VariationalDropout(0.5)(torch.ones(4, 5, 6))  # (B, L, C): one value per (b, c)
-    assert torch.equal(tokens, tokens[:, :1].expand_as(tokens))
-    maps = VariationalDropout2d(0.5)(torch.ones(4, 6, 3, 3))  # (B, C, H, W): one value per (b, c)
-    assert torch.equal(maps, maps[:, :, :1, :1].expand_as(maps))
-    sequence = VariationalDropout(0.5, channel_dim=1)(torch.ones(4, 6, 7))  # (B, C, L)
-    assert torch.equal(sequence, sequence[:, :, :1].expand_as(sequence))
-
-
-def test_variational_dropout_refuses_bad_arguments_and_a_stale_mask():
-    with pytest.raises(ValueError, match=r"p must be a finite float >= 0\.0 and < 1\.0"):
-        VariationalDropout(1.0)
-    with pytest.raises(ValueError, match="channel_dim must not be 0"):
-        VariationalDropout(0.1, channel_dim=0)
-    drop = VariationalDropout(0.5)
-    drop(torch.ones(2, 3))
-    with pytest.raises(ValueError, match="the input changed shape within one solve"):
-        drop(torch.ones(3, 3))
-    assert reset_masks(nn.Sequential(drop, nn.Linear(3, 3))) == 1
-    assert drop(torch.ones(3, 3)).shape == (3, 3)
-
-
 @pytest.mark.parametrize("dropout", [nn.Dropout(0.2), nn.Dropout1d(0.2), nn.AlphaDropout(0.2)], ids=repr)
 def test_dropout_in_f_warns_once_and_names_the_module_and_the_remedy(dropout):
     deq = DEQLayer(DropCell(dropout), max_iter=5).train()
@@ -285,36 +256,7 @@ def test_looking_up_f_costs_little_next_to_a_walk():
 # ------------------------------------------------------------------------------- intermediate states
 
 
-def test_n_states_returns_differentiable_states_ending_at_z():
-    torch.manual_seed(0)
-    lin = nn.Linear(4, 4)
-    f = lambda z, x: (torch.tanh(0.5 * lin(z[0]) + x), 0.5 * z[1] + 1)  # noqa: E731
-    x = torch.randn(3, 4)
-    out = fixed_point(f, x, (torch.zeros(3, 4), torch.zeros(3, 2)), n_states=4, tol=1e-6, max_iter=50)
-    assert len(out.states) == 4
-    assert out.states[-1] is out.z
-    assert all(isinstance(state, tuple) and state[1].shape == (3, 2) for state in out.states)
-    assert all(state[0].requires_grad for state in out.states)
-    errors = [float((state[1].detach() - 2).abs().max()) for state in out.states]
-    assert errors == sorted(errors, reverse=True)  # later states are closer to the fixed point
-    assert out.grad_evals == 1 + 3
-    layer = DEQLayer(f, n_states=3, tol=1e-6)
-    assert len(layer(x, (torch.zeros(3, 4), torch.zeros(3, 2))).states) == 3
-    assert layer(x, (torch.zeros(3, 4), torch.zeros(3, 2)), n_states=None).states is None
-    with pytest.raises(ValueError, match="n_states must be an int >= 1"):
-        DEQLayer(f, n_states=0)
-
-
-def test_n_states_is_bounded_by_the_evaluations_made():
-    x = torch.ones(2, 3)
-    out = fixed_point(lambda z, x: 0.0 * z + x, x, n_states=10, solver=Picard(), tol=1e-6, check_every=1)
-    assert out.stats.nfe == 2
-    assert len(out.states) == 3  # the two points the solver evaluated, then z
-    only = fixed_point(lambda z, x: 0.5 * z + x, x, n_states=1)
-    assert len(only.states) == 1 and only.states[0] is only.z and only.grad_evals == 1
-
-
-def _correction_run(n_states: int | None, steps: int = 60) -> tuple[float, float]:
+def _correction_run(n_states: int | None, steps: int = 20) -> tuple[float, float]:
     """Train a small DEQ regressor; return its first and last task loss (at out.z)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 6, generator=gen)
@@ -323,7 +265,7 @@ def _correction_run(n_states: int | None, steps: int = 60) -> tuple[float, float
     lin, inject, head = nn.Linear(16, 16), nn.Linear(6, 16), nn.Linear(16, 3)
     deq = DEQLayer(lambda z, x: torch.tanh(0.5 * lin(z) + x), grad=JFB(), max_iter=8, tol=None)
     params = [*lin.parameters(), *inject.parameters(), *head.parameters()]
-    opt = torch.optim.Adam(params, lr=1e-2)
+    opt = torch.optim.Adam(params, lr=5e-2)
     losses = []
     for _ in range(steps):
         out = deq(inject(x), n_states=n_states)
@@ -342,8 +284,8 @@ def _correction_run(n_states: int | None, steps: int = 60) -> tuple[float, float
 
 def test_the_fixed_point_correction_loss_over_the_states_trains_a_model():
     first, last = _correction_run(n_states=3)
-    # The baseline is the untrained model's loss (the first step's); 60 Adam steps on this smooth
-    # regression take it down several-fold with or without correction (plain JFB gives a similar ratio).
+    # The baseline is the untrained model's loss (the first step's); 20 Adam steps (lr 0.05) on this
+    # smooth regression take it down about three-fold with or without correction (plain JFB: similar).
     assert last < 0.5 * first
     plain_first, plain_last = _correction_run(n_states=None)
     assert first == plain_first

@@ -16,6 +16,8 @@ functions of the parameters they are.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +27,32 @@ from torch import Tensor
 
 from ..solvers import SolverResult
 
-__all__ = ["AdjointSolve", "implicit_attach"]
+__all__ = ["NO_FORWARD_MODE", "AdjointSolve", "implicit_attach"]
 
 #: ``solve(vjp_map, g) -> SolverResult`` solves ``u = vjp_map(u)`` (which already includes ``+ g``).
 AdjointSolve = Callable[[Callable[[Tensor], Tensor], Tensor], SolverResult]
+
+
+def eager_graph() -> contextlib.AbstractContextManager[object]:
+    """A context in which a compiled ``f`` runs eagerly, so that its graph is autograd's own.
+
+    The adjoint solve differentiates one evaluation's graph once per iteration (``retain_graph=True``).
+    AOTAutograd compiles a compiled region's backward for one use: its saved activations are *donated
+    buffers* the backward may free or overwrite (``torch._functorch.config.donated_buffer``). When the
+    forward saves a symbolic size (dynamic shapes: a second batch size, or two widths meeting one
+    function), it compiles that backward at once, with donated buffers, and refuses a second use
+    ("compiled with non-empty donated buffers"). Evaluated eagerly, the graph can be used any number of
+    times. Before torch 2.6 (no ``set_stance``, no donated buffers) this is a null context, and so it is
+    while ``torch._dynamo`` is not loaded (nothing can have been compiled; ``set_stance`` would load it).
+    """
+    if "torch._dynamo" not in sys.modules:
+        return contextlib.nullcontext()
+    try:
+        set_stance = torch.compiler.set_stance
+    except AttributeError:  # torch < 2.6
+        return contextlib.nullcontext()
+    stance: contextlib.AbstractContextManager[object] = set_stance("force_eager")
+    return stance
 
 
 def _proxy(tensor: Tensor) -> Tensor:
@@ -85,7 +109,8 @@ class _Problem:
         explicit = list(self.explicit)
         for index, tensor in zip(self.diff_index, diff_inputs, strict=True):
             explicit[index] = tensor
-        return self.phi(p, *explicit)
+        with eager_graph():  # the adjoint differentiates this graph many times
+            return self.phi(p, *explicit)
 
     def adjoint(self, g: Tensor) -> Tensor:
         """Solve ``u = u J + g`` (no graph), with ``J`` the Jacobian of ``phi`` in ``p`` at ``p*``."""
@@ -137,6 +162,13 @@ def implicit_attach(
     return attached
 
 
+#: The one line forward-mode AD meets: the implicit machinery is reverse mode only.
+NO_FORWARD_MODE = (
+    "IFT has no forward-mode derivative (torch.autograd.forward_ad, torch.func.jvp): use JFB() or "
+    "PhantomGradient() for forward mode, or IFT with reverse mode (.backward(), torch.autograd.grad)"
+)
+
+
 class _ImplicitFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, problem: _Problem, *inputs: Tensor) -> Tensor:
@@ -144,6 +176,10 @@ class _ImplicitFunction(torch.autograd.Function):
         out = problem.p_star.clone()
         ctx.save_for_backward(out, *inputs)
         return out
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Tensor | None) -> Tensor:
+        raise RuntimeError(NO_FORWARD_MODE)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:

@@ -7,12 +7,19 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from .._validate import check_int, check_real, refuse_functorch
+from .._compile import compiling, outside_compile
+from .._validate import (
+    check_int,
+    check_real,
+    forward_mode_active,
+    has_tangent,
+    refuse_class,
+    refuse_functorch,
+)
 from ..solvers import Anderson, Solver, SolverResult
 from ..solvers._base import check_stop_mode
-from ..solvers._driver import compiling
 from ._base import ExplicitInputs
-from ._implicit import implicit_attach
+from ._implicit import NO_FORWARD_MODE, implicit_attach
 
 __all__ = ["IFT", "BackwardSolveError", "BackwardSolveWarning"]
 
@@ -119,6 +126,7 @@ class IFT:
         on_backward: Callable[[SolverResult], None] | None = None,
     ) -> None:
         solver = Anderson() if solver is None else solver
+        refuse_class("solver", solver)
         if not callable(solver):
             raise TypeError(f"solver must be callable like a Solver, got {type(solver).__name__}")
         if on_backward is not None and not callable(on_backward):
@@ -143,20 +151,28 @@ class IFT:
         """The forward cap, unchanged."""
         return max_iter
 
+    @outside_compile
     def attach(self, f_x: Callable[[Tensor], Tensor], z_star: Tensor, *, training: bool) -> Tensor:
         """Attach ``z_star`` to autograd with the exact implicit gradient.
 
         ``f_x`` may say which tensors it receives (:class:`~implicitdiff.gradients.ExplicitInputs`, as
         the layer's maps do); a plain callable is differentiated with respect to the leaves its graph
         reaches.
+
+        It runs outside ``torch.compile`` (like the solve) and evaluates a compiled ``f`` eagerly: the
+        backward differentiates this one evaluation's graph once per adjoint iteration, which a
+        compiled backward may refuse (its saved buffers donated to a single use).
         """
         if not compiling():
+            inputs = [z_star, *(f_x.inputs if isinstance(f_x, ExplicitInputs) else ())]
             refuse_functorch(
                 "IFT",
-                [z_star, *(f_x.inputs if isinstance(f_x, ExplicitInputs) else ())],
+                inputs,
                 "its backward walks the autograd graph of f; use torch.autograd.grad or .backward(), or "
                 "JFB and PhantomGradient, which work under torch.func",
             )
+            if forward_mode_active() and any(has_tangent(t) for t in inputs):
+                raise RuntimeError(NO_FORWARD_MODE)
         if isinstance(f_x, ExplicitInputs) and f_x.inputs:
             bound = f_x
             explicit = bound.inputs

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._validate import check_int, check_real
+from .._validate import check_int, check_real, refuse_functorch
+from ._base import ExplicitInputs
 
 __all__ = ["PhantomGradient"]
 
@@ -68,6 +69,12 @@ class PhantomGradient:
             for _ in range(self.k):
                 z = torch.lerp(z, f_x(z), self.tau) if self.tau != 1.0 else f_x(z)
             return z
+        refuse_functorch(
+            "PhantomGradient(mode='neumann')",
+            [z_star, *(f_x.inputs if isinstance(f_x, ExplicitInputs) else ())],
+            "its backward forms vector-Jacobian products of its own; use mode='unrolled', whose steps "
+            "torch.func differentiates",
+        )
         z_leaf = z_star.detach().requires_grad_(True)
         image = f_x(z_leaf)
         out: Tensor = _NeumannFunction.apply(image, z_leaf, self.k, self.tau)
@@ -81,6 +88,13 @@ class _NeumannFunction(torch.autograd.Function):
     def forward(ctx: Any, image: Tensor, z_leaf: Tensor, k: int, tau: float) -> Tensor:
         ctx.image, ctx.z_leaf, ctx.k, ctx.tau = image, z_leaf, k, tau
         return image.detach().clone()
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Tensor | None) -> Tensor:
+        raise RuntimeError(
+            "PhantomGradient(mode='neumann') has no forward-mode derivative (torch.autograd.forward_ad, "
+            "torch.func.jvp): use mode='unrolled', whose steps forward mode differentiates"
+        )
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None, None]:

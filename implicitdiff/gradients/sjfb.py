@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._compile import outside_compile
 from .._validate import check_int
-from ..solvers._driver import outside_compile
 
 __all__ = ["SJFB"]
 

@@ -26,9 +26,9 @@ or dataclass of tensors and host numbers (a step counter); the driver only hands
 apply to it. Tensors whose first dimension is the batch are per sample: :func:`~implicitdiff.solve_chain`
 selects their rows when its window slides, and keeps anything else as it is. A step reads no value from
 the device (no ``.item()``, no boolean indexing), so that the loop never waits for it. And host numbers
-may change from step to step, because a solve runs eagerly, outside ``torch.compile``
-(:func:`outside_compile`); only a captured fixed-budget solve (:class:`~implicitdiff.solvers.Captured`)
-fixes them, by replaying the steps it recorded.
+may change from step to step, because a solve runs eagerly, outside ``torch.compile``; only a captured
+fixed-budget solve (:class:`~implicitdiff.solvers.Captured`) fixes them, by replaying the steps it
+recorded.
 
 On a GPU every operation of the loop is a kernel launch; the bookkeeping of an iteration is five of them
 (:class:`Progress`) and the residual one or two, beside the rule's own step.
@@ -38,58 +38,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from .._compile import call_watching_input, outside_compile, write_into
 from ._base import SolverResult, check_solve_args, residual_norm, working_dtype
 
 __all__ = ["Evaluator", "Progress", "UpdateRule", "as_update_rule", "iterate"]
-
-
-_Fn = TypeVar("_Fn", bound=Callable[..., Any])
-
-
-def outside_compile(fn: _Fn) -> _Fn:
-    """``fn`` run eagerly when ``torch.compile`` meets it (a graph break around it).
-
-    A solve's number of iterations depends on the data (a tolerance, a drawn budget): traced, it would
-    become a guard of the compiled graph, and each new count a recompilation. Run outside, it costs one
-    graph break, and the code around it compiles once.
-    """
-    return cast(_Fn, torch.compiler.disable(fn))
-
-
-def compiling() -> bool:
-    """Whether ``torch.compile`` is tracing the caller."""
-    return bool(torch.compiler.is_compiling())
-
-
-def write_into(out: Tensor, op: Callable[..., Tensor], *args: Any, **kwargs: Any) -> None:
-    """``out[...] = op(*args)`` with no temporary in eager mode (``op(*args, out=out)``).
-
-    ``torch.compile`` refuses ``out=`` into a strided view (a slot of a history buffer); there the
-    result is copied in, and the compiler fuses the two.
-    """
-    if compiling():
-        out.copy_(op(*args, **kwargs))
-    else:
-        op(*args, **kwargs, out=out)
-
-
-def call_watching_input(fn: Callable[..., Any], x: Tensor, *leading: Any) -> tuple[Any, bool]:
-    """``fn(*leading, x)`` and whether it wrote into ``x`` in place.
-
-    The version counter sees in-place writes for free (no copy), but ``torch.compile`` cannot trace it:
-    under compilation the write is not detected and ``False`` is returned.
-    """
-    if compiling() or x.is_inference():
-        # Inference tensors have no version counter: under torch.inference_mode() the check is skipped.
-        return fn(*leading, x), False
-    version = x._version
-    out = fn(*leading, x)
-    return out, x._version != version
 
 
 class Evaluator:
@@ -100,7 +57,7 @@ class Evaluator:
     host integer: the host decides how many calls happen). A map that writes into its input is refused:
     it would make the residual compare ``g(z)`` with a ``z`` that ``g`` itself changed, and report a false
     convergence. The driver evaluates ``g(z)`` on ``(B, ...)`` states; :func:`~implicitdiff.solve_chain`
-    evaluates ``step(k, x)`` on the steps in flight.
+    evaluates ``step(k, z)`` on the steps in flight.
     """
 
     def __init__(
@@ -150,7 +107,9 @@ class Evaluator:
                 f"or nn.ReLU(inplace=True) applied to {self._argument}); the residual cannot be measured "
                 "then. Compute on a copy or out of place."
             )
-        return out.reshape(z.shape[0], -1).to(self.wdtype)
+        # Detached: under forward-mode AD (torch.func.jvp, forward_ad) the solve's iterates carry no
+        # tangent, as under no_grad they carry no graph; an estimator attaches the solution afterwards.
+        return out.detach().reshape(z.shape[0], -1).to(self.wdtype)
 
 
 def residual(fz: Tensor, z: Tensor, stop_mode: str) -> Tensor:
@@ -273,11 +232,16 @@ class UpdateRule:
     * :meth:`restart`, for rules with a history to forget; defining it sets :attr:`can_restart`;
     * :attr:`restart_factor` (``> 1``): a sample whose residual grows past this multiple of its best
       is sent back to its best iterate and restarted (``inf``, the default, never);
-    * :attr:`needs_residual`: :meth:`step` reads the residual even with a fixed budget.
+    * :attr:`needs_residual`: :meth:`step` reads the residual even with a fixed budget;
+    * :attr:`per_sample_history`: the rule's history fits each row of the batch on that row's own past,
+      as if the rows were independent samples (Anderson, Broyden). The driver does not read it;
+      :func:`~implicitdiff.solve_chain`, whose rows are the steps of a chain and depend on each other,
+      warns when given such a rule.
     """
 
     restart_factor: float = math.inf
     needs_residual: bool = False
+    per_sample_history: ClassVar[bool] = False
     #: Whether the class defines :meth:`accept` (set when a subclass is created).
     judges_trials: ClassVar[bool] = False
     #: Whether the class defines :meth:`restart` (set when a subclass is created).

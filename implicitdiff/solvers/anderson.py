@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._compile import write_into
 from .._validate import check_int, check_real
-from ._driver import UpdateRule, write_into
+from ._driver import UpdateRule
 
 __all__ = ["Anderson"]
 
@@ -74,6 +75,9 @@ class Anderson(UpdateRule):
         history and restarts from its best iterate (> 1; ``float('inf')`` disables it, and with it the
         residual bookkeeping of a fixed-budget solve).
     """
+
+    #: Each sample's history is fitted on its own past alone (see :attr:`UpdateRule.per_sample_history`).
+    per_sample_history = True
 
     def __init__(self, m: int = 6, lam: float = 1e-8, beta: float = 1.0, restart_factor: float = 1e3) -> None:
         self.m = check_int("m", m, low=1)

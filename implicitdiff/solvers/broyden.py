@@ -7,8 +7,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from .._compile import write_into
 from .._validate import check_int
-from ._driver import UpdateRule, write_into
+from ._driver import UpdateRule
 from .anderson import _check_restart_factor
 
 __all__ = ["Broyden"]
@@ -57,6 +58,9 @@ class Broyden(UpdateRule):
     restart_factor : float
         A sample restarts once its residual exceeds this multiple of the best it has seen (> 1).
     """
+
+    #: Each sample's history is fitted on its own past alone (see :attr:`UpdateRule.per_sample_history`).
+    per_sample_history = True
 
     def __init__(self, memory: int = 20, restart_factor: float = 1e3) -> None:
         self.memory = check_int("memory", memory, low=1)

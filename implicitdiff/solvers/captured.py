@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from .._validate import refuse_class
 from ._base import Solver, SolverResult, check_stop_mode
 
 __all__ = ["CaptureWarning", "Captured"]
@@ -39,6 +40,13 @@ class _Rebindable(Protocol):
     def with_inputs(self, *tensors: Tensor) -> Callable[[Tensor], Tensor]: ...
 
 
+@runtime_checkable
+class _Uncapturable(Protocol):
+    """A map that says why a replay cannot stand for its solve (the layer's map with ``n_states``)."""
+
+    capture_refusal: str
+
+
 @dataclass
 class _Graph:
     graph: Any  # torch.cuda.CUDAGraph
@@ -59,14 +67,17 @@ class Captured:
 
     * a tolerance is given (the number of iterations depends on the data: pass ``tol=None``);
     * the map does not say which tensors it reads (the layer's maps do; a plain function closes over
-      tensors that a replay could not change);
+      tensors that a replay could not change), or it does work a replay would skip (a layer call with
+      ``n_states`` copies the intermediate states in Python at every evaluation);
     * the state is not on a CUDA device (CUDA graphs are CUDA's);
     * capture failed: the map reads a value on the host (``.item()``, ``bool(t)``), makes tensors on the
       CPU, or draws random numbers from a generator that is not graph-safe.
 
     A graph holds the addresses of ``f``'s parameters: updating them in place (an optimizer step,
     ``load_state_dict``) is seen by the next replay, but moving the model (``.to()``) is not: call
-    :meth:`reset` after moving it.
+    :meth:`reset` after moving it. The graphs are kept per function ``f``, and each keeps its ``f``
+    alive (as it keeps its parameters' memory): a graph is never replayed for another function, and
+    :meth:`reset` frees them.
 
     Parameters
     ----------
@@ -89,6 +100,7 @@ class Captured:
     """
 
     def __init__(self, solver: Solver) -> None:
+        refuse_class("solver", solver)
         if not callable(solver):
             raise TypeError(f"solver must be callable like a Solver, got {type(solver).__name__}")
         self.solver = solver
@@ -134,7 +146,7 @@ class Captured:
             stop_mode,
             tuple(sorted(options.items())),
             tuple((tuple(t.shape), t.dtype, t.device) for t in inputs),
-            id(g.f),  # the graph holds this function's parameters
+            _Function(g.f),  # the graph holds this function's parameters
         )
         if key in self._refused:
             return self._solve(g, z0, max_iter=max_iter, tol=None, stop_mode=stop_mode, **options)
@@ -160,6 +172,8 @@ class Captured:
                 "a tolerance makes the number of iterations depend on the data, so only fixed budgets "
                 "(tol=None) are captured; the solve runs eagerly"
             )
+        if isinstance(g, _Uncapturable):
+            return f"{g.capture_refusal}; the solve runs eagerly"
         if not isinstance(g, _Rebindable):
             return (
                 "the map does not say which tensors it reads (pass it through DEQLayer or fixed_point), "
@@ -204,6 +218,32 @@ class Captured:
             result = solve()
         self.captures += 1
         return _Graph(graph, static_z0, static_inputs, result)
+
+
+class _Function:
+    """``f`` as a key of the graph cache: it holds ``f``, so no other function can take its ``id``.
+
+    Equal for the same function, and for bound methods of the same function and object (a new method
+    object is made at every attribute access); an unhashable callable is compared by identity.
+    """
+
+    def __init__(self, f: object) -> None:
+        self.f = f
+        try:
+            self._hash = hash(f)
+        except TypeError:
+            self._hash = id(f)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Function):
+            return NotImplemented
+        try:
+            return self.f is other.f or bool(self.f == other.f)
+        except TypeError:
+            return False
 
 
 def _copied(result: SolverResult) -> SolverResult:

@@ -1,4 +1,4 @@
-"""``benchmarks/gpu.py`` runs end to end in quick mode on the CPU, so it cannot rot between GPU runs."""
+"""``python -m benchmarks.gpu`` runs end to end in quick mode on the CPU, so it cannot rot unseen."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def test_gpu_benchmark_quick_mode_writes_every_section(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "gpu.py"),
+            "-m",
+            "benchmarks.gpu",
             "--quick",
             "--device",
             "cpu",
@@ -31,14 +32,15 @@ def test_gpu_benchmark_quick_mode_writes_every_section(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert set(data) == {"solvers", "chain", "fpdm"}
+    assert set(data) == {"meta", "solvers", "chain", "fpdm"}
+    assert data["meta"]["quick"] and data["meta"]["torch"]
     solvers = data["solvers"]
     assert {row["mode"] for row in solvers["rows"]} == {"fixed", "tol"}
     # The driver's fixed budget reads nothing from the device inside the loop.
     assert all(row["syncs_per_iter"] == 0 for row in solvers["rows"] if row["mode"] == "fixed")
     assert all(row["new_graphs_after_second_call"] == 0 for row in solvers["compile"])
     chain = data["chain"]["rows"]
-    # parallel_gpu_rows: both models, batch 1, 4 and 16, every full-window rule of fpdm_parallel.CONFIGS.
+    # parallel_gpu_rows: both models, batch 1, 4 and 16, every full-window rule of fpdm_chains.CONFIGS.
     assert {(row["model"], row["batch"]) for row in chain} == {
         (model, batch) for model in ("FPDM-Digits/2", "DiT-Digits/2") for batch in (1, 4, 16)
     }
@@ -53,4 +55,4 @@ def test_gpu_benchmark_quick_mode_writes_every_section(tmp_path):
     compiled = next(row for row in fpdm["training"] if row["config"] == "FPDM compiled")
     assert compiled["graphs_after_warmup"] == 0  # S-JFB's loop runs eagerly over compiled blocks
     assert all(row["syncs_per_timestep"] <= 1 for row in fpdm["sampler"])
-    assert all(section["quick"] for section in data.values())
+    assert all(data[name]["quick"] and data[name]["meta"]["date"] for name in ("solvers", "chain", "fpdm"))

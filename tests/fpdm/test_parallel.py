@@ -335,7 +335,7 @@ def test_block_evaluations_counted_match_the_calls(name, guidance, request):
     assert counter.rows == out.guided_evals * 3  # block rows = per-sample evaluations x batch (x 2 guided)
     assert sum(out.spent) == out.block_evals
     per_step = 2 + 2 if name == "fpdm" else 2
-    assert out.block_evals == per_step * out.chain.evaluations
+    assert out.block_evals == per_step * out.chain.total_evaluations
     assert out.sequential_block_evals == STEPS * per_step
     if name == "fpdm":
         assert out.iterations == [2 * int(n) for n in out.chain.evaluations_per_step]

@@ -426,7 +426,7 @@ def sample_parallel(
     options["iterations_per_call"] = iters if implicit else None
     options.update(reuse=bool(reuse and implicit), block_solver=repr(block_solver) if block_solver else None)
     return ParallelResult(
-        images=chain.xs[-1],
+        images=chain.zs[-1],
         timesteps=timesteps,
         sweeps=chain.sweeps,
         block_evals=step.block_evals,

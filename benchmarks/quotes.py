@@ -1,0 +1,381 @@
+"""Figures the pages quote in prose, each tied to the results file it comes from.
+
+A :class:`Quote` is a page, a results file and a piece of its prose whose ``{fields}`` are facts read off
+that file by the file's function in :data:`FACTS`, formatted as the page prints them. ``tests/test_docs.py``
+checks that every page still says what its file says: re-run a benchmark, and a page whose prose no longer
+matches fails the test until it is updated. Tables are not quoted here: they are generated whole
+(:mod:`benchmarks.tables`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.tables import ROOT, parallel_facts
+
+Facts = dict[str, str]
+
+
+def span(values: Iterable[float], fmt: str, sep: str = "-") -> str:
+    """``"low-high"`` of the formatted values, or one value when both format alike."""
+    values = list(values)
+    low, high = format(min(values), fmt), format(max(values), fmt)
+    return low if low == high else f"{low}{sep}{high}"
+
+
+def short(value: float, fmt: str = ".1e") -> str:
+    """``2.9e-4`` rather than ``2.9e-04``, as the pages write it."""
+    return format(value, fmt).replace("e-0", "e-").replace("e+0", "e+")
+
+
+def tex(value: float) -> str:
+    """``10^{-5}`` (or ``3 \\times 10^{-4}``) for a power of ten in a page's maths."""
+    mantissa, exponent = f"{value:.0e}".split("e")
+    power = f"10^{{{int(exponent)}}}"
+    return power if mantissa == "1" else f"{mantissa} \\times {power}"
+
+
+def pick(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
+    """The first row whose fields equal ``match``."""
+    for row in rows:
+        if all(row.get(key) == value for key, value in match.items()):
+            return row
+    raise KeyError(f"no row with {match}")
+
+
+# ---------------------------------------------------------------------------------- library results
+
+
+def chain(data: dict[str, Any]) -> Facts:
+    """``chain.json``: the parallel guide's reading of the three chains and the grid."""
+    rows = data["rows"]
+    steps = {"tanh": data["settings"]["steps"], "euler": data["settings"]["steps"], "ddim": 100}
+    parallel = {"tanh": ("step", "Picard"), "euler": ("cumulative", "Picard (ParaDiGMS)"),
+                "ddim": ("cumulative", "Picard (ParaDiGMS)")}  # fmt: skip
+
+    def row(chain: str, form: str, method: str, window: int | None = None) -> dict[str, Any]:
+        return pick(rows, chain=chain, form=form, method=method, window=window or steps[chain])
+
+    full = {c: row(c, *parallel[c]) for c in parallel}
+    windowed = {c: row(c, *parallel[c], window=10) for c in parallel}
+    anderson = [
+        row(c, parallel[c][0], "Anderson(m=5)")["sweeps"] / full[c]["sweeps"] for c in ("tanh", "ddim")
+    ]
+    secant = [r for r in rows if r["chain"] == "ddim" and r["method"].startswith("ChainSecant")]
+    secant = [r for r in secant if r["form"] == "cumulative" and r["window"] == 100]
+    grid = data["grid"]["rules"]
+    return {
+        "tanh_full": f"{full['tanh']['evaluations']} evaluations for {full['tanh']['sweeps']} sweeps",
+        "window_evals": span(
+            (100 * windowed[c]["evaluations"] / full[c]["evaluations"] for c in full), ".0f", " to "
+        )
+        + "%",
+        "window_sweeps": span((windowed[c]["sweeps"] / full[c]["sweeps"] for c in full), ".1f", " to "),
+        "anderson_most": f"{max(anderson):.1f}",
+        "grid_worse": f"{grid['Anderson(m=3)']['worse']} and {grid['Broyden(memory=4)']['worse']}",
+        "chains": str(data["grid"]["chains"]),
+        "euler_window": f"{row('euler', 'cumulative', 'Anderson(m=5)', 10)['sweeps']} against "
+        f"{windowed['euler']['sweeps']}",
+        "integrator": f"{row('euler', 'cumulative', 'ChainSecant(m=3)')['sweeps']} against "
+        f"{full['euler']['sweeps']}",
+        "ddim_errors": span((r["max_error"] / full["ddim"]["max_error"] for r in secant), ".1f", " to "),
+    }
+
+
+def gradients(data: dict[str, Any]) -> Facts:
+    """``gradients.json``: the IFT backward against torchdeq's."""
+    rows = data["ift_vs_torchdeq"]
+    theirs = pick(rows, library="torchdeq 0.1.0", backward_solver="anderson")
+    ours = pick(rows, library="implicitdiff", backward_solver="anderson")
+    return {
+        "stall": f"{theirs['backward_residual'] / data['problem']['b_tol']:.0f}",
+        "their_error": f"{theirs['grad_rel_err']:.0e}".replace("e-0", r" \cdot 10^{-") + "}",
+        "our_products": str(ours["backward_nfe"]),
+    }
+
+
+def gpu(data: dict[str, Any]) -> Facts:
+    """``gpu.json``: the driver's cost on the H100, its compile rows and the FPDM training steps."""
+    rows = data["solvers"]["rows"]
+    facts: Facts = {}
+    for problem, key in (("conv 64x64x32x32", "conv"), ("sequence 32x256x1152", "seq")):
+        facts[f"{key}_f_ms"] = (
+            f"{pick(rows, problem=problem)['plain_ms'] / pick(rows, problem=problem)['nfe']:.2f}"
+        )
+        for solver in ("Picard", "Anderson(m=6)", "Broyden(20)"):
+            name = solver.split("(")[0].lower()
+            for mode in ("fixed", "tol"):
+                facts[f"{key}_{name}_{mode}"] = (
+                    f"{pick(rows, problem=problem, solver=solver, mode=mode)['vs_plain']:.2f}"
+                )
+            pair = [pick(rows, problem=problem, solver=solver, mode=m)["vs_plain"] for m in ("fixed", "tol")]
+            facts[f"{key}_{name}_span"] = f"{pair[0]:.2f} to {pair[1]:.2f}"
+    conv = {(s, m): pick(rows, problem="conv 64x64x32x32", solver=s, mode=m)["vs_plain"]
+            for s in ("Picard", "Anderson(m=6)", "Broyden(20)") for m in ("fixed", "tol")}  # fmt: skip
+    facts["break_even_tol"] = f"{conv['Picard', 'tol'] / conv['Anderson(m=6)', 'tol']:.2f}"
+    anderson, broyden = (conv[name, "fixed"] for name in ("Anderson(m=6)", "Broyden(20)"))
+    anderson_tol, broyden_tol = (conv[name, "tol"] for name in ("Anderson(m=6)", "Broyden(20)"))
+    facts["conv_rounded"] = (
+        f"{anderson:.1f} times a plain evaluation with a fixed budget and {anderson_tol:.0f} times in "
+        f"tolerance mode (Broyden {broyden:.1f} and {broyden_tol:.0f}); Picard costs "
+        f"{conv['Picard', 'fixed']:.2f} and {conv['Picard', 'tol']:.1f}"
+    )
+    seq = [
+        pick(rows, problem="sequence 32x256x1152", solver="Anderson(m=6)", mode=m)["vs_plain"]
+        for m in ("fixed", "tol")
+    ]
+    facts["seq_anderson_rounded"] = span(seq, ".1f", " to ")
+    compiled = data["solvers"]["compile"]
+    fixed, tol = pick(compiled, solver="Picard", tol="None"), pick(compiled, solver="Picard", tol="0.0001")
+    facts["compile_fixed"] = (
+        f"{fixed['compiled_vs_eager']:.2f} times its eager time in {fixed['graphs']} graph"
+    )
+    facts["compile_tol"] = f"{tol['compiled_vs_eager']:.2f} times in {tol['graphs']} graphs"
+    training = data["fpdm"]["training"]
+    eager, blocks = pick(training, config="FPDM eager"), pick(training, config="FPDM compiled")
+    facts["fpdm_steps"] = f"{blocks['step_ms']:.0f} ms against {eager['step_ms']:.0f} ms eager"
+    facts["fpdm_speedup"] = f"{eager['step_ms'] / blocks['step_ms']:.1f}"
+    dit, ckpt = pick(training, config="DiT eager"), pick(training, config="DiT checkpointing")
+    facts["peaks"] = (
+        f"{dit['peak_GB']:.1f} GB eager and {ckpt['peak_GB']:.1f} GB with checkpointing, FPDM-XL/2 at "
+        f"{eager['peak_GB']:.1f} GB"
+    )
+    facts["sampler"] = span((r["sampler_vs_hand"] for r in data["fpdm"]["sampler"]), ".2f")
+    return facts
+
+
+# ------------------------------------------------------------------------------------- FPDM results
+
+
+def fpdm_memory(data: dict[str, Any]) -> Facts:
+    rows = data["results"]
+    fpdm = [r for name, r in rows.items() if name.startswith("FPDM")]
+    dit = rows["DiT-XL/2"]
+    saving = data["activation_saving"]
+    return {
+        "total_less": span((1 - r["total_vs_dit"] for r in fpdm), ".0%", "-").replace("%-", "-"),
+        "activations_less": span((1 - r["activations_vs_dit"] for r in fpdm), ".0%", "-").replace("%-", "-"),
+        "checkpointed": f"{saving['checkpointed_activations_GB']:.2f} GB",
+        "grads": f"{dit['param_grads_GB']:.2f} GB",
+        "per_sample": f"{saving['dit_activations_per_sample_GB']:.2f} GB per sample",
+        "from_batch": str(saving["batch_from_which_activations_set_the_peak"]),
+    }
+
+
+def fpdm_sampling(data: dict[str, Any]) -> Facts:
+    rows = data["results"]
+    return {
+        "ratios": span((r["ratio"] for r in rows), ".2f", " to "),
+        "cpu_ratios": span((r["cpu_ratio"] for r in rows), ".2f", " to "),
+    }
+
+
+def fpdm_compile(data: dict[str, Any]) -> Facts:
+    rows = data["results"]
+    blocks = {r["preset"].split("-")[0]: r for r in rows if r["mode"] == "blocks"}
+    return {
+        "blocks": " and ".join(f"{blocks[m]['cpu_vs_eager']:.2f} ({m})" for m in ("FPDM", "DiT")),
+        "warmup": f"{blocks['FPDM']['warmup_s']:.0f}",
+    }
+
+
+def fpdm_parallel_tau(data: dict[str, Any]) -> Facts:
+    """``fpdm_parallel_tau.json``: the default scale, the scale that keeps FD, and what they cost."""
+    f = parallel_facts(data)
+    models, default = f["models"], f["default_tau"]
+
+    def at(rule: str, tau: float) -> list[dict[str, Any]]:
+        return [f["row"](model, rule, tau) for model in models]
+
+    picard, secant = at("Picard", default), at("ChainSecant", default)
+    fewer_evals = 1 - sum(r["block_evals"] for r in secant) / sum(r["block_evals"] for r in picard)
+    sq = f["same_quality_tau"]
+    rows = data["rows"]
+    coarse = 1e-3
+    coarse_secant = at("ChainSecant", coarse)
+    sequential = f["sequential"]
+    taus = sorted({r["tau"] for r in rows if r["tau"] is not None})
+    loosest, tightest = taus[-1], taus[0]
+
+    def sweeps(rule: str, tau: float) -> str:
+        return span((r["sweeps"] for r in at(rule, tau)), "d")
+
+    secant_sweeps, picard_sweeps = sweeps("ChainSecant", default), sweeps("Picard", default)
+    return {
+        "sequential_fd": ", ".join(f"{m.split('-')[0]} {sequential[m]['fd']:.2f}" for m in models),
+        "default": short(default, ".0e"),
+        "rounds": f"{secant_sweeps} rounds where ParaDiGMS takes {picard_sweeps}",
+        "sweeps_default": f"**{secant_sweeps} sweeps** where Picard takes {picard_sweeps}",
+        "times_fewer": f"{max(r['sweeps'] for r in picard) / max(r['sweeps'] for r in secant):.2f}",
+        "fewer_evals": f"{fewer_evals:.0%}",
+        "evals_default": f"{span((r['block_evals'] for r in secant), 'd')} per sample against "
+        f"{span((r['block_evals'] for r in picard), 'd')}",
+        "times_sequential": span((r["evaluations_per_step"] for r in secant), ".1f"),
+        "same_quality": f"{sweeps('ChainSecant', sq['ChainSecant'])} rounds with ChainSecant and "
+        f"{sweeps('Picard', sq['Picard'])} with Picard",
+        "same_quality_tau": short(sq["ChainSecant"], ".0e"),
+        "same_quality_evals": span(
+            (r["evaluations_per_step"] for r in at("ChainSecant", sq["ChainSecant"])), ".1f"
+        ),
+        "coarse": f"{sweeps('ChainSecant', coarse)} rounds keeps FD ("
+        + " and ".join(
+            f"{r['fd'] - sequential[m]['fd']:+.2f}" for r, m in zip(coarse_secant, models, strict=True)
+        )
+        + ")",
+        "diff_default": " to ".join(short(f(r["max_diff"] for r in [*picard, *secant])) for f in (min, max)),
+        "grow_secant": f"{sweeps('ChainSecant', loosest)} to {sweeps('ChainSecant', tightest)}",
+        "grow_picard": f"{sweeps('Picard', loosest)} to {sweeps('Picard', tightest)}",
+    }
+
+
+def fpdm_chain_analysis(data: dict[str, Any]) -> Facts:
+    gains = data["perturbation"]["gains"]
+    uniform = data["uniform_tolerance"]["rows"]
+    fewer = [r["scaled_sweeps"] - r["uniform_sweeps"] for r in uniform]
+    newton = min(
+        (r for r in data["newton"]["rows"] if r["rule"].startswith("Newton")), key=lambda r: r["tau"]
+    )
+    contraction = data["contraction"]["rows"]
+    return {
+        "gains": f"{min(gains):.2f} to {max(gains):.2f}",
+        "uniform_fewer": span(fewer, "d", " to "),
+        "newton": f"{newton['sweeps']} rounds at $\\tau = {tex(newton['tau'])}$",
+        "contraction": span((r["median"] for r in contraction), ".1f"),
+    }
+
+
+FACTS: dict[str, Callable[[dict[str, Any]], Facts]] = {
+    "chain.json": chain,
+    "gradients.json": gradients,
+    "gpu.json": gpu,
+    "fpdm_memory.json": fpdm_memory,
+    "fpdm_sampling.json": fpdm_sampling,
+    "fpdm_compile.json": fpdm_compile,
+    "fpdm_parallel_tau.json": fpdm_parallel_tau,
+    "fpdm_chain_analysis.json": fpdm_chain_analysis,
+}
+
+
+@dataclass(frozen=True)
+class Quote:
+    """A piece of a page's prose (whitespace-insensitive) whose ``{fields}`` come from ``file``'s facts."""
+
+    page: str
+    file: str
+    text: str
+
+
+PARALLEL, MEASUREMENTS = "docs/guides/parallel.md", "docs/fpdm-measurements.md"
+PERFORMANCE, SOLVERS = "docs/guides/performance.md", "docs/guides/solvers.md"
+QUOTES = [
+    Quote(PARALLEL, "chain.json", "({tanh_full}, against 50 for the recurrence)"),
+    Quote(
+        PARALLEL,
+        "chain.json",
+        "a window of 10 spends {window_evals} of the evaluations for {window_sweeps} times",
+    ),
+    Quote(PARALLEL, "chain.json", "take up to {anderson_most} times Picard's sweeps"),
+    Quote(PARALLEL, "chain.json", "more than Picard on {grid_worse} of the {chains} test chains"),
+    Quote(PARALLEL, "chain.json", "with a window they are worse still ({euler_window})"),
+    Quote(PARALLEL, "chain.json", "(the integrator: {integrator};"),
+    Quote(PARALLEL, "chain.json", "(the `ddim` errors, {ddim_errors} times Picard's"),
+    Quote(PARALLEL, "fpdm_parallel_tau.json", "(sequential: {sequential_fd})"),
+    Quote(
+        PARALLEL, "fpdm_parallel_tau.json", "ChainSecant takes {rounds}, with {fewer_evals} fewer evaluations"
+    ),
+    Quote(PARALLEL, "fpdm_parallel_tau.json", "takes {same_quality}."),
+    Quote(PARALLEL, "fpdm_parallel_tau.json", "within 1e-3 it is {times_fewer} times fewer; {coarse}"),
+    Quote(PARALLEL, "fpdm_chain_analysis.json", "the same chain finishes in {newton}"),
+    Quote(
+        MEASUREMENTS,
+        "fpdm_parallel_tau.json",
+        "There ChainSecant takes {sweeps_default} ({times_fewer} times",
+    ),
+    Quote(
+        MEASUREMENTS,
+        "fpdm_parallel_tau.json",
+        "{fewer_evals} fewer block evaluations ({evals_default}, "
+        "{times_sequential} times the sequential sampler's)",
+    ),
+    Quote(MEASUREMENTS, "fpdm_parallel_tau.json", "FD unchanged (within 0.01 of sequential): {same_quality}"),
+    Quote(MEASUREMENTS, "fpdm_parallel_tau.json", "(`--chain-tau {same_quality_tau}`)"),
+    Quote(MEASUREMENTS, "fpdm_parallel_tau.json", "at {same_quality_evals} times the sequential evaluations"),
+    Quote(MEASUREMENTS, "fpdm_parallel_tau.json", "({diff_default} at {default})"),
+    Quote(
+        MEASUREMENTS, "fpdm_parallel_tau.json", "from {grow_secant} (ChainSecant) and {grow_picard} (Picard)"
+    ),
+    Quote(MEASUREMENTS, "fpdm_chain_analysis.json", "moves its sample by {gains} times the perturbation"),
+    Quote(MEASUREMENTS, "fpdm_chain_analysis.json", "took {uniform_fewer} fewer sweeps"),
+    Quote(MEASUREMENTS, "fpdm_memory.json", "FPDM-XL/2 needs {total_less} less than DiT-XL/2 in total"),
+    Quote(MEASUREMENTS, "fpdm_memory.json", "The saved activations shrink too, {activations_less}"),
+    Quote(MEASUREMENTS, "fpdm_memory.json", "cuts DiT's saved activations to {checkpointed}"),
+    Quote(
+        MEASUREMENTS,
+        "fpdm_memory.json",
+        "DiT-XL/2's gradients ({grads}) outweigh its activations ({per_sample})",
+    ),
+    Quote(MEASUREMENTS, "fpdm_memory.json", "Activations set the peak from batch {from_batch} on"),
+    Quote(MEASUREMENTS, "gpu.json", "DiT-XL/2 at batch 128 peaks at {peaks}"),
+    Quote(MEASUREMENTS, "gpu.json", "makes the FPDM-XL/2 step {fpdm_speedup} times faster"),
+    Quote(MEASUREMENTS, "gpu.json", "the H100's {sampler} above"),
+    Quote(
+        MEASUREMENTS,
+        "fpdm_sampling.json",
+        "the sampler took {ratios} times the hand loop's time ({cpu_ratios} in",
+    ),
+    Quote(MEASUREMENTS, "fpdm_compile.json", "compiled blocks take {blocks} times the eager step's CPU time"),
+    Quote(MEASUREMENTS, "fpdm_compile.json", "after a warm-up of {warmup} s"),
+    Quote(
+        "docs/fpdm.md", "fpdm_chain_analysis.json", "contracts the residual by {contraction}x per iteration"
+    ),
+    Quote(PERFORMANCE, "gpu.json", "has an $f$ of about {conv_f_ms} ms"),
+    Quote(
+        PERFORMANCE,
+        "gpu.json",
+        "Picard {conv_picard_fixed} (fixed budget) and {conv_picard_tol} (tolerance mode), "
+        "Anderson(m=6) {conv_anderson_fixed} and {conv_anderson_tol}, Broyden(20) {conv_broyden_fixed} and "
+        "{conv_broyden_tol}",
+    ),
+    Quote(
+        PERFORMANCE,
+        "gpu.json",
+        "whose $f$ takes about {seq_f_ms} ms, the same solvers cost {seq_picard_span}, "
+        "{seq_anderson_span} and {seq_broyden_span} times",
+    ),
+    Quote(PERFORMANCE, "gpu.json", "fewer than {conv_picard_fixed} / {conv_anderson_fixed}"),
+    Quote(PERFORMANCE, "gpu.json", "fewer than {conv_picard_tol} / {conv_anderson_tol} = {break_even_tol}"),
+    Quote(PERFORMANCE, "gpu.json", "the difference between {conv_picard_fixed} and {conv_picard_tol}"),
+    Quote(PERFORMANCE, "gpu.json", "took {compile_fixed}, with `tol=1e-4` {compile_tol}"),
+    Quote(PERFORMANCE, "gpu.json", "compiled blocks took {fpdm_steps}"),
+    Quote(SOLVERS, "gpu.json", "On the conv problem $f$ takes about {conv_f_ms} ms"),
+    Quote(SOLVERS, "gpu.json", "an iteration of Anderson costs {conv_rounded}"),
+    Quote(SOLVERS, "gpu.json", "Anderson's iteration costs {seq_anderson_rounded} evaluations"),
+    Quote(
+        SOLVERS,
+        "gpu.json",
+        "or {break_even_tol} of them in tolerance mode ({conv_picard_tol} / {conv_anderson_tol})",
+    ),
+    Quote(SOLVERS, "gpu.json", "whose $f$ takes about {seq_f_ms} ms"),
+    Quote(
+        "docs/guides/gradients.md", "gradients.json", "stalls at a residual about {stall} times the tolerance"
+    ),
+    Quote("docs/guides/gradients.md", "gradients.json", "relative error of ${their_error}$"),
+    Quote(
+        "docs/guides/gradients.md",
+        "gradients.json",
+        "ours converges in {our_products} vector-Jacobian products",
+    ),
+]
+
+
+def load(file: str) -> dict[str, Any]:
+    return json.loads((ROOT / "benchmarks" / "results" / file).read_text())
+
+
+def rendered() -> list[tuple[Quote, str]]:
+    """Every quote with its fields filled from its file."""
+    facts = {file: compute(load(file)) for file, compute in FACTS.items()}
+    return [(quote, quote.text.format(**facts[quote.file])) for quote in QUOTES]

@@ -1,0 +1,195 @@
+"""The loop of :func:`~implicitdiff.solve_chain`: sweeps, the final prefix, and the sliding window."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._chainrules import ChainRule, Sweep
+from .solvers._base import residual_norm
+from .solvers._driver import Evaluator
+
+__all__ = ["Chain", "take_rows"]
+
+#: ``step(k, z)``: ``z`` the states at the steps ``k`` stacked on a new leading dimension.
+StepFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def take_rows(state: Any, index: Tensor, rows: int) -> Any:
+    """``state`` with the rows ``index`` of every tensor whose first dimension is the batch (``rows``).
+
+    Rules keep per-sample tensors batched along dim 0 (here the steps in flight); other leaves (ints,
+    scalars, shared tensors of another size) are kept as they are.
+    """
+    if isinstance(state, Tensor):
+        return state.index_select(0, index) if state.dim() >= 1 and state.shape[0] == rows else state
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        fields = {f.name: take_rows(getattr(state, f.name), index, rows) for f in dataclasses.fields(state)}
+        return dataclasses.replace(state, **fields)
+    if isinstance(state, tuple):
+        taken = [take_rows(leaf, index, rows) for leaf in state]
+        return type(state)(*taken) if hasattr(state, "_fields") else tuple(taken)
+    if isinstance(state, list):
+        return [take_rows(leaf, index, rows) for leaf in state]
+    if isinstance(state, dict):
+        return {key: take_rows(leaf, index, rows) for key, leaf in state.items()}
+    return state
+
+
+class Chain:
+    """The state of one :func:`~implicitdiff.solve_chain` call, and its named steps.
+
+    Rows ``zs[: lo + 1]`` of the trajectory are final; ``z`` holds the estimates of the ``rows`` steps in
+    flight, ``zs[lo + 1 : lo + rows + 1]``. A sweep evaluates them (:meth:`sweep`), finalises the prefix
+    that is now exact or within the tolerance (:meth:`finalise`), lets the rule propose the next estimates
+    (:meth:`propose`) and slides the window past the final prefix (:meth:`slide`). Without a tolerance
+    (``tol=None``) the prefix is the one step that is exact at its image, and the host reads nothing.
+    """
+
+    def __init__(
+        self,
+        step: StepFn,
+        z0: Tensor,
+        num_steps: int,
+        rule: ChainRule,
+        tol: Tensor | None,
+        window: int,
+        stop_mode: str,
+        cumulative: bool,
+        max_batch: int | None = None,
+    ) -> None:
+        self.evaluate = Evaluator(
+            step, z0.shape, z0.dtype, name="step(k, z)", returns="the next states stacked like z"
+        )
+        self.rule, self.tol, self.window, self.stop_mode = rule, tol, window, stop_mode
+        self.cumulative, self.num_steps, self.max_batch = cumulative, num_steps, max_batch
+        self.sweeps = 0
+        self.device = z0.device
+        wdtype = self.evaluate.wdtype
+        self.zs = z0.detach().reshape(1, -1).to(wdtype).repeat(num_steps + 1, 1)
+        self.residual = torch.full((num_steps,), math.inf, dtype=wdtype, device=self.device)
+        self.converged = torch.zeros(num_steps, dtype=torch.bool, device=self.device)
+        self.nonfinite = torch.zeros(num_steps, dtype=torch.bool, device=self.device)
+        self.per_step = torch.zeros(num_steps, dtype=torch.long, device=self.device)
+        self.evaluations = 0  # counted on the host, as the sweeps are
+        self.lo, self.rows = 0, min(window, num_steps)
+        self.z = self.zs[1 : self.rows + 1].clone()
+        self.finite = torch.ones(self.rows, dtype=torch.bool, device=self.device)  # of the last sweep
+        self.state: Any = None  # the rule's state; None until the next sweep starts it
+
+    def run(self, max_iter: int) -> None:
+        """Sweep until every step is final, ``max_iter`` sweeps were made, or a step is not finite."""
+        while self.lo < self.num_steps and self.sweeps < max_iter:
+            prev, fz = self.sweep()
+            res = residual_norm(fz, self.z, self.stop_mode)
+            advance = self.finalise(fz, res)
+            if self.lo + advance >= self.num_steps or self.sweeps >= max_iter or advance == 0:
+                # Steps not final keep the estimates last evaluated; those never evaluated the last one.
+                hi = self.lo + self.rows
+                self.zs[self.lo + advance + 1 : hi + 1] = self.z[advance:]
+                self.zs[hi + 1 :] = self.zs[hi : hi + 1]
+                break
+            self.slide(advance, self.propose(prev, fz, res, advance))
+
+    def sweep(self) -> tuple[Tensor, Tensor]:
+        """Evaluate every step in flight once: their predecessors and images ``(rows, n)``."""
+        lo, rows = self.lo, self.rows
+        k = torch.arange(lo, lo + rows, device=self.device)
+        prev = torch.cat([self.zs[lo : lo + 1], self.z[:-1]])  # each step's predecessor
+        chunk = rows if self.max_batch is None else self.max_batch
+        if chunk >= rows:
+            fz = self.evaluate(prev, k)
+        else:  # bounded memory: the steps in chunks, in order; still one sequential round
+            fz = torch.cat(
+                [self.evaluate(prev[i : i + chunk], k[i : i + chunk]) for i in range(0, rows, chunk)]
+            )
+        self.sweeps += 1
+        self.evaluations += rows
+        self.per_step[lo : lo + rows] += 1
+        return prev, fz
+
+    def finalise(self, fz: Tensor, res: Tensor) -> int:
+        """Make final the leading run of steps within the tolerance, and the next one at its image.
+
+        The first step that misses the tolerance but whose predecessors are final is exact at its image
+        (that is the sequential value) if the image is finite. Returns how many steps became final: the
+        one host read of a sweep, none without a tolerance (there exactly one step becomes final).
+        """
+        lo, rows = self.lo, self.rows
+        finite = torch.isfinite(fz).all(dim=1)
+        self.nonfinite[lo : lo + rows] = ~finite
+        self.residual[lo : lo + rows] = res
+        self.finite = finite
+        if self.tol is None:
+            advance, at_image = 1, torch.ones(1, dtype=torch.bool, device=self.device)
+            before = self.converged[lo - 1] if lo else finite.new_ones(())
+            self.converged[lo] = finite[0] & before
+        else:
+            within = torch.cumprod((res <= self.tol[lo : lo + rows]).to(torch.long), dim=0).sum()
+            image_ok = finite.index_select(0, within.clamp(max=rows - 1).view(1)).squeeze(0) & (within < rows)
+            advance = int(within + image_ok)
+            at_image = torch.arange(advance, device=self.device) >= within
+            self.converged[lo : lo + advance] = True
+        if advance:
+            self.zs[lo + 1 : lo + 1 + advance] = torch.where(
+                at_image[:, None], fz[:advance], self.z[:advance]
+            )
+            self.residual[lo : lo + advance] = torch.where(at_image & finite[:advance], 0.0, res[:advance])
+        if advance < rows:
+            # Evaluated against the estimate its predecessor has just left (or it is non-finite).
+            self.residual[lo + advance] = math.inf
+        return advance
+
+    def propose(self, prev: Tensor, fz: Tensor, res: Tensor, advance: int) -> Tensor:
+        """The rule's next estimates of the steps in flight; ``advance >= 1`` steps have just become final.
+
+        A rule that produced non-finite values for a step falls back to its image and forgets it.
+        """
+        sweep = Sweep(
+            inputs=prev,
+            images=fz,
+            estimates=self.z,
+            residual=res,
+            final=advance,
+            change=self.zs[self.lo + advance] - self.z[advance - 1],
+            origin=self.zs[self.lo : self.lo + 1],
+            cumulative=self.cumulative,
+            stop_mode=self.stop_mode,
+        )
+        if self.state is None:
+            self.state = self.rule.start(sweep)
+        z_next, self.state = self.rule.propose(self.state, sweep)
+        broken = ~torch.isfinite(z_next).all(dim=1) | ~self.finite
+        if self.rule.can_restart:
+            self.state = self.rule.restart(self.state, broken)
+        return torch.where(broken[:, None], fz, z_next)
+
+    def slide(self, advance: int, z_next: Tensor) -> None:
+        """Move the window past the ``advance`` steps made final; entering steps start with no history.
+
+        The kept steps move up by ``advance`` rows, each with its rows of the rule's state; an entering
+        step starts from the estimate of the step before it.
+        """
+        rows, n = self.rows, z_next.shape[1]
+        new_lo = self.lo + advance
+        new_rows = min(self.window, self.num_steps - new_lo)
+        kept = rows - advance
+        entering = new_rows - kept
+        index = torch.arange(advance, rows, device=self.device)
+        guess = z_next[-1:] if kept else self.zs[new_lo : new_lo + 1]
+        self.z = torch.cat([z_next.index_select(0, index), guess.expand(entering, n)])
+        if entering and not (self.rule.can_restart and kept):
+            self.state = None  # started again at the next sweep
+        elif self.state is not None:
+            if entering:
+                index = torch.cat([index, index.new_zeros(entering)])
+            self.state = take_rows(self.state, index, rows)
+            if entering:
+                fresh = torch.arange(new_rows, device=self.device) >= kept
+                self.state = self.rule.restart(self.state, fresh)
+        self.lo, self.rows = new_lo, new_rows

@@ -1,0 +1,72 @@
+"""ChainSecant: its proposal against a reference written from its definition, and its arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from implicitdiff import ChainSecant
+from implicitdiff._chainrules import Sweep
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"m": 0}, "m must be"),
+        ({"m": 2.5}, "m must be"),
+        ({"lam": -1.0}, "lam must be"),
+        ({"safeguard": 1.0}, "safeguard must be"),
+        ({"safeguard": float("nan")}, "safeguard must be"),
+    ],
+)
+def test_chain_secant_checks_its_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ChainSecant(**kwargs)
+
+
+def _sweep(inputs, images, estimates, final, change, cumulative):
+    return Sweep(
+        inputs=inputs,
+        images=images,
+        estimates=estimates,
+        residual=torch.linalg.vector_norm(images - estimates, dim=1),
+        final=final,
+        change=change,
+        origin=torch.zeros(1, inputs.shape[1], dtype=inputs.dtype),
+        cumulative=cumulative,
+        stop_mode="abs",
+    )
+
+
+@pytest.mark.parametrize("cumulative", [False, True])
+def test_a_proposal_carries_the_change_down_the_window_through_each_blocks_own_secant(cumulative):
+    # Two sweeps of three steps, a state of two blocks of two entries, one pair per step and block:
+    # the model of block b is J d = B d + (s_b - B x_b) (x_b . d) / (x_b . x_b) with (x_b, s_b) the
+    # unit-scaled pair of that block alone (B = I cumulative, 0 step).
+    gen = torch.Generator().manual_seed(0)
+    rows, n, base = 3, 4, 1.0 if cumulative else 0.0
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    rule = ChainSecant(m=1, lam=0.0, safeguard=float("inf"), blocks=2)
+    first = _sweep(rand(rows, n), rand(rows, n), rand(rows, n), 1, rand(n), cumulative)
+    state = rule.start(first)
+    proposal, state = rule.propose(state, first)
+    # With no pairs yet the rule is Picard on the form: each row its image plus B times the change.
+    d, expected = first.change, first.images.clone()
+    for j in range(1, rows):
+        expected[j] = first.images[j] + base * d
+        d = expected[j] - first.estimates[j]
+    torch.testing.assert_close(proposal[1:], expected[1:], rtol=0, atol=1e-15)
+
+    second = _sweep(rand(rows, n), rand(rows, n), rand(rows, n), 1, rand(n), cumulative)
+    proposal, state = rule.propose(state, second)
+    dz, ds = second.inputs - first.inputs, second.images - first.images  # the pairs, one per row
+    d, expected = second.change, second.images.clone()
+    for j in range(1, rows):
+        correction = torch.empty(n, dtype=torch.float64)
+        for block in (slice(0, 2), slice(2, 4)):
+            scale = torch.linalg.vector_norm(dz[j, block])
+            x, s = dz[j, block] / scale, ds[j, block] / scale
+            correction[block] = (s - base * x) * (x @ d[block]) / (x @ x)
+        expected[j] = second.images[j] + base * d + correction
+        d = expected[j] - second.estimates[j]
+    torch.testing.assert_close(proposal[1:], expected[1:], rtol=1e-12, atol=1e-12)
