@@ -25,6 +25,7 @@ from test_command_lines import TINY, exit_status
 # Extraction in this process runs on one thread, as the subprocesses below do (OMP_NUM_THREADS=1): the
 # same arithmetic, the same bytes.
 from test_parallel import one_thread  # noqa: F401  (a module-wide autouse fixture)
+from test_run_folder import holding_lock
 
 EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "fpdm"
 REPO = EXAMPLE_DIR.parents[1]
@@ -283,6 +284,21 @@ def test_a_folder_in_use_by_another_extraction_is_refused_and_free_once_it_ends(
     assert os.listdir(out) == ["extract.lock"]
     # A killed run's lock file is no obstacle (the system released its flock): see the resume after
     # SIGKILL above; a complete folder has no lock file (the first test).
+
+
+def test_an_extraction_at_work_is_named_and_a_killed_ones_lock_is_taken_over(tmp_path, capsys, no_encoding):
+    # extract.lock is the RunLock of train.lock and sample.lock: the live owner is named with the command
+    # that stops it; the record a killed extraction left (its kernel lock free) is no obstacle.
+    images = write_images(tmp_path / "images")
+    out = tmp_path / "busy"
+    with holding_lock(out, latents.LOCK_NAME, "extract_latents.py") as pid:
+        status, err = exit_status(latents.main, argv(images, out, "--overwrite"), capsys)
+        assert status == EXIT_USAGE and one_line(err) and f"in use by extract_latents.py pid {pid}" in err
+        assert f"`kill {pid}`" in err
+    assert (out / latents.LOCK_NAME).exists()  # the killed holder left its record
+    with pytest.raises(AssertionError, match="encoded before the destination was checked"):
+        latents.main(argv(images, out))  # taken over: the check passed, the encoding began
+    assert "which is no longer running" in capsys.readouterr().err
 
 
 def test_a_file_as_out_is_refused_before_any_encoding_even_with_overwrite(tmp_path, capsys, no_encoding):

@@ -6,6 +6,7 @@ a record whose owner may still run (another host's, or one written without a ker
 alive) is refused, and every refusal names the lock file and the command that clears it.
 """
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -54,25 +55,32 @@ HOLD_LOCK = """
 import sys, time
 from pathlib import Path
 from fpdm.run_folder import RunLock
-lock = RunLock(Path(sys.argv[1]))
+lock = RunLock(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
 lock.acquire()
 print("held", flush=True)
 time.sleep(120)
 """
 
 
-@pytest.fixture
-def live_owner(tmp_path):
-    """A live process that holds the lock of ``tmp_path / "run"`` (train.py's RunLock)."""
-    out = tmp_path / "run"
+@contextlib.contextmanager
+def holding_lock(out: Path, name: str = LOCK_NAME, program: str = "train.py"):
+    """A live process that holds the ``RunLock`` ``out / name`` of ``program``; yields its pid."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLE_DIR), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, env=env)
+    argv = [sys.executable, "-c", HOLD_LOCK, str(out), name, program]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
     try:
         assert proc.stdout.readline() == b"held\n"
-        yield out, proc.pid
+        yield proc.pid
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def live_owner(tmp_path):
+    """A live process that holds the lock of ``tmp_path / "run"`` (train.py's RunLock)."""
+    with holding_lock(tmp_path / "run") as pid:
+        yield tmp_path / "run", pid
 
 
 # ------------------------------------------------------------------------------------------------------

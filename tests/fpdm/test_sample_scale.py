@@ -22,6 +22,7 @@ from fpdm.shards import SHARDS_NAME, ShardPlan
 from fpdm.training import TrainConfig, build_model
 from test_command_lines import exit_status, run_dir  # noqa: F401 (a fixture: a tiny digits checkpoint)
 from test_nothing_lost import EXIT_INTERRUPTED, EXIT_USAGE, EXIT_WRITE, one_line, subprocess_env
+from test_run_folder import holding_lock
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_PY = REPO / "examples" / "fpdm" / "sample.py"
@@ -206,6 +207,22 @@ def test_a_second_sampler_into_the_same_out_is_refused_and_changes_nothing(check
         sleeper.kill()
         sleeper.wait()
     (out / sample_cli.LOCK_NAME).unlink()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_sampler_at_work_in_the_same_out_is_refused_and_changes_nothing(checkpoint, tmp_path, capsys):
+    # The second of two samplers started at once: the first holds sample.lock's kernel lock.
+    out = tmp_path / "s"
+    argv = sample_argv(checkpoint, out, "--num-samples", "2")
+    assert sample_cli.main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with holding_lock(out, sample_cli.LOCK_NAME, "sample.py") as pid:
+        for extra in ([], ["--overwrite", "--seed", "2"]):
+            status, err = exit_status(sample_cli.main, [*argv, *extra], capsys)
+            assert status == EXIT_USAGE and one_line(err)
+            assert f"in use by sample.py pid {pid} on this host" in err
+            assert f"`kill {pid}`" in err and str(out / sample_cli.LOCK_NAME) in err
+    (out / sample_cli.LOCK_NAME).unlink()  # the record the killed holder left
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 

@@ -178,6 +178,12 @@ def one_element_list_cells(source: str) -> list[str]:
     return sorted(singles & written)
 
 
+def test_one_lock_owns_the_folders_of_train_sample_and_extract_latents():
+    # train.lock, sample.lock and extract.lock are one RunLock: the kernel lock is taken in one place.
+    assert places(r"\bflock\(") == ["fpdm/run_folder.py"]
+    assert sorted(places(r"\bRunLock\(")) == ["fpdm/generation.py", "fpdm/latents.py", "fpdm/run_folder.py"]
+
+
 def test_the_cell_detector_finds_a_cell():
     assert one_element_list_cells("first = [True]\ndef f():\n    first[0] = False\n") == ["first"]
     assert one_element_list_cells("xs = [1, 2]\nxs[0] = 3\n") == []

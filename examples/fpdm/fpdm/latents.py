@@ -50,8 +50,9 @@ timestep (``sqrt(beta_1) = 0.01``); training reads them as float32.
   uninterrupted run. ``job.json`` describes the unfinished job, so that a different one (another folder,
   VAE, size, seed, ...) is refused instead of mixed in.
 * When every batch is done, rank 0 writes ``meta.json`` and removes ``job.json`` and ``progress.npy``.
-* One extraction at a time works in a folder: rank 0 holds an exclusive ``flock`` on ``extract.lock``
-  (released by the system if the process dies, so a killed run leaves no stale lock); a second is refused.
+* One extraction at a time works in a folder: rank 0 holds ``extract.lock``, a
+  :class:`fpdm.run_folder.RunLock` (an exclusive ``flock``, released by the system if the process dies, so
+  a killed run leaves no stale lock); a second is refused.
 * Every problem with ``--out`` (a file, a folder of other files, another job, no permission, too little
   disk space) is one line and exit status 2 before any image is encoded.
 
@@ -102,6 +103,7 @@ from fpdm.data import (
 )
 from fpdm.distributed import Runtime, gather_objects, joined, on_main_then_all
 from fpdm.files import FileKindError, load_tensors
+from fpdm.run_folder import RunLock
 
 __all__ = [
     "IDENTITY_KEYS",
@@ -119,7 +121,7 @@ __all__ = [
 
 #: One byte per batch: 1 once the batch's rows are on disk.
 PROGRESS_NAME = "progress.npy"
-#: Held (``flock``) by the extraction at work in the folder; released by the system when its process ends.
+#: The lock file of the extraction at work in the folder (:class:`fpdm.run_folder.RunLock`).
 LOCK_NAME = "extract.lock"
 #: Every file an extraction writes in its folder.
 OWN_FILES = (META_NAME, JOB_NAME, PROGRESS_NAME, LATENTS_NAME, LABELS_NAME, LOCK_NAME)
@@ -340,39 +342,6 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-class FolderLock:
-    """One extraction at a time in a folder: an exclusive ``flock`` on its ``extract.lock``, taken without
-    waiting and held until :meth:`release` or the end of the process (a killed run leaves no stale lock)."""
-
-    def __init__(self, out: Path) -> None:
-        self.path = out / LOCK_NAME
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        """Take the lock, or raise ``UsageError`` naming the folder."""
-        import fcntl
-
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UsageError(
-                f"--out {self.path.parent} is in use by another extract_latents.py (it holds {self.path}); "
-                "wait for it to end or use another --out"
-            ) from None
-        self.fd = fd
-
-    def release(self, remove: bool = False) -> None:
-        """Let go of the lock (and remove its file when the folder is finished)."""
-        if self.fd is None:
-            return
-        if remove:
-            self.path.unlink(missing_ok=True)
-        os.close(self.fd)
-        self.fd = None
-
-
 def _ours(name: str) -> bool:
     """A file an extraction writes (its temporary files included)."""
     return name in OWN_FILES or any(name.startswith(f".{own}.") for own in OWN_FILES)
@@ -410,7 +379,7 @@ def _differences(stored: dict[str, Any], job: dict[str, Any]) -> list[str]:
     ]
 
 
-def check_destination(out: Path, job: dict[str, Any], overwrite: bool, lock: FolderLock) -> str:
+def check_destination(out: Path, job: dict[str, Any], overwrite: bool, lock: RunLock) -> str:
     """Decide what to do with ``--out``: ``"new"``, ``"resume"`` or ``"complete"``; ``UsageError`` (one
     line) for a file, a folder that cannot be written, a folder in use by another extraction, a folder of
     other files, another job's latents without ``overwrite``. Creates the folder (a probe file is written
@@ -867,7 +836,7 @@ def extract(args: argparse.Namespace) -> dict[str, Any] | None:
 def _extract(args: argparse.Namespace, runtime: Runtime) -> dict[str, Any] | None:
     out = Path(args.out)
     source, job = _image_job(args) if args.data is not None else _convert_job(args)
-    existed, lock = out.exists(), FolderLock(out)
+    existed, lock = out.exists(), RunLock(out, LOCK_NAME, "extract_latents.py")
     try:
         state = on_main_then_all(runtime, lambda: check_destination(out, job, args.overwrite, lock))
         if state == "complete":
@@ -879,14 +848,13 @@ def _extract(args: argparse.Namespace, runtime: Runtime) -> dict[str, Any] | Non
             notice = on_main_then_all(runtime, lambda: _prepare(out, job, state))
         except BaseException:
             if runtime.is_main and not existed and set(os.listdir(out)) <= {LOCK_NAME}:
-                lock.release(remove=True)
+                lock.release()
                 out.rmdir()  # a folder this command made for a job it refused is no obstacle to the next
             raise
         if runtime.is_main:
             print(f"[extract_latents] {notice}", file=sys.stderr, flush=True)
         outcome = _run_rank(args, runtime, job, source, vae)
         summary = _conclude(args, runtime, job, gather_objects(runtime, outcome))
-        lock.release(remove=True)  # the folder is complete
         return summary
     finally:
         lock.release()

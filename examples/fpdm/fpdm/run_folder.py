@@ -8,7 +8,8 @@ class's ``REFUSED_ON_RESUME`` fields may not change; the others are applied with
 record or checkpoint (:class:`RunFolder`): a run refused or failed before that leaves the folder as it was.
 
 A folder has one owner at a time (:class:`RunLock`): the process holding an exclusive ``flock`` on its lock
-file, ``train.lock`` (``sample.lock`` for ``sample.py``), which also records the owner for the messages.
+file, ``train.lock`` (``sample.lock`` for ``sample.py``, ``extract.lock`` for ``extract_latents.py``),
+which also records the owner for the messages.
 """
 
 from __future__ import annotations
@@ -251,7 +252,8 @@ class RunFolder:
 
 class RunLock:
     """Ownership of a folder by one process: an exclusive ``flock`` on the file ``name`` (``train.lock``;
-    ``sample.lock`` for ``sample.py``); ``program`` names the owner in messages.
+    ``sample.lock`` for ``sample.py``, ``extract.lock`` for ``extract_latents.py``); ``program`` names the
+    owner in messages.
 
     The kernel holds the lock for as long as the owner runs and lets it go when the owner ends, however it
     ends (``kill -9``, a crash, a container restarted with the same pid): a lock file left behind never
@@ -330,7 +332,8 @@ class RunLock:
         where = f"--out {self.path.parent} is in use"
         if owner is None:  # it is writing its record right now
             return (
-                f"{where} (a process holds {self.path}): wait for it to end, or find it with "
+                f"{where} by another {self.program} (it holds {self.path}): wait for it to end, or find "
+                f"it with "
                 f"`fuser -v {self.path}` and stop it"
             )
         pid, program = owner.get("pid"), owner.get("program", self.program)
