@@ -163,6 +163,40 @@ def test_sigterm_keeps_the_shards_and_says_so(checkpoint, tmp_path, capsys, monk
     assert "stopped by SIGTERM: 1 of 2 batches (2 of 4 samples) are kept" in err
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_while_the_shards_are_merged_keeps_them_says_so_and_a_rerun_merges(
+    checkpoint, tmp_path, capsys, monkeypatch, signum
+):
+    # The merge of a large run takes minutes: a stop there keeps every shard, and says so.
+    def unhandled(signum, frame):  # the sampler's own handler must be the one in place
+        raise AssertionError(f"{signal.Signals(signum).name} reached no handler of the sampler")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    real_merge = sample_cli.merge_shards
+
+    def merge(plan, path, **kwargs):
+        path.write_bytes(b"PK partial")
+        os.kill(os.getpid(), signum)
+        raise AssertionError("the merge went on after the signal")
+
+    try:
+        monkeypatch.setattr(sample_cli, "merge_shards", merge)
+        argv = sample_argv(checkpoint, tmp_path / "s", "--num-samples", "5", "--batch-size", "2")
+        status, err = exit_status(sample_cli.main, argv, capsys)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    name = signal.Signals(signum).name
+    assert status == EXIT_INTERRUPTED + signum and one_line(err)
+    assert f"stopped by {name}: 3 of 3 batches (5 of 5 samples) are kept in " in err
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [SHARDS_NAME]  # no partial file, no lock
+    assert len(list((tmp_path / "s" / SHARDS_NAME).glob("batch-*.npz"))) == 3
+    monkeypatch.setattr(sample_cli, "merge_shards", real_merge)
+    assert sample_cli.main(argv) == 0
+    assert "resuming: 3 of 3 batches" in capsys.readouterr().out
+    assert load(tmp_path / "s" / "samples.npz")["labels"].shape == (5,)
+    assert not (tmp_path / "s" / SHARDS_NAME).exists()
+
+
 def test_ctrl_c_before_any_batch_says_nothing_was_kept_and_leaves_nothing(
     checkpoint, tmp_path, capsys, monkeypatch
 ):

@@ -572,29 +572,30 @@ def _sample_in_folder(args: argparse.Namespace, runtime: Runtime, out: Path) -> 
     show = args.progress and runtime.is_main and not args.parallel
     samples_left = remaining * args.batch_size
     bar = _progress_bar(show, samples_left, args.batch_size, model, diffusion, _options(args))
-    try:
-        with _sigterm_raises(), bar as callback:
-            for batch in mine:
-                start, stop = plan.indices(batch)
-                try:
-                    labels, samples, result = _sample_batch(model, diffusion, args, start, stop, callback)
-                except ValueError as error:
-                    raise UsageError(str(error)) from None
-                plan.write(batch, _shard_arrays(labels, samples, result, decoder, latent))
+    try:  # a stop while the shards are merged keeps them too (they are deleted once samples.npz is in)
+        with _sigterm_raises():
+            with bar as callback:
+                for batch in mine:
+                    start, stop = plan.indices(batch)
+                    try:
+                        labels, samples, result = _sample_batch(model, diffusion, args, start, stop, callback)
+                    except ValueError as error:
+                        raise UsageError(str(error)) from None
+                    plan.write(batch, _shard_arrays(labels, samples, result, decoder, latent))
+            if runtime.distributed:
+                dist.barrier()
+            if not runtime.is_main:
+                return {}
+            summary = {"checkpoint": str(args.checkpoint), "spacing": args.spacing, "seed": args.seed}
+            summary["ema"] = args.ema
+            summary.update(_summary(plan), world_size=runtime.world_size, resumed_batches=done_before)
+            summary.update(decoded_with=name, elapsed_s=time.perf_counter() - start_time)
+            return _write_outputs(out, plan, summary, args)
     except (KeyboardInterrupt, _Stopped) as stop:
         signum = stop.signum if isinstance(stop, _Stopped) else signal.SIGINT
         if not runtime.is_main:
             raise SystemExit(128 + signum) from None
         raise _interrupted(plan, signum) from None
-    if runtime.distributed:
-        dist.barrier()
-    if not runtime.is_main:
-        return {}
-    summary = {"checkpoint": str(args.checkpoint), "spacing": args.spacing, "seed": args.seed}
-    summary["ema"] = args.ema
-    summary.update(_summary(plan), world_size=runtime.world_size, resumed_batches=done_before)
-    summary.update(decoded_with=name, elapsed_s=time.perf_counter() - start_time)
-    return _write_outputs(out, plan, summary, args)
 
 
 def _summary(plan: ShardPlan) -> dict[str, Any]:
