@@ -68,7 +68,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -382,21 +381,19 @@ def _differences(stored: dict[str, Any], job: dict[str, Any]) -> list[str]:
 def check_destination(out: Path, job: dict[str, Any], overwrite: bool, lock: RunLock) -> str:
     """Decide what to do with ``--out``: ``"new"``, ``"resume"`` or ``"complete"``; ``UsageError`` (one
     line) for a file, a folder that cannot be written, a folder in use by another extraction, a folder of
-    other files, another job's latents without ``overwrite``. Creates the folder (a probe file is written
-    and removed) and takes its ``lock``."""
+    other files, another job's latents without ``overwrite``. Creates the folder and takes its ``lock``
+    (which writes the lock file: the proof that the folder can be written)."""
     if out.exists() and not out.is_dir():
         raise UsageError(
             f"--out {out} is a file; the latents are written to a folder ({', '.join(OWN_FILES[:3])})"
         )
     if out.is_dir():
         _refuse_other_files(out)
-    try:
+    try:  # the lock is a file written in the folder: taking it proves the folder can be written
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
+        lock.acquire()
     except OSError as error:
         raise UsageError(f"--out {out} cannot be written ({describe_os_error(error)})") from None
-    lock.acquire()
     state, stored = _stored_job(out)
     if state in ("complete", "unfinished") and not overwrite:
         assert stored is not None
@@ -418,9 +415,10 @@ def check_destination(out: Path, job: dict[str, Any], overwrite: bool, lock: Run
 
 
 def _clear(out: Path) -> None:
-    """Remove an extraction's files, ``meta.json`` first (a half-cleared folder is never complete)."""
+    """Remove an extraction's files, ``meta.json`` first (a half-cleared folder is never complete); not
+    the lock this extraction holds (a lock file deleted under its owner would let a second one in)."""
     for name in sorted(os.listdir(out), key=lambda name: name != META_NAME):
-        if _ours(name):
+        if _ours(name) and name != LOCK_NAME:
             (out / name).unlink(missing_ok=True)
 
 
