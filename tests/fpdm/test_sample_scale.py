@@ -260,6 +260,18 @@ def test_a_sampler_at_work_in_the_same_out_is_refused_and_changes_nothing(checkp
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_the_stage_of_a_merge_killed_by_sigkill_is_removed_by_the_rerun(checkpoint, tmp_path, capsys):
+    # kill -9 (or the out-of-memory killer) during the final move leaves a stage as large as samples.npz.
+    out = tmp_path / "s"
+    argv = sample_argv(checkpoint, out, "--num-samples", "2")
+    stale = out / ".partial-x1y2z3"
+    stale.mkdir(parents=True)
+    (stale / "samples.npz").write_bytes(b"PK partial")
+    assert sample_cli.main(argv) == 0
+    assert f"removed {stale}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "samples.npz", "summary.json"]
+
+
 def test_an_out_on_a_read_only_file_system_is_refused_before_sampling(
     checkpoint, tmp_path, capsys, monkeypatch
 ):

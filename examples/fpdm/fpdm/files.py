@@ -32,6 +32,7 @@ __all__ = [
     "load_tensors",
     "npz_member_rows",
     "read_jsonl",
+    "remove_stale_stages",
     "save_atomically",
     "save_json_atomically",
     "save_npz_atomically",
@@ -184,6 +185,20 @@ def npz_member_rows(path: str | Path, name: str, batch: int) -> tuple[tuple[int,
     return tuple(shape), dtype, rows()
 
 
+#: The name prefix of :func:`staged_folder`'s temporary folders.
+STAGE_PREFIX = ".partial-"
+
+
+def remove_stale_stages(out: str | Path) -> list[Path]:
+    """Delete the temporary folders that a :func:`staged_folder` of a killed process (``kill -9``, the
+    out-of-memory killer) left in ``out``; returns them. Only for a folder's owner (its lock held): another
+    process's stage at work would be deleted too."""
+    stale = sorted(Path(out).glob(f"{STAGE_PREFIX}*"))
+    for stage in stale:
+        shutil.rmtree(stage, ignore_errors=True)
+    return stale
+
+
 @contextlib.contextmanager
 def staged_folder(out: str | Path, replaces: Iterable[str] = ()) -> Iterator[Path]:
     """A temporary folder inside ``out`` for a command's outputs: when the block ends without an error its
@@ -192,7 +207,7 @@ def staged_folder(out: str | Path, replaces: Iterable[str] = ()) -> Iterator[Pat
     write); on an error (a full disk) it is removed and the files already in ``out`` are left as they were."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=STAGE_PREFIX))
     try:
         yield stage
         written = {item.name for item in stage.iterdir()}

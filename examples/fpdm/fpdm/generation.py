@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 from fpdm.cli import Interrupted, OneLineParser, UsageError, bounded_float, bounded_int, run_command
 from fpdm.diffusion import METHODS, SPACINGS, GaussianDiffusion
 from fpdm.distributed import Runtime, run_on_main, setup_runtime, shutdown_runtime
-from fpdm.files import FileKindError, staged_folder
+from fpdm.files import FileKindError, remove_stale_stages, staged_folder
 from fpdm.parallel import DEFAULT_TAU, FORMS, ParallelResult, sample_parallel
 from fpdm.run_folder import RunLock
 from fpdm.sampling import SCHEDULES, SampleResult, plan_timesteps, sample, sample_generators, sample_labels
@@ -485,7 +485,8 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
 
 def _take_folder(out: Path, overwrite: bool) -> RunLock:
     """Rank 0's checks of ``--out`` before any work: a file in the way, a folder in use by another sampler
-    (the lock, which also proves the folder can be written), samples of an earlier run."""
+    (the lock, which also proves the folder can be written), samples of an earlier run; then, the folder
+    taken, the stale stages of a killed run's final move are deleted."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
     lock = RunLock(out, LOCK_NAME, "sample.py")
@@ -495,6 +496,8 @@ def _take_folder(out: Path, overwrite: bool) -> RunLock:
     except BaseException:
         lock.release()
         raise
+    for stage in remove_stale_stages(out):  # a merge killed with -9 left its partial samples.npz
+        print(f"[sample] removed {stage}, the unfinished output of a killed run", flush=True)
     return lock
 
 
