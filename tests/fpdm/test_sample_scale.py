@@ -197,6 +197,40 @@ def test_a_stop_while_the_shards_are_merged_keeps_them_says_so_and_a_rerun_merge
     assert not (tmp_path / "s" / SHARDS_NAME).exists()
 
 
+@pytest.mark.parametrize("when", ["loading", "cleaning up"])
+def test_sigterm_before_sampling_or_again_during_the_clean_up_says_sigterm(
+    checkpoint, tmp_path, capsys, monkeypatch, when
+):
+    # SIGTERM is 143 and a line that names it wherever it arrives, however many arrive.
+    def unhandled(signum, frame):  # the sampler's own handler must be the one in place
+        raise AssertionError("SIGTERM reached no handler of the sampler")
+
+    real_load = sample_cli._load
+
+    def load_then_signal(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return loaded
+
+    def signal_again(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(sample_cli, "_load", load_then_signal)
+    if when == "cleaning up":
+        stop_after(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
+        monkeypatch.setattr(sample_cli, "_load", real_load)
+        monkeypatch.setattr(sample_cli, "_leave_nothing_empty", signal_again)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        argv = sample_argv(checkpoint, tmp_path / "s", "--num-samples", "4", "--batch-size", "2")
+        status, err = exit_status(sample_cli.main, argv, capsys)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert status == EXIT_INTERRUPTED + signal.SIGTERM and one_line(err) and "SIGTERM" in err, err
+    if when == "loading":
+        assert not (tmp_path / "s").exists()  # nothing written, nothing in the way of the rerun
+
+
 def test_ctrl_c_before_any_batch_says_nothing_was_kept_and_leaves_nothing(
     checkpoint, tmp_path, capsys, monkeypatch
 ):

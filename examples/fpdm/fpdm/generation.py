@@ -385,8 +385,9 @@ def _shard_arrays(
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _Stopped(Exception):
-    """SIGTERM during sampling, raised in the main thread like Ctrl-C's ``KeyboardInterrupt``."""
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM during a run, raised in the main thread as Ctrl-C's ``KeyboardInterrupt`` is (and, like it,
+    held up by no ``except Exception``); ``signum`` names the signal in the message."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -395,8 +396,9 @@ class _Stopped(Exception):
 
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises :class:`_Stopped` while the block runs (main thread only), as Ctrl-C raises
-    ``KeyboardInterrupt``: the finished shards are on disk either way, the message says so."""
+    """SIGTERM raises :class:`_Stopped` while the block (the whole run) goes on (main thread only), as
+    Ctrl-C raises ``KeyboardInterrupt``: the finished shards are on disk either way, the message says so,
+    and a second signal during the clean-up is a message too, not a silent end."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -476,7 +478,8 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     runtime = setup_runtime(args.device)
     ended_well = False
     try:
-        paths = _run(args, runtime)
+        with _sigterm_raises():
+            paths = _run(args, runtime)
         ended_well = True
         return paths
     finally:
@@ -576,24 +579,23 @@ def _sample_in_folder(args: argparse.Namespace, runtime: Runtime, out: Path) -> 
     samples_left = remaining * args.batch_size
     bar = _progress_bar(show, samples_left, args.batch_size, model, diffusion, _options(args))
     try:  # a stop while the shards are merged keeps them too (they are deleted once samples.npz is in)
-        with _sigterm_raises():
-            with bar as callback:
-                for batch in mine:
-                    start, stop = plan.indices(batch)
-                    try:
-                        labels, samples, result = _sample_batch(model, diffusion, args, start, stop, callback)
-                    except ValueError as error:
-                        raise UsageError(str(error)) from None
-                    plan.write(batch, _shard_arrays(labels, samples, result, decoder, latent))
-            if runtime.distributed:
-                dist.barrier()
-            if not runtime.is_main:
-                return {}
-            summary = {"checkpoint": str(args.checkpoint), "spacing": args.spacing, "seed": args.seed}
-            summary["ema"] = args.ema
-            summary.update(_summary(plan), world_size=runtime.world_size, resumed_batches=done_before)
-            summary.update(decoded_with=name, elapsed_s=time.perf_counter() - start_time)
-            return _write_outputs(out, plan, summary, args)
+        with bar as callback:
+            for batch in mine:
+                start, stop = plan.indices(batch)
+                try:
+                    labels, samples, result = _sample_batch(model, diffusion, args, start, stop, callback)
+                except ValueError as error:
+                    raise UsageError(str(error)) from None
+                plan.write(batch, _shard_arrays(labels, samples, result, decoder, latent))
+        if runtime.distributed:
+            dist.barrier()
+        if not runtime.is_main:
+            return {}
+        summary = {"checkpoint": str(args.checkpoint), "spacing": args.spacing, "seed": args.seed}
+        summary["ema"] = args.ema
+        summary.update(_summary(plan), world_size=runtime.world_size, resumed_batches=done_before)
+        summary.update(decoded_with=name, elapsed_s=time.perf_counter() - start_time)
+        return _write_outputs(out, plan, summary, args)
     except (KeyboardInterrupt, _Stopped) as stop:
         signum = stop.signum if isinstance(stop, _Stopped) else signal.SIGINT
         if not runtime.is_main:
