@@ -67,7 +67,7 @@ META_KEYS = (
 LATENTS_FILES = {"latents.npy", "labels.npy", "meta.json"}
 RUN_FILES = {"checkpoint.pt", "log.jsonl"}
 SAMPLE_FILES = {"grid.png", "samples.npz", "summary.json"}
-#: Seconds a stage may take before it is stopped (a few minutes is usual on a busy 2-core CPU).
+#: Seconds a stage may take before it is stopped (a few minutes is usual on a small shared CPU).
 STAGE_TIMEOUT = 900
 #: The scores ``evaluate.py --extractor inception`` reports, each a finite number.
 SCORES = ("fid", "sfid", "inception_score", "precision", "recall", "kid_mean", "kid_std")
