@@ -1,4 +1,6 @@
 # Two entry points on a fresh machine with Python 3.11 and pip: `make demo` and `make test`.
+# `make rehearsal` runs the FPDM example's at-scale path (extract, train, sample, evaluate) at small size
+# on the CPU, 2 processes per stage, and checks what each stage wrote (a few minutes).
 # TORCH pins the CPU wheel available here; on a GPU machine pass e.g. TORCH=torch==2.13.0 from the
 # CUDA index, or TORCH= to keep the torch you have.
 PYTHON ?= python3
@@ -16,7 +18,7 @@ FLOOR_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3
 FLOOR_VENV ?= $(HOME)/.cache/implicitdiff/venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
 
-.PHONY: demo test test-floor typecheck package-check docs lint format bench clean
+.PHONY: demo test rehearsal test-floor typecheck package-check docs lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +32,10 @@ test: $(PY)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
+
+rehearsal: $(PY)
+	$(PIP) $(TORCH) -e '.[examples,latents]'
+	$(PY) examples/fpdm/rehearsal.py
 
 test-floor:
 	@want=$$($(FLOOR_PYTHON) -c 'import sys; print(sys.version_info[:2])') || { \
@@ -52,7 +58,7 @@ package-check: $(PY)
 
 docs: $(PY)
 	$(PIP) $(TORCH) -e '.[docs]'
-	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+	$(PY) -m sphinx -n -W --keep-going -b html docs docs/_build/html
 
 lint: $(PY)
 	$(PY) -m ruff check .

@@ -47,7 +47,7 @@ def processor_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git(*args: str) -> str:
+def git(*args: str) -> str:
     try:
         done = subprocess.run(
             ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
@@ -59,11 +59,11 @@ def _git(*args: str) -> str:
 
 def git_commit() -> str | None:
     """The checkout's commit, with ``+changes`` when tracked files outside ``benchmarks/results`` differ."""
-    commit = _git("rev-parse", "--short=12", "HEAD")
+    commit = git("rev-parse", "--short=12", "HEAD")
     if not commit:
         return None
     changed = [
-        line for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()
+        line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
         if "benchmarks/results/" not in line
     ]  # fmt: skip
     return commit + ("+changes" if changed else "")

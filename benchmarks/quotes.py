@@ -144,6 +144,9 @@ def gpu(data: dict[str, Any]) -> Facts:
         f"{eager['peak_GB']:.1f} GB"
     )
     facts["sampler"] = span((r["sampler_vs_hand"] for r in data["fpdm"]["sampler"]), ".2f")
+    facts["fpdm_step_pair"] = f"{eager['step_ms']:.0f} ms eager, {blocks['step_ms']:.0f} ms compiled"
+    sampler = pick(data["fpdm"]["sampler"], batch=128, dtype="float32")
+    facts["sampler_128"] = f"{sampler['sampler_ms']:.0f} ms for {sampler['timesteps']} timesteps"
     return facts
 
 
@@ -308,6 +311,7 @@ class Quote:
 
 PARALLEL, MEASUREMENTS = "docs/guides/parallel.md", "docs/fpdm-measurements.md"
 PERFORMANCE, SOLVERS = "docs/guides/performance.md", "docs/guides/solvers.md"
+EXAMPLE = "examples/fpdm/README.md"
 QUOTES = [
     Quote(PARALLEL, "parallel_guess.json", "it took {guess_rounds}"),
     Quote(PARALLEL, "parallel_guess.json", "spends {default_ratio} times the sequential evaluations"),
@@ -368,6 +372,8 @@ QUOTES = [
     Quote(MEASUREMENTS, "gpu.json", "DiT-XL/2 at batch 128 peaks at {peaks}"),
     Quote(MEASUREMENTS, "gpu.json", "makes the FPDM-XL/2 step {fpdm_speedup} times faster"),
     Quote(MEASUREMENTS, "gpu.json", "the H100's {sampler} above"),
+    Quote(EXAMPLE, "gpu.json", "S-JFB's draw of 6 + 3 iterations: {fpdm_step_pair}"),
+    Quote(EXAMPLE, "gpu.json", "the sampler on FPDM-XL/2, batch 128, float32: {sampler_128}"),
     Quote(
         MEASUREMENTS,
         "fpdm_sampling.json",

@@ -512,6 +512,24 @@ def fpdm_data(data: dict[str, Any]) -> dict[str, str]:
     return {"fpdm_data": text}
 
 
+def suite_time(data: dict[str, Any]) -> dict[str, str]:
+    """``benchmarks/results/suite_time.json``: the library's test suite at two revisions, side by side."""
+    rows = [{**r, "tests": r["runs"][-1]["summary"]} for r in data["results"]]
+    before = data["results"][0]
+    for r in rows:
+        r["ratio"] = r["wall_s"] / before["wall_s"]
+    head = f"`pytest {data['suite']}`, median of {data['rounds']} alternated runs per revision:\n\n"
+    columns: list[Column] = [
+        ("name", "revision", ""),
+        ("commit", "commit", ""),
+        ("wall_s", "wall-clock (s)", ".1f"),
+        ("cpu_s", "CPU (s)", ".1f"),
+        ("ratio", "wall vs before", ".2f"),
+        ("tests", "pytest's summary", ""),
+    ]
+    return {"suite_time": head + table(rows, columns, "llrrrl")}
+
+
 def _tau(value: float | None) -> str:
     return "sequential" if value is None else short(value)
 
@@ -890,6 +908,7 @@ SOURCES = [
     Source("fpdm_parallel_tau.json", "python -m benchmarks.fpdm_parallel --tau-sweep", fpdm_parallel_tau,
            ("fpdm_parallel_tau", "parallel_tau", "parallel_published")),
     Source("fpdm_parallel.json", "python -m benchmarks.fpdm_parallel", fpdm_parallel, ("fpdm_parallel",)),
+    Source("suite_time.json", "python -m benchmarks.suite_time", suite_time, ("suite_time",)),
     Source("fpdm_data.json", "python -m benchmarks.fpdm_data --baseline-ref main", fpdm_data, ("fpdm_data",)),
     Source("parallel_guess.json", "python -m benchmarks.parallel_guess", parallel_guess,
            ("parallel_guess", "parallel_held_out", "parallel_processes", "parallel_tolerance")),

@@ -1,6 +1,6 @@
 """Sphinx configuration for the implicitdiff documentation.
 
-Build: ``make docs`` (``python -m sphinx -W --keep-going -b html docs docs/_build/html``). The build is
+Build: ``make docs`` (``python -m sphinx -n -W --keep-going -b html docs docs/_build/html``). The build is
 offline: no intersphinx, MathJax served from the build itself (``sphinx-mathjax-offline``).
 """
 
@@ -59,6 +59,17 @@ napoleon_use_ivar = True
 napoleon_use_param = False
 # "Return type" once, from the docstring, not a second time from the hint.
 napoleon_use_rtype = True
+
+# `make docs` builds with -n: every reference must resolve. The offline build has no intersphinx, so the
+# types of other packages that hints and docstrings name are listed here; names of implicitdiff resolve
+# by any public path (docs/_ext/bench_tables.py).
+nitpicky = True
+nitpick_ignore = [
+    ("py:class", "Tensor"),
+    ("py:class", "torch.Tensor"),
+    ("py:class", "collections.Counter"),
+    ("py:class", "pytree"),  # the docstrings' word for a nested structure of tensors
+]
 
 html_theme = "furo"
 html_title = f"implicitdiff {release}"

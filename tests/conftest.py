@@ -97,3 +97,33 @@ def make_cell():
 def make_recording_solver():
     """The class :class:`RecordingSolver`, a user's own solver (a plain class with the Solver call)."""
     return RecordingSolver
+
+
+@pytest.fixture
+def quick_run(tmp_path, capsys):
+    """Run ``python -m benchmarks.<name> --quick --out TMP`` in-process and check what it printed and wrote:
+    a table, a results file the generator reads with ``meta.quick`` set, and the committed file untouched."""
+    import importlib
+    import json
+
+    from benchmarks import harness, tables
+
+    def run(name: str) -> None:
+        threads = torch.get_num_threads()
+        module = importlib.import_module(f"benchmarks.{name}")
+        committed = harness.RESULTS / f"{name}.json"
+        before = committed.read_bytes() if committed.exists() else None
+        out = tmp_path / f"{name}.json"
+        try:
+            assert module.main(["--quick", "--out", str(out)]) in (0, None)
+        finally:
+            torch.set_num_threads(threads)
+        printed = capsys.readouterr().out
+        assert "| ---" in printed, f"{name} printed no table"
+        record = json.loads(out.read_text())
+        assert record["meta"]["quick"] is True and record["meta"]["command"].startswith("python")
+        assert tables.render(f"{name}.json", record)  # the generator reads what the script wrote
+        after = committed.read_bytes() if committed.exists() else None
+        assert after == before, "a quick run must not touch the committed results"
+
+    return run

@@ -180,6 +180,41 @@ def test_every_name_in_the_api_reference_is_public():
     assert not private, "names on API pages that are not public: " + ", ".join(private)
 
 
+#: A dotted name of the library on a page: ``implicitdiff.solvers.Captured``, ``implicitdiff.nn.forget``.
+LIBRARY_NAME = re.compile(r"(?<![\w./])implicitdiff(?:\.[A-Za-z_]\w*)+")
+
+
+def test_every_library_name_on_a_page_exists():
+    """A page names no removed or misspelt object: each ``implicitdiff.x.y`` it writes imports."""
+    missing = [
+        f"{page.relative_to(ROOT)}: {name}"
+        for page in user_doc_pages()
+        for name in sorted(set(LIBRARY_NAME.findall(page.read_text(encoding="utf-8"))))
+        if not _names_something(name)
+    ]
+    assert not missing, "names that do not exist:\n" + "\n".join(missing)
+
+
+def _names_something(dotted: str) -> bool:
+    """Whether ``dotted`` is a module, a member of one, or an attribute its class documents."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        if not _is_module(".".join(parts[:cut])):
+            continue
+        obj: object = importlib.import_module(".".join(parts[:cut]))
+        for i, attr in enumerate(parts[cut:], start=cut):
+            if not hasattr(obj, attr):
+                # an instance attribute that the class's docstring lists (``last_backward : ...``)
+                last = i == len(parts) - 1
+                doc = getattr(obj, "__doc__", None) or ""
+                return last and isinstance(obj, type) and re.search(rf"^\s*{attr}\s*:", doc, re.M) is not None
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
 def _is_module(name: str) -> bool:
     import importlib.util
 
@@ -256,12 +291,27 @@ HISTORY = {
     r"\bsolvers_run[1-9]\b": "a benchmark run's number",
     r"\b(before|after) this change\b": "a change the reader never saw",
     r"\bworktree\b": "how the project is worked on",
+    r"(?<![\w/&(])#\d+(?![\w-])": "an issue number",
+    r"\bthe target we set\b": "a goal of the project, not a property of the software",
+    r"\bthe older target\b": "a goal of the project, not a property of the software",
+    # "as asked" as a remark about the work ("(as asked)", "as asked by"), not "labels as asked" (the class
+    # a sample was asked for).
+    r"(^|[(,;:.]\s*)as asked\b|\bas asked (by|in)\b": "a request the reader never saw",
+    r"\bno GPU has run it yet\b": "a promise instead of a figure",
+    r"\bnow warns\b": "a change the reader never saw",
 }
 HISTORY_RE = [(re.compile(pattern, re.IGNORECASE), why) for pattern, why in HISTORY.items()]
 
 
 #: Pages rewritten on another branch: this branch checks them (strictly: a pass is reported, so the entry
 #: is removed once that branch is merged) without failing on text it does not own.
+HISTORY_PENDING: dict[str, str] = {}
+
+#: The changelogs speak of the software too: no tracker a user cannot see.
+CHANGELOGS = [ROOT / "CHANGELOG.md", ROOT / "examples" / "fpdm" / "CHANGELOG.md"]
+ISSUE_NUMBER = re.compile(r"\bissues? #?\s*\d+\b|(?<![\w/&(])#\d+(?![\w-])", re.IGNORECASE)
+
+
 def user_doc_pages() -> list[Path]:
     """Every page a user reads: the docs' Markdown, the README, and the FPDM example's README."""
     extra = [ROOT / "examples" / "fpdm" / "README.md"]
@@ -288,6 +338,13 @@ def test_history_patterns_catch_history_and_spare_prose():
         "GPU run 2 (H100)",
         "as in round 2",
         "5,027 ms before this change",
+        "as in #12",
+        "Where it falls short of the target we set",
+        "The older target printed by the script",
+        "as asked by the review",
+        "Dropout is per call (as asked).",
+        "no GPU has run it yet",
+        "solve_chain now warns when given it",
     ]
     prose = [
         "11 or 12 rounds cost 5.2 to 5.7 times the evaluations",
@@ -297,6 +354,11 @@ def test_history_patterns_catch_history_and_spare_prose():
         "the first round of the sampler",
         "issues a warning once",
         "the issues with BatchNorm",
+        "the class that was asked for",
+        "the fraction the classifier labels as asked",
+        "see [the backward](troubleshooting.md#8-the-backward-solve-warns)",
+        "[item 8](#8-the-backward-solve-warns)",
+        "a warning is raised",
     ]
     assert all(history_found(text) for text in history), [t for t in history if not history_found(t)]
     assert not any(history_found(text) for text in prose), [t for t in prose if history_found(t)]
@@ -304,12 +366,31 @@ def test_history_patterns_catch_history_and_spare_prose():
 
 @pytest.mark.parametrize(
     "page",
-    [page for page in user_doc_pages()],
+    [
+        pytest.param(
+            page,
+            marks=pytest.mark.xfail(strict=True, reason=HISTORY_PENDING[page.relative_to(ROOT).as_posix()])
+            if page.relative_to(ROOT).as_posix() in HISTORY_PENDING
+            else (),
+        )
+        for page in user_doc_pages()
+    ],
     ids=lambda page: str(page.relative_to(ROOT)),
 )
 def test_user_docs_carry_no_project_history(page: Path) -> None:
     found = history_found(page.read_text(encoding="utf-8"))
     assert not found, f"{page.relative_to(ROOT)} speaks of how the project was made:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("changelog", CHANGELOGS, ids=lambda page: str(page.relative_to(ROOT)))
+def test_changelogs_name_no_issue_numbers(changelog: Path) -> None:
+    assert ISSUE_NUMBER.search("Fixed (issue 23: nothing lost)") and ISSUE_NUMBER.search("see #7")
+    found = [
+        f"{number}: {match.group(0)!r}"
+        for number, line in enumerate(changelog.read_text(encoding="utf-8").splitlines(), start=1)
+        if (match := ISSUE_NUMBER.search(line))
+    ]
+    assert not found, f"{changelog.relative_to(ROOT)} names issues users cannot see:\n" + "\n".join(found)
 
 
 def test_generated_tables_carry_no_project_history(tmp_path: Path) -> None:

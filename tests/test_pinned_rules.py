@@ -233,8 +233,8 @@ def test_solve_chain_honours_max_batch_for_a_pytree_state() -> None:
     chunked = solve_chain(step, x0, 9, tol=1e-12, max_batch=2)
     assert largest == 9 and calls and all(a == b <= 2 for a, b in calls)
     assert chunked.sweeps == whole.sweeps
-    torch.testing.assert_close(chunked.xs["a"], whole.xs["a"], rtol=0, atol=0)
-    torch.testing.assert_close(chunked.xs["b"][0], whole.xs["b"][0], rtol=0, atol=0)
+    torch.testing.assert_close(chunked.zs["a"], whole.zs["a"], rtol=0, atol=0)
+    torch.testing.assert_close(chunked.zs["b"][0], whole.zs["b"][0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("rows", [1, 8])

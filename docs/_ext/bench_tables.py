@@ -9,6 +9,8 @@ runs a benchmark, and a missing file gives a marked box instead of a table.
 from __future__ import annotations
 
 import importlib
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,25 +43,84 @@ def _import(dotted: str) -> Any:
     return None
 
 
-def resolve_alias(app: Sphinx, env: Any, node: Any, contnode: Any) -> Any:
-    """Resolve a reference to ``implicitdiff.solvers.Anderson`` to the documented ``implicitdiff.Anderson``.
+def _owner_has(owner: Any, attr: str) -> bool:
+    """Whether the class ``owner`` has ``attr``: a member, a dataclass field or an annotated attribute."""
+    if not isinstance(owner, type):
+        return False
+    fields = getattr(owner, "__dataclass_fields__", {})
+    annotated = {
+        name
+        for klass in owner.__mro__
+        for name in getattr(klass, "__annotations__", {})
+    }
+    described = (
+        re.search(rf"^\s*{re.escape(attr)}\s*:", owner.__doc__ or "", flags=re.M)
+        is not None
+    )
+    return hasattr(owner, attr) or attr in fields or attr in annotated or described
 
-    Every public object is documented once, under the name users import; docstrings and pages may refer
-    to it by any other public path, and this resolves such a reference to the documented entry.
+
+def _candidates(node: Any, documented: Iterable[str]) -> list[str]:
+    """The full names a reference may mean: as written, in its class, in its module, then by its
+    short name when exactly one documented object has it (a summary line with no module in scope)."""
+    target = node.get("reftarget", "").lstrip("~.")
+    module, klass = node.get("py:module"), node.get("py:class")
+    names = [target]
+    if module and klass:
+        names.append(f"{module}.{klass}.{target}")
+    if module:
+        names.append(f"{module}.{target}")
+    if "." not in target:
+        same = [name for name in documented if name.rpartition(".")[2] == target]
+        if len({id(_import(name)) for name in same}) == 1:
+            names.append(min(same, key=len))
+    return [name for name in names if name.startswith("implicitdiff.")]
+
+
+def resolve_alias(app: Sphinx, env: Any, node: Any, contnode: Any) -> Any:
+    """Resolve a reference by any public path, or from inside its module, to the documented entry.
+
+    Every public object is documented once, under the name users import (``implicitdiff.Anderson``);
+    docstrings and pages may refer to it by another public path (``implicitdiff.solvers.Anderson``) or by
+    its short name from inside its module (``solve_chain`` in ``implicitdiff.chain``). An attribute that
+    its class's docstring describes (an ``Attributes`` section makes no entry of its own) resolves to
+    the class's entry.
     """
-    target = node.get("reftarget", "")
-    if node.get("refdomain") != "py" or not target.startswith("implicitdiff."):
-        return None
-    obj = _import(target)
-    if obj is None or not callable(obj):
+    if node.get("refdomain") != "py":
         return None
     domain = env.get_domain("py")
-    for name in domain.objects:
-        if name != target and name.startswith("implicitdiff.") and _import(name) is obj:
-            fromdoc, reftype = node["refdoc"], node["reftype"]
-            return domain.resolve_xref(
-                env, fromdoc, app.builder, reftype, name, node, contnode
-            )
+    documented = dict(domain.objects)
+
+    def link(name: str) -> Any:
+        return domain.resolve_xref(
+            env, node["refdoc"], app.builder, node["reftype"], name, node, contnode
+        )
+
+    for target in _candidates(node, documented):
+        if target in documented:
+            return link(target)
+        obj = _import(target)
+        if obj is not None and callable(obj):
+            for name in documented:
+                if name.startswith("implicitdiff.") and _import(name) is obj:
+                    return link(name)
+        owner_name, _, attr = target.rpartition(".")
+        owner = _import(owner_name)
+        if owner is None or not _owner_has(owner, attr):
+            continue
+        for name in documented:
+            parent, _, last = name.rpartition(".")
+            if (
+                last == attr
+                and parent.startswith("implicitdiff.")
+                and _import(parent) is owner
+            ):
+                return link(name)
+        for name in documented:
+            if name.startswith("implicitdiff.") and _import(name) is owner:
+                return domain.resolve_xref(
+                    env, node["refdoc"], app.builder, "class", name, node, contnode
+                )
     return None
 
 

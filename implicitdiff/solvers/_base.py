@@ -106,7 +106,11 @@ class SolverResult:
 
     @property
     def frozen_evaluations(self) -> int:
-        """Evaluations of samples that had already converged or failed: ``nfe * B - sum(evaluations)``."""
+        """Evaluations of samples that had already converged or failed, ``nfe * B - sum(evaluations)``.
+
+        A batch runs until its last sample stops, and every evaluation maps the whole batch, so a sample
+        that stopped early keeps being evaluated (its state frozen) until then.
+        """
         assert self.evaluations is not None
         return self.nfe * self.converged.numel() - int(self.evaluations.sum())
 

@@ -1,6 +1,7 @@
 """Latents folders: extraction (chunked, resumable, split over processes, its destination checked first),
 the format, conversion of the older .pt files, and training reading them through memory maps."""
 
+import errno
 import json
 import os
 import pickle
@@ -19,12 +20,14 @@ from fpdm.data import LatentFolder, TensorPairs, load_dataset, read_image, read_
 from fpdm.distributed import Runtime
 from fpdm.files import FileKindError
 from fpdm.latents import RANDOM_TINY_VAE, encode_batch, row_seed, tiny_vae
+from fpdm.run_folder import RunLock
 from fpdm.training import StepBatches, TrainConfig, batch_indices, training_batches
 from test_command_lines import TINY, exit_status
 
 # Extraction in this process runs on one thread, as the subprocesses below do (OMP_NUM_THREADS=1): the
 # same arithmetic, the same bytes.
 from test_parallel import one_thread  # noqa: F401  (a module-wide autouse fixture)
+from test_run_folder import holding_lock
 
 EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "fpdm"
 REPO = EXAMPLE_DIR.parents[1]
@@ -283,6 +286,49 @@ def test_a_folder_in_use_by_another_extraction_is_refused_and_free_once_it_ends(
     assert os.listdir(out) == ["extract.lock"]
     # A killed run's lock file is no obstacle (the system released its flock): see the resume after
     # SIGKILL above; a complete folder has no lock file (the first test).
+
+
+def test_an_extraction_at_work_is_named_and_a_killed_ones_lock_is_taken_over(tmp_path, capsys, monkeypatch):
+    # extract.lock is the RunLock of train.lock and sample.lock: the live owner is named with the command
+    # that stops it; the record a killed extraction left (its kernel lock free) is no obstacle.
+    images = write_images(tmp_path / "images")
+    out = tmp_path / "busy"
+    with holding_lock(out, latents.LOCK_NAME, "extract_latents.py") as pid:
+        status, err = exit_status(latents.main, argv(images, out, "--overwrite"), capsys)
+        assert status == EXIT_USAGE and one_line(err) and f"in use by extract_latents.py pid {pid}" in err
+        assert f"`kill {pid}`" in err
+    assert (out / latents.LOCK_NAME).exists()  # the killed holder left its record
+    records = []
+
+    def encode(*args, **kwargs):  # the check passed, the encoding begins: the lock is this run's
+        records.append(json.loads((out / latents.LOCK_NAME).read_text()))
+        with pytest.raises(ValueError, match=f"in use by extract_latents.py pid {os.getpid()}"):
+            RunLock(out, latents.LOCK_NAME, "extract_latents.py").acquire()  # a second one is kept out
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latents, "encode_batch", encode)
+    status, err = exit_status(latents.main, argv(images, out), capsys)
+    assert status == EXIT_INTERRUPTED + signal.SIGINT and "which is no longer running" in err
+    assert records[0]["program"] == "extract_latents.py" and records[0]["pid"] == os.getpid()
+
+
+def test_an_existing_folder_that_cannot_be_written_is_refused_before_encoding(
+    tmp_path, capsys, no_encoding, monkeypatch
+):
+    images = write_images(tmp_path / "images")
+    out = tmp_path / "ro"
+    out.mkdir()
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):  # a read-only mount (chmod does not stop root)
+        if str(path).startswith(str(out)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    status, err = exit_status(latents.main, argv(images, out), capsys)
+    assert status == EXIT_USAGE and one_line(err) and f"--out {out} cannot be written" in err
+    assert "Read-only file system" in err and os.listdir(out) == []
 
 
 def test_a_file_as_out_is_refused_before_any_encoding_even_with_overwrite(tmp_path, capsys, no_encoding):

@@ -24,7 +24,9 @@ from fpdm import evaluation as evaluate
 from fpdm import generation as sample_cli
 from fpdm import sweeping as sweep
 from fpdm import training as train
-from fpdm.data import ImageFolder
+from fpdm.data import ImageFolder, read_image
+from fpdm.diffusion import GaussianDiffusion
+from fpdm.files import FileKindError
 from fpdm.training import CHECKPOINT_NAME, LOG_NAME, load_checkpoint
 from test_command_lines import TINY, exit_status  # the same tiny model and exit-status reader
 
@@ -59,17 +61,6 @@ def write_lock(out: Path, pid: int, host: str | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     owner = {"pid": pid, "host": host or socket.gethostname(), "started": time.time()}
     (out / LOCK_NAME).write_text(json.dumps(owner))
-
-
-def test_a_folder_in_use_by_a_live_run_is_refused_in_one_line_and_left_alone(tmp_path, capsys):
-    out = tmp_path / "run"
-    write_lock(out, os.getpid())  # this very process: alive
-    lock_before = (out / LOCK_NAME).read_bytes()
-    status, err = exit_status(train.main, ["--out", str(out), *TINY, "--steps", "1"], capsys)
-    assert status == EXIT_USAGE and one_line(err)
-    assert f"is in use by train.py pid {os.getpid()} on this host" in err
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
-    assert (out / LOCK_NAME).read_bytes() == lock_before
 
 
 def test_a_lock_of_another_host_is_refused_naming_the_host_and_the_file(tmp_path, capsys):
@@ -192,6 +183,69 @@ def assert_same(a, b, where):
         assert a == b, where
 
 
+@pytest.mark.parametrize(
+    "first, second",
+    [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)],
+    ids=["SIGTERM-SIGTERM", "SIGINT-SIGINT", "SIGINT-SIGTERM"],
+)
+def test_a_second_signal_during_the_checkpoint_stops_at_once_with_its_own_status(
+    tmp_path, first, second, capsys, monkeypatch
+):
+    # The first signal (during step 2) asks for a checkpoint and a stop; the second arrives while that
+    # checkpoint is being written: the write stops there, the previous checkpoint stays whole.
+    real_loss, real_save, losses, saves, reached = GaussianDiffusion.training_loss, torch.save, [], [], []
+
+    def loss(self, *args, **kwargs):
+        losses.append(1)
+        if len(losses) == 2:
+            os.kill(os.getpid(), first)
+        return real_loss(self, *args, **kwargs)
+
+    def save(obj, handle, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # the checkpoint of step 2
+            handle.write(b"PK partial")
+            os.kill(os.getpid(), second)
+            reached.append("the write went on after the second signal")
+        real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(GaussianDiffusion, "training_loss", loss)
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    status, err = exit_status(
+        train.main, ["--out", str(out), *TINY, "--steps", "5", "--ckpt-every", "1"], capsys
+    )
+    name = signal.Signals(second).name
+    assert status == EXIT_INTERRUPTED + second and not reached, err
+    assert one_line(err) and err.endswith(
+        f": stopped at once by a second {name}; {out / CHECKPOINT_NAME} (step 1) is the last "
+        "checkpoint: continue with --resume\n"
+    )
+    assert load_checkpoint(out / CHECKPOINT_NAME)["step"] == 1
+    assert not list(out.glob(".*.tmp")) and not (out / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_every_command_stopped_by_a_second_signal_exits_with_that_signals_status(signum, capsys):
+    # extract_latents.py (and train.py before its loop) ends through StopSignals and run_command alone.
+    from fpdm import latents
+    from fpdm.cli import OneLineParser, StopSignals, run_command
+
+    assert latents.StopSignals is StopSignals
+
+    def command() -> int:
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signum)
+            assert stop.requested == signum  # the first one only asks
+            os.kill(os.getpid(), signum)
+            pytest.fail("a second signal did not stop the command at once")
+        return 0
+
+    status, err = exit_status(lambda argv: run_command(OneLineParser(prog="x.py"), command), [], capsys)
+    assert status == EXIT_INTERRUPTED + signum
+    assert err == f"x.py: interrupted ({'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'})\n"
+
+
 def test_ctrl_c_in_the_other_command_lines_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
@@ -289,6 +343,17 @@ def test_16_bit_pngs_are_read_by_their_range_not_clipped_to_white(tmp_path):
     expected = torch.from_numpy(ramp.astype(np.float64) / 65535 * 2 - 1).float()
     torch.testing.assert_close(x[0], expected, rtol=0, atol=1e-6)
     assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])
+
+
+def test_a_32_bit_integer_image_is_refused_not_scaled_as_if_it_had_16_bits(tmp_path):
+    wide = np.arange(64, dtype=np.int32).reshape(8, 8) * 100_000  # values up to 6.3 million
+    path = image_folder(tmp_path / "wide", {"a": wide}, ".tif") / "c" / "a.tif"
+    with pytest.raises(FileKindError, match=f"{path}: PIL mode 'I' is not supported"):
+        read_image(path, 8)
+    # The same pixels as 16 bits are read by their range.
+    path = image_folder(tmp_path / "narrow", {"a": (wide // 100).astype(np.uint16)}, ".tif") / "c" / "a.tif"
+    expected = torch.from_numpy((wide // 100).astype(np.float64) / 65535 * 2 - 1).float()
+    torch.testing.assert_close(read_image(path, 8)[0], expected, rtol=0, atol=1e-6)
 
 
 def test_float_tiffs_in_0_1_are_read_and_others_refused_in_one_line(tmp_path, capsys):

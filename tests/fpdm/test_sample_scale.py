@@ -22,6 +22,7 @@ from fpdm.shards import SHARDS_NAME, ShardPlan
 from fpdm.training import TrainConfig, build_model
 from test_command_lines import exit_status, run_dir  # noqa: F401 (a fixture: a tiny digits checkpoint)
 from test_nothing_lost import EXIT_INTERRUPTED, EXIT_USAGE, EXIT_WRITE, one_line, subprocess_env
+from test_run_folder import holding_lock
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_PY = REPO / "examples" / "fpdm" / "sample.py"
@@ -162,6 +163,74 @@ def test_sigterm_keeps_the_shards_and_says_so(checkpoint, tmp_path, capsys, monk
     assert "stopped by SIGTERM: 1 of 2 batches (2 of 4 samples) are kept" in err
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_while_the_shards_are_merged_keeps_them_says_so_and_a_rerun_merges(
+    checkpoint, tmp_path, capsys, monkeypatch, signum
+):
+    # The merge of a large run takes minutes: a stop there keeps every shard, and says so.
+    def unhandled(signum, frame):  # the sampler's own handler must be the one in place
+        raise AssertionError(f"{signal.Signals(signum).name} reached no handler of the sampler")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    real_merge = sample_cli.merge_shards
+
+    def merge(plan, path, **kwargs):
+        path.write_bytes(b"PK partial")
+        os.kill(os.getpid(), signum)
+        raise AssertionError("the merge went on after the signal")
+
+    try:
+        monkeypatch.setattr(sample_cli, "merge_shards", merge)
+        argv = sample_argv(checkpoint, tmp_path / "s", "--num-samples", "5", "--batch-size", "2")
+        status, err = exit_status(sample_cli.main, argv, capsys)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    name = signal.Signals(signum).name
+    assert status == EXIT_INTERRUPTED + signum and one_line(err)
+    assert f"stopped by {name}: 3 of 3 batches (5 of 5 samples) are kept in " in err
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [SHARDS_NAME]  # no partial file, no lock
+    assert len(list((tmp_path / "s" / SHARDS_NAME).glob("batch-*.npz"))) == 3
+    monkeypatch.setattr(sample_cli, "merge_shards", real_merge)
+    assert sample_cli.main(argv) == 0
+    assert "resuming: 3 of 3 batches" in capsys.readouterr().out
+    assert load(tmp_path / "s" / "samples.npz")["labels"].shape == (5,)
+    assert not (tmp_path / "s" / SHARDS_NAME).exists()
+
+
+@pytest.mark.parametrize("when", ["loading", "cleaning up"])
+def test_sigterm_before_sampling_or_again_during_the_clean_up_says_sigterm(
+    checkpoint, tmp_path, capsys, monkeypatch, when
+):
+    # SIGTERM is 143 and a line that names it wherever it arrives, however many arrive.
+    def unhandled(signum, frame):  # the sampler's own handler must be the one in place
+        raise AssertionError("SIGTERM reached no handler of the sampler")
+
+    real_load = sample_cli._load
+
+    def load_then_signal(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return loaded
+
+    def signal_again(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(sample_cli, "_load", load_then_signal)
+    if when == "cleaning up":
+        stop_after(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
+        monkeypatch.setattr(sample_cli, "_load", real_load)
+        monkeypatch.setattr(sample_cli, "_leave_nothing_empty", signal_again)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        argv = sample_argv(checkpoint, tmp_path / "s", "--num-samples", "4", "--batch-size", "2")
+        status, err = exit_status(sample_cli.main, argv, capsys)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert status == EXIT_INTERRUPTED + signal.SIGTERM and one_line(err) and "SIGTERM" in err, err
+    if when == "loading":
+        assert not (tmp_path / "s").exists()  # nothing written, nothing in the way of the rerun
+
+
 def test_ctrl_c_before_any_batch_says_nothing_was_kept_and_leaves_nothing(
     checkpoint, tmp_path, capsys, monkeypatch
 ):
@@ -207,6 +276,34 @@ def test_a_second_sampler_into_the_same_out_is_refused_and_changes_nothing(check
         sleeper.wait()
     (out / sample_cli.LOCK_NAME).unlink()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_sampler_at_work_in_the_same_out_is_refused_and_changes_nothing(checkpoint, tmp_path, capsys):
+    # The second of two samplers started at once: the first holds sample.lock's kernel lock.
+    out = tmp_path / "s"
+    argv = sample_argv(checkpoint, out, "--num-samples", "2")
+    assert sample_cli.main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with holding_lock(out, sample_cli.LOCK_NAME, "sample.py") as pid:
+        for extra in ([], ["--overwrite", "--seed", "2"]):
+            status, err = exit_status(sample_cli.main, [*argv, *extra], capsys)
+            assert status == EXIT_USAGE and one_line(err)
+            assert f"in use by sample.py pid {pid} on this host" in err
+            assert f"`kill {pid}`" in err and str(out / sample_cli.LOCK_NAME) in err
+    (out / sample_cli.LOCK_NAME).unlink()  # the record the killed holder left
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_the_stage_of_a_merge_killed_by_sigkill_is_removed_by_the_rerun(checkpoint, tmp_path, capsys):
+    # kill -9 (or the out-of-memory killer) during the final move leaves a stage as large as samples.npz.
+    out = tmp_path / "s"
+    argv = sample_argv(checkpoint, out, "--num-samples", "2")
+    stale = out / ".partial-x1y2z3"
+    stale.mkdir(parents=True)
+    (stale / "samples.npz").write_bytes(b"PK partial")
+    assert sample_cli.main(argv) == 0
+    assert f"removed {stale}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "samples.npz", "summary.json"]
 
 
 def test_an_out_on_a_read_only_file_system_is_refused_before_sampling(

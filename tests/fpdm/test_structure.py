@@ -116,7 +116,7 @@ def test_the_package_modules_import_each_other_without_a_circle():
     for name in graph:
         visit(name, ())
     # The library-like modules do not reach the command lines' modules.
-    library = ("data", "diffusion", "files", "metrics", "registry", "cli", "models", "run_folder")
+    library = ("data", "diffusion", "files", "metrics", "cli", "models", "run_folder")
     library += ("sampling", "parallel", "reverse", "schedule")
     for low_level in library:
         assert not graph[low_level] & COMMAND_MODULES, low_level
@@ -178,6 +178,12 @@ def one_element_list_cells(source: str) -> list[str]:
     return sorted(singles & written)
 
 
+def test_one_lock_owns_the_folders_of_train_sample_and_extract_latents():
+    # train.lock, sample.lock and extract.lock are one RunLock: the kernel lock is taken in one place.
+    assert places(r"\bflock\(") == ["fpdm/run_folder.py"]
+    assert sorted(places(r"\bRunLock\(")) == ["fpdm/generation.py", "fpdm/latents.py", "fpdm/run_folder.py"]
+
+
 def test_the_cell_detector_finds_a_cell():
     assert one_element_list_cells("first = [True]\ndef f():\n    first[0] = False\n") == ["first"]
     assert one_element_list_cells("xs = [1, 2]\nxs[0] = 3\n") == []
@@ -197,10 +203,10 @@ def test_no_code_comment_names_a_machine_or_a_path_outside_the_repository(path):
     assert not MACHINE_NOTES.search(path.read_text()), path.name
 
 
-def test_every_command_line_offers_the_registrys_solvers_and_estimators():
+def test_every_command_line_offers_the_same_solvers_and_estimators():
     from fpdm import generation as sample
     from fpdm import training as train
-    from fpdm.registry import ESTIMATORS, SOLVERS
+    from fpdm.training import ESTIMATORS, SOLVERS
 
     def choices(parser, dest):
         (action,) = [a for a in parser._actions if a.dest == dest]
@@ -209,9 +215,9 @@ def test_every_command_line_offers_the_registrys_solvers_and_estimators():
     assert choices(train.build_parser(), "solver") == set(SOLVERS)
     assert choices(train.build_parser(), "grad") == set(ESTIMATORS)
     assert choices(sample.build_parser(), "solver") == set(SOLVERS)
-    # The solver and estimator names are written once, in registry.py.
+    # The solver and estimator names are written once, in training.py's table.
     for path in EXAMPLE:
-        if path.name != "registry.py":
+        if path.name != "training.py":
             text = path.read_text()
             assert not re.search(r"""["']broyden["']""", text), path.name
             assert not re.search(r"""["']phantom["']\s*[:,]""", text), path.name

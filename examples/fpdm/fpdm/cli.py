@@ -10,6 +10,10 @@ ends in argparse's own one-line error and exit status 2:
 
 :class:`UsageError` is for what can only be checked later (a run folder in use, a checkpoint of another
 configuration, a file of the wrong kind); :func:`run_command` turns it into the same kind of exit.
+
+:class:`StopSignals` is how a long command stops on Ctrl-C or SIGTERM: the first signal asks it to stop
+after the work under way, a second one stops it at once; either way the exit status is 128 + the signal's
+number and the message names the signal.
 """
 
 from __future__ import annotations
@@ -19,10 +23,14 @@ import dataclasses
 import math
 import numbers
 import os
+import signal
+import threading
 import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from fpdm.files import FileKindError
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -31,6 +39,8 @@ __all__ = [
     "EXIT_WRITE",
     "Interrupted",
     "OneLineParser",
+    "SecondSignal",
+    "StopSignals",
     "UsageError",
     "add_options",
     "bounded_float",
@@ -71,6 +81,57 @@ class Interrupted(Exception):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
+
+
+class SecondSignal(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM: the command stops at once, wherever it is (a ``KeyboardInterrupt``, so
+    that no ``except Exception`` holds it up); ``signum`` is the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM, turned into a request to stop after the work under way.
+
+    While installed (``with``; main thread only, elsewhere it does nothing) the first signal only sets
+    :attr:`requested`: the command then saves what it has and stops (:class:`Interrupted`). A second
+    signal of either kind raises :class:`SecondSignal` at once, even in the middle of a write (the example's
+    writes are atomic: the previous file stays whole). Under ``torchrun`` the ranks agree on a stop by
+    summing :meth:`flags` and passing the sums to :meth:`agree` (:attr:`agreed`).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = 0
+        self.agreed = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise SecondSignal(signum)
+        self.requested = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def flags(self) -> list[float]:
+        """This rank's request, as the two entries the ranks sum: (SIGINT, SIGTERM)."""
+        return [float(self.requested == signum) for signum in self.SIGNALS]
+
+    def agree(self, summed: list[float]) -> None:
+        """Every rank's requests summed: stop if any rank was asked to (SIGINT wins)."""
+        self.agreed = next((int(s) for s, n in zip(self.SIGNALS, summed, strict=True) if n > 0), 0)
 
 
 def option(
@@ -278,19 +339,20 @@ def describe_os_error(error: OSError) -> str:
 def run_command(parser: argparse.ArgumentParser, command: Callable[[], int]) -> int:
     """Run ``command`` and turn its expected failures into one line on stderr and an exit status.
 
-    A :class:`UsageError` ends like argparse's errors (exit status 2); an ``OSError`` (disk full, a
-    read-only folder, a file where a folder is expected) with status 3; :class:`Interrupted` and Ctrl-C
-    with 128 + the signal's number.
+    A :class:`UsageError` or a :class:`files.FileKindError` (a file of the wrong kind) ends like argparse's
+    errors (exit status 2); an ``OSError`` (disk full, a read-only folder, a file where a folder is
+    expected) with status 3; :class:`Interrupted`, Ctrl-C and :class:`SecondSignal` with 128 + the
+    signal's number, the message naming the signal.
     """
-    import signal
-
     try:
         return command()
-    except UsageError as error:
+    except (UsageError, FileKindError) as error:
         parser.exit(EXIT_USAGE, f"{parser.prog}: error: {error}\n")
     except OSError as error:
         parser.exit(EXIT_WRITE, f"{parser.prog}: error: {describe_os_error(error)}\n")
     except Interrupted as error:
         parser.exit(EXIT_INTERRUPTED + error.signum, f"{parser.prog}: {error}\n")
-    except KeyboardInterrupt:
-        parser.exit(EXIT_INTERRUPTED + signal.SIGINT, f"{parser.prog}: interrupted (Ctrl-C)\n")
+    except KeyboardInterrupt as error:  # Ctrl-C outside StopSignals, or a SecondSignal
+        signum = getattr(error, "signum", signal.SIGINT)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        parser.exit(EXIT_INTERRUPTED + signum, f"{parser.prog}: interrupted ({name})\n")

@@ -51,6 +51,8 @@ __all__ = [
 
 #: ``evaluate_images`` adds the Fréchet distance of the raw pixels for images of at most this many values.
 PIXEL_FD_MAX_DIM = 1024
+#: The images the digits classifier judges.
+DIGITS_SHAPE = (1, 8, 8)
 #: Images per batch of the feature extractor.
 BATCH = 250
 
@@ -250,7 +252,7 @@ def evaluate_images(
     """
     source = images if isinstance(images, ImageSource) else ImageSource.from_tensor(images, "images")
     reference = read_reference(real, image_size=source.shape[-1])
-    is_digits = source.shape == (1, 8, 8)
+    is_digits = source.shape == DIGITS_SHAPE
     use_classifier = extractor == "classifier" or (extractor == "auto" and is_digits)
     classifier = None
     if use_classifier or (labels is not None and is_digits):
@@ -464,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def command() -> int:
         source, labels = read_samples(args.samples)
+        if source.shape != DIGITS_SHAPE:
+            labels = None  # sample.py's labels are judged only for digits (their classifier); others ignored
         options = {"cache_dir": args.cache_dir, "inception_weights": args.inception_weights}
         options.update(kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, seed=args.seed)
         try:

@@ -8,11 +8,14 @@ containers, never pickled code). A file that is missing, damaged, or of another 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import pickle
+import secrets
 import shutil
 import tempfile
 import zipfile
@@ -29,6 +32,7 @@ __all__ = [
     "load_tensors",
     "npz_member_rows",
     "read_jsonl",
+    "remove_stale_stages",
     "save_atomically",
     "save_json_atomically",
     "save_npz_atomically",
@@ -50,7 +54,7 @@ def save_atomically(payload: Any, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
@@ -58,9 +62,21 @@ def save_atomically(payload: Any, path: str | Path) -> Path:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _temporary_beside(path: Path) -> tuple[int, Path]:
+    """A new file beside ``path`` (``.NAME.RANDOM.tmp``), open for writing, whose mode follows the umask
+    as every other file's does (``tempfile.mkstemp`` makes it 0600, which the final rename would keep)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
 def save_json_atomically(payload: Any, path: str | Path) -> Path:
@@ -77,7 +93,7 @@ def save_npz_atomically(path: str | Path, **arrays: np.ndarray) -> Path:
     """``np.savez`` to ``path`` through a temporary file in the same folder, flushed and moved in by
     ``os.replace``: a reader sees the whole file or none (an interrupted run leaves at most a temporary)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, **arrays)
@@ -85,7 +101,7 @@ def save_npz_atomically(path: str | Path, **arrays: np.ndarray) -> Path:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -169,6 +185,20 @@ def npz_member_rows(path: str | Path, name: str, batch: int) -> tuple[tuple[int,
     return tuple(shape), dtype, rows()
 
 
+#: The name prefix of :func:`staged_folder`'s temporary folders.
+STAGE_PREFIX = ".partial-"
+
+
+def remove_stale_stages(out: str | Path) -> list[Path]:
+    """Delete the temporary folders that a :func:`staged_folder` of a killed process (``kill -9``, the
+    out-of-memory killer) left in ``out``; returns them. Only for a folder's owner (its lock held): another
+    process's stage at work would be deleted too."""
+    stale = sorted(Path(out).glob(f"{STAGE_PREFIX}*"))
+    for stage in stale:
+        shutil.rmtree(stage, ignore_errors=True)
+    return stale
+
+
 @contextlib.contextmanager
 def staged_folder(out: str | Path, replaces: Iterable[str] = ()) -> Iterator[Path]:
     """A temporary folder inside ``out`` for a command's outputs: when the block ends without an error its
@@ -177,7 +207,7 @@ def staged_folder(out: str | Path, replaces: Iterable[str] = ()) -> Iterator[Pat
     write); on an error (a full disk) it is removed and the files already in ``out`` are left as they were."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=STAGE_PREFIX))
     try:
         yield stage
         written = {item.name for item in stage.iterdir()}
@@ -213,6 +243,9 @@ def load_tensors(path: str | Path, expected: str, keys: Iterable[str] = ()) -> d
         raise FileKindError(f"{path}: is a folder (expected {expected})")
     if not path.is_file():
         raise FileKindError(f"{path}: no such file (expected {expected})")
+    not_saved = _not_a_torch_save_file(path)
+    if not_saved:
+        raise FileKindError(f"{path}: {not_saved}, not a torch.save file (expected {expected})")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for a file it cannot read; all mean the same here
@@ -231,6 +264,28 @@ def load_tensors(path: str | Path, expected: str, keys: Iterable[str] = ()) -> d
     if missing:
         raise FileKindError(f"{path}: has no {', '.join(map(repr, missing))} (expected {expected})")
     return payload
+
+
+def _not_a_torch_save_file(path: Path) -> str | None:
+    """What a file is when its first bytes show that ``torch.save`` did not write it (``None`` otherwise).
+
+    ``torch.save`` writes a ZIP archive (``PK``) or, in its legacy format, a pickle of protocol 2 or more
+    (``0x80``); any other start is another kind of file, which the unpickler would otherwise describe as
+    "pickled objects" it refuses.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if head.startswith((b"PK", b"\x80")):
+        return None
+    if not head:
+        return "is empty"
+    try:  # a multi-byte character cut at the end of the head is still text
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return "is binary data of another kind"
+    if any(not char.isprintable() and char not in "\t\r\n" for char in text):
+        return "is binary data of another kind"
+    return "is a text file"
 
 
 def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], int]:

@@ -37,13 +37,12 @@ from torch.overrides import TorchFunctionMode
 from fpdm.cli import Interrupted, OneLineParser, UsageError, bounded_float, bounded_int, run_command
 from fpdm.diffusion import METHODS, SPACINGS, GaussianDiffusion
 from fpdm.distributed import Runtime, run_on_main, setup_runtime, shutdown_runtime
-from fpdm.files import FileKindError, staged_folder
+from fpdm.files import FileKindError, remove_stale_stages, staged_folder
 from fpdm.parallel import DEFAULT_TAU, FORMS, ParallelResult, sample_parallel
-from fpdm.registry import SOLVERS, make_solver
 from fpdm.run_folder import RunLock
 from fpdm.sampling import SCHEDULES, SampleResult, plan_timesteps, sample, sample_generators, sample_labels
 from fpdm.shards import SHARDS_NAME, ShardPlan, merge_shards, open_shards
-from fpdm.training import TrainConfig, build_model, load_checkpoint, stored_config
+from fpdm.training import SOLVERS, load_trained_model, make_solver
 
 __all__ = [
     "LOCK_NAME",
@@ -69,19 +68,10 @@ LOCK_NAME = "sample.lock"
 
 
 def _load(path: str | Path, ema: bool, device: str | torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a checkpoint (in eval mode) and the checkpoint's stored configuration, as saved."""
-    ckpt = load_checkpoint(path)
-    cfg = TrainConfig(**stored_config(ckpt, TrainConfig))
-    if ema and "ema" in ckpt:
-        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-    else:
-        state = ckpt["model"]
-    _, in_channels, patch, _ = state["patch_embed.weight"].shape  # (D, C, p, p)
-    grid = math.isqrt(state["pos_embed"].shape[1])
-    num_classes = state["y_embedder.table.weight"].shape[0] - 1
-    model = build_model(cfg, in_channels, grid * patch, num_classes)
-    model.load_state_dict(state)
-    return model.to(device).eval(), dict(ckpt.get("config", {}))
+    """The model of a checkpoint (in eval mode) and the checkpoint's stored configuration, as saved
+    (:func:`training.load_trained_model`)."""
+    model, config = load_trained_model(path, ema=ema)
+    return model.to(device).eval(), config
 
 
 def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> nn.Module:
@@ -403,8 +393,9 @@ def _shard_arrays(
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _Stopped(Exception):
-    """SIGTERM during sampling, raised in the main thread like Ctrl-C's ``KeyboardInterrupt``."""
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM during a run, raised in the main thread as Ctrl-C's ``KeyboardInterrupt`` is (and, like it,
+    held up by no ``except Exception``); ``signum`` names the signal in the message."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -413,8 +404,9 @@ class _Stopped(Exception):
 
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises :class:`_Stopped` while the block runs (main thread only), as Ctrl-C raises
-    ``KeyboardInterrupt``: the finished shards are on disk either way, the message says so."""
+    """SIGTERM raises :class:`_Stopped` while the block (the whole run) goes on (main thread only), as
+    Ctrl-C raises ``KeyboardInterrupt``: the finished shards are on disk either way, the message says so,
+    and a second signal during the clean-up is a message too, not a silent end."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -494,7 +486,8 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     runtime = setup_runtime(args.device)
     ended_well = False
     try:
-        paths = _run(args, runtime)
+        with _sigterm_raises():
+            paths = _run(args, runtime)
         ended_well = True
         return paths
     finally:
@@ -503,7 +496,8 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
 
 def _take_folder(out: Path, overwrite: bool) -> RunLock:
     """Rank 0's checks of ``--out`` before any work: a file in the way, a folder in use by another sampler
-    (the lock, which also proves the folder can be written), samples of an earlier run."""
+    (the lock, which also proves the folder can be written), samples of an earlier run; then, the folder
+    taken, the stale stages of a killed run's final move are deleted."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
     lock = RunLock(out, LOCK_NAME, "sample.py")
@@ -513,6 +507,8 @@ def _take_folder(out: Path, overwrite: bool) -> RunLock:
     except BaseException:
         lock.release()
         raise
+    for stage in remove_stale_stages(out):  # a merge killed with -9 left its partial samples.npz
+        print(f"[sample] removed {stage}, the unfinished output of a killed run", flush=True)
     return lock
 
 
@@ -590,8 +586,8 @@ def _sample_in_folder(args: argparse.Namespace, runtime: Runtime, out: Path) -> 
     show = args.progress and runtime.is_main and not args.parallel
     samples_left = remaining * args.batch_size
     bar = _progress_bar(show, samples_left, args.batch_size, model, diffusion, _options(args))
-    try:
-        with _sigterm_raises(), bar as callback:
+    try:  # a stop while the shards are merged keeps them too (they are deleted once samples.npz is in)
+        with bar as callback:
             for batch in mine:
                 start, stop = plan.indices(batch)
                 try:
@@ -599,20 +595,20 @@ def _sample_in_folder(args: argparse.Namespace, runtime: Runtime, out: Path) -> 
                 except ValueError as error:
                     raise UsageError(str(error)) from None
                 plan.write(batch, _shard_arrays(labels, samples, result, decoder, latent))
+        if runtime.distributed:
+            dist.barrier()
+        if not runtime.is_main:
+            return {}
+        summary = {"checkpoint": str(args.checkpoint), "spacing": args.spacing, "seed": args.seed}
+        summary["ema"] = args.ema
+        summary.update(_summary(plan), world_size=runtime.world_size, resumed_batches=done_before)
+        summary.update(decoded_with=name, elapsed_s=time.perf_counter() - start_time)
+        return _write_outputs(out, plan, summary, args)
     except (KeyboardInterrupt, _Stopped) as stop:
         signum = stop.signum if isinstance(stop, _Stopped) else signal.SIGINT
         if not runtime.is_main:
             raise SystemExit(128 + signum) from None
         raise _interrupted(plan, signum) from None
-    if runtime.distributed:
-        dist.barrier()
-    if not runtime.is_main:
-        return {}
-    summary = {"checkpoint": str(args.checkpoint), "spacing": args.spacing, "seed": args.seed}
-    summary["ema"] = args.ema
-    summary.update(_summary(plan), world_size=runtime.world_size, resumed_batches=done_before)
-    summary.update(decoded_with=name, elapsed_s=time.perf_counter() - start_time)
-    return _write_outputs(out, plan, summary, args)
 
 
 def _summary(plan: ShardPlan) -> dict[str, Any]:
@@ -758,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: The rules of ``--chain-rule``: ``secant`` is :class:`implicitdiff.ChainSecant` with one model per
-#: sample (``sample_parallel``'s default), the others the solvers of :data:`fpdm.registry.SOLVERS`.
+#: sample (``sample_parallel``'s default), the others the solvers of :data:`fpdm.training.SOLVERS`.
 CHAIN_RULES = ("secant", *SOLVERS)
 
 #: Options that only ``--parallel`` uses, and their defaults there (``--chain-tol`` and ``--chain-tau`` stay

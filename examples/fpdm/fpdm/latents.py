@@ -50,8 +50,9 @@ timestep (``sqrt(beta_1) = 0.01``); training reads them as float32.
   uninterrupted run. ``job.json`` describes the unfinished job, so that a different one (another folder,
   VAE, size, seed, ...) is refused instead of mixed in.
 * When every batch is done, rank 0 writes ``meta.json`` and removes ``job.json`` and ``progress.npy``.
-* One extraction at a time works in a folder: rank 0 holds an exclusive ``flock`` on ``extract.lock``
-  (released by the system if the process dies, so a killed run leaves no stale lock); a second is refused.
+* One extraction at a time works in a folder: rank 0 holds ``extract.lock``, a
+  :class:`fpdm.run_folder.RunLock` (an exclusive ``flock``, released by the system if the process dies, so
+  a killed run leaves no stale lock); a second is refused.
 * Every problem with ``--out`` (a file, a folder of other files, another job, no permission, too little
   disk space) is one line and exit status 2 before any image is encoded.
 
@@ -67,7 +68,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -81,6 +81,7 @@ from fpdm.cli import (
     EXIT_NON_FINITE,
     Interrupted,
     OneLineParser,
+    StopSignals,
     UsageError,
     bounded_float,
     bounded_int,
@@ -101,7 +102,7 @@ from fpdm.data import (
 )
 from fpdm.distributed import Runtime, gather_objects, joined, on_main_then_all
 from fpdm.files import FileKindError, load_tensors
-from fpdm.training import StopSignals
+from fpdm.run_folder import RunLock
 
 __all__ = [
     "IDENTITY_KEYS",
@@ -119,7 +120,7 @@ __all__ = [
 
 #: One byte per batch: 1 once the batch's rows are on disk.
 PROGRESS_NAME = "progress.npy"
-#: Held (``flock``) by the extraction at work in the folder; released by the system when its process ends.
+#: The lock file of the extraction at work in the folder (:class:`fpdm.run_folder.RunLock`).
 LOCK_NAME = "extract.lock"
 #: Every file an extraction writes in its folder.
 OWN_FILES = (META_NAME, JOB_NAME, PROGRESS_NAME, LATENTS_NAME, LABELS_NAME, LOCK_NAME)
@@ -340,39 +341,6 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-class FolderLock:
-    """One extraction at a time in a folder: an exclusive ``flock`` on its ``extract.lock``, taken without
-    waiting and held until :meth:`release` or the end of the process (a killed run leaves no stale lock)."""
-
-    def __init__(self, out: Path) -> None:
-        self.path = out / LOCK_NAME
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        """Take the lock, or raise ``UsageError`` naming the folder."""
-        import fcntl
-
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UsageError(
-                f"--out {self.path.parent} is in use by another extract_latents.py (it holds {self.path}); "
-                "wait for it to end or use another --out"
-            ) from None
-        self.fd = fd
-
-    def release(self, remove: bool = False) -> None:
-        """Let go of the lock (and remove its file when the folder is finished)."""
-        if self.fd is None:
-            return
-        if remove:
-            self.path.unlink(missing_ok=True)
-        os.close(self.fd)
-        self.fd = None
-
-
 def _ours(name: str) -> bool:
     """A file an extraction writes (its temporary files included)."""
     return name in OWN_FILES or any(name.startswith(f".{own}.") for own in OWN_FILES)
@@ -410,24 +378,22 @@ def _differences(stored: dict[str, Any], job: dict[str, Any]) -> list[str]:
     ]
 
 
-def check_destination(out: Path, job: dict[str, Any], overwrite: bool, lock: FolderLock) -> str:
+def check_destination(out: Path, job: dict[str, Any], overwrite: bool, lock: RunLock) -> str:
     """Decide what to do with ``--out``: ``"new"``, ``"resume"`` or ``"complete"``; ``UsageError`` (one
     line) for a file, a folder that cannot be written, a folder in use by another extraction, a folder of
-    other files, another job's latents without ``overwrite``. Creates the folder (a probe file is written
-    and removed) and takes its ``lock``."""
+    other files, another job's latents without ``overwrite``. Creates the folder and takes its ``lock``
+    (which writes the lock file: the proof that the folder can be written)."""
     if out.exists() and not out.is_dir():
         raise UsageError(
             f"--out {out} is a file; the latents are written to a folder ({', '.join(OWN_FILES[:3])})"
         )
     if out.is_dir():
         _refuse_other_files(out)
-    try:
+    try:  # the lock is a file written in the folder: taking it proves the folder can be written
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
+        lock.acquire()
     except OSError as error:
         raise UsageError(f"--out {out} cannot be written ({describe_os_error(error)})") from None
-    lock.acquire()
     state, stored = _stored_job(out)
     if state in ("complete", "unfinished") and not overwrite:
         assert stored is not None
@@ -449,9 +415,10 @@ def check_destination(out: Path, job: dict[str, Any], overwrite: bool, lock: Fol
 
 
 def _clear(out: Path) -> None:
-    """Remove an extraction's files, ``meta.json`` first (a half-cleared folder is never complete)."""
+    """Remove an extraction's files, ``meta.json`` first (a half-cleared folder is never complete); not
+    the lock this extraction holds (a lock file deleted under its owner would let a second one in)."""
     for name in sorted(os.listdir(out), key=lambda name: name != META_NAME):
-        if _ours(name):
+        if _ours(name) and name != LOCK_NAME:
             (out / name).unlink(missing_ok=True)
 
 
@@ -867,7 +834,7 @@ def extract(args: argparse.Namespace) -> dict[str, Any] | None:
 def _extract(args: argparse.Namespace, runtime: Runtime) -> dict[str, Any] | None:
     out = Path(args.out)
     source, job = _image_job(args) if args.data is not None else _convert_job(args)
-    existed, lock = out.exists(), FolderLock(out)
+    existed, lock = out.exists(), RunLock(out, LOCK_NAME, "extract_latents.py")
     try:
         state = on_main_then_all(runtime, lambda: check_destination(out, job, args.overwrite, lock))
         if state == "complete":
@@ -879,14 +846,13 @@ def _extract(args: argparse.Namespace, runtime: Runtime) -> dict[str, Any] | Non
             notice = on_main_then_all(runtime, lambda: _prepare(out, job, state))
         except BaseException:
             if runtime.is_main and not existed and set(os.listdir(out)) <= {LOCK_NAME}:
-                lock.release(remove=True)
+                lock.release()
                 out.rmdir()  # a folder this command made for a job it refused is no obstacle to the next
             raise
         if runtime.is_main:
             print(f"[extract_latents] {notice}", file=sys.stderr, flush=True)
         outcome = _run_rank(args, runtime, job, source, vae)
         summary = _conclude(args, runtime, job, gather_objects(runtime, outcome))
-        lock.release(remove=True)  # the folder is complete
         return summary
     finally:
         lock.release()

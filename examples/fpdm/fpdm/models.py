@@ -495,7 +495,7 @@ class FPDM(_Backbone):
                 f"z0 must have shape {tuple(h.shape)} (a previous state.z), got {tuple(z0.shape)}"
             )
         z0 = z0.to(h.dtype).contiguous()  # the layout of the solver's iterates: one graph of f
-        out = self.deq(x_inj, z0, max_iter=max_iter, tol=tol, solver=solver, c=c)
+        out = self.deq(x_inj, z0, max_iter=max_iter, tol=tol, solver=solver, f_kwargs={"c": c})
         z = out.z
         if not z.requires_grad and isinstance(out.stats.fz, Tensor):
             z = out.stats.fz  # one application further than stats.z, already computed

@@ -35,7 +35,6 @@ from fpdm.digits_classifier import load_digits_classifier
 from fpdm.files import read_jsonl, staged_folder
 from fpdm.metrics import class_agreement, extract_features, frechet_distance, kernel_inception_distance
 from fpdm.models import count_parameters
-from fpdm.registry import make_solver
 from fpdm.sampling import block_cost, pick_steps, sample
 from fpdm.sweep_report import write_grids, write_markdown, write_plot
 from fpdm.sweep_stats import METRICS, mean_std, paired_differences
@@ -45,6 +44,7 @@ from fpdm.training import (
     TrainConfig,
     compare_configs,
     load_checkpoint,
+    make_solver,
     stored_config,
     train,
 )

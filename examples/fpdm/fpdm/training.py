@@ -1,12 +1,26 @@
-"""Training of FPDM and DiT: :class:`TrainConfig` (one field per command-line flag) and :func:`train`.
+"""Training of FPDM and DiT, from the command line to the last checkpoint, in the order it happens.
 
-One loop from a laptop to a cluster: AdamW, an EMA of the weights, S-JFB by default (any estimator of
-:mod:`fpdm.registry`), bf16 autocast and TF32 on CUDA, DistributedDataParallel under ``torchrun``. A run
-folder is never overwritten unless asked (``--resume`` continues it exactly, ``--overwrite`` starts
-again), and ``--resume`` refuses a change of what the checkpoint's weights, estimator state and data
-order belong to (:data:`REFUSED_ON_RESUME`). A non-finite loss stops training and keeps the last good
-checkpoint; Ctrl-C or SIGTERM writes a checkpoint after the current step and stops (:class:`StopSignals`);
-one run at a time owns a folder (:class:`run_folder.RunLock`). The model's counts come back with its
+:func:`main` parses the command line into a :class:`TrainConfig` (one field per flag) and calls
+:func:`train`, which is the run, top to bottom:
+
+1. **config**: every field checked against its rules (:meth:`TrainConfig.check`);
+2. **runtime**: one process, or a rank of a ``torchrun`` launch (DistributedDataParallel, gloo or NCCL);
+3. **folder and lock**: one run at a time owns ``--out`` (:class:`run_folder.RunFolder`); ``--resume``
+   continues its run exactly and refuses a change of what the checkpoint belongs to
+   (:data:`REFUSED_ON_RESUME`), ``--overwrite`` starts it again; nothing is written before the run's first
+   log record or checkpoint;
+4. **data**: the digits, an image folder or latents, read in an order that is a function of (seed, step)
+   (:func:`batch_indices`), so that a resume needs no iterator state;
+5. **model, EMA, optimizer**: the preset with the run's solver and gradient estimator (:data:`SOLVERS`,
+   :data:`ESTIMATORS`; S-JFB by default), an EMA of the weights, AdamW; bf16 autocast and TF32 on CUDA;
+6. **resume**: the checkpoint's weights, EMA, optimizer, random streams and estimator state;
+7. **the loop**: a step, a log record, a checkpoint, signals. A non-finite loss stops training and keeps
+   the last good checkpoint; Ctrl-C or SIGTERM writes a checkpoint after the step and stops, a second one
+   stops at once (:class:`cli.StopSignals`);
+8. **final checks**: under ``torchrun``, the replicas' weights are identical;
+9. **release**: the lock, then the process group.
+
+The helpers follow in that order; the data order closes the file. The model's counts come back with its
 output, so the JSONL log records what each step spent.
 """
 
@@ -21,8 +35,8 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
+import traceback
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,8 +48,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fpdm.cli import (
+    EXIT_NON_FINITE,
     Interrupted,
     OneLineParser,
+    SecondSignal,
+    StopSignals,
     UsageError,
     add_options,
     check_config,
@@ -49,87 +66,99 @@ from fpdm.diffusion import GaussianDiffusion
 from fpdm.distributed import Runtime, gather_objects, setup_runtime, shutdown_runtime
 from fpdm.files import FileKindError
 from fpdm.models import FPDM, PRESETS, compile_blocks, create_model
-from fpdm.registry import ESTIMATOR_OPTIONS, ESTIMATORS, SOLVERS, make_estimator, make_solver
 from fpdm.run_folder import (
     CHECKPOINT_NAME,
     LOG_NAME,
-    RunLock,
-    clear_run_folder,
+    RunFolder,
+    checked_config,
     compare_configs,
     load_checkpoint,
-    open_run_folder,
-    save_checkpoint,
     stored_config,
 )
+from implicitdiff import IFT, JFB, SJFB, Anderson, Broyden, GradientEstimator, PhantomGradient, Picard, Solver
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "ESTIMATORS",
+    "ESTIMATOR_OPTIONS",
     "LOG_NAME",
     "REFUSED_ON_RESUME",
+    "SOLVERS",
     "NonFiniteLossError",
+    "StepBatches",
     "TrainConfig",
+    "batch_indices",
     "build_model",
     "compare_configs",
     "ema_multi_avg_fn",
     "load_checkpoint",
+    "load_trained_model",
     "main",
+    "make_estimator",
     "make_optimizer",
+    "make_solver",
     "parse_args",
-    "save_checkpoint",
     "stored_config",
     "train",
+    "training_batches",
 ]
 
-EMAUpdate = Callable[[list[Tensor], list[Tensor], Tensor], None]
+# ----------------------------------------------------------------------------------------------------
+# Solvers and gradient estimators by name: the one table of every command line (--solver, --grad)
+# ----------------------------------------------------------------------------------------------------
+
+#: Fixed-point solvers by name, each built with its default options.
+SOLVERS: dict[str, Callable[[], Solver]] = {"picard": Picard, "anderson": Anderson, "broyden": Broyden}
 
 
-def ema_multi_avg_fn(decay: float, warmup: bool = False) -> EMAUpdate:
-    r"""The EMA update for ``torch.optim.swa_utils.AveragedModel(multi_avg_fn=...)``.
-
-    :math:`\bar\theta \leftarrow d\,\bar\theta + (1 - d)\,\theta` with :math:`d` = ``decay``, or with
-    ``warmup`` :math:`d_n = \min(\text{decay}, (1 + n) / (10 + n))` after :math:`n` updates (the averaged
-    model's ``n_averaged``, saved in its state dict, so a resumed run continues the same schedule). A fixed
-    decay of 0.999 averages over about the last 1,000 steps, which in a run of a few thousand steps lags
-    the weights far behind; with warm-up the window, :math:`1 / (1 - d_n) = (10 + n) / 9` steps, grows with
-    the run until it reaches the fixed decay's.
-    Without warm-up this is ``get_ema_multi_avg_fn(decay)``. Integer buffers are copied.
-    """
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
-        raise ValueError(f"ema_decay must be a float in [0, 1], got {decay!r}")
-    if not warmup:
-        return get_ema_multi_avg_fn(decay)
-
-    @torch.no_grad()
-    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        # A 0-dim tensor on the parameters' device: no host sync per step.
-        n = num_averaged.to(torch.float64)
-        weight = 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=decay)
-        for avg, cur in zip(averaged, current, strict=True):
-            if avg.is_floating_point() or avg.is_complex():
-                avg.lerp_(cur, weight.to(device=avg.device, dtype=avg.dtype))
-            else:
-                avg.copy_(cur)
-
-    return update
+def _sjfb(settings: Any) -> GradientEstimator:
+    return SJFB(
+        no_grad_iters=tuple(settings.sjfb_no_grad), grad_iters=tuple(settings.sjfb_grad), seed=settings.seed
+    )
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised when the training loss is NaN or infinite; the last good checkpoint is left in place."""
+def _ift(settings: Any) -> GradientEstimator:
+    # The backward solve gets twice the forward cap (at least 20): the adjoint converges more slowly.
+    return IFT(max_iter=max(2 * settings.max_iter, 20), tol=settings.tol, stop_mode="rel")
 
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, permissions); the previous one is left in place.
+def _phantom(settings: Any) -> GradientEstimator:
+    return PhantomGradient(k=settings.phantom_k, tau=settings.phantom_tau)
 
-    An ``OSError`` whose ``strerror`` is one line naming what failed and the checkpoint that is kept.
-    """
 
-    def __init__(self, run: Any, step: int, error: OSError) -> None:
-        path = run.checkpoint_path
-        kept = (
-            f"{path} (step {run.saved_step}) is kept" if run.saved_step else "no checkpoint was written yet"
-        )
-        reason = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
-        super().__init__(error.errno, f"could not write the checkpoint of step {step} ({reason}); {kept}")
+#: Gradient estimators by name: a factory of the run's settings (a :class:`TrainConfig`, or any object with
+#: the attributes it reads).
+ESTIMATORS: dict[str, Callable[[Any], GradientEstimator]] = {
+    "sjfb": _sjfb,
+    "jfb": lambda settings: JFB(),
+    "ift": _ift,
+    "phantom": _phantom,
+}
+
+#: The settings only one estimator reads (the others ignore them): a run refuses them with another.
+ESTIMATOR_OPTIONS: dict[str, tuple[str, ...]] = {
+    "sjfb": ("sjfb_no_grad", "sjfb_grad"),
+    "phantom": ("phantom_k", "phantom_tau"),
+}
+
+
+def make_solver(name: str) -> Solver:
+    """The solver ``name`` of :data:`SOLVERS` with default options."""
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; choose from {sorted(SOLVERS)}")
+    return SOLVERS[name]()
+
+
+def make_estimator(name: str, settings: Any) -> GradientEstimator:
+    """The gradient estimator ``name`` of :data:`ESTIMATORS`, configured from ``settings``."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown gradient estimator {name!r}; choose from {sorted(ESTIMATORS)}")
+    return ESTIMATORS[name](settings)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run's settings
+# ----------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -274,6 +303,204 @@ def _shown(value: Any) -> str:
 REFUSED_ON_RESUME = TrainConfig.REFUSED_ON_RESUME
 
 
+# ----------------------------------------------------------------------------------------------------
+# The command line and the run
+# ----------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, train, report; exit status 0 done, 1 a non-finite loss, 2 a usage error, 3 a file
+    that could not be written, 128 + the signal's number when stopped by Ctrl-C or SIGTERM (see
+    :func:`cli.run_command`)."""
+    cfg = parse_args(argv)
+
+    def command() -> int:
+        try:
+            summary = train(cfg)
+        except NonFiniteLossError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_NON_FINITE
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(json.dumps(summary))
+        return 0
+
+    return run_command(build_parser(), command)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Parse the command line into a checked :class:`TrainConfig` (a bad value exits with status 2)."""
+    parser = build_parser()
+    cfg = config_from_args(TrainConfig, parser.parse_args(argv))
+    try:
+        cfg.check()
+    except ValueError as error:
+        parser.error(str(error))
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, generated from :class:`TrainConfig`'s fields."""
+    epilog = (
+        "A folder that holds a run is continued with --resume or started again with --overwrite, never "
+        "overwritten otherwise. --resume refuses a change of "
+        + ", ".join(flag(name) for name in REFUSED_ON_RESUME)
+        + " and applies any other change (--lr, --steps, ...) with a notice naming it. One run at a time "
+        "owns a folder (its train.lock). Ctrl-C or SIGTERM writes a checkpoint and stops. Exit status: 0 "
+        "done, 1 a non-finite loss, 2 a usage error (a folder in use among them), 3 a file that could not be "
+        "written "
+        "(the last checkpoint is kept), 130 Ctrl-C and 143 SIGTERM (after writing a checkpoint)."
+    )
+    parser = OneLineParser(description=__doc__.split("\n")[0], epilog=epilog)
+    add_options(parser, TrainConfig)
+    return parser
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training as configured; returns the last log record (under ``torchrun`` with the
+    replicas' check).
+
+    Raises
+    ------
+    ValueError
+        A field out of its allowed values (:meth:`TrainConfig.check`).
+    cli.UsageError
+        The run folder's rules (:class:`run_folder.RunFolder`), data that cannot be read, model options that
+        do not fit together.
+    files.FileKindError
+        A checkpoint to resume that is damaged, or not one this version can build.
+    NonFiniteLossError
+        If the loss becomes NaN or infinite on any rank; nothing is saved after the last good checkpoint.
+    cli.Interrupted
+        After Ctrl-C or SIGTERM (in the main thread): the step under way is finished and checkpointed, and
+        the message names the checkpoint; its ``signum`` is the signal's number. A second signal stops at
+        once; the message names the last checkpoint written.
+    OSError
+        A file that could not be written (:class:`CheckpointWriteError` for a checkpoint: the previous one
+        is kept).
+    """
+    cfg.check()  # 1. config
+    runtime = setup_runtime(cfg.device)  # 2. runtime
+    folder, run, ended_well = RunFolder(cfg, runtime), None, False
+    try:
+        resumed = folder.take()  # 3. folder and lock; the checkpoint to resume, if any
+        dataset = _load_data(cfg, runtime)  # 4. data
+        run = _build_run(cfg, runtime, folder, dataset)  # 5. model, EMA, optimizer
+        start = _restore(run, resumed) if resumed is not None else 0  # 6. resume
+        resumed = None  # the run holds what it needs of the checkpoint: let the rest go
+        with (
+            StopSignals() as stop,
+            _Progress(cfg, runtime, folder, start) as progress,
+            contextlib.closing(training_batches(dataset, cfg, runtime, start)) as batches,
+        ):
+            for step, (x, y) in enumerate(batches, start):  # 7. the loop: step, log, checkpoint, signals
+                loss, grad_norm, state = _train_step(run, x, y, step, stop)
+                done = step + 1
+                progress.step(done, loss, grad_norm, state)
+                if done % cfg.ckpt_every == 0 or done == cfg.steps or stop.agreed:
+                    _write_checkpoint(run, done)
+                if stop.agreed and done < cfg.steps:
+                    raise _stopped(run, stop.agreed, done)
+        summary = {**progress.record, **_check_replicas(run)}  # 8. final checks
+        ended_well = True
+        return summary
+    except SecondSignal as second:
+        raise _stopped_at_once(run, second.signum) from None
+    finally:
+        if runtime.distributed:  # 9. release: DDP's reducer holds the process group, let it go first
+            _forget_locals(sys.exc_info()[1])
+            run = batches = None
+            gc.collect()
+        folder.release()
+        shutdown_runtime(runtime, wait=ended_well)
+
+
+def _forget_locals(error: BaseException | None) -> None:
+    """Clear the locals of the frames an exception's traceback keeps (and its context's): a model or a DDP
+    wrapper held there would outlive the process group."""
+    while error is not None:
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Data
+# ----------------------------------------------------------------------------------------------------
+
+
+def _load_data(cfg: TrainConfig, runtime: Runtime) -> Any:
+    """The dataset of ``--data``, refused in one line when it cannot be read or holds fewer items than a
+    batch."""
+    if cfg.batch_size % runtime.world_size:
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} is not divisible by the {runtime.world_size} processes"
+        )
+    try:
+        dataset = load_dataset(cfg.data, cfg.image_size)
+    except FileKindError as error:
+        raise UsageError(str(error)) from None
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(f"--data {cfg.data!r}: {error}") from None
+    batch_indices(len(dataset), cfg.batch_size, cfg.seed, 0)  # a batch larger than the data: refused now
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Model, EMA, optimizer
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Run:
+    """The objects of one training run."""
+
+    cfg: TrainConfig
+    runtime: Runtime
+    folder: RunFolder
+    model: nn.Module
+    net: nn.Module  # the model, wrapped in DistributedDataParallel when distributed
+    ema: AveragedModel
+    optimizer: torch.optim.Optimizer
+    noise_gen: torch.Generator
+    use_bf16: bool
+    diffusion: GaussianDiffusion = dataclasses.field(default_factory=GaussianDiffusion)
+    #: The step of the last checkpoint written or restored (0: none yet).
+    saved_step: int = 0
+
+    @property
+    def estimator(self) -> Any:
+        return self.model.deq.grad if isinstance(self.model, FPDM) else None
+
+
+def _build_run(cfg: TrainConfig, runtime: Runtime, folder: RunFolder, dataset: Any) -> _Run:
+    """The model (the preset, shaped by the data), its EMA, AdamW, the random streams and the DDP wrapper."""
+    device = runtime.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    sample_x, _ = dataset[0]
+    # Same seed on every rank: identical initial weights (DDP also broadcasts them from rank 0).
+    torch.manual_seed(cfg.seed)
+    try:
+        model = build_model(cfg, sample_x.shape[0], sample_x.shape[-1], dataset.num_classes).to(device)
+    except ValueError as error:
+        raise UsageError(f"the model options do not fit together: {error}") from None
+    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay, cfg.ema_warmup), use_buffers=True)
+    ema.requires_grad_(False)
+    optimizer = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.compile:
+        # After the EMA's copy: the copy must not share the compiled callables of the model.
+        compile_blocks(model)
+    # Per-rank randomness (timesteps, noise, label dropout) differs across ranks; the estimator's draws
+    # (S-JFB) come from its own generator, seeded alike on every rank.
+    noise_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + runtime.rank)
+    torch.manual_seed(cfg.seed * 1_000_003 + runtime.rank + 7)
+    net: nn.Module = model
+    if runtime.distributed:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    use_bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+    return _Run(cfg, runtime, folder, model, net, ema, optimizer, noise_gen, use_bf16)
+
+
 def build_model(cfg: TrainConfig, in_channels: int, input_size: int, num_classes: int) -> nn.Module:
     """The preset with the run's overrides and the data's shape; for FPDM, the run's solver and estimator."""
     overrides = cfg.model_overrides()
@@ -287,8 +514,347 @@ def build_model(cfg: TrainConfig, in_channels: int, input_size: int, num_classes
     return create_model(cfg.model, **overrides)
 
 
+EMAUpdate = Callable[[list[Tensor], list[Tensor], Tensor], None]
+
+
+def ema_multi_avg_fn(decay: float, warmup: bool = False) -> EMAUpdate:
+    r"""The EMA update for ``torch.optim.swa_utils.AveragedModel(multi_avg_fn=...)``.
+
+    :math:`\bar\theta \leftarrow d\,\bar\theta + (1 - d)\,\theta` with :math:`d` = ``decay``, or with
+    ``warmup`` :math:`d_n = \min(\text{decay}, (1 + n) / (10 + n))` after :math:`n` updates (the averaged
+    model's ``n_averaged``, saved in its state dict, so a resumed run continues the same schedule). A fixed
+    decay of 0.999 averages over about the last 1,000 steps, which in a run of a few thousand steps lags
+    the weights far behind; with warm-up the window, :math:`1 / (1 - d_n) = (10 + n) / 9` steps, grows with
+    the run until it reaches the fixed decay's.
+    Without warm-up this is ``get_ema_multi_avg_fn(decay)``. Integer buffers are copied.
+    """
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+        raise ValueError(f"ema_decay must be a float in [0, 1], got {decay!r}")
+    if not warmup:
+        return get_ema_multi_avg_fn(decay)
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        # A 0-dim tensor on the parameters' device: no host sync per step.
+        n = num_averaged.to(torch.float64)
+        weight = 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=decay)
+        for avg, cur in zip(averaged, current, strict=True):
+            if avg.is_floating_point() or avg.is_complex():
+                avg.lerp_(cur, weight.to(device=avg.device, dtype=avg.dtype))
+            else:
+                avg.copy_(cur)
+
+    return update
+
+
+def make_optimizer(params: Any, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters) where this torch supports it for their device.
+
+    ``fused=True`` runs on CUDA since torch 2.0 and on the CPU since 2.4; where it is refused (an older
+    torch, another device) the optimizer falls back to the default implementation.
+    """
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 # ----------------------------------------------------------------------------------------------------
-# Data order: a function of (seed, step), so that resuming needs no iterator state
+# 6. Resume (and the model of a checkpoint, for sampling)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _restore(run: _Run, ckpt: dict[str, Any]) -> int:
+    """Load a checkpoint into the run; the optimizer takes the request's ``lr`` and ``weight_decay``.
+    Returns the checkpoint's step, which the run remembers as its last checkpoint."""
+    path, runtime = run.folder.checkpoint_path, run.runtime
+    missing = [key for key in ("ema", "optimizer", "rng") if key not in ckpt]
+    if missing:
+        raise FileKindError(f"{path}: has no {missing[0]!r}, which a resume needs")
+    ranks = len(ckpt["rng"])
+    if ranks != runtime.world_size:
+        raise UsageError(
+            f"{path} was written by {ranks} processes, this run has {runtime.world_size}: an exact resume "
+            "needs the same number"
+        )
+    _check_weights(path, run.cfg, run.model.state_dict(), ckpt["model"])
+    _check_weights(path, run.cfg, run.ema.state_dict(), ckpt["ema"])
+    run.model.load_state_dict(ckpt["model"])
+    run.ema.load_state_dict(ckpt["ema"])
+    # The implementation (fused, foreach) is this machine's choice, not the checkpoint's.
+    chosen = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in run.optimizer.param_groups]
+    try:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as error:
+        raise FileKindError(f"{path}: its optimizer state does not fit the model ({error})") from None
+    for group, implementation in zip(run.optimizer.param_groups, chosen, strict=True):
+        group.update(lr=run.cfg.lr, weight_decay=run.cfg.weight_decay, **implementation)
+    state = ckpt["rng"][runtime.rank]
+    torch.set_rng_state(state["torch"])
+    run.noise_gen.set_state(state["noise"])
+    if runtime.device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], runtime.device)
+    if run.estimator is not None and ckpt.get("estimator") is not None:
+        run.estimator.load_state_dict(ckpt["estimator"])
+    run.saved_step = int(ckpt["step"])
+    return run.saved_step
+
+
+#: The fields that size a preset's model.
+_SIZES = ("hidden_size", "num_heads", "depth", "pre_depth", "post_depth")
+
+
+def _check_weights(
+    path: Path | str, cfg: TrainConfig, expected: dict[str, Any], found: dict[str, Any]
+) -> None:
+    """``FileKindError`` naming the checkpoint ``path`` when its weights ``found`` do not fit the model its
+    config ``cfg`` builds (whose state dict is ``expected``): one line, not torch's list of every key."""
+
+    def family(keys: Any) -> str:  # only an FPDM has an injection layer
+        return "an FPDM" if any(key.endswith("injection.weight") for key in keys) else "a DiT"
+
+    if family(found) != family(expected):
+        raise FileKindError(f"{path}: its config names {cfg.model} but its weights are {family(found)}'s")
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    if missing or unexpected:
+        counts = f"{len(missing)} missing" + (f" ({missing[0]}, ...)" if missing else "")
+        counts += f", {len(unexpected)} unexpected" + (f" ({unexpected[0]}, ...)" if unexpected else "")
+        raise FileKindError(f"{path}: its weights do not fit its config ({cfg.model}): {counts}")
+    for key, value in expected.items():
+        if isinstance(value, Tensor) and isinstance(found[key], Tensor) and value.shape != found[key].shape:
+            sizes = [f"{flag(n)} {getattr(cfg, n)}" for n in _SIZES if getattr(cfg, n) is not None]
+            raise FileKindError(
+                f"{path}: its weights do not fit its config ({' '.join([cfg.model, *sizes])}): {key} is "
+                f"{tuple(found[key].shape)} in the checkpoint, {tuple(value.shape)} for the config"
+            )
+
+
+def load_trained_model(path: str | Path, *, ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a ``train.py`` checkpoint with its (EMA) weights, on the CPU, and the checkpoint's
+    configuration as stored.
+
+    The architecture comes from the checkpoint's config; the data's channels, image size and number of
+    classes from the shapes of its weights, so the data set is not needed.
+
+    Raises
+    ------
+    files.FileKindError
+        One line naming the checkpoint: not a checkpoint, a config this version cannot build (a preset it
+        does not know), weights that do not fit the config (another size, an FPDM's under a DiT's name).
+    """
+    ckpt = load_checkpoint(path)
+    cfg = checked_config(ckpt, path, TrainConfig)
+    if ema and "ema" in ckpt:
+        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    else:
+        state = ckpt["model"]
+    try:
+        _, in_channels, patch, _ = state["patch_embed.weight"].shape  # (D, C, p, p)
+        grid = math.isqrt(state["pos_embed"].shape[1])
+        num_classes = state["y_embedder.table.weight"].shape[0] - 1
+    except (KeyError, AttributeError, ValueError) as error:
+        raise FileKindError(f"{path}: its weights are not a DiT's or an FPDM's (no {error})") from None
+    try:
+        model = build_model(cfg, in_channels, grid * patch, num_classes)
+    except ValueError as error:
+        raise FileKindError(f"{path}: its config does not build a model ({error})") from None
+    _check_weights(path, cfg, model.state_dict(), state)
+    model.load_state_dict(state)
+    return model, dict(ckpt["config"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. The loop: a step, a log record, a checkpoint, signals
+# ----------------------------------------------------------------------------------------------------
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the training loss is NaN or infinite; the last good checkpoint is left in place."""
+
+
+def _train_step(run: _Run, x: Tensor, y: Tensor, step: int, stop: StopSignals) -> tuple[Tensor, Tensor, Any]:
+    """One optimisation step; returns the loss, the gradient norm before clipping and the model's state.
+
+    The model's counts (block evaluations, the estimator's evaluations) and its solve's statistics come back
+    with its output (DDP passes the tuple through), never through attributes that the forward pass sets on
+    the module. The ranks agree on a stop requested on any of them in the same reduction that checks the
+    loss.
+    """
+    cfg, runtime = run.cfg, run.runtime
+    run.model.train()
+    with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+        loss, state = run.diffusion.training_loss(run.net, x, y, generator=run.noise_gen)
+    # One reduction for two questions: a non-finite loss on any rank, a stop signal on any rank.
+    checks = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, *stop.flags()], device=runtime.device)
+    if runtime.distributed:
+        dist.all_reduce(checks)
+    bad, *stops = checks.tolist()
+    stop.agree(stops)
+    if bad > 0:
+        last = f"{run.folder.checkpoint_path} (step {run.saved_step})" if run.saved_step else None
+        raise NonFiniteLossError(
+            f"non-finite training loss ({loss.item()}) at step {step + 1} on {int(bad)} of "
+            f"{runtime.world_size} rank(s); training stopped. The last good checkpoint is "
+            f"{last or 'none (no checkpoint yet)'}. Try a lower --lr or --grad-clip, or check the data."
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.ema.update_parameters(run.model)
+    return loss, grad_norm, state
+
+
+class _Progress:
+    """Rank 0's log records (every ``--log-every`` steps and at the last) and its progress bar; every rank
+    keeps its last :attr:`record` (``{"step": start}`` until there is one)."""
+
+    def __init__(self, cfg: TrainConfig, runtime: Runtime, folder: RunFolder, start: int) -> None:
+        self.cfg, self.folder, self.is_main = cfg, folder, runtime.is_main
+        self.record: dict[str, Any] = {"step": start}
+        self.bar = None
+        if runtime.is_main and cfg.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
+        self._tick, self._last_logged = time.perf_counter(), start
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()  # before any message: it starts on its own line
+
+    def step(self, done: int, loss: Tensor, grad_norm: Tensor, state: Any) -> None:
+        """After step ``done`` (counted from 1): a log record when one is due."""
+        if self.is_main and (done % self.cfg.log_every == 0 or done == self.cfg.steps):
+            now = time.perf_counter()
+            record = {"step": done, "loss": loss.item(), "grad_norm": float(grad_norm)}
+            record.update(
+                sec_per_step=(now - self._tick) / (done - self._last_logged), **_solve_record(state)
+            )
+            self._tick, self._last_logged, self.record = now, done, record
+            self.folder.append_log(record)
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{record['loss']:.4f}", evals=record.get("block_evals", "-"))
+        if self.bar is not None:
+            self.bar.update(1)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _solve_record(state: Any) -> dict[str, Any]:
+    """Block evaluations and the implicit solve's statistics of one training forward (FPDM only).
+
+    ``block_evals`` = pre + post + ``nfe`` + ``grad_evals``: ``nfe`` evaluations of the implicit block
+    without a gradient (the solver's; S-JFB's no-grad draw, or fewer when the tolerance stopped it) and
+    ``grad_evals`` differentiable ones (the estimator's; S-JFB's grad draw), which the backward pass
+    goes through again.
+    """
+    if state is None or getattr(state, "stats", None) is None:
+        return {}
+    residual = state.stats.residual.float()
+    return {
+        "block_evals": state.block_evals,
+        "nfe": state.stats.nfe,
+        "grad_evals": state.grad_evals,
+        "residual_max": _finite_or_none(float(residual.max())),
+        "residual_mean": _finite_or_none(float(residual.mean())),
+        "converged": float(state.stats.converged.float().mean()),
+    }
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is left in place.
+
+    An ``OSError`` whose ``strerror`` is one line naming what failed and the checkpoint that is kept.
+    """
+
+    def __init__(self, run: _Run, step: int, error: OSError) -> None:
+        path = run.folder.checkpoint_path
+        kept = (
+            f"{path} (step {run.saved_step}) is kept" if run.saved_step else "no checkpoint was written yet"
+        )
+        reason = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+        super().__init__(error.errno, f"could not write the checkpoint of step {step} ({reason}); {kept}")
+
+
+def _write_checkpoint(run: _Run, step: int) -> None:
+    """Every rank's RNG state is gathered; rank 0 writes; all wait for it."""
+    rng_states = gather_objects(run.runtime, _rng_state(run))
+    if run.runtime.is_main:
+        estimator = run.estimator
+        payload = {
+            "step": step,
+            "model": run.model.state_dict(),
+            "ema": run.ema.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "rng": rng_states,
+            "estimator": estimator.state_dict() if hasattr(estimator, "state_dict") else None,
+            "config": dataclasses.asdict(run.cfg),
+        }
+        try:
+            run.folder.save_checkpoint(payload)
+        except OSError as error:
+            raise CheckpointWriteError(run, step, error) from None
+    if run.runtime.distributed:
+        dist.barrier()
+    run.saved_step = step
+
+
+def _rng_state(run: _Run) -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state(), "noise": run.noise_gen.get_state()}
+    if run.runtime.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(run.runtime.device)
+    return state
+
+
+def _stopped(run: _Run, signum: int, done: int) -> Interrupted:
+    """The stop after a first Ctrl-C or SIGTERM, once step ``done`` is checkpointed."""
+    name, path = signal.Signals(signum).name, run.folder.checkpoint_path
+    return Interrupted(
+        f"stopped by {name} after step {done} of {run.cfg.steps}; {path} (step {done}) holds it: continue "
+        "with --resume",
+        signum,
+    )
+
+
+def _stopped_at_once(run: _Run | None, signum: int) -> Interrupted:
+    """The stop by a second signal, wherever it came (in a step, in a checkpoint's write)."""
+    kept = "no checkpoint was written"
+    if run is not None and run.saved_step:
+        path = run.folder.checkpoint_path
+        kept = f"{path} (step {run.saved_step}) is the last checkpoint: continue with --resume"
+    return Interrupted(f"stopped at once by a second {signal.Signals(signum).name}; {kept}", signum)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Final checks
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_replicas(run: _Run) -> dict[str, Any]:
+    """DDP keeps replicas in lockstep; check it rather than assume it. Rank 0 logs the record and returns
+    it; a single process has nothing to check."""
+    if not run.runtime.distributed:
+        return {}
+    flat = torch.cat([p.detach().float().flatten().cpu() for p in run.model.parameters()])
+    replicas = gather_objects(run.runtime, flat)
+    spread = max(float((r - replicas[0]).abs().max()) for r in replicas)
+    if not run.runtime.is_main:
+        return {}
+    record = {"step": run.cfg.steps, "world_size": run.runtime.world_size, "rank_param_max_abs_diff": spread}
+    run.folder.append_log(record)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------
+# The data order: a function of (seed, step), so that resuming needs no iterator state
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -371,464 +937,3 @@ def training_batches(
             raise FileKindError(batch)
         x, y = batch
         yield x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------
-
-
-class StopSignals:
-    """Ctrl-C (SIGINT) and SIGTERM, turned into a request to stop after the current step.
-
-    While installed (``with``; main thread only, elsewhere it does nothing) the first signal only sets
-    :attr:`requested`; the loop then writes a checkpoint and stops, so that ``--resume`` loses no step. A
-    second signal stops at once (``KeyboardInterrupt``); checkpoints are atomic, so the last one is whole.
-    Under ``torchrun`` the ranks agree on it (:attr:`agreed`, set by each step's check of the loss).
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = 0
-        self.agreed = 0
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = signum
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def flags(self) -> list[float]:
-        """This rank's request, as the two entries the ranks sum: (SIGINT, SIGTERM)."""
-        return [float(self.requested == signum) for signum in self.SIGNALS]
-
-    def agree(self, summed: list[float]) -> None:
-        """Every rank's requests summed: stop if any rank was asked to (SIGINT wins)."""
-        self.agreed = next((int(s) for s, n in zip(self.SIGNALS, summed, strict=True) if n > 0), 0)
-
-
-@dataclasses.dataclass
-class _Run:
-    """The objects of one training run."""
-
-    cfg: TrainConfig
-    runtime: Runtime
-    dataset: Any
-    model: nn.Module
-    net: nn.Module  # the model, wrapped in DistributedDataParallel when distributed
-    ema: AveragedModel
-    optimizer: torch.optim.Optimizer
-    noise_gen: torch.Generator
-    use_bf16: bool
-    diffusion: GaussianDiffusion = dataclasses.field(default_factory=GaussianDiffusion)
-    #: The step of the last checkpoint written or restored (0: none yet).
-    saved_step: int = 0
-    #: Ctrl-C and SIGTERM, caught while the loop runs.
-    stop: StopSignals = dataclasses.field(default_factory=lambda: StopSignals())
-    #: This rank's batches, from the step the loop starts at (:func:`training_batches`).
-    batches: Generator[tuple[Tensor, Tensor], None, None] | None = None
-
-    @property
-    def estimator(self) -> Any:
-        return self.model.deq.grad if isinstance(self.model, FPDM) else None
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return Path(self.cfg.out) / CHECKPOINT_NAME
-
-
-def _load_data(cfg: TrainConfig) -> Any:
-    try:
-        return load_dataset(cfg.data, cfg.image_size)
-    except FileKindError as error:
-        raise UsageError(str(error)) from None
-    except (ValueError, FileNotFoundError) as error:
-        raise UsageError(f"--data {cfg.data!r}: {error}") from None
-
-
-def _build_run(cfg: TrainConfig, runtime: Runtime) -> _Run:
-    if cfg.batch_size % runtime.world_size:
-        raise UsageError(
-            f"--batch-size {cfg.batch_size} is not divisible by the {runtime.world_size} processes"
-        )
-    device = runtime.device
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dataset = _load_data(cfg)
-    batch_indices(len(dataset), cfg.batch_size, cfg.seed, 0)  # a batch larger than the data: refused now
-    sample_x, _ = dataset[0]
-    # Same seed on every rank: identical initial weights (DDP also broadcasts them from rank 0).
-    torch.manual_seed(cfg.seed)
-    try:
-        model = build_model(cfg, sample_x.shape[0], sample_x.shape[-1], dataset.num_classes).to(device)
-    except ValueError as error:
-        raise UsageError(f"the model options do not fit together: {error}") from None
-    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay, cfg.ema_warmup), use_buffers=True)
-    ema.requires_grad_(False)
-    optimizer = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.compile:
-        # After the EMA's copy: the copy must not share the compiled callables of the model.
-        compile_blocks(model)
-    # Per-rank randomness (timesteps, noise, label dropout) differs across ranks; the estimator's draws
-    # (S-JFB) come from its own generator, seeded alike on every rank.
-    noise_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + runtime.rank)
-    torch.manual_seed(cfg.seed * 1_000_003 + runtime.rank + 7)
-    net: nn.Module = model
-    if runtime.distributed:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
-    return _Run(cfg, runtime, dataset, model, net, ema, optimizer, noise_gen, use_bf16)
-
-
-def make_optimizer(params: Any, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW, fused (one kernel for all parameters) where this torch supports it for their device.
-
-    ``fused=True`` runs on CUDA since torch 2.0 and on the CPU since 2.4; where it is refused (an older
-    torch, another device) the optimizer falls back to the default implementation.
-    """
-    params = list(params)
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def _rng_state(run: _Run) -> dict[str, Tensor]:
-    state = {"torch": torch.get_rng_state(), "noise": run.noise_gen.get_state()}
-    if run.runtime.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(run.runtime.device)
-    return state
-
-
-def _restore(run: _Run, ckpt: dict[str, Any]) -> int:
-    """Load a checkpoint into the run; the optimizer takes the request's ``lr`` and ``weight_decay``."""
-    ranks = len(ckpt["rng"])
-    if ranks != run.runtime.world_size:
-        raise UsageError(
-            f"{run.checkpoint_path} was written by {ranks} processes, this run has {run.runtime.world_size}: "
-            "an exact resume needs the same number"
-        )
-    run.model.load_state_dict(ckpt["model"])
-    run.ema.load_state_dict(ckpt["ema"])
-    # The implementation (fused, foreach) is this machine's choice, not the checkpoint's.
-    chosen = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in run.optimizer.param_groups]
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    for group, implementation in zip(run.optimizer.param_groups, chosen, strict=True):
-        group.update(lr=run.cfg.lr, weight_decay=run.cfg.weight_decay, **implementation)
-    state = ckpt["rng"][run.runtime.rank]
-    torch.set_rng_state(state["torch"])
-    run.noise_gen.set_state(state["noise"])
-    if run.runtime.device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], run.runtime.device)
-    if run.estimator is not None and ckpt.get("estimator") is not None:
-        run.estimator.load_state_dict(ckpt["estimator"])
-    run.saved_step = int(ckpt["step"])
-    return run.saved_step
-
-
-def _write_checkpoint(run: _Run, step: int) -> None:
-    """Every rank's RNG state is gathered; rank 0 writes; all wait for it."""
-    rng_states = gather_objects(run.runtime, _rng_state(run))
-    if run.runtime.is_main:
-        estimator = run.estimator
-        payload = {
-            "step": step,
-            "model": run.model.state_dict(),
-            "ema": run.ema.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "rng": rng_states,
-            "estimator": estimator.state_dict() if hasattr(estimator, "state_dict") else None,
-            "config": dataclasses.asdict(run.cfg),
-        }
-        try:
-            save_checkpoint(payload, run.checkpoint_path)
-        except OSError as error:
-            raise CheckpointWriteError(run, step, error) from None
-    if run.runtime.distributed:
-        dist.barrier()
-    run.saved_step = step
-
-
-def _train_step(run: _Run, step: int, last_good: int | None) -> tuple[Tensor, Tensor, Any]:
-    """One optimisation step; returns the loss, the gradient norm before clipping and the model's state.
-
-    The model's counts (block evaluations, the estimator's evaluations) and its solve's statistics come back
-    with its output (DDP passes the tuple through), never through attributes that
-    the forward pass sets on the module.
-    """
-    cfg, runtime = run.cfg, run.runtime
-    run.model.train()
-    if run.batches is None:
-        run.batches = training_batches(run.dataset, cfg, runtime, start=step)
-    x, y = next(run.batches)
-    with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
-        loss, state = run.diffusion.training_loss(run.net, x, y, generator=run.noise_gen)
-    # One reduction for two questions: a non-finite loss on any rank, a stop signal on any rank.
-    checks = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, *run.stop.flags()], device=runtime.device)
-    if runtime.distributed:
-        dist.all_reduce(checks)
-    bad, *stops = checks.tolist()
-    run.stop.agree(stops)
-    if bad > 0:
-        where = (
-            f"{run.checkpoint_path} (step {last_good})"
-            if last_good is not None
-            else "none (no checkpoint yet)"
-        )
-        raise NonFiniteLossError(
-            f"non-finite training loss ({loss.item()}) at step {step + 1} on {int(bad)} of "
-            f"{runtime.world_size} rank(s); training stopped. The last good checkpoint is {where}. Try a "
-            "lower --lr or --grad-clip, or check the data."
-        )
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-    run.optimizer.step()
-    run.ema.update_parameters(run.model)
-    return loss, grad_norm, state
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def _solve_record(state: Any) -> dict[str, Any]:
-    """Block evaluations and the implicit solve's statistics of one training forward (FPDM only).
-
-    ``block_evals`` = pre + post + ``nfe`` + ``grad_evals``: ``nfe`` evaluations of the implicit block
-    without a gradient (the solver's; S-JFB's no-grad draw, or fewer when the tolerance stopped it) and
-    ``grad_evals`` differentiable ones (the estimator's; S-JFB's grad draw), which the backward pass
-    goes through again.
-    """
-    if state is None or getattr(state, "stats", None) is None:
-        return {}
-    residual = state.stats.residual.float()
-    return {
-        "block_evals": state.block_evals,
-        "nfe": state.stats.nfe,
-        "grad_evals": state.grad_evals,
-        "residual_max": _finite_or_none(float(residual.max())),
-        "residual_mean": _finite_or_none(float(residual.mean())),
-        "converged": float(state.stats.converged.float().mean()),
-    }
-
-
-def _check_replicas(run: _Run) -> dict[str, Any] | None:
-    """DDP keeps replicas in lockstep; check it rather than assume it (rank 0 gets the record)."""
-    flat = torch.cat([p.detach().float().flatten().cpu() for p in run.model.parameters()])
-    replicas = gather_objects(run.runtime, flat)
-    spread = max(float((r - replicas[0]).abs().max()) for r in replicas)
-    if not run.runtime.is_main:
-        return None
-    return {"step": run.cfg.steps, "world_size": run.runtime.world_size, "rank_param_max_abs_diff": spread}
-
-
-def _loop(run: _Run, start_step: int, log: Any) -> dict[str, Any]:
-    cfg, is_main = run.cfg, run.runtime.is_main
-    bar = None
-    if is_main and cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True)
-    summary: dict[str, Any] = {"step": start_step}
-    last_good = start_step if start_step > 0 else None
-    tick, last_logged = time.perf_counter(), start_step
-    for step in range(start_step, cfg.steps):
-        loss, grad_norm, state = _train_step(run, step, last_good)
-        done = step + 1
-        if is_main and (done % cfg.log_every == 0 or done == cfg.steps):
-            now = time.perf_counter()
-            summary = {"step": done, "loss": loss.item(), "grad_norm": float(grad_norm)}
-            summary.update(sec_per_step=(now - tick) / (done - last_logged), **_solve_record(state))
-            tick, last_logged = now, done
-            log.write(json.dumps(summary) + "\n")
-            log.flush()
-            if bar is not None:
-                bar.set_postfix(loss=f"{summary['loss']:.4f}", evals=summary.get("block_evals", "-"))
-        if bar is not None:
-            bar.update(1)
-        if done % cfg.ckpt_every == 0 or done == cfg.steps or run.stop.agreed:
-            _write_checkpoint(run, done)
-            last_good = done
-        if run.stop.agreed and done < cfg.steps:
-            if bar is not None:
-                bar.close()
-            name = signal.Signals(run.stop.agreed).name
-            raise Interrupted(
-                f"stopped by {name} after step {done} of {cfg.steps}; {run.checkpoint_path} (step {done}) "
-                "holds it: continue with --resume",
-                run.stop.agreed,
-            )
-    if bar is not None:
-        bar.close()
-    return summary
-
-
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training as configured; returns a summary of the last step.
-
-    Raises
-    ------
-    ValueError
-        A field out of its allowed values (:meth:`TrainConfig.check`).
-    cli.UsageError
-        The run folder's rules (:func:`open_run_folder`), data that cannot be read, model options that do not
-        fit together.
-    NonFiniteLossError
-        If the loss becomes NaN or infinite on any rank; nothing is saved after the last good checkpoint.
-    cli.Interrupted
-        After Ctrl-C or SIGTERM (in the main thread): the step under way is finished and checkpointed, and
-        the message names the checkpoint; its ``signum`` is the signal's number.
-    OSError
-        A file that could not be written (:class:`CheckpointWriteError` for a checkpoint: the previous one
-        is kept).
-    """
-    cfg.check()
-    runtime = setup_runtime(cfg.device)
-    ended_well = False
-    try:
-        summary = _train(cfg, runtime)
-        ended_well = True
-        return summary
-    finally:
-        # The DDP wrapper's reducer holds the process group: let it go before the group is destroyed.
-        gc.collect()
-        shutdown_runtime(runtime, wait=ended_well)
-
-
-def _take_folder(cfg: TrainConfig, runtime: Runtime) -> RunLock | None:
-    """Rank 0 takes the run folder's lock (:class:`run_folder.RunLock`); every rank learns the outcome, so
-    that a refusal stops them all. Returns the lock (rank 0) or ``None``."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
-    lock, refusal = None, None
-    if runtime.is_main:
-        lock = RunLock(out)
-        try:
-            lock.acquire()
-        except (UsageError, OSError) as error:
-            refusal = error
-    outcomes = gather_objects(runtime, None if refusal is None else (type(refusal), str(refusal)))
-    if refusal is not None:
-        raise refusal
-    if outcomes[0] is not None:
-        kind, message = outcomes[0]
-        raise UsageError(message) if kind is UsageError else OSError(message)
-    return lock
-
-
-def _train(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
-    """The run, in a frame of its own: its model and DDP wrapper are freed when it returns."""
-    existed = Path(cfg.out).is_dir()
-    lock = _take_folder(cfg, runtime)
-    try:
-        ckpt = open_run_folder(cfg, runtime)
-        run = _build_run(cfg, runtime)
-        start_step = _restore(run, ckpt) if ckpt is not None else 0
-    except BaseException:
-        _give_back(lock, Path(cfg.out), remove_folder=not existed)
-        raise
-    try:
-        return _train_in_folder(run, start_step)
-    finally:
-        _give_back(lock, Path(cfg.out), remove_folder=False)
-
-
-def _give_back(lock: RunLock | None, out: Path, remove_folder: bool) -> None:
-    """Release the lock; a folder this run created and left empty (a refused start) is removed, so that it
-    is no obstacle to the corrected command."""
-    if lock is None:
-        return
-    lock.release()
-    if remove_folder:
-        with contextlib.suppress(OSError):
-            out.rmdir()  # only when empty
-
-
-def _train_in_folder(run: _Run, start_step: int) -> dict[str, Any]:
-    cfg, runtime = run.cfg, run.runtime
-    clear_run_folder(cfg, runtime, start_step)
-    if runtime.distributed:
-        dist.barrier()  # the folder is ready before any rank writes to it
-    log_path = Path(cfg.out) / LOG_NAME
-    with open(log_path, "a") if runtime.is_main else contextlib.nullcontext() as log, run.stop:
-        try:
-            summary = _loop(run, start_step, log)
-        finally:
-            if run.batches is not None:
-                run.batches.close()  # stops the DataLoader's workers
-        if runtime.distributed:
-            record = _check_replicas(run)
-            if record is not None:
-                log.write(json.dumps(record) + "\n")
-                summary = {**summary, **record}
-    summary["step"] = max(int(summary.get("step", 0)), start_step)
-    return summary
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line, generated from :class:`TrainConfig`'s fields."""
-    epilog = (
-        "A folder that holds a run is continued with --resume or started again with --overwrite, never "
-        "overwritten otherwise. --resume refuses a change of "
-        + ", ".join(flag(name) for name in REFUSED_ON_RESUME)
-        + " and applies any other change (--lr, --steps, ...) with a notice naming it. One run at a time "
-        "owns a folder (its train.lock). Ctrl-C or SIGTERM writes a checkpoint and stops. Exit status: 0 "
-        "done, 1 a non-finite loss, 2 a usage error (a folder in use among them), 3 a file that could not be "
-        "written "
-        "(the last checkpoint is kept), 130 Ctrl-C and 143 SIGTERM (after writing a checkpoint)."
-    )
-    parser = OneLineParser(description=__doc__.split("\n")[0], epilog=epilog)
-    add_options(parser, TrainConfig)
-    return parser
-
-
-def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """Parse the command line into a checked :class:`TrainConfig` (a bad value exits with status 2)."""
-    parser = build_parser()
-    cfg = config_from_args(TrainConfig, parser.parse_args(argv))
-    try:
-        cfg.check()
-    except ValueError as error:
-        parser.error(str(error))
-    return cfg
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse, train, report; exit status 0 done, 1 a non-finite loss, 2 a usage error, 3 a file
-    that could not be written, 128 + the signal's number when stopped by Ctrl-C or SIGTERM (see
-    :func:`cli.run_command`)."""
-    cfg = parse_args(argv)
-
-    def command() -> int:
-        try:
-            summary = train(cfg)
-        except FileKindError as error:
-            raise UsageError(str(error)) from None
-        except NonFiniteLossError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(json.dumps(summary))
-        return 0
-
-    return run_command(build_parser(), command)
