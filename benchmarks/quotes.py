@@ -250,6 +250,43 @@ def fpdm_chain_analysis(data: dict[str, Any]) -> Facts:
     }
 
 
+def parallel_guess(data: dict[str, Any]) -> Facts:
+    """``parallel_guess.json``: what the first guesses, ParaDiGMS's criterion and two processes did."""
+    rows = data["rows"]
+
+    def over_models(method: str, key: str, fmt: str) -> str:
+        return span((r[key] for r in rows if r["method"] == method), fmt)
+
+    guesses = {
+        "ChainSecant": "cold",
+        "ChainSecant, ParaSolver's guess (warmup 1)": "with ParaSolver's guess (`warmup=1`)",
+        "ChainSecant, coarse guess (4 timesteps)": "with a coarse run of 4 timesteps (`coarse=4`)",
+    }
+    held = {r["rule"]: r for r in data["held_out"]}
+    picard, secant = held["Picard"]["sweeps"], min(r["sweeps"] for r in data["held_out"])
+    processes = data["processes"]
+    return {
+        "guess_rounds": ", ".join(f"{over_models(m, 'sweeps', 'd')} {text}" for m, text in guesses.items()),
+        "default_ratio": over_models("ChainSecant", "ratio", ".1f"),
+        "window_rounds": over_models("ChainSecant, window 16, warmup 1", "sweeps", "d"),
+        "window_ratio": over_models("ChainSecant, window 16, warmup 1", "ratio", ".1f"),
+        "paradigms_rounds": over_models("ParaDiGMS (its criterion 0.1, window 10)", "sweeps", "d"),
+        "paradigms_ratio": over_models("ParaDiGMS (its criterion 0.1, window 10)", "ratio", ".1f"),
+        "paradigms_diff": over_models("ParaDiGMS (its criterion 0.1, window 10)", "max_diff", ".1f"),
+        "paradigms_fd": span(
+            (
+                r["fd"] - pick(rows, model=r["model"], method="sequential")["fd"]
+                for r in rows
+                if r["method"] == "ParaDiGMS (its criterion 0.1, window 10)"
+            ),
+            ".1f",
+        ),
+        "held_out": f"{secant} rounds where Picard takes {picard} ({picard / secant:.2f} times fewer)",
+        "processes_diff": short(max(r["max_diff_two_vs_one"] for r in processes), ".0e").replace("0e+0", "0"),
+        "processes_speedup": span((r["speedup"] for r in processes), ".2f"),
+    }
+
+
 FACTS: dict[str, Callable[[dict[str, Any]], Facts]] = {
     "chain.json": chain,
     "gradients.json": gradients,
@@ -259,6 +296,7 @@ FACTS: dict[str, Callable[[dict[str, Any]], Facts]] = {
     "fpdm_compile.json": fpdm_compile,
     "fpdm_parallel_tau.json": fpdm_parallel_tau,
     "fpdm_chain_analysis.json": fpdm_chain_analysis,
+    "parallel_guess.json": parallel_guess,
 }
 
 
@@ -275,6 +313,15 @@ PARALLEL, MEASUREMENTS = "docs/guides/parallel.md", "docs/fpdm-measurements.md"
 PERFORMANCE, SOLVERS = "docs/guides/performance.md", "docs/guides/solvers.md"
 EXAMPLE = "examples/fpdm/README.md"
 QUOTES = [
+    Quote(PARALLEL, "parallel_guess.json", "it took {guess_rounds}"),
+    Quote(PARALLEL, "parallel_guess.json", "spends {default_ratio} times the sequential evaluations"),
+    Quote(PARALLEL, "parallel_guess.json", "{window_rounds} rounds for {window_ratio} times"),
+    Quote(PARALLEL, "parallel_guess.json", "{paradigms_rounds} rounds and {paradigms_ratio} times the"),
+    Quote(PARALLEL, "parallel_guess.json", "images differ by up to {paradigms_diff}"),
+    Quote(PARALLEL, "parallel_guess.json", "and FD moves by {paradigms_fd}"),
+    Quote(PARALLEL, "parallel_guess.json", "ChainSecant takes {held_out}"),
+    Quote(PARALLEL, "parallel_guess.json", "largest difference {processes_diff}"),
+    Quote(PARALLEL, "parallel_guess.json", "wall-clock speed-up of {processes_speedup}"),
     Quote(PARALLEL, "chain.json", "({tanh_full}, against 50 for the recurrence)"),
     Quote(
         PARALLEL,

@@ -621,10 +621,12 @@ def parallel_facts(data: dict[str, Any]) -> dict[str, Any]:
 
 #: Published rows, as the papers report them (Stable Diffusion, their own tolerances and quality measures).
 PUBLISHED = [
-    ("ParaDiGMS (Picard, window, $\\tau\\sigma$, $\\tau = 0.1$)", "SD-v2, DDIM", "200", "16"),
-    ("ParaDiGMS", "SD-v2, DDPM", "1000", "44"),
-    ("ParaTAA (triangular Anderson, m = 2-5)", "SD, DDIM", "100", "7"),
-    ("ParaSolver (Newton-type)", "SD-v2, DDIM", "50", "13 (ParaDiGMS: 21)"),
+    ("ParaDiGMS (Picard, window, tolerance 0.1)", "SD-v2, DDIM", "200", "16", None),
+    ("ParaDiGMS", "SD-v2, DDPM", "1000", "44", None),
+    ("ParaTAA (triangular Anderson, m = 2-5)", "SD, DDIM", "100", "7", None),
+    ("ParaSolver (Newton-type, DDIM-jump first guess)", "SD-v2, DDIM", "50", "13 (ParaDiGMS: 21)", None),
+    ("ParaSolver", "SD-v2, DDIM", "25", "11 (ParaDiGMS: 18)", None),
+    ("ParaSolver", "SD-v2, DDPM", "1000", "32", "1.06"),
 ]
 
 
@@ -636,11 +638,11 @@ def published(facts: dict[str, Any]) -> str:
             "model": s,
             "steps": n,
             "rounds": r,
-            "per_step": "see the paper",
+            "per_step": e or "see the paper",
             "diff": "not reported",
         }
         | {"quality": "see the paper"}
-        for m, s, n, r in PUBLISHED
+        for m, s, n, r, e in PUBLISHED
     ]
 
     def span(values: list[float], fmt: str) -> str:
@@ -689,6 +691,79 @@ def fpdm_parallel(data: dict[str, Any]) -> dict[str, str]:
         ("max_diff", "max diff", sci),
     ]
     return {"fpdm_parallel": table(data["rows"], _quality(columns), "llllrrrrr")}
+
+
+def parallel_guess(data: dict[str, Any]) -> dict[str, str]:
+    """``benchmarks/results/parallel_guess.json``: first guesses and tolerances on the digits models, the
+    held-out chain, the tolerance conversion, one process against two."""
+    digits = table(
+        data["rows"],
+        [
+            ("model", "model", ""),
+            ("method", "method", ""),
+            ("sweeps", "sequential rounds", "d"),
+            ("block_evals", "block evals / sample", "d"),
+            ("ratio", "x sequential", lambda v: f"{v:.2f}x"),
+            ("max_diff", "max diff", sci),
+            ("rms_diff", "RMS diff", sci),
+            ("fd", "FD", ".2f"),
+        ],
+        "llrrrrrr",
+    )
+    picard = next((r["sweeps"] for r in data["held_out"] if r["rule"] == "Picard"), None)
+    held = [
+        {**r, "vs": picard / r["sweeps"] if picard and r.get("sweeps") else None} for r in data["held_out"]
+    ]
+    held_out = table(
+        held,
+        [
+            ("rule", "rule", ""),
+            ("form", "form", ""),
+            ("tau", "$\\tau$", short),
+            ("sweeps", f"rounds to within {short(data.get('max_diff', 1e-3))}", "d"),
+            ("evaluations", "step evaluations", "d"),
+            ("max_diff", "max diff", sci),
+            ("vs", "Picard's rounds / these", lambda v: f"{v:.2f}x"),
+        ],
+        "llrrrrr",
+    )
+    processes = table(
+        [{**r, "sweeps": " / ".join(map(str, r["sweeps"]))} for r in data["processes"]],
+        [
+            ("model", "model", ""),
+            ("one_process_s", "1 process (s)", ".1f"),
+            ("two_processes_s", "2 processes (s)", ".1f"),
+            ("speedup", "speed-up", ".2f"),
+            ("sweeps", "sweeps (1 / 2)", ""),
+            ("max_diff_two_vs_one", "max diff, 2 vs 1", sci),
+        ],
+        "lrrrrr",
+    )
+    conv = data["tolerance_conversion"]
+    tolerance = table(
+        [
+            {
+                "what": f"our default $\\tau = {short(conv['tau'])}$, in ParaDiGMS's tolerance",
+                "low": short(conv["paradigms_equivalent_min"], ".1e"),
+                "median": short(conv["paradigms_equivalent_median"], ".1e"),
+                "high": short(conv["paradigms_equivalent_max"], ".1e"),
+            },
+            {
+                "what": "ParaDiGMS's default tolerance 0.1, as our $\\tau$",
+                "low": short(conv["paradigms_default_0.1_as_tau_min"], ".1e"),
+                "median": None,
+                "high": short(conv["paradigms_default_0.1_as_tau_max"], ".1e"),
+            },
+        ],
+        [("what", "", ""), ("low", "smallest", ""), ("median", "median", ""), ("high", "largest", "")],
+        "lrrr",
+    )
+    return {
+        "parallel_guess": digits,
+        "parallel_held_out": held_out,
+        "parallel_processes": processes,
+        "parallel_tolerance": tolerance,
+    }
 
 
 def fpdm_chain_analysis(data: dict[str, Any]) -> dict[str, str]:
@@ -835,6 +910,8 @@ SOURCES = [
     Source("fpdm_parallel.json", "python -m benchmarks.fpdm_parallel", fpdm_parallel, ("fpdm_parallel",)),
     Source("suite_time.json", "python -m benchmarks.suite_time", suite_time, ("suite_time",)),
     Source("fpdm_data.json", "python -m benchmarks.fpdm_data --baseline-ref main", fpdm_data, ("fpdm_data",)),
+    Source("parallel_guess.json", "python -m benchmarks.parallel_guess", parallel_guess,
+           ("parallel_guess", "parallel_held_out", "parallel_processes", "parallel_tolerance")),
     Source("fpdm_chain_analysis.json", "python -m benchmarks.fpdm_parallel --analysis", fpdm_chain_analysis,
            ("fpdm_perturbation", "fpdm_uniform_tolerance", "fpdm_newton", "fpdm_contraction")),
 ]  # fmt: skip

@@ -5,6 +5,7 @@ Any solver meets any gradient estimator around any ``f(z, x)``.
 
 from . import diagnostics, nn, regularizers
 from .chain import ChainResult, ChainRuleWarning, solve_chain
+from .chain_distributed import distributed_step
 from .chain_secant import ChainSecant
 from .functional import DEQOutput, fixed_point
 from .gradients import (
@@ -40,6 +41,7 @@ __all__ = [
     "Solver",
     "SolverResult",
     "diagnostics",
+    "distributed_step",
     "fixed_point",
     "nn",
     "regularizers",

@@ -62,6 +62,8 @@ class Chain:
         stop_mode: str,
         cumulative: bool,
         max_batch: int | None = None,
+        init: Tensor | None = None,
+        samples: int | None = None,
     ) -> None:
         self.evaluate = Evaluator(
             step, z0.shape, z0.dtype, name="step(k, z)", returns="the next states stacked like z"
@@ -72,6 +74,10 @@ class Chain:
         self.device = z0.device
         wdtype = self.evaluate.wdtype
         self.zs = z0.detach().reshape(1, -1).to(wdtype).repeat(num_steps + 1, 1)
+        self.samples = samples  # z0's leading dimension (None: a pytree), shown to the rule (Sweep.samples)
+        self.init = init  # the first guess, kept whole: entering steps start from their rows of it, shifted
+        if init is not None:
+            self.zs[1:] = init[1:]
         self.residual = torch.full((num_steps,), math.inf, dtype=wdtype, device=self.device)
         self.converged = torch.zeros(num_steps, dtype=torch.bool, device=self.device)
         self.nonfinite = torch.zeros(num_steps, dtype=torch.bool, device=self.device)
@@ -92,7 +98,7 @@ class Chain:
                 # Steps not final keep the estimates last evaluated; those never evaluated the last one.
                 hi = self.lo + self.rows
                 self.zs[self.lo + advance + 1 : hi + 1] = self.z[advance:]
-                self.zs[hi + 1 :] = self.zs[hi : hi + 1]
+                self.zs[hi + 1 :] = self.guess(hi + 1, self.num_steps + 1, self.zs[hi], hi)
                 break
             self.slide(advance, self.propose(prev, fz, res, advance))
 
@@ -160,6 +166,7 @@ class Chain:
             origin=self.zs[self.lo : self.lo + 1],
             cumulative=self.cumulative,
             stop_mode=self.stop_mode,
+            samples=self.samples,
         )
         if self.state is None:
             self.state = self.rule.start(sweep)
@@ -168,6 +175,13 @@ class Chain:
         if self.rule.can_restart:
             self.state = self.rule.restart(self.state, broken)
         return torch.where(broken[:, None], fz, z_next)
+
+    def guess(self, start: int, stop: int, estimate: Tensor, row: int) -> Tensor:
+        """Starting estimates of the trajectory's rows ``start:stop``, not evaluated yet: with a first guess,
+        its rows shifted by ``estimate - init[row]`` (the change row ``row`` has seen), else ``estimate``."""
+        if self.init is None:
+            return estimate.expand(stop - start, estimate.shape[0])
+        return self.init[start:stop] + (estimate - self.init[row])
 
     def slide(self, advance: int, z_next: Tensor) -> None:
         """Move the window past the ``advance`` steps made final; entering steps start with no history.
@@ -181,7 +195,8 @@ class Chain:
         kept = rows - advance
         entering = new_rows - kept
         index = torch.arange(advance, rows, device=self.device)
-        guess = z_next[-1:] if kept else self.zs[new_lo : new_lo + 1]
+        start = new_lo + 1 + kept  # the row of the first entering step; the row before it was last in flight
+        guess = self.guess(start, start + entering, z_next[-1] if kept else self.zs[new_lo], start - 1)
         self.z = torch.cat([z_next.index_select(0, index), guess.expand(entering, n)])
         if entering and not (self.rule.can_restart and kept):
             self.state = None  # started again at the next sweep

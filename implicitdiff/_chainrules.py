@@ -11,6 +11,9 @@ the steps in flight, :meth:`ChainRule.propose` returns their next estimates from
 * an update rule's ``per_sample_history`` (Anderson, Broyden): its history fits each row on that row's
   own past, as if the rows were independent samples. The steps of a chain are not, so such a rule is
   run with a :class:`ChainRuleWarning`.
+
+A rule refuses a state it cannot model in :meth:`ChainRule.start`, from what the sweep shows it (e.g.
+:attr:`Sweep.samples`: :class:`~implicitdiff.ChainSecant` refuses ``blocks`` that would cut a sample).
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ class Sweep:
         :math:`F`.
     stop_mode : str
         ``"abs"`` or ``"rel"``, for a rule that measures residuals of its own.
+    samples : int or None
+        The leading dimension of ``z0`` (the samples of a batch that the steps move together; ``1`` for a
+        0-d ``z0``), or ``None`` for a pytree ``z0``, whose flat state holds its leaves one after another.
     """
 
     inputs: Tensor
@@ -79,6 +85,7 @@ class Sweep:
     origin: Tensor
     cumulative: bool
     stop_mode: str
+    samples: int | None = None
 
 
 @runtime_checkable

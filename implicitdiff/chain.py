@@ -150,6 +150,7 @@ def solve_chain(
     stop_mode: str = "abs",
     form: str = "step",
     max_batch: int | None = None,
+    init: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> ChainResult:
     r"""Run the recurrence :math:`z_{k+1} = s(k, z_k)` as one fixed point over its trajectory.
 
@@ -224,6 +225,15 @@ def solve_chain(
         Most states per call of ``step``: a sweep over more steps than this calls ``step`` on chunks of
         at most ``max_batch`` of them (in order), so that memory is bounded whatever the window.
         Results do not depend on it; one sweep still counts as one sequential round. Default: no limit.
+    init : Tensor, pytree of Tensor or callable, optional
+        A first guess of the trajectory, shaped like :attr:`ChainResult.zs` (``(num_steps + 1,
+        *z0.shape)``, each leaf so for a pytree ``z0``), in ``z0``'s dtype and on its device, or a callable
+        ``init(z0)`` returning one; its first row is ignored (the chain starts at ``z0``). The steps in
+        flight start from their rows of it instead of from ``z0``, and a step entering the window starts
+        from its row shifted by the change the step before it has made to its own row (without ``init``:
+        at the estimate of the step before it). The solve has the same fixed point whatever the guess; a
+        good one (a coarse run of the recurrence, a model's extrapolation) saves sweeps, a bad one costs
+        at most the ``num_steps`` sweeps of the guarantee. Default: every step at ``z0``.
     form : {"step", "cumulative"}
         The map the rule iterates; both have the trajectory as their fixed point and cost the same
         evaluations, and the residual that decides convergence is the per-step one above in both.
@@ -293,8 +303,11 @@ def solve_chain(
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     run_step = step if spec is None else _packed_step(step, spec.named("z"))
     with torch.no_grad():
+        guess = _check_init(init, z0, flat, spec, num_steps, wdtype)
+        samples = None if spec is not None else (flat.shape[0] if flat.dim() else 1)
+        cumulative = form == "cumulative"
         chain = Chain(
-            run_step, flat, num_steps, rule, tols, window, stop_mode, form == "cumulative", max_batch
+            run_step, flat, num_steps, rule, tols, window, stop_mode, cumulative, max_batch, guess, samples
         )
         chain.run(max_iter)
     zs = chain.zs.reshape(num_steps + 1, *flat.shape).to(flat.dtype)
@@ -321,6 +334,35 @@ def _initial_state(z0: PyTree) -> tuple[Tensor, TreeSpec | None]:
             "grad): pass z0.detach(), or differentiate through a sequential rollout"
         )
     return z0, spec
+
+
+def _check_init(
+    init: object, z0: PyTree, flat: Tensor, spec: TreeSpec | None, num_steps: int, wdtype: torch.dtype
+) -> Tensor | None:
+    """``init`` (or what a callable returns for ``z0``) as ``(num_steps + 1, n)`` rows, working dtype."""
+    if init is None:
+        return None
+    if callable(init) and not isinstance(init, Tensor):
+        init = init(z0)
+    if spec is not None:
+        init = spec.pack(spec.named("init").leaves_of(init, num_steps + 1, "init"))
+        shape: tuple[int, ...] = (num_steps + 1, flat.shape[0])
+    else:
+        shape = (num_steps + 1, *flat.shape)
+        if not isinstance(init, Tensor):
+            raise TypeError(
+                f"init must be a Tensor shaped like the trajectory {shape} (or a callable returning one), "
+                f"got {type(init).__name__}"
+            )
+    if init.shape != shape or init.dtype != flat.dtype or init.device != flat.device:
+        raise ValueError(
+            f"init must have the trajectory's shape {shape}, dtype {flat.dtype} and device {flat.device}, "
+            f"got shape {tuple(init.shape)}, {init.dtype} on {init.device}"
+        )
+    guess = init.detach().reshape(num_steps + 1, -1).to(wdtype)
+    if not bool(torch.isfinite(guess[1:]).all()):
+        raise ValueError("init must be finite: a first guess with nan or inf would never leave the window")
+    return guess
 
 
 def _packed_step(step: StepFn, spec: TreeSpec) -> StepFn:

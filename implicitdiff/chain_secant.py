@@ -87,10 +87,15 @@ class ChainSecant:
         alone (Picard on the form) would have left at the same input forgets its older pairs.
         ``> 1``; ``float("inf")`` turns it off.
     blocks : int
-        The state is this many independent parts of equal size, in order (the samples of a batch
-        that the steps move together, as a diffusion sampler's images): each part gets its own
-        secant model, so the changes of one sample do not blur the model of another. ``>= 1``; it
-        must divide the number of entries of a state.
+        The state is this many independent groups of samples, in order (the samples of a batch that
+        the steps move together, as a diffusion sampler's images): each group gets its own secant
+        model, so the changes of one sample do not blur the model of another. ``>= 1``. The samples
+        are the leading dimension of a tensor ``z0`` (each entry of a 1-D one), and ``blocks`` must
+        divide it: a block that cut a sample would model its part of the step's Jacobian without the
+        rest, and the rule could take up to ``num_steps`` sweeps where Picard takes a few, so the
+        rule refuses it (``ValueError`` from :func:`~implicitdiff.solve_chain` when the rule starts,
+        after the first sweep), as it refuses ``blocks > 1`` for a pytree ``z0``, whose packed state
+        holds its leaves one after another.
 
     Notes
     -----
@@ -120,13 +125,27 @@ class ChainSecant:
         """An empty history for the ``(rows, n)`` steps in flight."""
         z = sweep.estimates
         rows, n = z.shape
-        if n % self.blocks:
-            raise ValueError(
-                f"blocks must divide the size of a state: got blocks={self.blocks} for states of {n} entries"
-            )
+        self._check_blocks(sweep.samples)
         empty = z.new_zeros(rows, self.m, n)
         known = torch.zeros(rows, dtype=torch.bool, device=z.device)
         return _History(empty, empty.clone(), z.clone(), z.clone(), torch.zeros_like(z), known, 0)
+
+    def _check_blocks(self, samples: int | None) -> None:
+        """Refuse a state that ``blocks`` would cut inside a sample (``ValueError``)."""
+        if self.blocks == 1:
+            return
+        if samples is None:
+            raise ValueError(
+                f"ChainSecant(blocks={self.blocks}) needs z0 as one tensor whose leading dimension holds the "
+                "samples, got a pytree: its state is packed leaf after leaf, so its blocks would cut the "
+                "samples; stack each sample's leaves into one row, or use blocks=1"
+            )
+        if samples % self.blocks:
+            raise ValueError(
+                f"ChainSecant(blocks={self.blocks}) must divide z0's leading dimension (its {samples} "
+                "samples): a block that cuts a sample misses the coupling of its entries, and the rule may "
+                f"take up to num_steps sweeps; use a divisor of {samples}"
+            )
 
     def record(self, state: _History, prev: Tensor, fz: Tensor, z: Tensor) -> None:
         r"""Judge the last proposals, then write this sweep's pair ``(prev - last_in, fz - last_out)``.

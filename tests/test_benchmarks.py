@@ -128,6 +128,7 @@ def test_every_script_is_run_quick_by_some_test():
         "suite_time": "runs the test suite itself",
         "fpdm_parallel": "trains two digits models first",
         "fpdm_chain_analysis": "trains two digits models first",
+        "parallel_guess": "trains two digits models first, then spawns two gloo processes (1.5 min quick)",
     }
     untested = [p.stem for p in SCRIPTS if p.stem not in QUICK and f'"{p.stem}"' not in fpdm]
     assert sorted(set(untested) - set(slow)) == [], untested

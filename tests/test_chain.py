@@ -621,3 +621,112 @@ def test_max_batch_bounds_each_call_for_a_structured_state_too():
     chunked = solve_chain(step, z0, 20, tol=1e-9, max_batch=3)
     assert max(calls) <= 3 < 20
     assert torch.equal(chunked.zs["a"], whole.zs["a"]) and torch.equal(chunked.zs["b"], whole.zs["b"])
+
+
+def test_a_first_guess_changes_the_sweeps_not_the_fixed_point():
+    # Any guess (here noise around nothing in particular) ends at the rollout, within the residuals'
+    # bound, in at most num_steps sweeps; the exact rollout as the guess is confirmed in one sweep.
+    for seed, window, form, solver in itertools.product((0, 1), (None, 4), FORMS, (None, ChainSecant())):
+        chain = ToyChain(15, 3, [1.0] * 15, seed, "tanh")
+        guess = torch.randn(16, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        out = solve_chain(
+            chain.step, chain.z0, 15, solver=solver, tol=1e-9, window=window, form=form, init=guess
+        )
+        check_against_rollout(chain, out, 1e-9)
+        assert out.sweeps <= 15
+    chain = ToyChain(15, 3, [1.0] * 15, 0, "tanh")
+    exact = solve_chain(chain.step, chain.z0, 15, tol=1e-9, init=chain.rollout())
+    assert exact.sweeps == 1 and exact.total_evaluations == 15 and torch.equal(exact.zs, chain.rollout())
+
+
+def test_entering_steps_start_from_their_guess_shifted_by_the_change_of_the_step_before():
+    # x_{k+1} = x_k + b_k, guessed as the rollout plus an offset c on every step: the first sweep finds
+    # step 0 off by c and the cumulative form corrects the window at once. A step entering the window
+    # starts at its guess shifted by the change its predecessor saw (-c): exact, so every later window is
+    # final in one sweep. Started from its predecessor's estimate instead, it would cost two per window.
+    steps, window = 20, 5
+    b = torch.randn(steps, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x0 = torch.zeros(2, dtype=torch.float64)
+    rollout = torch.cat([x0[None], torch.cumsum(b, 0)])
+    guess = rollout + torch.tensor([0.5, -1.0], dtype=torch.float64)
+    out = solve_chain(
+        lambda k, x: x + b[k], x0, steps, tol=1e-9, window=window, form="cumulative", init=guess
+    )
+    assert out.all_converged
+    torch.testing.assert_close(out.zs, rollout, atol=ROUNDING, rtol=0)
+    assert out.sweeps == 1 + -(-(steps - 1) // window)
+
+
+def test_a_first_guess_may_be_a_callable_or_a_pytree():
+    chain = ToyChain(10, 4, [0.8] * 10, 2, "tanh")
+    rollout = chain.rollout()
+    seen = []
+
+    def guess(z0: Tensor) -> Tensor:
+        seen.append(z0)
+        return rollout
+
+    out = solve_chain(chain.step, chain.z0, 10, tol=1e-9, init=guess)
+    assert out.sweeps == 1 and torch.equal(seen[0], chain.z0)
+    z0 = {"a": chain.z0[:1], "b": chain.z0[1:]}
+
+    def step(k: Tensor, x: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = chain.step(k, torch.cat([x["a"], x["b"]], dim=1))
+        return {"a": out[:, :1], "b": out[:, 1:]}
+
+    tree = solve_chain(step, z0, 10, tol=1e-9, init={"a": rollout[:, :1], "b": rollout[:, 1:]})
+    assert tree.sweeps == 1
+    torch.testing.assert_close(torch.cat([tree.zs["a"], tree.zs["b"]], dim=1), rollout, atol=ROUNDING, rtol=0)
+    with pytest.raises(ValueError, match=r"init returned shape \(11, 2\) at init\['b'\]"):
+        solve_chain(step, z0, 10, init={"a": rollout[:, :1], "b": rollout[:, 2:]})
+
+
+@pytest.mark.parametrize(
+    ("init", "error", "match"),
+    [
+        (torch.zeros(5, 2), ValueError, r"init must have the trajectory's shape \(4, 2\)"),
+        (torch.zeros(4, 2, dtype=torch.float64), ValueError, "dtype torch.float32"),
+        (
+            torch.tensor([[0.0, 0.0], [1.0, float("nan")], [0.0, 0.0], [0.0, 0.0]]),
+            ValueError,
+            "init must be finite",
+        ),
+        ([[0.0, 0.0]] * 4, TypeError, "init must be a Tensor"),
+        (lambda x0: "no", TypeError, "got str"),
+    ],
+)
+def test_a_bad_first_guess_is_refused_by_name(init, error, match):
+    with pytest.raises(error, match=match):
+        solve_chain(_ok, torch.zeros(2), 3, init=init)
+
+
+def samples_chain(gain: float, seed: int = 0) -> tuple[Callable[[Tensor, Tensor], Tensor], Tensor]:
+    """50 steps of ``x_{k+1} = tanh(A_k x_k + b_k)`` on 4 samples of 16 entries, ``x0`` of shape (4, 16)."""
+    generator = torch.Generator().manual_seed(seed)
+    A = torch.randn(50, 16, 16, generator=generator, dtype=torch.float64)
+    A = gain * A / torch.linalg.matrix_norm(A, ord=2)[:, None, None]
+    b = torch.randn(50, 16, generator=generator, dtype=torch.float64)
+    x0 = torch.randn(4, 16, generator=generator, dtype=torch.float64)
+    return lambda k, x: torch.tanh(torch.einsum("kij,ksj->ksi", A[k], x) + b[k][:, None]), x0
+
+
+def test_chain_secant_refuses_blocks_that_cut_a_sample_and_takes_no_more_sweeps_than_picard_with_the_others():
+    # Blocks of one entry (blocks=64 on 4 samples of 16) modelled each entry of a dense Jacobian on its own
+    # and took all 50 sweeps where Picard takes about 20: such a split is refused, not run into.
+    step, x0 = samples_chain(0.9)
+    for blocks in (64, 8, 3):
+        with pytest.raises(
+            ValueError, match=rf"ChainSecant\(blocks={blocks}\) must divide z0's leading dimension"
+        ):
+            solve_chain(step, x0, 50, solver=ChainSecant(blocks=blocks))
+    with pytest.raises(ValueError, match=r"ChainSecant\(blocks=2\) needs z0 as one tensor"):
+        halve = lambda k, x: {name: 0.5 * leaf + 1.0 for name, leaf in x.items()}  # noqa: E731
+        solve_chain(halve, {"a": x0, "b": x0}, 5, solver=ChainSecant(blocks=2))
+    for gain, form in itertools.product((0.5, 0.9, 1.1), FORMS):
+        step, x0 = samples_chain(gain)
+        picard = solve_chain(step, x0, 50, tol=1e-8, form=form).sweeps
+        for blocks in (1, 2, 4):
+            assert (
+                solve_chain(step, x0, 50, solver=ChainSecant(blocks=blocks), tol=1e-8, form=form).sweeps
+                <= picard
+            )

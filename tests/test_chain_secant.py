@@ -35,6 +35,7 @@ def _sweep(inputs, images, estimates, final, change, cumulative):
         origin=torch.zeros(1, inputs.shape[1], dtype=inputs.dtype),
         cumulative=cumulative,
         stop_mode="abs",
+        samples=inputs.shape[1],  # a state of one entry per sample: any blocks dividing it keep samples whole
     )
 
 
@@ -70,3 +71,34 @@ def test_a_proposal_carries_the_change_down_the_window_through_each_blocks_own_s
         expected[j] = second.images[j] + base * d + correction
         d = expected[j] - second.estimates[j]
     torch.testing.assert_close(proposal[1:], expected[1:], rtol=1e-12, atol=1e-12)
+
+
+def test_chain_secant_safeguard_forgets_only_the_steps_its_secant_part_made_worse():
+    # From the definition: a step's proposal z was its base model's proposal z - secant plus the secant
+    # part; evaluated, the residual is fz - z, and the base model's would have been fz - (z - secant). A
+    # step whose residual exceeds safeguard times the base's forgets its older pairs; the others keep them.
+    rule = ChainSecant(m=2, safeguard=4.0)
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    v = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    state = rule.start(_sweep(z, z, z, 1, z[0], False))
+    state.known.fill_(True)
+    state.X.normal_(generator=generator)
+    state.S.normal_(generator=generator)
+    state.k = 1  # slot 1 takes this sweep's pair, slot 0 holds an older one
+    # Row 0: the secant part undid what the base had right (base residual tiny): forget. Row 1: the secant
+    # part halved the residual (base residual 2v): keep. Row 2: not known yet: nothing to forget.
+    state.secant[0] = -v[0] + 1e-3 * v[0]
+    state.secant[1] = v[1]
+    state.secant[2] = -v[2]
+    state.known[2] = False
+    older = state.X[:, 0].clone(), state.S[:, 0].clone()
+    fz = z + v
+    for row in range(3):
+        residual = torch.linalg.vector_norm(fz[row] - z[row])
+        base_residual = torch.linalg.vector_norm(fz[row] - (z[row] - state.secant[row]))
+        assert bool(residual > 4.0 * base_residual) == (row in (0, 2))  # the cases are what they say
+    rule.record(state, z, fz, z)
+    assert torch.all(state.X[0, 0] == 0) and torch.all(state.S[0, 0] == 0)
+    assert torch.equal(state.X[1, 0], older[0][1]) and torch.equal(state.S[1, 0], older[1][1])
+    assert torch.equal(state.X[2, 0], older[0][2]) and torch.equal(state.S[2, 0], older[1][2])

@@ -9,14 +9,12 @@ and a worker's failure comes back as its traceback.
 from __future__ import annotations
 
 import datetime
-import time
 import traceback
 import warnings
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned import run_workers
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -101,25 +99,7 @@ def _initial(name: str) -> torch.Tensor:
 
 def _run_workers(store_path: str) -> dict:
     """Start the workers, wait at most ``DEADLINE_S``, and return their reports (or fail with theirs)."""
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        workers = mp.start_processes(
-            _worker, args=(store_path, results), nprocs=WORLD, start_method="spawn", join=False
-        )
-        deadline = time.monotonic() + DEADLINE_S
-        try:
-            while not workers.join(timeout=5):  # raises ProcessRaisedException with the traceback
-                if time.monotonic() > deadline:
-                    pytest.fail(
-                        f"DDP workers still running after {DEADLINE_S} s; reports so far: {dict(results)}"
-                    )
-        finally:
-            for process in workers.processes:
-                if process.is_alive():
-                    process.kill()
-                process.join(timeout=10)
-        return dict(results)
+    return run_workers(_worker, (store_path,), WORLD, DEADLINE_S)
 
 
 def test_ddp_ranks_stay_identical_with_each_estimator(tmp_path):

@@ -14,6 +14,7 @@ from fpdm.diffusion import GaussianDiffusion
 from fpdm.models import DiTBlock, ModelState
 from fpdm.parallel import DEFAULT_TAU, auto_max_batch, chunk_for_memory, sample_parallel
 from fpdm.sampling import sample
+from spawned import gloo_group, run_workers
 from test_sampling import contractive_model
 from torch import nn
 
@@ -155,7 +156,10 @@ def test_the_default_rule_couples_the_timesteps_per_sample_and_takes_no_more_swe
     default = sample_parallel(dit, DIFFUSION, labels, **options)
     options["generator"] = seeded()
     picard = sample_parallel(dit, DIFFUSION, labels, solver=Picard(), **options)
-    assert default.options["solver"].startswith("ChainSecant(") and "blocks=3" in default.options["solver"]
+    assert (
+        default.options["chain_rule"].startswith("ChainSecant(")
+        and "blocks=3" in default.options["chain_rule"]
+    )
     assert default.converged and picard.converged
     assert default.sweeps <= picard.sweeps
 
@@ -310,29 +314,26 @@ class RowCounter:
             handle.remove()
 
 
-@pytest.mark.parametrize("name", ["dit", "fpdm"])
-@pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_block_evaluations_counted_match_the_calls(name, guidance, request):
+def sample_counting_rows(request, name: str, **options) -> tuple[parallel.ParallelResult, int]:
+    """``sample_parallel`` on the fixture ``name`` for 3 labels (``tol=1e-5``, FPDM with 2 iterations),
+    and the block rows an independent tally counted."""
     model = request.getfixturevalue(name)
-    labels = torch.arange(3)
     kwargs = {"iterations": 2} if name == "fpdm" else {}
     counter = RowCounter(model)
     try:
         out = sample_parallel(
-            model,
-            DIFFUSION,
-            labels,
-            steps=STEPS,
-            tol=1e-5,
-            window=5,
-            guidance=guidance,
-            solver=Anderson(),
-            generator=seeded(),
-            **kwargs,
+            model, DIFFUSION, torch.arange(3), steps=STEPS, tol=1e-5, generator=seeded(), **kwargs, **options
         )
     finally:
         counter.remove()
-    assert counter.rows == out.guided_evals * 3  # block rows = per-sample evaluations x batch (x 2 guided)
+    return out, counter.rows
+
+
+@pytest.mark.parametrize("name", ["dit", "fpdm"])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_block_evaluations_counted_match_the_calls(name, guidance, request):
+    out, rows = sample_counting_rows(request, name, window=5, guidance=guidance, solver=Anderson())
+    assert rows == out.guided_evals * 3  # block rows = per-sample evaluations x batch (x 2 guided)
     assert sum(out.spent) == out.block_evals
     per_step = 2 + 2 if name == "fpdm" else 2
     assert out.block_evals == per_step * out.chain.total_evaluations
@@ -370,6 +371,17 @@ def test_max_sweeps_caps_the_rounds_and_reports_no_convergence(dit):
         ({"solver": "picard"}, TypeError, "solver must be an update rule"),
         ({"iterations": 0}, ValueError, "iterations must be an int >= 1"),
         ({"labels": torch.zeros(2, 2, dtype=torch.long)}, ValueError, r"labels must have shape \(B,\)"),
+        (
+            {"tol": [1e-3] * 3},
+            ValueError,
+            r"tol must be a finite number >= 0 or 4 of them .* got shape \(3,\)",
+        ),
+        ({"tol": [1e-3, 1e-3, -1.0, 1e-3]}, ValueError, "tol must be a finite number >= 0 or 4 of them"),
+        ({"warmup": -1}, ValueError, "warmup must be an int >= 0, got -1"),
+        ({"warmup": 5}, ValueError, r"warmup \(5\) exceeds steps \(4\)"),
+        ({"coarse": 1.5}, ValueError, "coarse must be an int >= 0, got 1.5"),
+        ({"max_evals": 3}, ValueError, "max_evals=3 block evaluations per sample does not pay for"),
+        ({"reuse": True, "group": object()}, ValueError, "reuse=True .* not with group"),
     ],
 )
 def test_bad_arguments_are_clear_errors(fpdm, changes, error, message):
@@ -414,7 +426,7 @@ def test_sample_cli_parallel_mode(checkpoint, tmp_path, capsys):
         *common,
         "--out",
         str(tmp_path / "par"),
-        *"--parallel --chain-solver anderson --chain-tol 0".split(),
+        *"--parallel --chain-rule anderson --chain-tol 0".split(),
     ]
     assert sample_cli.main(argv) == 0
     assert str(tmp_path / "par" / "samples.npz") in capsys.readouterr().out
@@ -422,10 +434,28 @@ def test_sample_cli_parallel_mode(checkpoint, tmp_path, capsys):
     assert np.abs(seq["images"] - par["images"]).max() < 1e-5  # same noise, same model, exact chain
     summary = json.loads((tmp_path / "par" / "summary.json").read_text())
     assert (
-        summary["parallel"] is True and summary["batches"] == 2 and summary["solver"].startswith("Anderson")
+        summary["parallel"] is True
+        and summary["batches"] == 2
+        and summary["chain_rule"].startswith("Anderson")
     )
     assert summary["reuse"] is False  # cold starts by default in the parallel mode
+    assert summary["reproduces"] == "sampling.sample(method='ddim', eta=0, reuse=False)"
+    assert summary["spent_total"] > summary["sequential_block_evals"] == 6 * 4  # side by side, per sample
     assert summary["iterations_per_call"] == 2 and 1 <= summary["sweeps"] <= 6  # 24 // 6 - (1 pre + 1 post)
+
+
+def test_sample_cli_max_evals_caps_what_the_parallel_sampler_spends(checkpoint, tmp_path):
+    # --budget 24 is the sequential run reproduced (6 timesteps of 4 blocks); the exact chain spends more,
+    # and --max-evals caps the block evaluations per sample actually spent, whatever the chain needed.
+    common = [str(checkpoint), *"--num 2 --budget 24 --steps 6 --guidance 1 --no-progress".split()]
+    free = [*common, "--out", str(tmp_path / "free"), "--parallel", "--chain-tol", "0"]
+    assert sample_cli.main(free) == 0
+    spent = json.loads((tmp_path / "free" / "summary.json").read_text())["spent_total"]
+    assert spent > 44
+    capped = [*common, "--out", str(tmp_path / "cap"), "--parallel", "--chain-tol", "0", "--max-evals", "44"]
+    assert sample_cli.main(capped) == 0
+    summary = json.loads((tmp_path / "cap" / "summary.json").read_text())
+    assert summary["max_evals"] == 44 and 24 <= summary["spent_total"] <= 44
 
 
 def test_sample_cli_parallel_defaults_to_noise_scaled_tolerances_and_records_them(checkpoint, tmp_path):
@@ -461,6 +491,7 @@ def test_sample_cli_parallel_refuses_ddpm_and_eta(checkpoint, tmp_path, capsys):
         (["--max-batch", "many"], "expected 'auto', 'none' or an int >= 1, got 'many'"),
         (["--window", "0"], "--window"),
         (["--form", "sum"], "invalid choice"),
+        (["--reuse"], "the parallel sampler reproduces sequential sampling with --no-reuse"),
     ):
         try:
             status = sample_cli.main([*base, *extra])
@@ -655,3 +686,203 @@ def test_auto_max_batch_on_cuda_uses_the_probes_peak_and_the_free_memory(monkeyp
     assert auto_max_batch(probe, torch.device("cuda"), 100) == 5  # (15 + 6 - 1) / 2 / 2
     assert state["probed"] == 1
     assert auto_max_batch(probe, torch.device("cuda"), 3) == 3
+
+
+@pytest.mark.parametrize("name", ["dit", "fpdm"])
+@pytest.mark.parametrize(("warmup", "coarse"), [(1, 0), (2, 3), (0, 4)])
+def test_a_first_guess_counts_its_model_calls_as_rounds_and_evaluations(name, warmup, coarse, request):
+    out, counted = sample_counting_rows(request, name, warmup=warmup, coarse=coarse)
+    rows = parallel.guess_rows(STEPS, warmup, coarse)
+    assert len(rows) == warmup + coarse and rows[:warmup] == list(range(warmup))  # coarse ones start after
+    assert out.sweeps == len(rows) + out.chain.sweeps and out.chain.total_evaluations == sum(
+        out.chain.evaluations_per_step
+    )
+    assert counted == out.block_evals * 3  # an independent tally of every block call
+    per_step = 2 + 2 if name == "fpdm" else 2
+    assert out.block_evals == per_step * (len(rows) + out.chain.total_evaluations)
+    for row in range(STEPS):
+        chained = int(out.chain.evaluations_per_step[row - warmup]) if row >= warmup else 0
+        assert out.spent[row] == per_step * ((row in rows) + chained)
+    assert out.converged and out.options["guess_rows"] == rows
+
+
+def test_a_first_guess_changes_no_sample_and_a_full_warmup_is_the_sequential_sampler(models64, float64):
+    labels = torch.arange(2)
+    for model, kwargs in models64:
+        reference = sequential(model, labels, reuse=False)
+        for warmup, coarse in ((1, 0), (3, 2), (0, 3), (STEPS, 0)):
+            out = sample_parallel(
+                model,
+                DIFFUSION,
+                labels,
+                steps=STEPS,
+                tol=0.0,
+                warmup=warmup,
+                coarse=coarse,
+                generator=seeded(),
+                **kwargs,
+            )
+            assert out.converged
+            assert float((out.images - reference.images).abs().max()) < EXACT_IN_FLOAT64
+        # Every timestep evaluated in turn: the sequential sampler, its rounds and its evaluations.
+        assert out.sweeps == STEPS and out.chain.sweeps == 0 and out.block_evals == out.sequential_block_evals
+
+
+def test_the_ddim_guess_jumps_from_the_last_evaluated_timestep_with_its_predicted_clean_image(
+    dit, monkeypatch, float64
+):
+    # Written from the definition: evaluate the noise at each guess row in turn; every later state up to the
+    # next guess row is x_j = sqrt(abar_j) x0 + sqrt(1 - abar_j) e, with x0 the clipped clean image predicted
+    # at the row and e the noise that x0 implies there.
+    model = copy.deepcopy(dit).double()
+    labels = torch.arange(2)
+    seen = {}
+    real = parallel.solve_chain
+
+    def recording(step, x0, num_steps, **options):
+        seen.update(x0=x0, init=options["init"])
+        return real(step, x0, num_steps, **options)
+
+    monkeypatch.setattr(parallel, "solve_chain", recording)
+    sample_parallel(model, DIFFUSION, labels, steps=STEPS, tol=1e-8, warmup=2, coarse=2, generator=seeded())
+    timesteps = [*DIFFUSION.respace(STEPS), -1]
+    abar = [float(DIFFUSION.alpha_bar(t)) for t in timesteps]
+    rows = parallel.guess_rows(STEPS, 2, 2)
+    assert rows == [0, 1, 2, 7]
+    states = [torch.randn(2, 1, 8, 8, generator=seeded())]
+    for i, row in enumerate(rows):
+        x = states[row]
+        with torch.no_grad():
+            e, _ = model(x, torch.full((2,), timesteps[row]), labels)
+        x0 = ((x - math.sqrt(1 - abar[row]) * e) / math.sqrt(abar[row])).clamp(-1, 1)
+        e = (x - math.sqrt(abar[row]) * x0) / math.sqrt(1 - abar[row])
+        for j in range(row + 1, (rows[i + 1] if i + 1 < len(rows) else STEPS) + 1):
+            states.append(math.sqrt(abar[j]) * x0 + math.sqrt(1 - abar[j]) * e)
+    expected = torch.stack(states)
+    torch.testing.assert_close(seen["init"], expected[2:], atol=1e-12, rtol=0)
+    torch.testing.assert_close(seen["x0"], expected[2], atol=1e-12, rtol=0)
+
+
+def test_paradigms_tolerances_are_its_criterion_on_each_steps_residual():
+    # Written from ParaDiGMS's definition: the state after step k (timestep t = t_{k+1}) passes when its
+    # RMS change is at most tolerance * sqrt(posterior variance of the step from t to the next timestep).
+    timesteps = DIFFUSION.respace(STEPS)
+    got = parallel.paradigms_tolerances(DIFFUSION, timesteps, 0.1)
+    after = [*timesteps[1:], -1, -1]
+    for k in range(STEPS):
+        t, t_next = after[k], after[k + 1]
+        if t == -1 or t_next == -1:
+            expected = 0.0  # a step into t = -1 has no posterior variance: accepted only when exact
+        else:
+            a, a_next = float(DIFFUSION.alpha_bar(t)), float(DIFFUSION.alpha_bar(t_next))
+            expected = 0.1 * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
+        assert math.isclose(float(got[k]), expected, rel_tol=1e-12, abs_tol=1e-300), k
+    assert float(got[0]) > 0 and got[-2:].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("tau", [1e-6, 3e-2])
+def test_our_noise_scaled_tolerance_converts_to_paradigms_criterion_from_their_definitions(tau):
+    # A residual d of D entries whose RMS is exactly our tolerance tau * sqrt(1 - abar_{t_k}) meets
+    # ParaDiGMS's ||d||^2 / (D * posterior variance of the step from t_{k+1}) <= tolerance^2 with equality
+    # at the converted tolerance: the statistic, computed from the definitions, is the tolerance squared.
+    timesteps = DIFFUSION.respace(STEPS)
+    converted = parallel.paradigms_equivalent(DIFFUSION, timesteps, tau)
+    after = [*timesteps[1:], -1, -1]
+    gen = torch.Generator().manual_seed(0)
+    D = 3 * 8 * 8
+    for k in range(STEPS):
+        t, t_next = after[k], after[k + 1]
+        if t == -1 or t_next == -1:
+            assert converted[k] == math.inf  # no posterior variance: ParaDiGMS accepts only an exact state
+            continue
+        sigma = math.sqrt(1 - float(DIFFUSION.alpha_bar(timesteps[k])))
+        d = torch.randn(D, generator=gen, dtype=torch.float64)
+        d *= tau * sigma / d.pow(2).mean().sqrt()  # RMS exactly our tolerance
+        a, a_next = float(DIFFUSION.alpha_bar(t)), float(DIFFUSION.alpha_bar(t_next))
+        posterior = (1 - a_next) / (1 - a) * (1 - a / a_next)
+        statistic = float(d.pow(2).sum()) / (D * posterior)
+        assert math.isclose(statistic, float(converted[k]) ** 2, rel_tol=1e-9), k
+
+
+def test_chain_solver_is_the_deprecated_spelling_of_chain_rule():
+    base = ["model.pt", "--budget", "8", "--parallel"]
+    with pytest.warns(FutureWarning, match="--chain-solver is deprecated: spell it --chain-rule"):
+        old = sample_cli.parse_args([*base, "--chain-solver", "anderson"])
+    new = sample_cli.parse_args([*base, "--chain-rule", "anderson"])
+    assert old.chain_rule == new.chain_rule == "anderson" and not hasattr(old, "chain_solver")
+    assert sample_cli.parse_args(base).chain_rule == "secant"
+    with pytest.raises(SystemExit):
+        sample_cli.parse_args([*base, "--chain-solver", "newton"])  # the same choices as --chain-rule
+
+
+def test_max_evals_bounds_the_evaluations_spent_and_says_when_it_stopped_the_chain(dit):
+    labels = torch.arange(2)
+    free = sample_parallel(dit, DIFFUSION, labels, steps=STEPS, tol=1e-6, warmup=1, generator=seeded())
+    assert free.converged and free.block_evals > 2 * free.sequential_block_evals
+    for cap in (*range(free.sequential_block_evals, free.block_evals, 4), free.block_evals, 10**6):
+        out = sample_parallel(
+            dit, DIFFUSION, labels, steps=STEPS, tol=1e-6, warmup=1, max_evals=cap, generator=seeded()
+        )
+        assert out.block_evals <= cap
+        if cap < free.block_evals:  # finishing would have cost what the free run spent
+            assert not out.converged and out.sweeps < free.sweeps
+            # It ran every sweep the cap pays for at the worst (sweep s evaluating all STEPS - 1 - s + 1
+            # timesteps after the warm-up), and no more.
+            left, allowed = cap - 2, 0  # DiT: 2 blocks per timestep; the warm-up evaluated one timestep
+            while allowed < STEPS - 1 and 2 * (STEPS - 1 - allowed) <= left:
+                left -= 2 * (STEPS - 1 - allowed)
+                allowed += 1
+            assert out.chain.sweeps == allowed
+    assert out.converged and torch.equal(out.images, free.images)
+
+
+def test_the_result_names_the_sequential_sampler_it_reproduces(fpdm):
+    labels = torch.arange(2)
+    cold = sample_parallel(fpdm, DIFFUSION, labels, steps=4, iterations=2, generator=seeded())
+    warm = sample_parallel(fpdm, DIFFUSION, labels, steps=4, iterations=2, reuse=True, generator=seeded())
+    assert "reuse=False" in cold.summary()["reproduces"]
+    assert warm.summary()["reproduces"] is None  # warm starts across sweeps: no sequential sampler's samples
+
+
+WORLD = 2
+
+
+def _spread_worker(rank: int, store_path: str, models, results) -> None:
+    import torch.distributed as dist
+
+    with gloo_group(store_path, rank, WORLD, results):
+        torch.set_default_dtype(torch.float64)
+        results[rank] = [_spread_runs(model, kwargs, dist.group.WORLD) for model, kwargs in models]
+
+
+def _spread_runs(model, kwargs, group) -> list:
+    runs = []
+    for options in ({"tol": 1e-7}, {"tol": 1e-7, "warmup": 1, "window": 5, "max_batch": 2}):
+        out = sample_parallel(
+            model,
+            DIFFUSION,
+            torch.arange(3),
+            steps=STEPS,
+            group=group,
+            generator=seeded(),
+            **kwargs,
+            **options,
+        )
+        runs.append((out.images, out.sweeps, out.block_evals, out.spent, out.options["ranks"]))
+    return runs
+
+
+def test_two_processes_give_the_samples_of_one(models64, float64, tmp_path):
+    results = run_workers(_spread_worker, (str(tmp_path / "store"), list(models64)), WORLD)
+    alone = [_spread_runs(model, kwargs, None) for model, kwargs in models64]
+    for rank in range(WORLD):
+        for runs, single in zip(results[rank], alone, strict=True):
+            for (images, sweeps, evals, spent, ranks), (images1, sweeps1, evals1, spent1, _) in zip(
+                runs, single, strict=True
+            ):
+                assert ranks == WORLD and (sweeps, evals, spent) == (sweeps1, evals1, spent1)
+                # The model evaluated on other batch sizes rounds differently, nothing else differs.
+                assert float((images - images1).abs().max()) < EXACT_IN_FLOAT64
+    # Both ranks gathered the same images and made the same decisions: the same samples to the bit.
+    for runs0, runs1 in zip(results[0], results[1], strict=True):
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(runs0, runs1, strict=True))

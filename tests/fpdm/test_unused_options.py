@@ -90,13 +90,14 @@ UNUSED_SAMPLE = [
     ("dit", ["--no-reuse"], "--no-reuse does nothing with"),
     (
         "fpdm",
-        ["--chain-solver", "anderson"],
-        "--chain-solver anderson does nothing here: it is for --parallel",
+        ["--chain-rule", "anderson"],
+        "--chain-rule anderson does nothing here: it is for --parallel",
     ),
     ("fpdm", ["--chain-tol", "0.001"], "--chain-tol 0.001 does nothing here: it is for --parallel"),
     ("fpdm", ["--window", "3"], "--window 3 does nothing here: it is for --parallel"),
     ("fpdm", ["--chain-tau", "0.01"], "--chain-tau 0.01 does nothing here: it is for --parallel"),
     ("fpdm", ["--max-batch", "4"], "--max-batch 4 does nothing here: it is for --parallel"),
+    ("fpdm", ["--max-evals", "40"], "--max-evals 40 does nothing here: it is for --parallel"),
     ("fpdm", ["--form", "cumulative"], "--form cumulative does nothing here: it is for --parallel"),
     (
         "fpdm",
@@ -125,7 +126,7 @@ def test_sample_takes_the_options_that_matter(checkpoints, tmp_path):
     for model, argv in (
         ("fpdm", ["--schedule", "tolerance", "--tol", "0.1", "--solver", "anderson"]),
         ("fpdm", ["--parallel", "--chain-tol", "1e-3", "--window", "2", "--solver", "picard"]),
-        ("dit", ["--parallel", "--chain-solver", "anderson", "--chain-tau", "1e-2", "--max-batch", "none"]),
+        ("dit", ["--parallel", "--chain-rule", "anderson", "--chain-tau", "1e-2", "--max-batch", "none"]),
     ):
         out = tmp_path / f"{model}-{len(argv)}"
         base = [str(checkpoints[model]), "--budget", "8", "--num", "2", "--no-progress", "--out", str(out)]

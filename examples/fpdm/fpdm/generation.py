@@ -23,6 +23,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -307,18 +308,25 @@ def _parallel_options(model: nn.Module, diffusion: GaussianDiffusion, args: argp
             f"--parallel is deterministic DDIM: use --method ddim --eta 0, got --method {args.method} "
             f"--eta {args.eta:g}"
         )
+    if args.reuse and hasattr(model, "pre_depth"):
+        raise UsageError(
+            "--parallel --reuse: the parallel sampler reproduces sequential sampling with --no-reuse (reuse "
+            "warm-starts each timestep's solve from the timestep before it, which all timesteps at once "
+            "cannot); drop --reuse"
+        )
     timesteps, plan = plan_timesteps(model, diffusion, args.budget, args.steps, "constant")
-    options: dict[str, Any] = {"steps": len(timesteps), "reuse": bool(args.reuse)}
+    options: dict[str, Any] = {"steps": len(timesteps), "reuse": False}
     if hasattr(model, "pre_depth"):
         options.update(iterations=min(plan), block_solver=make_solver(args.solver))
     options.update(
-        solver=None if args.chain_solver == "secant" else make_solver(args.chain_solver),
+        solver=None if args.chain_rule == "secant" else make_solver(args.chain_rule),
         tol=args.chain_tol,
         tau=args.chain_tau,
         window=args.window,
         form=args.form,
         max_batch=None if args.max_batch == "none" else args.max_batch,
         guidance=args.guidance,
+        max_evals=args.max_evals,
     )
     return options
 
@@ -659,9 +667,14 @@ def _write_outputs(out: Path, plan: ShardPlan, summary: dict[str, Any], args: ar
 NUM_SAMPLES_HELP = "number of samples (default 100), spread over the processes under torchrun"
 VAE_HELP = "a latent model's VAE: a diffusers AutoencoderKL folder or Hub id (default: the checkpoint's)"
 TOL_HELP = "FPDM, --schedule tolerance: the relative residual that ends a solve (default: 1e-3)"
-REUSE_HELP = "warm start from the last step (--parallel: the last sweep); default on, off with --parallel"
+REUSE_HELP = "warm start from the last step; default on (--parallel reproduces --no-reuse, refuses --reuse)"
 CHAIN_TOL_HELP = "--parallel: one RMS residual for every timestep (default: --chain-tau's noise-scaled ones)"
 CHAIN_TAU_HELP = f"--parallel: RMS residual tau * sqrt(1 - abar_t) per timestep (default {DEFAULT_TAU:g})"
+BUDGET_HELP = (
+    "transformer-block evaluations per sample (--parallel: of the sequential run it reproduces; it spends "
+    "more, capped by --max-evals)"
+)
+MAX_EVALS_HELP = "--parallel: most block evaluations per sample, first guess included (default: no cap)"
 MAX_BATCH_HELP = "--parallel: timesteps per model call, 'auto' (default; fits CUDA memory) or 'none'"
 
 
@@ -678,6 +691,24 @@ def _max_batch_option(text: str) -> int | str:
     return value
 
 
+class _Renamed(argparse.Action):
+    """An option's old spelling: it still sets the new option, and warns (``FutureWarning``) with its name.
+
+    (``--solver`` is FPDM's fixed-point solver of each timestep; the chain's rule had been spelt
+    ``--chain-solver``.)
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, help=f"deprecated spelling of {new}", **kwargs)
+        self.new = new
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: Any = None
+    ) -> None:
+        warnings.warn(f"{option} is deprecated: spell it {self.new}", FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; see the module docstring."""
     parser = OneLineParser(description=__doc__.split("\n")[0])
@@ -688,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--overwrite", action="store_true", help="replace the samples already in --out")
     add("--num-samples", type=positive, default=None, help=NUM_SAMPLES_HELP)
     add("--num", type=positive, default=None, help="--num-samples for one process (torchrun takes --num)")
-    add("--budget", type=positive, required=True, help="transformer-block evaluations per sample")
+    add("--budget", type=positive, required=True, help=BUDGET_HELP)
     add("--steps", type=positive, default=None, help="timesteps (default: picked from the budget)")
     add("--schedule", default=None, choices=SCHEDULES, help="FPDM: iterations per timestep (constant)")
     add("--solver", default=None, choices=tuple(SOLVERS), help="FPDM: fixed-point solver (default: picard)")
@@ -699,12 +730,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--guidance", type=bounded_float(), default=2.0, help="classifier-free guidance scale (1: none)")
     add("--tol", type=bounded_float(0.0, low_open=True), default=None, help=TOL_HELP)
     add("--parallel", action="store_true", help="DDIM with every timestep solved at once (parallel.py)")
-    add("--chain-solver", default=None, choices=CHAIN_SOLVERS, help="--parallel: chain rule (secant)")
+    add(
+        "--chain-rule", default=None, choices=CHAIN_RULES, help="--parallel: the chain's update rule (secant)"
+    )
+    add("--chain-solver", dest="chain_rule", choices=CHAIN_RULES, action=_Renamed, new="--chain-rule")
     add("--chain-tol", type=bounded_float(0.0), default=None, help=CHAIN_TOL_HELP)
     add("--chain-tau", type=bounded_float(0.0), default=None, help=CHAIN_TAU_HELP)
     add("--window", type=positive, default=None, help="--parallel: timesteps per sweep (default: all)")
     add("--form", default=None, choices=FORMS, help="--parallel: the map iterated (default: cumulative)")
     add("--max-batch", type=_max_batch_option, default=None, help=MAX_BATCH_HELP)
+    add("--max-evals", type=positive, default=None, help=MAX_EVALS_HELP)
     add("--seed", type=bounded_int(0), default=0, help="seed of the noise")
     add("--labels", type=bounded_int(0), nargs="*", default=None, help="labels to cycle (default: all)")
     add("--batch-size", type=positive, default=100, help="images per batch (of each process)")
@@ -718,19 +753,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: The rules of ``--chain-solver``: ``secant`` is :class:`implicitdiff.ChainSecant` with one model per
+#: The rules of ``--chain-rule``: ``secant`` is :class:`implicitdiff.ChainSecant` with one model per
 #: sample (``sample_parallel``'s default), the others the solvers of :data:`fpdm.training.SOLVERS`.
-CHAIN_SOLVERS = ("secant", *SOLVERS)
+CHAIN_RULES = ("secant", *SOLVERS)
 
 #: Options that only ``--parallel`` uses, and their defaults there (``--chain-tol`` and ``--chain-tau`` stay
 #: ``None`` when not given: ``sample_parallel``'s noise-scaled tolerances with its ``DEFAULT_TAU``).
 PARALLEL_ONLY = {
-    "chain_solver": "secant",
+    "chain_rule": "secant",
     "chain_tol": None,
     "chain_tau": None,
     "window": None,
     "form": "cumulative",
     "max_batch": "auto",
+    "max_evals": None,
 }
 #: Options of the sequential sampler that ``--parallel`` does not use.
 SEQUENTIAL_ONLY = ("schedule", "tol")

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from fpdm.diffusion import GaussianDiffusion
 from fpdm.reverse import RunSummary, model_eps, sampling_run
 from fpdm.sampling import DEFAULT_ITERS_PER_STEP, block_cost
-from implicitdiff import ChainResult, ChainSecant, Solver, solve_chain
+from implicitdiff import ChainResult, ChainSecant, Solver, distributed_step, solve_chain
 from implicitdiff.chain import FORMS
 
 __all__ = [
@@ -55,7 +55,9 @@ __all__ = [
     "ParallelResult",
     "auto_max_batch",
     "chunk_for_memory",
+    "guess_rows",
     "noise_levels",
+    "paradigms_tolerances",
     "sample_parallel",
     "sample_parallel_batches",
 ]
@@ -84,10 +86,12 @@ class ParallelResult(RunSummary):
     timesteps : list[int]
         The diffusion timesteps, descending.
     sweeps : int
-        Sequential rounds: batched model calls (the sequential sampler takes ``len(timesteps)``).
+        Sequential rounds: the first guess's model calls and the chain's sweeps (batched model calls);
+        the sequential sampler takes ``len(timesteps)``.
     block_evals : int
-        Transformer-block evaluations per sample over all sweeps: for each call, the timesteps it
-        evaluated times the blocks the call spent (``pre + post + iterations`` for FPDM, ``depth`` for DiT).
+        Transformer-block evaluations per sample over the run, first guess included: each timestep
+        evaluated counts the blocks of one timestep (``pre + post + iterations`` for FPDM, ``depth`` for
+        DiT), on whichever rank evaluated it.
     sequential_block_evals : int
         What the sequential DDIM sampler with the same model options spends: ``len(timesteps)`` times the
         blocks of one timestep.
@@ -109,7 +113,7 @@ class ParallelResult(RunSummary):
     options : dict
         The options of the run, for reports.
     chain : ChainResult
-        The full result of :func:`implicitdiff.solve_chain` (trajectory ``xs`` included).
+        The full result of :func:`implicitdiff.solve_chain` (trajectory ``zs`` included).
     """
 
     images: Tensor
@@ -146,7 +150,8 @@ class ParallelResult(RunSummary):
 class _BatchedStep:
     """``step(k, x)`` for :func:`implicitdiff.solve_chain`: one model call on all the timesteps ``k``.
 
-    Keeps FPDM's implicit states per timestep (reused across sweeps) and counts block evaluations.
+    Keeps FPDM's implicit states per timestep (with reuse across sweeps) and the last call's predicted
+    noise (for the first guess).
     """
 
     def __init__(
@@ -166,9 +171,7 @@ class _BatchedStep:
         self.implicit = "max_iter" in model_options
         self.states: Tensor | None = None  # (N, F B, T, D): each timestep's last state (reuse only)
         self.seen = torch.zeros(len(timesteps), dtype=torch.bool)  # timesteps evaluated at least once
-        self.spent = [0] * len(timesteps)
-        self.iterations = [0] * len(timesteps)
-        self.block_evals = 0
+        self.eps: Tensor | None = None  # the last call's predicted noise, shaped like its x
 
     def _z0(self, k: Tensor) -> Tensor | None:
         """Warm starts of the timesteps ``k``: their own last state, else the nearest earlier one seen."""
@@ -201,17 +204,13 @@ class _BatchedStep:
         y = self.labels.repeat(steps)
         options = {**self.model_options, "z0": z0} if self.implicit else {}
         eps, state = model_eps(self.model, x.flatten(0, 1), t, y, guidance=self.guidance, **options)
-        cost = int(state.block_evals)
-        self.block_evals += steps * cost
-        for step in k.tolist():
-            self.spent[step] += cost
-            self.iterations[step] += cost - block_cost(self.model)[0] if self.implicit else 0
         if self.implicit and self.reuse:  # the states are kept only to warm-start the next sweep
             z = state.z
             if self.guidance != 1.0:
                 z = z.reshape(2, steps, batch, *z.shape[1:]).transpose(0, 1).flatten(0, 2)
             self._store(k, z)
         eps = eps.reshape(x.shape).to(x.dtype)
+        self.eps = eps
         return self.diffusion.ddim_step(x, eps, self.t[k], self.t_prev[k])
 
 
@@ -290,6 +289,133 @@ def auto_max_batch(probe: Any, device: torch.device, steps: int) -> int | None:
     return chunk_for_memory(free, per_timestep, steps)
 
 
+def paradigms_tolerances(
+    diffusion: GaussianDiffusion, timesteps: list[int], tolerance: float = 0.1
+) -> Tensor:
+    r"""Per-timestep RMS tolerances equal to ParaDiGMS's criterion with its ``tolerance`` (float64, ``(N,)``).
+
+    ParaDiGMS (Shih et al. 2023; diffusers' ``StableDiffusionParadigmsPipeline``, ``tolerance=0.1`` by
+    default) accepts the state after timestep :math:`k`, at :math:`t_{k+1}`, when its change :math:`d`
+    over a sweep has :math:`\|d\|^2 / (D\,\tilde\beta_{t_{k+1}}) \le \mathrm{tolerance}^2`, per sample of
+    :math:`D` entries, where
+
+    .. math:: \tilde\beta_t = \frac{1 - \bar\alpha_{t'}}{1 - \bar\alpha_t}
+              \Bigl(1 - \frac{\bar\alpha_t}{\bar\alpha_{t'}}\Bigr)
+
+    is the DDPM posterior variance of the step from :math:`t` to the next timestep :math:`t'` (zero into
+    :math:`t' = -1`: the last two states are accepted only when exact). At the first timestep of the
+    window that change is this chain's residual, so the same test on the root mean square of step
+    :math:`k`'s residual is
+
+    .. math:: \mathrm{tol}_k = \mathrm{tolerance}\,\sqrt{\tilde\beta_{t_{k+1}}},
+
+    which :func:`sample_parallel` takes as ``tol`` (a sequence). Its own noise-scaled default
+    :math:`\tau\sigma_{t_k}` is thus ParaDiGMS's with :math:`\mathrm{tolerance}_k = \tau\sigma_{t_k} /
+    \sqrt{\tilde\beta_{t_{k+1}}}`. Two differences remain: ParaDiGMS tests each sample and sums the
+    changes from the window's start, this chain tests the RMS over the batch, step by step.
+    """
+    t = torch.tensor([*timesteps, -1, -1], dtype=torch.long)
+    abar, abar_next = diffusion.alpha_bar(t[1:-1]), diffusion.alpha_bar(t[2:])
+    posterior = (1 - abar_next) / (1 - abar).clamp_min(1e-300) * (1 - abar / abar_next)
+    return tolerance * posterior.clamp_min(0.0).sqrt()
+
+
+def paradigms_equivalent(diffusion: GaussianDiffusion, timesteps: list[int], tau: float) -> Tensor:
+    r"""ParaDiGMS's tolerance, per timestep, that is the noise-scaled RMS tolerance :math:`\tau\sigma_{t_k}`.
+
+    Step :math:`k`'s residual :math:`d` (``D`` entries) passes ours when
+    :math:`\|d\|^2 / D \le \tau^2 \sigma_{t_k}^2` and ParaDiGMS's when
+    :math:`\|d\|^2 / (D\,\tilde\beta_{t_{k+1}}) \le \mathrm{tolerance}^2`
+    (:func:`paradigms_tolerances`); the two tests are one where
+
+    .. math:: \mathrm{tolerance}_k = \tau\,\sigma_{t_k} / \sqrt{\tilde\beta_{t_{k+1}}}.
+
+    Float64 ``(len(timesteps),)``; ``inf`` for the last two steps, into :math:`t = -1`, whose posterior
+    variance is zero (ParaDiGMS accepts them only when exact).
+    """
+    per_unit = paradigms_tolerances(diffusion, timesteps, 1.0)
+    ours = tau * noise_levels(diffusion, timesteps)
+    return torch.where(per_unit > 0, ours / per_unit.clamp_min(1e-300), math.inf)
+
+
+def guess_rows(steps: int, warmup: int = 0, coarse: int = 0) -> list[int]:
+    """The timesteps the first guess evaluates one after another: the first ``warmup`` and ``coarse``
+    evenly spaced over the rest (``warmup`` included), ascending and distinct."""
+    spaced = [warmup + round(i * (steps - warmup) / coarse) for i in range(coarse)] if coarse else []
+    return sorted({*range(min(warmup, steps)), *(r for r in spaced if r < steps)})
+
+
+def _first_guess(step: _BatchedStep, diffusion: GaussianDiffusion, x: Tensor, rows: list[int]) -> Tensor:
+    """The trajectory ``(N + 1, *x.shape)`` guessed by DDIM jumps: the model is evaluated at each of
+    ``rows`` in turn, and the states from there to the next one are DDIM steps from it with its noise
+    prediction (its predicted clean image, clipped), so consecutive rows are exact sequential steps."""
+    n = len(step.t)
+    t = torch.cat([step.t, step.t.new_full((1,), -1)])
+    trajectory = x.new_empty((n + 1, *x.shape))
+    trajectory[0] = x
+    for i, row in enumerate(rows):
+        stop = rows[i + 1] if i + 1 < len(rows) else n
+        step(t.new_tensor([row]), trajectory[row][None])
+        assert step.eps is not None
+        span = stop - row
+        ahead = t[row + 1 : stop + 1]
+        trajectory[row + 1 : stop + 1] = diffusion.ddim_step(
+            trajectory[row].expand(span, *x.shape),
+            step.eps.expand(span, *x.shape),
+            t[row].repeat(span),
+            ahead,
+        )
+    return trajectory
+
+
+def _sweep_cap(max_evals: int, cost: int, spent: int, steps: int, window: int | None) -> int:
+    """The most sweeps that cannot spend more than ``max_evals`` block evaluations per sample in all.
+
+    ``spent`` went to the first guess; a sweep evaluates at most ``window`` steps and each sweep makes at
+    least one more final, so sweep ``s`` costs at most ``min(window, steps - s + 1) * cost``.
+    """
+    left, sweeps = max_evals - spent, 0
+    while sweeps < steps and min(window or steps, steps - sweeps) * cost <= left:
+        left -= min(window or steps, steps - sweeps) * cost
+        sweeps += 1
+    if sweeps == 0 and steps:
+        raise ValueError(
+            f"max_evals={max_evals} block evaluations per sample does not pay for the first guess ({spent}) "
+            f"and one sweep ({min(window or steps, steps) * cost}); raise it, or pass a window"
+        )
+    return sweeps
+
+
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
+def _tolerances(
+    diffusion: GaussianDiffusion, timesteps: list[int], tol: object, tau: object
+) -> tuple[Tensor, float | None, Any]:
+    """Per-timestep RMS tolerances (float64) from ``tol`` (a number or one per timestep) or ``tau``."""
+    if tol is not None and tau is not None:
+        raise ValueError(
+            f"give tol (one tolerance for every timestep) or tau (noise-scaled), not both: got tol={tol!r}, "
+            f"tau={tau!r}"
+        )
+    if tol is None:
+        scale_tau = _check_scale("tau", DEFAULT_TAU if tau is None else tau)
+        return scale_tau * noise_levels(diffusion, timesteps), scale_tau, None
+    if isinstance(tol, (Tensor, list, tuple)):
+        tols = torch.as_tensor(tol, dtype=torch.float64).cpu()
+        if tols.shape != (len(timesteps),) or not bool(torch.isfinite(tols).all() and (tols >= 0).all()):
+            raise ValueError(
+                f"tol must be a finite number >= 0 or {len(timesteps)} of them (one per timestep), got "
+                f"shape {tuple(tols.shape)}"
+            )
+        return tols, None, "per timestep"
+    uniform = _check_scale("tol", tol)
+    return torch.full((len(timesteps),), uniform, dtype=torch.float64), None, uniform
+
+
 @torch.no_grad()
 def sample_parallel(
     model: nn.Module,
@@ -299,15 +425,19 @@ def sample_parallel(
     steps: int,
     iterations: int | None = None,
     solver: Any = None,
-    tol: float | None = None,
+    tol: float | list[float] | Tensor | None = None,
     tau: float | None = None,
     window: int | None = None,
     max_sweeps: int | None = None,
+    max_evals: int | None = None,
     form: str = "cumulative",
     max_batch: int | str | None = "auto",
     guidance: float = 1.0,
     reuse: bool = False,
     block_solver: Solver | None = None,
+    warmup: int = 0,
+    coarse: int = 0,
+    group: Any = None,
     generator: torch.Generator | None = None,
 ) -> ParallelResult:
     r"""Sample one image per label by deterministic DDIM, all timesteps solved in parallel (see the module).
@@ -330,9 +460,10 @@ def sample_parallel(
         secant model per sample (fewer rounds than Picard on the digits at the same tolerances;
         ``benchmarks/fpdm_parallel.py``). ``Picard()`` with the cumulative form is ParaDiGMS;
         ``Anderson()`` and ``Broyden()`` treat the timesteps as independent and warn so.
-    tol : float, optional
-        One tolerance for every timestep's residual, root mean square per entry, ``>= 0`` (``0``: exact,
-        ``N`` Picard sweeps). Give ``tol`` or ``tau``, not both.
+    tol : float or sequence of float, optional
+        Root mean square tolerance of the timesteps' residuals, ``>= 0``: one for every timestep (``0``:
+        exact, ``N`` Picard sweeps) or one per timestep, e.g. ParaDiGMS's criterion
+        (:func:`paradigms_tolerances`). Give ``tol`` or ``tau``, not both.
     tau : float, optional
         Noise-scaled tolerances (the default, with :data:`DEFAULT_TAU`): timestep :math:`k` stops at a
         root mean square residual of :math:`\tau\sigma_{t_k}`, :math:`\sigma_t = \sqrt{1 - \bar\alpha_t}`
@@ -340,7 +471,11 @@ def sample_parallel(
     window : int, optional
         Most timesteps per sweep; default all.
     max_sweeps : int, optional
-        Cap on sweeps; default ``steps`` (always enough).
+        Cap on the chain's sweeps; default ``steps`` (always enough).
+    max_evals : int, optional
+        Cap on the block evaluations per sample of the whole run (the first guess included): the chain
+        stops after the most sweeps that cannot spend more (each sweep counted at its most, every step in
+        flight evaluated), and reports ``converged=False`` if it had not finished. Default: no cap.
     form : {"cumulative", "step"}
         The map iterated: ParaDiGMS's cumulative map :math:`G` or Picard on the steps, :math:`F`.
     max_batch : int, "auto" or None
@@ -353,12 +488,26 @@ def sample_parallel(
     guidance : float
         Classifier-free guidance scale; ``1``: the conditional model alone.
     reuse : bool
-        FPDM: warm-start each timestep's implicit solve from its state of the previous sweep. Off by
-        default: on the digits it took more sweeps than cold starts (the states moving under the chain
-        keep its residuals up) and its samples differ from every sequential sampler's
-        (``benchmarks/fpdm_parallel.py``).
+        FPDM: warm-start each timestep's implicit solve from its state of the previous sweep. This is
+        not the sequential sampler's reuse (each timestep warm-started from the timestep before it): the
+        samples are those of no sequential sampler. Off by default, and the samples are then those of
+        ``fpdm.sampling.sample`` with ``reuse=False``; on the digits reuse also took more sweeps.
     block_solver : Solver, optional
         FPDM's solver of the implicit block; the model's own by default.
+    warmup, coarse : int
+        The first guess (default none: every timestep starts at the initial noise, as in ParaDiGMS). The
+        model is evaluated on the first ``warmup`` timesteps one after another (exact sequential steps)
+        and on ``coarse`` timesteps evenly spaced over the rest; every other timestep's state is the DDIM
+        step to it from the last one evaluated, with that one's predicted clean image (ParaSolver's
+        initialisation, Lu et al. 2025, for ``warmup=1``; a coarse run interpolated onto the timesteps, as
+        in parareal or SRDS, for ``coarse > 0``). Each of those evaluations is one sequential round and
+        one timestep's evaluation, counted in :attr:`ParallelResult.sweeps` and the block evaluations;
+        the chain then starts after the warm-up.
+    group : ProcessGroup, optional
+        Spread each sweep's model call over the ranks of this :mod:`torch.distributed` group
+        (:func:`implicitdiff.distributed_step`): every rank must call with the same arguments (labels,
+        generator seed) and gets the same samples, each evaluating about ``1 / world`` of the timesteps in
+        flight. Not with ``reuse=True`` (each timestep's state would stay on the rank that evaluated it).
     generator : torch.Generator, optional
         CPU generator of the initial noise, drawn as :func:`fpdm.sampling.sample` draws it: same seed, same
         noise.
@@ -371,31 +520,34 @@ def sample_parallel(
     ------
     ValueError
         Bad labels, steps, iterations (or iterations for DiT), tol, tau (or both given), max_batch,
-        guidance, window, form or solver.
+        max_evals, warmup, coarse, guidance, window, form or solver; ``reuse`` with ``group``.
     """
     explicit, implicit = _check(model, labels, steps, iterations, guidance)
-    if tol is not None and tau is not None:
-        raise ValueError(
-            f"give tol (one tolerance for every timestep) or tau (noise-scaled), not both: got tol={tol!r}, "
-            f"tau={tau!r}"
-        )
-    uniform = None if tol is None else _check_scale("tol", tol)
-    scale_tau = None if uniform is not None else _check_scale("tau", DEFAULT_TAU if tau is None else tau)
     max_batch = _check_max_batch(max_batch)
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if steps > diffusion.num_timesteps:
         raise ValueError(f"steps ({steps}) exceeds the diffusion's {diffusion.num_timesteps} timesteps")
+    warmup, coarse = _check_count("warmup", warmup), _check_count("coarse", coarse)
+    if warmup > steps:
+        raise ValueError(f"warmup ({warmup}) exceeds steps ({steps})")
+    if group is not None and reuse and implicit:
+        raise ValueError(
+            "reuse=True keeps each timestep's implicit state where it was evaluated: not with group"
+        )
     timesteps = diffusion.respace(steps)
-    if scale_tau is not None:
-        tolerances = scale_tau * noise_levels(diffusion, timesteps)
-    else:
-        tolerances = torch.full((steps,), uniform, dtype=torch.float64)
+    tolerances, scale_tau, uniform = _tolerances(diffusion, timesteps, tol, tau)
     iters = (DEFAULT_ITERS_PER_STEP if iterations is None else iterations) if implicit else 0
+    cost = explicit + iters
     model_options: dict[str, Any] = {}
     if implicit:
         model_options = {"max_iter": iters, "tol": None, "solver": block_solver}
     step = _BatchedStep(model, diffusion, labels, timesteps, model_options, guidance, reuse)
+    rows = guess_rows(steps, warmup, coarse)
+    max_iter = max_sweeps
+    if max_evals is not None:
+        cap = _sweep_cap(_check_count("max_evals", max_evals), cost, len(rows) * cost, steps - warmup, window)
+        max_iter = cap if max_iter is None else min(max_iter, cap)
     shape = (labels.shape[0], model.in_channels, model.input_size, model.input_size)
     with sampling_run(model) as clock:
         x = torch.randn(shape, generator=generator).to(labels.device)
@@ -406,34 +558,46 @@ def sample_parallel(
                 model_eps(model, x, t, labels, guidance=guidance, **model_options)
 
             max_batch = auto_max_batch(probe, x.device, steps)
+        guess = _first_guess(step, diffusion, x, rows) if rows else None
+        start = x if guess is None else guess[warmup]
+        chain_step: Any = _Shifted(step, warmup)
+        if group is not None:
+            chain_step, max_batch = distributed_step(chain_step, group, max_batch=max_batch), None
         scale = math.sqrt(x.numel())
         rule = ChainSecant(blocks=labels.shape[0]) if solver is None else solver
         chain = solve_chain(
-            step,
-            x,
-            steps,
+            chain_step,
+            start,
+            steps - warmup,
             solver=rule,
-            tol=tolerances * scale,
-            max_iter=max_sweeps,
+            tol=tolerances[warmup:] * scale,
+            max_iter=max_iter,
             window=window,
             form=form,
             max_batch=max_batch,
+            init=None if guess is None else guess[warmup:],
         )
+    counts = _evaluations_per_timestep(steps, rows, warmup, chain)
+    residuals = [0.0] * warmup + (chain.residual / scale).tolist()
     options = {"model": type(model).__name__, "method": "ddim", "eta": 0.0, "parallel": True}
-    options.update(solver=repr(rule), form=form)
+    # "solver" is FPDM's fixed-point solver of each timestep, as in the sequential sampler's summary.
+    options.update(chain_rule=repr(rule), form=form)
     options.update(tol=uniform, tau=scale_tau, window=window, max_batch=max_batch)
-    options.update(guidance=guidance, steps=steps)
+    options.update(guidance=guidance, steps=steps, warmup=warmup, coarse=coarse, guess_rows=rows)
+    options.update(max_evals=max_evals, ranks=1 if group is None else _world(group))
     options["iterations_per_call"] = iters if implicit else None
-    options.update(reuse=bool(reuse and implicit), block_solver=repr(block_solver) if block_solver else None)
+    options.update(reuse=bool(reuse and implicit), solver=repr(block_solver) if block_solver else None)
+    # The sequential sampler whose samples these are (none with reuse across sweeps).
+    options["reproduces"] = None if reuse and implicit else REPRODUCES
     return ParallelResult(
         images=chain.zs[-1],
         timesteps=timesteps,
-        sweeps=chain.sweeps,
-        block_evals=step.block_evals,
-        sequential_block_evals=steps * (explicit + iters),
-        spent=step.spent,
-        iterations=step.iterations,
-        residuals=(chain.residual / scale).tolist(),
+        sweeps=len(rows) + chain.sweeps,
+        block_evals=sum(counts) * cost,
+        sequential_block_evals=steps * cost,
+        spent=[count * cost for count in counts],
+        iterations=[count * iters for count in counts],
+        residuals=residuals,
         tolerances=tolerances.tolist(),
         converged=chain.all_converged,
         wall_s=clock.wall_s,
@@ -441,6 +605,36 @@ def sample_parallel(
         options=options,
         chain=chain,
     )
+
+
+#: The sequential sampler whose samples the parallel sampler gives (without FPDM's reuse across sweeps).
+REPRODUCES = "sampling.sample(method='ddim', eta=0, reuse=False)"
+
+
+def _evaluations_per_timestep(steps: int, rows: list[int], warmup: int, chain: ChainResult) -> list[int]:
+    """How often each timestep was evaluated: once per first-guess row, then by the chain (after warm-up)."""
+    counts = [0] * steps
+    for row in rows:
+        counts[row] += 1
+    for k, count in enumerate(chain.evaluations_per_step.tolist()):
+        counts[warmup + k] += count
+    return counts
+
+
+class _Shifted:
+    """``step`` on the timesteps after the first ``offset`` (the chain after a warm-up)."""
+
+    def __init__(self, step: _BatchedStep, offset: int) -> None:
+        self.step, self.offset = step, offset
+
+    def __call__(self, k: Tensor, x: Tensor) -> Tensor:
+        return self.step(k + self.offset, x)
+
+
+def _world(group: Any) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
 
 
 def sample_parallel_batches(
