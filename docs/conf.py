@@ -69,6 +69,7 @@ nitpick_ignore = [
     ("py:class", "torch.Tensor"),
     ("py:class", "collections.Counter"),
     ("py:class", "pytree"),  # the docstrings' word for a nested structure of tensors
+    ("py:class", "callable"),  # numpydoc's type word for a function
 ]
 
 html_theme = "furo"

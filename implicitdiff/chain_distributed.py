@@ -1,4 +1,4 @@
-r"""A chain's sweeps spread over the processes of a :mod:`torch.distributed` group.
+r"""A chain's sweeps spread over the processes of a ``torch.distributed`` group.
 
 A sweep of :func:`implicitdiff.solve_chain` is one batched call of ``step`` on every step in flight. On one
 device that call runs the steps side by side; over several, :func:`distributed_step` splits it: each rank
@@ -47,7 +47,7 @@ def distributed_step(
 
     The ranks then run the same arithmetic on the same gathered values; for their decisions (how far the
     window slides) to agree, run them with the same code, device type and thread count, as
-    :mod:`torch.distributed` jobs usually are. The trajectory equals one process's up to the rounding of
+    ``torch.distributed`` jobs usually are. The trajectory equals one process's up to the rounding of
     the model on batches of another size.
 
     Parameters
@@ -72,7 +72,7 @@ def distributed_step(
     Raises
     ------
     RuntimeError
-        If :mod:`torch.distributed` is not initialised.
+        If ``torch.distributed`` is not initialised.
 
     Examples
     --------
