@@ -309,3 +309,11 @@ def test_every_atomic_writer_follows_the_umask(tmp_path, umask_027):
     ]
     assert [mode(path) for path in written] == [umask_027] * 3
     assert not list(tmp_path.glob(".*"))  # no temporary file left
+
+
+def test_a_failed_json_write_keeps_the_old_file_whole_and_leaves_no_temporary(tmp_path):
+    path = save_json_atomically({"x": 1}, tmp_path / "c.json")
+    with pytest.raises(TypeError):  # not JSON: fails while writing the temporary file
+        save_json_atomically({"x": object()}, path)
+    assert json.loads(path.read_text()) == {"x": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]

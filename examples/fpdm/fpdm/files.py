@@ -21,7 +21,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -52,12 +52,17 @@ def save_atomically(payload: Any, path: str | Path) -> Path:
     ``path`` by ``os.replace`` (atomic on POSIX and Windows). A process killed mid-write leaves at most a
     stale temporary file; two processes writing the same path leave one whole file.
     """
-    path = Path(path)
+    return _replace_atomically(Path(path), lambda handle: torch.save(payload, handle), "wb")
+
+
+def _replace_atomically(path: Path, write: Callable[[IO[Any]], object], mode: str) -> Path:
+    """``write(handle)`` into a temporary file beside ``path``, flushed to disk, then moved over ``path``;
+    the temporary file is removed if anything fails (a kill leaves at most a stale ``.tmp``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temporary_beside(path)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -80,13 +85,11 @@ def _temporary_beside(path: Path) -> tuple[int, Path]:
 
 
 def save_json_atomically(payload: Any, path: str | Path) -> Path:
-    """``payload`` as indented JSON at ``path``, written aside and moved in (``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """``payload`` as indented JSON at ``path``, written as :func:`save_atomically` writes: to a temporary
+    file of its own beside ``path`` (its mode following the umask), flushed to disk, then moved in."""
+    return _replace_atomically(
+        Path(path), lambda handle: handle.write(json.dumps(payload, indent=2) + "\n"), "w"
+    )
 
 
 def save_npz_atomically(path: str | Path, **arrays: np.ndarray) -> Path:

@@ -101,7 +101,7 @@ from fpdm.data import (
     read_image,
 )
 from fpdm.distributed import Runtime, gather_objects, joined, on_main_then_all
-from fpdm.files import FileKindError, load_tensors
+from fpdm.files import FileKindError, load_tensors, save_json_atomically
 from fpdm.run_folder import RunLock
 
 __all__ = [
@@ -321,21 +321,6 @@ class LatentsWriter:
         os.fsync(fd)
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Atomically: a temporary file in the same folder (created with the umask's mode, like any other
-    file), flushed to disk, then renamed over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(json.dumps(payload, indent=1) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------------
 # The destination: checked (and prepared) by rank 0 before any encoding
 # ----------------------------------------------------------------------------------------------------
@@ -436,7 +421,7 @@ def _prepare(out: Path, job: dict[str, Any], state: str) -> str:
         )
     if state == "new":
         writer.create()
-        _write_json(out / JOB_NAME, job)
+        save_json_atomically(job, out / JOB_NAME)
         return f"extracting {job['count']} images into {out}"
     stored, keys = json.loads((out / JOB_NAME).read_text()), ("latent_shape", "scaling_factor")
     changed = [f"{key} {stored.get(key)!r} -> {job[key]!r}" for key in keys if stored.get(key) != job[key]]
@@ -580,7 +565,7 @@ def _finish(out: Path, job: dict[str, Any]) -> None:
         raise FileKindError(
             f"{out / PROGRESS_NAME}: {len(left)} batches are not done; run the same command again"
         )
-    _write_json(out / META_NAME, {**job, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    save_json_atomically({**job, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, out / META_NAME)
     (out / JOB_NAME).unlink(missing_ok=True)
     (out / PROGRESS_NAME).unlink(missing_ok=True)
 
