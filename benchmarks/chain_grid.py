@@ -1,6 +1,6 @@
 """The grid of 252 small chains on which rules of :func:`implicitdiff.solve_chain` are compared.
 
-Each chain is ``x_{k+1} = act(A_k x_k + b_k)`` in 6 dimensions with ``||A_k||_2`` the chain's gain
+Each chain is ``z_{k+1} = act(A_k z_k + b_k)`` in 6 dimensions with ``||A_k||_2`` the chain's gain
 (:class:`ToyChain`): 12, 30 and 60 steps, gains 0.5 to 1.1, tanh and affine (an expanding affine chain
 overflows, so it is left out), both forms, the full window and 8, three seeds; float64, ``tol=1e-8``.
 :func:`grid_sweeps` solves one chain with a rule and checks the result against the sequential rollout
@@ -34,7 +34,11 @@ GRID: list[dict[str, Any]] = [
 
 
 class ToyChain:
-    """``x_{k+1} = act(A_k x_k + b_k)`` with ``||A_k||_2 = gain_k``: Lipschitz ``gain_k`` per step."""
+    """``z_{k+1} = act(A_k z_k + b_k)`` with ``||A_k||_2 = gain_k``: Lipschitz ``gain_k`` per step.
+
+    Counts every call of ``step`` (``calls``), every step it is asked for (``asked``) and the largest
+    call (``largest_call``), which the tests read.
+    """
 
     def __init__(self, num_steps: int, dim: int, gains: list[float], seed: int, act: str) -> None:
         generator = torch.Generator().manual_seed(seed)
@@ -42,19 +46,26 @@ class ToyChain:
         scale = torch.tensor(gains, dtype=torch.float64) / torch.linalg.matrix_norm(A, ord=2)
         self.A = A * scale[:, None, None]
         self.b = torch.randn(num_steps, dim, generator=generator, dtype=torch.float64)
-        self.x0 = torch.randn(dim, generator=generator, dtype=torch.float64)
+        self.z0 = torch.randn(dim, generator=generator, dtype=torch.float64)
         self.lipschitz = torch.linalg.matrix_norm(self.A, ord=2)  # tanh is 1-Lipschitz
         self.act = torch.tanh if act == "tanh" else (lambda y: y)
+        self.calls = 0
+        self.asked = torch.zeros(num_steps, dtype=torch.long)
+        self.largest_call = 0
 
-    def step(self, k: Tensor, x: Tensor) -> Tensor:
-        return self.act(torch.einsum("kij,kj->ki", self.A[k], x) + self.b[k])
+    def step(self, k: Tensor, z: Tensor) -> Tensor:
+        assert k.dtype == torch.long and k.dim() == 1 and z.shape[0] == k.shape[0]
+        self.calls += 1
+        self.asked += torch.bincount(k, minlength=self.asked.shape[0])
+        self.largest_call = max(self.largest_call, k.shape[0])
+        return self.act(torch.einsum("kij,kj->ki", self.A[k], z) + self.b[k])
 
     def rollout(self) -> Tensor:
-        """The sequential trajectory ``x_0 .. x_N``."""
-        xs = [self.x0]
+        """The sequential trajectory ``z_0 .. z_N``."""
+        zs = [self.z0]
         for k in range(self.A.shape[0]):
-            xs.append(self.act(self.A[k] @ xs[-1] + self.b[k]))
-        return torch.stack(xs)
+            zs.append(self.act(self.A[k] @ zs[-1] + self.b[k]))
+        return torch.stack(zs)
 
 
 def error_bound(chain: ToyChain, residual: Tensor) -> Tensor:
@@ -70,8 +81,8 @@ def check_against_rollout(chain: ToyChain, out: ChainResult, tol: float) -> None
     """Raise ``AssertionError`` unless ``out`` is a converged trajectory of ``chain`` within its bound."""
     steps = chain.A.shape[0]
     problems = []
-    if out.zs.shape != (steps + 1, chain.x0.shape[0]) or not torch.equal(out.zs[0], chain.x0):
-        problems.append(f"trajectory of shape {tuple(out.zs.shape)} not starting at x0")
+    if out.zs.shape != (steps + 1, chain.z0.shape[0]) or not torch.equal(out.zs[0], chain.z0):
+        problems.append(f"trajectory of shape {tuple(out.zs.shape)} not starting at z0")
     elif not out.all_converged or float(out.residual.max()) > tol:
         problems.append(f"not converged: largest residual {float(out.residual.max()):.1e} > {tol:g}")
     else:
@@ -93,7 +104,7 @@ def grid_sweeps(case: dict[str, Any], solver: Any) -> ChainResult:
     """Solve the chain of grid ``case`` with ``solver`` (``None``: Picard), checked against its rollout."""
     chain = ToyChain(case["steps"], 6, [case["gain"]] * case["steps"], case["seed"], case["act"])
     out = solve_chain(
-        chain.step, chain.x0, case["steps"], solver=solver, tol=TOL, form=case["form"], window=case["window"]
+        chain.step, chain.z0, case["steps"], solver=solver, tol=TOL, form=case["form"], window=case["window"]
     )
     check_against_rollout(chain, out, TOL)
     return out

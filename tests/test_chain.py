@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from benchmarks.chain_grid import ROUNDING, ToyChain, check_against_rollout, error_bound
 from implicitdiff import Anderson, Broyden, ChainResult, ChainSecant, Picard, solve_chain
 from implicitdiff.chain import FORMS
 from implicitdiff.diagnostics import SyncCounter
@@ -22,67 +23,6 @@ from implicitdiff.solvers import UpdateRule
 
 # Anderson and Broyden are run on chains on purpose here: their warning is tested once, below.
 pytestmark = pytest.mark.filterwarnings("ignore::implicitdiff.ChainRuleWarning")
-
-# Float64 noise of one step evaluated in a batch of another size (a matmul may block differently).
-ROUNDING = 1e-12
-
-
-class ToyChain:
-    """``x_{k+1} = act(A_k x_k + b_k)`` with ``||A_k||_2 = gain_k``: Lipschitz constant ``gain_k`` per step.
-
-    Counts every call of ``step`` and every step it is asked for.
-    """
-
-    def __init__(self, num_steps: int, dim: int, gains: list[float], seed: int, act: str) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        A = torch.randn(num_steps, dim, dim, generator=generator, dtype=torch.float64)
-        scale = torch.tensor(gains, dtype=torch.float64) / torch.linalg.matrix_norm(A, ord=2)
-        self.A = A * scale[:, None, None]
-        self.b = torch.randn(num_steps, dim, generator=generator, dtype=torch.float64)
-        self.z0 = torch.randn(dim, generator=generator, dtype=torch.float64)
-        self.lipschitz = torch.linalg.matrix_norm(self.A, ord=2)  # tanh is 1-Lipschitz
-        self.act = torch.tanh if act == "tanh" else (lambda y: y)
-        self.calls = 0
-        self.asked = torch.zeros(num_steps, dtype=torch.long)
-        self.largest_call = 0
-
-    def step(self, k: Tensor, x: Tensor) -> Tensor:
-        assert k.dtype == torch.long and k.dim() == 1 and x.shape[0] == k.shape[0]
-        self.calls += 1
-        self.asked += torch.bincount(k, minlength=self.asked.shape[0])
-        self.largest_call = max(self.largest_call, k.shape[0])
-        return self.act(torch.einsum("kij,kj->ki", self.A[k], x) + self.b[k])
-
-    def rollout(self) -> Tensor:
-        zs = [self.z0]
-        for k in range(self.A.shape[0]):
-            zs.append(self.act(self.A[k] @ zs[-1] + self.b[k]))
-        return torch.stack(zs)
-
-
-def error_bound(chain: ToyChain, residual: Tensor) -> Tensor:
-    """``e_{k+1} <= L_k e_k + r_k``, ``e_0 = 0``: the distance to the rollout the residuals allow."""
-    bound, out = 0.0, []
-    for k in range(residual.shape[0]):
-        bound = float(chain.lipschitz[k]) * bound + float(residual[k])
-        out.append(bound)
-    return torch.tensor(out, dtype=torch.float64)
-
-
-def check_against_rollout(chain: ToyChain, out: ChainResult, tol: float) -> None:
-    steps = chain.A.shape[0]
-    assert out.zs.shape == (steps + 1, chain.z0.shape[0])
-    assert torch.equal(out.zs[0], chain.z0)
-    assert out.all_converged
-    assert float(out.residual.max()) <= tol
-    # The residuals reported are those of the returned trajectory.
-    images = chain.act(torch.einsum("kij,kj->ki", chain.A, out.zs[:-1]) + chain.b)
-    actual = torch.linalg.vector_norm(images - out.zs[1:], dim=1)
-    torch.testing.assert_close(out.residual, actual, atol=ROUNDING, rtol=0)
-    error = torch.linalg.vector_norm(out.zs[1:] - chain.rollout()[1:], dim=1)
-    slack = ROUNDING * torch.arange(1, steps + 1, dtype=torch.float64)
-    assert torch.all(error <= error_bound(chain, out.residual) + slack), (error, out.residual)
-
 
 SOLVERS: dict[str, Callable[[], Any]] = {
     "picard": lambda: None,
