@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from everything import EVERYTHING
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
@@ -359,12 +359,11 @@ def grid_sweeps(case: dict[str, Any], solver: Any) -> ChainResult:
 
 #: Every run checks every seventh chain of the grid (36 chains, every value of every factor, and each
 #: activation, form and window together); CI checks all 252 (``.ci/run`` exports ``CI=true``).
-WHOLE_GRID = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
 def test_chain_secant_never_takes_more_sweeps_than_picard_on_the_test_grid():
     assert len(GRID) == 252
-    cases = GRID if WHOLE_GRID else GRID[::7]
+    cases = GRID if EVERYTHING else GRID[::7]
     fewer = 0
     for case in cases:
         picard = grid_sweeps(case, None).sweeps
