@@ -1,13 +1,16 @@
 """The library's test suite at two revisions, timed side by side.
 
     python -m benchmarks.suite_time --before 79042ff           # against HEAD, 2 rounds
+    python -m benchmarks.suite_time --before 79042ff --jobs 2  # and HEAD's suite on 2 pytest-xdist workers
     python -m benchmarks.suite_time --quick --out /tmp/s.json  # one small test file, one round
 
 Each revision is checked out with ``git worktree`` into a temporary folder, and its library suite
 (``pytest -q -p no:cacheprovider --ignore=tests/fpdm``, with ``HYPOTHESIS_PROFILE=ci`` as CI runs it) is
 run in a fresh process from there, with this interpreter; the revisions alternate, the order reversed in
-every other round, so that the load of a shared machine hits both alike. Recorded per run: wall-clock
-seconds, the CPU seconds of the pytest process and its children, and pytest's last line (the counts).
+every other round, so that the load of a shared machine hits both alike. ``--jobs N`` adds a third entry,
+the later revision's suite on ``N`` pytest-xdist workers (``-n N --dist loadfile``, as ``make test`` runs
+it), alternated with the other two. Recorded per run: wall-clock seconds, the CPU seconds of the pytest
+process and its children (the workers included), and pytest's last line (the counts).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", default="79042ff", help="the earlier revision (default: %(default)s)")
     parser.add_argument("--after", default="HEAD", help="the later revision (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each revision")
+    parser.add_argument("--jobs", type=int, default=0, help="also time the later revision on N xdist workers")
     args = parser.parse_args(argv)
     suite, rounds = (QUICK_SUITE, 1) if args.quick else (SUITE, args.rounds)
     started = harness.start()
@@ -66,28 +70,33 @@ def main(argv: list[str] | None = None) -> int:
         name: harness.git("rev-parse", "--short=12", rev)
         for name, rev in (("before", args.before), ("after", args.after))
     }
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in revisions}
+    entries = {name: (name, suite) for name in revisions}
+    if args.jobs:
+        entries[f"after, -n {args.jobs}"] = ("after", [*suite, "-n", str(args.jobs), "--dist", "loadfile"])
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in entries}
     with tempfile.TemporaryDirectory(prefix="suite-time-") as tmp:
         trees = {name: Path(tmp) / name for name in revisions}
         for name, commit in revisions.items():
             harness.git("worktree", "add", "--detach", str(trees[name]), commit)
         try:
             for round_ in range(rounds):
-                for name in list(revisions) if round_ % 2 == 0 else list(revisions)[::-1]:
-                    runs[name].append(run_suite(trees[name], suite))
-                    print(f"  {name} ({revisions[name]}): {runs[name][-1]}", file=sys.stderr)
+                for name in list(entries) if round_ % 2 == 0 else list(entries)[::-1]:
+                    revision, pytest_args = entries[name]
+                    runs[name].append(run_suite(trees[revision], pytest_args))
+                    print(f"  {name} ({revisions[revision]}): {runs[name][-1]}", file=sys.stderr)
         finally:
             for tree in trees.values():
                 harness.git("worktree", "remove", "--force", str(tree))
     rows = [
         {
             "name": name,
-            "commit": revisions[name],
+            "commit": revisions[revision],
+            "args": " ".join(pytest_args[len(suite) :]),
             "wall_s": statistics.median(r["wall_s"] for r in runs[name]),
             "cpu_s": statistics.median(r["cpu_s"] for r in runs[name]),
             "runs": runs[name],
         }
-        for name in revisions
+        for name, (revision, pytest_args) in entries.items()
     ]
     report = {"suite": " ".join(suite), "rounds": rounds, "results": rows}
     print(tables.render("suite_time.json", report))

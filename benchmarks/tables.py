@@ -514,7 +514,9 @@ def fpdm_data(data: dict[str, Any]) -> dict[str, str]:
 
 def suite_time(data: dict[str, Any]) -> dict[str, str]:
     """``benchmarks/results/suite_time.json``: the library's test suite at two revisions, side by side."""
-    rows = [{**r, "tests": r["runs"][-1]["summary"]} for r in data["results"]]
+    rows = [
+        {**r, "tests": r["runs"][-1]["summary"], "args": r.get("args") or "none"} for r in data["results"]
+    ]
     before = data["results"][0]
     for r in rows:
         r["ratio"] = r["wall_s"] / before["wall_s"]
@@ -522,12 +524,13 @@ def suite_time(data: dict[str, Any]) -> dict[str, str]:
     columns: list[Column] = [
         ("name", "revision", ""),
         ("commit", "commit", ""),
+        ("args", "added arguments", ""),
         ("wall_s", "wall-clock (s)", ".1f"),
         ("cpu_s", "CPU (s)", ".1f"),
         ("ratio", "wall vs before", ".2f"),
         ("tests", "pytest's summary", ""),
     ]
-    return {"suite_time": head + table(rows, columns, "llrrrl")}
+    return {"suite_time": head + table(rows, columns, "lllrrrl")}
 
 
 def _tau(value: float | None) -> str:
