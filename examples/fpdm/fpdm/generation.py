@@ -626,9 +626,10 @@ def _share(plan: ShardPlan, runtime: Runtime, args: argparse.Namespace) -> tuple
     batches left are rank 0's listing of the shard folder, so that every rank runs the same sweeps.
     """
     if not (args.parallel and args.spread == "timesteps" and runtime.distributed):
-        done = plan.finished()
-        own = range(runtime.rank, plan.num_batches, runtime.world_size)
-        return None, plan.batches_for(runtime.rank, runtime.world_size, done), len(set(own) - done)
+        done = plan.finished()  # a listing: its size is what was done, not the run's (lazily, below)
+        own = len(range(runtime.rank, plan.num_batches, runtime.world_size))
+        remaining = own - sum(1 for b in done if b % runtime.world_size == runtime.rank)
+        return None, plan.batches_for(runtime.rank, runtime.world_size, done), remaining
     done = on_main_then_all(runtime, plan.finished)
     return dist.group.WORLD, plan.batches_for(0, 1, done), plan.num_batches - len(done)
 
@@ -699,6 +700,7 @@ BUDGET_HELP = (
 )
 MAX_EVALS_HELP = "--parallel: most block evaluations per sample, first guess included (default: no cap)"
 MAX_BATCH_HELP = "--parallel: timesteps per model call, 'auto' (default; fits CUDA memory) or 'none'"
+BATCH_SIZE_HELP = "images per batch (of each process; one batch for all with --spread timesteps)"
 SPREAD_HELP = (
     "--parallel under torchrun: what the processes share. 'samples' (default): each samples its own "
     "batches, no communication while sampling; pays with many samples. 'timesteps': all sample the same "
@@ -772,7 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--spread", default=None, choices=SPREADS, help=SPREAD_HELP)
     add("--seed", type=bounded_int(0), default=0, help="seed of the noise")
     add("--labels", type=bounded_int(0), nargs="*", default=None, help="labels to cycle (default: all)")
-    add("--batch-size", type=positive, default=100, help="images per batch (of each process)")
+    add("--batch-size", type=positive, default=100, help=BATCH_SIZE_HELP)
     add("--vae", default=None, help=VAE_HELP)
     add("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     add("--nrow", type=positive, default=10, help="images per row of the grid (of the first nrow x nrow)")
@@ -799,7 +801,7 @@ PARALLEL_ONLY = {
     "max_evals": None,
     "spread": "samples",
 }
-#: What the processes of a ``torchrun`` launch share under ``--parallel`` (:func:`_share`).
+#: What the processes of a ``torchrun`` launch share under ``--parallel`` (see ``_share``).
 SPREADS = ("samples", "timesteps")
 #: Options of the sequential sampler that ``--parallel`` does not use.
 SEQUENTIAL_ONLY = ("schedule", "tol")
