@@ -5,10 +5,11 @@ unless asked otherwise). Sample ``i`` of a run is a function of ``(seed, i)`` on
 (:func:`fpdm.sampling.sample_labels`) and its noise (:func:`fpdm.sampling.sample_generators`), so the images
 do not depend on the batch size nor on the number of processes. :func:`run` spreads the batches over the
 processes of a ``torchrun`` launch (:mod:`fpdm.shards`: one file per finished batch, so an interrupted run
-resumes), decodes a latent model's samples with its VAE, and writes ``samples.npz`` (``arr_0``: uint8
-images ``(N, H, W, 3)``, the layout of ADM's evaluation suite), ``grid.png`` and ``summary.json``. The
-options map one to one onto :func:`fpdm.sampling.sample`, or with ``--parallel`` onto
-:func:`fpdm.parallel.sample_parallel`.
+resumes; with ``--parallel --spread timesteps`` every process works on each batch instead, evaluating its
+share of each sweep's timesteps), decodes a latent model's samples with its VAE, and writes
+``samples.npz`` (``arr_0``: uint8 images ``(N, H, W, 3)``, the layout of ADM's evaluation suite),
+``grid.png`` and ``summary.json``. The options map one to one onto :func:`fpdm.sampling.sample`, or with
+``--parallel`` onto :func:`fpdm.parallel.sample_parallel`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from fpdm.cli import Interrupted, OneLineParser, UsageError, bounded_float, bounded_int, run_command
 from fpdm.diffusion import METHODS, SPACINGS, GaussianDiffusion
-from fpdm.distributed import Runtime, run_on_main, setup_runtime, shutdown_runtime
+from fpdm.distributed import Runtime, on_main_then_all, run_on_main, setup_runtime, shutdown_runtime
 from fpdm.files import FileKindError, remove_stale_stages, staged_folder
 from fpdm.parallel import DEFAULT_TAU, FORMS, ParallelResult, sample_parallel
 from fpdm.run_folder import RunLock
@@ -338,8 +339,10 @@ def _sample_batch(
     start: int,
     stop: int,
     callback: Callable[[dict[str, Any]], None],
+    group: Any = None,
 ) -> tuple[Tensor, Tensor, SampleResult | ParallelResult]:
-    """The labels and samples of the indices ``start .. stop - 1`` (the model's output, on the CPU)."""
+    """The labels and samples of the indices ``start .. stop - 1`` (the model's output, on the CPU); with
+    ``group`` (``--parallel --spread timesteps``), each sweep spread over its ranks."""
     labels = sample_labels(start, stop, model.num_classes, args.labels)
     generators = sample_generators(args.seed, start, stop)
     device_labels = labels.to(args.device)
@@ -349,7 +352,9 @@ def _sample_batch(
         initial = _InitialNoise(torch.stack([torch.randn(shape[1:], generator=g) for g in generators]))
         with initial:
             options = _parallel_options(model, diffusion, args)
-            result = sample_parallel(model, diffusion, device_labels, generator=initial.marker, **options)
+            result = sample_parallel(
+                model, diffusion, device_labels, generator=initial.marker, group=group, **options
+            )
     else:
         solver = make_solver(args.solver)
         options = _options(args)
@@ -514,8 +519,6 @@ def _take_folder(out: Path, overwrite: bool) -> RunLock:
 
 def _run(args: argparse.Namespace, runtime: Runtime) -> dict[str, Path]:
     out = Path(args.out)
-    if args.parallel and runtime.distributed:
-        raise UsageError("--parallel samples in one process: run it without torchrun")
     existed = out.is_dir()
     lock = run_on_main(runtime, lambda: _take_folder(out, args.overwrite))
     try:
@@ -579,22 +582,21 @@ def _sample_in_folder(args: argparse.Namespace, runtime: Runtime, out: Path) -> 
         print(f"[sample] {args.checkpoint} samples latents and names no VAE: writing latents only (pass "
               "--vae to decode them into images)", flush=True)  # fmt: skip
     start_time = time.perf_counter()
-    done = plan.finished()
-    mine = plan.batches_for(runtime.rank, runtime.world_size, done)
-    own = len(range(runtime.rank, plan.num_batches, runtime.world_size))
-    remaining = own - sum(1 for b in done if b % runtime.world_size == runtime.rank)
+    group, mine, remaining = _share(plan, runtime, args)
     show = args.progress and runtime.is_main and not args.parallel
-    samples_left = remaining * args.batch_size
-    bar = _progress_bar(show, samples_left, args.batch_size, model, diffusion, _options(args))
+    bar = _progress_bar(show, remaining * args.batch_size, args.batch_size, model, diffusion, _options(args))
     try:  # a stop while the shards are merged keeps them too (they are deleted once samples.npz is in)
         with bar as callback:
             for batch in mine:
                 start, stop = plan.indices(batch)
                 try:
-                    labels, samples, result = _sample_batch(model, diffusion, args, start, stop, callback)
+                    labels, samples, result = _sample_batch(
+                        model, diffusion, args, start, stop, callback, group
+                    )
                 except ValueError as error:
                     raise UsageError(str(error)) from None
-                plan.write(batch, _shard_arrays(labels, samples, result, decoder, latent))
+                if group is None or runtime.is_main:  # spread timesteps: every rank holds the batch
+                    plan.write(batch, _shard_arrays(labels, samples, result, decoder, latent))
         if runtime.distributed:
             dist.barrier()
         if not runtime.is_main:
@@ -603,6 +605,8 @@ def _sample_in_folder(args: argparse.Namespace, runtime: Runtime, out: Path) -> 
         summary["ema"] = args.ema
         summary.update(_summary(plan), world_size=runtime.world_size, resumed_batches=done_before)
         summary.update(decoded_with=name, elapsed_s=time.perf_counter() - start_time)
+        if args.parallel:
+            summary["spread"] = args.spread
         return _write_outputs(out, plan, summary, args)
     except (KeyboardInterrupt, _Stopped) as stop:
         signum = stop.signum if isinstance(stop, _Stopped) else signal.SIGINT
@@ -611,11 +615,30 @@ def _sample_in_folder(args: argparse.Namespace, runtime: Runtime, out: Path) -> 
         raise _interrupted(plan, signum) from None
 
 
+def _share(plan: ShardPlan, runtime: Runtime, args: argparse.Namespace) -> tuple[Any, Iterator[int], int]:
+    """This rank's part of the run: the process group that spreads each sweep (``None`` but for
+    ``--parallel --spread timesteps`` under torchrun), the batches it samples that have no shard yet, and
+    how many.
+
+    Spread samples (the sequential sampler's way, and ``--parallel``'s default): rank ``r`` of ``W`` samples
+    the batches ``r, r + W, ...`` alone and writes their shards. Spread timesteps: every rank samples every
+    batch, each evaluating its share of each sweep's timesteps, and rank 0 alone writes the shards; the
+    batches left are rank 0's listing of the shard folder, so that every rank runs the same sweeps.
+    """
+    if not (args.parallel and args.spread == "timesteps" and runtime.distributed):
+        done = plan.finished()  # a listing: its size is what was done, not the run's (lazily, below)
+        own = len(range(runtime.rank, plan.num_batches, runtime.world_size))
+        remaining = own - sum(1 for b in done if b % runtime.world_size == runtime.rank)
+        return None, plan.batches_for(runtime.rank, runtime.world_size, done), remaining
+    done = on_main_then_all(runtime, plan.finished)
+    return dist.group.WORLD, plan.batches_for(0, 1, done), plan.num_batches - len(done)
+
+
 def _summary(plan: ShardPlan) -> dict[str, Any]:
     """The run's costs from its shards' summaries: the first batch's options and per-step costs; totals."""
     per_step = ("timesteps", "allocated", "spent", "iterations", "residuals", "first_residuals", "tolerances")
     summary: dict[str, Any] = {}
-    wall_s, spent_max, sweeps = 0.0, 0, 0
+    wall_s, spent_max, sweeps, ranks = 0.0, 0, 0, 1
     for batch, record in enumerate(plan.summaries()):
         if batch == 0:
             summary = {k: v for k, v in record.items() if k not in (*per_step, "wall_s", "num_images")}
@@ -623,10 +646,11 @@ def _summary(plan: ShardPlan) -> dict[str, Any]:
         wall_s += record["wall_s"]
         spent_max = max(spent_max, record["spent_total"])
         sweeps = max(sweeps, record.get("sweeps", 0))
+        ranks = max(ranks, record.get("ranks", 1))  # the processes that shared a batch's sweeps
     summary.update(num_images=plan.num_samples, batches=plan.num_batches, wall_s=wall_s)
     summary["spent_per_sample_max"] = spent_max
     if summary.get("parallel"):
-        summary["sweeps"] = sweeps
+        summary.update(sweeps=sweeps, ranks=ranks)
     return summary
 
 
@@ -676,6 +700,13 @@ BUDGET_HELP = (
 )
 MAX_EVALS_HELP = "--parallel: most block evaluations per sample, first guess included (default: no cap)"
 MAX_BATCH_HELP = "--parallel: timesteps per model call, 'auto' (default; fits CUDA memory) or 'none'"
+BATCH_SIZE_HELP = "images per batch (of each process; one batch for all with --spread timesteps)"
+SPREAD_HELP = (
+    "--parallel under torchrun: what the processes share. 'samples' (default): each samples its own "
+    "batches, no communication while sampling; pays with many samples. 'timesteps': all sample the same "
+    "batch, each evaluating its share of each sweep's timesteps (one gather of the states per sweep); pays "
+    "with few samples, where one device would sit idle at a small batch"
+)
 
 
 def _max_batch_option(text: str) -> int | str:
@@ -740,9 +771,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--form", default=None, choices=FORMS, help="--parallel: the map iterated (default: cumulative)")
     add("--max-batch", type=_max_batch_option, default=None, help=MAX_BATCH_HELP)
     add("--max-evals", type=positive, default=None, help=MAX_EVALS_HELP)
+    add("--spread", default=None, choices=SPREADS, help=SPREAD_HELP)
     add("--seed", type=bounded_int(0), default=0, help="seed of the noise")
     add("--labels", type=bounded_int(0), nargs="*", default=None, help="labels to cycle (default: all)")
-    add("--batch-size", type=positive, default=100, help="images per batch (of each process)")
+    add("--batch-size", type=positive, default=100, help=BATCH_SIZE_HELP)
     add("--vae", default=None, help=VAE_HELP)
     add("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     add("--nrow", type=positive, default=10, help="images per row of the grid (of the first nrow x nrow)")
@@ -767,7 +799,10 @@ PARALLEL_ONLY = {
     "form": "cumulative",
     "max_batch": "auto",
     "max_evals": None,
+    "spread": "samples",
 }
+#: What the processes of a ``torchrun`` launch share under ``--parallel`` (see ``_share``).
+SPREADS = ("samples", "timesteps")
 #: Options of the sequential sampler that ``--parallel`` does not use.
 SEQUENTIAL_ONLY = ("schedule", "tol")
 #: Options of FPDM's implicit block, and their defaults.
