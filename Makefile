@@ -8,6 +8,10 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# pytest-xdist workers for `make test` and `make test-floor`: auto is one per core; each test file runs whole
+# on one worker (its module fixtures built once). JOBS=0 runs every test in pytest's own process.
+JOBS ?= auto
+PYTEST_JOBS := -n $(JOBS) --dist loadfile
 
 # The oldest supported torch and Python (pyproject: torch>=2.4, requires-python>=3.10). `make test-floor`
 # runs the library's tests (tests/ without the FPDM example's tests/fpdm/) there. torch 2.4.1 comes from
@@ -31,7 +35,7 @@ test: $(PY)
 	$(PIP) $(TORCH) -e '.[dev,examples]'
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_JOBS)
 
 rehearsal: $(PY)
 	$(PIP) $(TORCH) -e '.[examples,latents]'
@@ -44,7 +48,7 @@ test-floor:
 	if [ "$$have" != "$$want" ]; then rm -rf $(FLOOR_VENV) && $(FLOOR_PYTHON) -m venv $(FLOOR_VENV); fi
 	$(FLOOR_PY) -m pip install --quiet --disable-pip-version-check $(FLOOR_TORCH) -e '.[dev]'
 	$(FLOOR_PY) -c 'import sys, torch, numpy; print("floor: Python", sys.version.split()[0], "torch", torch.__version__, "numpy", numpy.__version__)'
-	$(FLOOR_PY) -m pytest -q -p no:cacheprovider --ignore=tests/fpdm
+	$(FLOOR_PY) -m pytest -q -p no:cacheprovider --ignore=tests/fpdm $(PYTEST_JOBS)
 
 typecheck: $(PY)
 	$(PIP) $(TORCH) -e '.[dev]'
