@@ -106,13 +106,52 @@ class Modelled(ChainSecant):
         return out, state
 
 
-RULES = {
+class Fitted(Modelled):
+    """The base ``beta_{k,b} I`` of step ``k`` and sample ``b`` fitted to that step's secant pairs,
+    :math:`\beta = \sum_i \langle\Delta x_i, \Delta s_i\rangle / \sum_i \|\Delta x_i\|^2`
+    (``beta`` the prior before the first pair), and the multisecant correction on top if ``secant``."""
+
+    def propose(self, state: Any, sweep: Sweep) -> tuple[Tensor, Any]:
+        prev, fz, z, d = sweep.inputs, sweep.images, sweep.estimates, sweep.change
+        self.record(state, prev, fz, z)
+        rows, m, n = state.X.shape
+        X = state.X.view(rows, m, self.blocks, -1).transpose(1, 2)
+        S = state.S.view(rows, m, self.blocks, -1).transpose(1, 2)
+        xx, xs = (X * X).sum((2, 3)), (X * S).sum((2, 3))
+        prior = self._base(sweep)
+        prior = prior[:, None] if isinstance(prior, Tensor) else torch.full_like(xx[:, :1], prior)
+        beta = torch.where(xx > 0, xs / xx.clamp_min(torch.finfo(xx.dtype).tiny), prior)
+        scale = torch.linalg.vector_norm(X, dim=3, keepdim=True).clamp_min_(torch.finfo(X.dtype).tiny)
+        X, S = X / scale, S / scale
+        gram = torch.matmul(X, X.transpose(2, 3))
+        gram.diagonal(dim1=2, dim2=3).add_(torch.finfo(X.dtype).eps)
+        P = torch.linalg.solve_ex(gram, X)[0]
+        Ct = (S - beta[..., None, None] * X).transpose(2, 3)
+        if not self.secant_on:
+            Ct = torch.zeros_like(Ct)
+        out = fz.clone()
+        state.secant.zero_()
+        per_entry = beta.repeat_interleave(n // self.blocks, dim=1)
+        for j in range(sweep.final, rows):
+            secant = torch.bmm(Ct[j], torch.bmm(P[j], d.view(self.blocks, -1, 1))).view(-1)
+            state.secant[j] = secant
+            out[j] = fz[j] + per_entry[j] * d + secant
+            d = out[j] - z[j]
+        self.trace(sweep, out)
+        return out, state
+
+
+RULES: dict[str, tuple[Any, ...]] = {
     "Picard (beta 1, ParaDiGMS)": ("1", False),
     "Picard, beta r_k (x0 part)": ("x0", False),
     "Picard, beta a_k (eps part)": ("eps", False),
     "ChainSecant (beta 1)": ("1", True),
     "Secant on x0 part (beta r_k)": ("x0", True),
     "Secant on eps part (beta a_k)": ("eps", True),
+    "Fitted scalar (prior r_k)": ("x0", False, Fitted),
+    "Fitted scalar (prior 1)": ("1", False, Fitted),
+    "Fitted scalar + secant (prior r_k)": ("x0", True, Fitted),
+    "Fitted scalar + secant (prior 1)": ("1", True, Fitted),
 }
 
 
@@ -130,7 +169,8 @@ def oracle(trace: Trace) -> int | None:
 def run(
     model: nn.Module, labels: Tensor, reference: Tensor, steps: int, rule: str, **options: Any
 ) -> dict[str, Any]:
-    base, secant = RULES[rule]
+    base, secant, *kind = RULES[rule]
+    cls = kind[0] if kind else Modelled
     beta = 1.0 if base == "1" else linear_parts(steps)[base]
     trace = Trace(reference.reshape(-1).double(), steps)
     kwargs = {"iterations": ITERATIONS} if block_cost(model)[1] else {}
@@ -139,7 +179,7 @@ def run(
         DIFFUSION,
         labels,
         steps=steps,
-        solver=Modelled(beta, secant, trace, labels.shape[0]),
+        solver=cls(beta, secant, trace, labels.shape[0]),
         generator=torch.Generator().manual_seed(0),
         **kwargs,
         **options,
@@ -156,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = harness.parser(__doc__, "parallel_step_model.json")
     parser.add_argument("--rules", nargs="*", default=list(RULES))
     parser.add_argument("--models", nargs="*", default=list(MODELS))
-    parser.add_argument("--window", type=int, default=None)
-    parser.add_argument("--tau", type=float, default=None)
+    parser.add_argument("--windows", type=int, nargs="*", default=[0], help="0: every timestep")
+    parser.add_argument("--taus", type=float, nargs="*", default=[0.0], help="0: the default")
+    parser.add_argument("--tols", type=float, nargs="*", default=[], help="uniform RMS tolerances")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", ChainRuleWarning)
@@ -172,12 +213,13 @@ def main(argv: list[str] | None = None) -> int:
             model, DIFFUSION, labels, budget=steps * (explicit + (ITERATIONS if implicit else 0)),
             steps=steps, reuse=False, generator=torch.Generator().manual_seed(0),
         ).images  # fmt: skip
-        for rule in args.rules:
-            row = run(model, labels, reference, steps, rule, window=args.window, tau=args.tau)
+        grid = [{"tau": tau or None} for tau in args.taus] + [{"tol": tol} for tol in args.tols]
+        for rule, window, stop in ((r, w, s) for r in args.rules for w in args.windows for s in grid):
+            row = run(model, labels, reference, steps, rule, window=window or None, **stop)
             row["model"] = name
             rows.append(row)
             print(
-                f"{name:14} {rule:32} sweeps {row['sweeps']:3} evals {row['evaluations']:5.2f}x "
+                f"{name:14} {rule:32} {row['options']} sweeps {row['sweeps']:3} evals {row['evaluations']:5.2f}x "
                 f"diff {row['max_diff']:.1e} | oracle {row['oracle_sweeps']} sweeps "
                 f"{row['oracle_evaluations']}x | trace "
                 + " ".join(f"{d:.0e}" for d in row["trace"]),
