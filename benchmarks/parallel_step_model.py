@@ -33,6 +33,7 @@ Written to ``benchmarks/results/parallel_step_model.json``.
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -44,10 +45,9 @@ from fpdm.parallel import sample_parallel
 from fpdm.sampling import block_cost, sample
 from torch import Tensor, nn
 
-from benchmarks import harness
+from benchmarks import harness, tables
 from benchmarks.fpdm_chains import ITERATIONS, STEPS, TRAIN, trained_model
 from implicitdiff import ChainRuleWarning, ChainSecant
-from implicitdiff._chainrules import Sweep
 
 MAX_DIFF = 1e-3
 SAMPLES = 16
@@ -72,7 +72,7 @@ class Trace:
     evaluations: list[int] = field(default_factory=list)
     distance: list[float] = field(default_factory=list)
 
-    def __call__(self, sweep: Sweep, proposal: Tensor) -> None:
+    def __call__(self, sweep: Any, proposal: Tensor) -> None:
         spent = (self.evaluations[-1] if self.evaluations else 0) + sweep.images.shape[0]
         self.evaluations.append(spent)
         last = sweep.steps is not None and int(sweep.steps[-1]) == self.steps - 1
@@ -84,48 +84,40 @@ class Trace:
 
 
 class Modelled(ChainSecant):
-    """ChainSecant with the base model ``beta_k I`` of step ``k`` (``secant=False``: the base alone)."""
+    r"""ChainSecant whose base model of step ``k`` (and sample ``b``) is ``beta I`` instead of ``I``.
 
-    def __init__(self, beta: Tensor | float, secant: bool, trace: Trace, blocks: int) -> None:
-        super().__init__(blocks=blocks, safeguard=4.0 if secant else float("inf"))
-        self.beta, self.secant_on, self.trace = beta, secant, trace
+    ``beta`` is the prior (a number, or one per step); with ``fit`` it is fitted to the step's secant
+    pairs of each sample, :math:`\beta = \sum_i \langle\Delta x_i, \Delta s_i\rangle / \sum_i
+    \|\Delta x_i\|^2`, the prior standing until the first pair. With ``secant`` ChainSecant's multisecant
+    correction is fitted to what the base leaves, :math:`(\Delta x, \Delta s - \beta\Delta x)`;
+    without, the base alone carries the change down the window.
+    """
 
-    def _base(self, sweep: Sweep) -> float | Tensor:
-        if isinstance(self.beta, float):
-            return self.beta
-        assert sweep.steps is not None
-        return self.beta.to(sweep.images.dtype)[sweep.steps]
+    def __init__(
+        self, beta: Tensor | float, secant: bool, trace: Trace, blocks: int, m: int = 3, fit: bool = False
+    ) -> None:
+        super().__init__(m=m, blocks=blocks, safeguard=4.0 if secant else float("inf"))
+        self.beta, self.secant_on, self.trace, self.fit = beta, secant, trace, fit
 
-    def models(self, state: Any, base: float | Tensor) -> tuple[Tensor, Tensor]:
-        P, C = super().models(state, base)
-        return (P, C) if self.secant_on else (P, torch.zeros_like(C))
-
-    def propose(self, state: Any, sweep: Sweep) -> tuple[Tensor, Any]:
-        out, state = super().propose(state, sweep)
-        self.trace(sweep, out)
-        return out, state
-
-
-class Fitted(Modelled):
-    """The base ``beta_{k,b} I`` of step ``k`` and sample ``b`` fitted to that step's secant pairs,
-    :math:`\beta = \sum_i \langle\Delta x_i, \Delta s_i\rangle / \sum_i \|\Delta x_i\|^2`
-    (``beta`` the prior before the first pair), and the multisecant correction on top if ``secant``."""
-
-    def propose(self, state: Any, sweep: Sweep) -> tuple[Tensor, Any]:
+    def propose(self, state: Any, sweep: Any) -> tuple[Tensor, Any]:
         prev, fz, z, d = sweep.inputs, sweep.images, sweep.estimates, sweep.change
         self.record(state, prev, fz, z)
         rows, m, n = state.X.shape
-        X = state.X.view(rows, m, self.blocks, -1).transpose(1, 2)
+        X = state.X.view(rows, m, self.blocks, -1).transpose(1, 2)  # (rows, blocks, m, n / blocks)
         S = state.S.view(rows, m, self.blocks, -1).transpose(1, 2)
-        xx, xs = (X * X).sum((2, 3)), (X * S).sum((2, 3))
-        prior = self._base(sweep)
-        prior = prior[:, None] if isinstance(prior, Tensor) else torch.full_like(xx[:, :1], prior)
-        beta = torch.where(xx > 0, xs / xx.clamp_min(torch.finfo(xx.dtype).tiny), prior)
+        if isinstance(self.beta, float):
+            beta = X.new_full((rows, self.blocks), self.beta)
+        else:
+            assert sweep.steps is not None
+            beta = self.beta.to(X.dtype)[sweep.steps][:, None].expand(rows, self.blocks)
+        if self.fit:
+            xx, xs = (X * X).sum((2, 3)), (X * S).sum((2, 3))
+            beta = torch.where(xx > 0, xs / xx.clamp_min(torch.finfo(xx.dtype).tiny), beta)
         scale = torch.linalg.vector_norm(X, dim=3, keepdim=True).clamp_min_(torch.finfo(X.dtype).tiny)
         X, S = X / scale, S / scale
-        gram = torch.matmul(X, X.transpose(2, 3))
-        gram.diagonal(dim1=2, dim2=3).add_(torch.finfo(X.dtype).eps)
-        P = torch.linalg.solve_ex(gram, X)[0]
+        gram = torch.matmul(X, X.transpose(2, 3)).double()  # ChainSecant's fit on the CPU
+        gram.diagonal(dim1=2, dim2=3).add_(torch.finfo(X.dtype).eps + torch.finfo(gram.dtype).tiny)
+        P = torch.linalg.solve_ex(gram, X.double())[0].to(X.dtype)
         Ct = (S - beta[..., None, None] * X).transpose(2, 3)
         if not self.secant_on:
             Ct = torch.zeros_like(Ct)
@@ -148,10 +140,11 @@ RULES: dict[str, tuple[Any, ...]] = {
     "ChainSecant (beta 1)": ("1", True),
     "Secant on x0 part (beta r_k)": ("x0", True),
     "Secant on eps part (beta a_k)": ("eps", True),
-    "Fitted scalar (prior r_k)": ("x0", False, Fitted),
-    "Fitted scalar (prior 1)": ("1", False, Fitted),
-    "Fitted scalar + secant (prior r_k)": ("x0", True, Fitted),
-    "Fitted scalar + secant (prior 1)": ("1", True, Fitted),
+    "ChainSecant m=6 (beta 1)": ("1", True, {"m": 6}),
+    "Fitted scalar (prior r_k)": ("x0", False, {"fit": True}),
+    "Fitted scalar (prior 1)": ("1", False, {"fit": True}),
+    "Fitted scalar + secant (prior r_k)": ("x0", True, {"fit": True}),
+    "Fitted scalar + secant (prior 1)": ("1", True, {"fit": True}),
 }
 
 
@@ -169,8 +162,7 @@ def oracle(trace: Trace) -> int | None:
 def run(
     model: nn.Module, labels: Tensor, reference: Tensor, steps: int, rule: str, **options: Any
 ) -> dict[str, Any]:
-    base, secant, *kind = RULES[rule]
-    cls = kind[0] if kind else Modelled
+    base, secant, *extra = RULES[rule]
     beta = 1.0 if base == "1" else linear_parts(steps)[base]
     trace = Trace(reference.reshape(-1).double(), steps)
     kwargs = {"iterations": ITERATIONS} if block_cost(model)[1] else {}
@@ -179,7 +171,7 @@ def run(
         DIFFUSION,
         labels,
         steps=steps,
-        solver=cls(beta, secant, trace, labels.shape[0]),
+        solver=Modelled(beta, secant, trace, labels.shape[0], **(extra[0] if extra else {})),
         generator=torch.Generator().manual_seed(0),
         **kwargs,
         **options,
@@ -187,46 +179,77 @@ def run(
     found = oracle(trace)
     row = {"rule": rule, "sweeps": out.sweeps, "evaluations": out.chain.total_evaluations / steps}
     row.update(max_diff=float((out.images - reference).abs().max()), converged=out.converged)
-    row.update(oracle_sweeps=found, oracle_evaluations=None if found is None else trace.evaluations[found - 1] / steps)
+    row.update(
+        oracle_sweeps=found,
+        oracle_evaluations=None if found is None else trace.evaluations[found - 1] / steps,
+    )
     row.update(trace=trace.distance, options={k: v for k, v in options.items()})
     return row
 
 
+#: Stopping tests and windows, for Picard (ParaDiGMS) and the sampler's default rule.
+BASELINES = ("Picard (beta 1, ParaDiGMS)", "ChainSecant (beta 1)")
+STOPS = [{"tau": 1e-6}, {"tau": 3e-6}, {"tau": 1e-5}, {"tol": 1e-6}, {"tol": 3e-6}, {"tol": 1e-5}]
+WINDOWS = (16, 25, 33, 50)
+
+
+def gain_summary() -> dict[str, Any] | None:
+    """The measured gain of a defect at each timestep on the final sample (``fpdm_chain_analysis.json``,
+    DiT-Digits/2, float64) and how far the noise-scaled tolerances spread: the tolerance an error bound
+    would give timestep ``k`` is proportional to ``1 / gain_k``."""
+    path = harness.RESULTS / "fpdm_chain_analysis.json"
+    if not path.exists():
+        return None
+    gains = torch.tensor(json.loads(path.read_text())["perturbation"]["gains"])
+    timesteps = DIFFUSION.respace(STEPS)
+    sigma = (1 - DIFFUSION.alpha_bar(torch.tensor(timesteps)).double()).sqrt()
+    return {
+        "gain_min": float(gains.min()),
+        "gain_max": float(gains.max()),
+        "gain_spread": float(gains.max() / gains.min()),
+        "noise_scaled_spread": float(sigma.max() / sigma.min()),
+    }
+
+
+def sections(quick: bool) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """Per section, the runs: (rule, ``sample_parallel`` options)."""
+    rules = list(RULES)[:4] if quick else list(RULES)
+    return {
+        "rules": [(rule, {}) for rule in rules],
+        "stopping": [(rule, stop) for rule in BASELINES for stop in (STOPS[1:2] if quick else STOPS)],
+        "windows": [(rule, {"window": w}) for rule in BASELINES for w in (WINDOWS[:1] if quick else WINDOWS)],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = harness.parser(__doc__, "parallel_step_model.json")
-    parser.add_argument("--rules", nargs="*", default=list(RULES))
-    parser.add_argument("--models", nargs="*", default=list(MODELS))
-    parser.add_argument("--windows", type=int, nargs="*", default=[0], help="0: every timestep")
-    parser.add_argument("--taus", type=float, nargs="*", default=[0.0], help="0: the default")
-    parser.add_argument("--tols", type=float, nargs="*", default=[], help="uniform RMS tolerances")
-    args = parser.parse_args(argv)
+    args = harness.parser(__doc__, "parallel_step_model.json").parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", ChainRuleWarning)
     started = harness.start()
     samples, steps = (4, 12) if args.quick else (SAMPLES, STEPS)
     labels = torch.arange(samples) % 10
     rows = []
-    for name in args.models:
+    for name in MODELS:
         model = trained_model(name, args.quick)
         explicit, implicit = block_cost(model)
         reference = sample(
             model, DIFFUSION, labels, budget=steps * (explicit + (ITERATIONS if implicit else 0)),
             steps=steps, reuse=False, generator=torch.Generator().manual_seed(0),
         ).images  # fmt: skip
-        grid = [{"tau": tau or None} for tau in args.taus] + [{"tol": tol} for tol in args.tols]
-        for rule, window, stop in ((r, w, s) for r in args.rules for w in args.windows for s in grid):
-            row = run(model, labels, reference, steps, rule, window=window or None, **stop)
-            row["model"] = name
-            rows.append(row)
-            print(
-                f"{name:14} {rule:32} {row['options']} sweeps {row['sweeps']:3} evals {row['evaluations']:5.2f}x "
-                f"diff {row['max_diff']:.1e} | oracle {row['oracle_sweeps']} sweeps "
-                f"{row['oracle_evaluations']}x | trace "
-                + " ".join(f"{d:.0e}" for d in row["trace"]),
-                flush=True,
-            )
+        for section, runs in sections(args.quick).items():
+            for rule, options in runs:
+                measured = run(model, labels, reference, steps, rule, **options)
+                row = {"model": name, "section": section, **measured}
+                rows.append(row)
+                print(
+                    f"{name:14} {section:9} {rule:34} {options} sweeps {row['sweeps']:3} "
+                    f"evals {row['evaluations']:5.2f}x diff {row['max_diff']:.1e} | oracle "
+                    f"{row['oracle_sweeps']} | " + " ".join(f"{d:.0e}" for d in row["trace"]),
+                    flush=True,
+                )
     record = {"steps": steps, "samples": samples, "iterations": ITERATIONS, "train": TRAIN}
-    record.update(max_diff=MAX_DIFF, rows=rows)
+    record.update(max_diff=MAX_DIFF, gains=gain_summary(), rows=rows)
+    print(tables.render("parallel_step_model.json", record))
     out = harness.out_path(args)
     if out is not None:
         harness.write_results(out, record, started=started, quick=args.quick)

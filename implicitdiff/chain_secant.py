@@ -168,7 +168,7 @@ class ChainSecant:
         state.known.fill_(True)
         state.k += 1
 
-    def models(self, state: _History, base: float | Tensor) -> tuple[Tensor, Tensor]:
+    def models(self, state: _History, base: float) -> tuple[Tensor, Tensor]:
         r"""Per step and block, :math:`P = (\hat Z \hat Z^\top + \lambda I)^{-1} \hat Z` and
         :math:`C^\top = (\hat S - B \hat Z)^\top`, so that :math:`\hat J d = B d + C^\top (P d)`.
 
@@ -187,10 +187,7 @@ class ChainSecant:
         lam = torch.finfo(X.dtype).eps if self.lam is None else self.lam
         gram.diagonal(dim1=2, dim2=3).add_(lam + torch.finfo(gram.dtype).tiny)
         P = torch.linalg.solve_ex(gram, X.to(gram.dtype))[0].to(X.dtype)
-        if isinstance(base, Tensor):  # one scalar per step in flight
-            C = S - base.to(X.dtype).view(-1, 1, 1, 1) * X
-        else:
-            C = S if base == 0.0 else torch.add(S, X, alpha=-base)
+        C = S if base == 0.0 else torch.add(S, X, alpha=-base)
         return P, C.transpose(2, 3)
 
     def propose(self, state: _History, sweep: Sweep) -> tuple[Tensor, _History]:
@@ -201,24 +198,18 @@ class ChainSecant:
         Rows before ``sweep.final`` are returned as their images (the caller drops them).
         """
         prev, fz, z, d = sweep.inputs, sweep.images, sweep.estimates, sweep.change
-        base = self._base(sweep)
+        base = 1.0 if sweep.cumulative else 0.0
         self.record(state, prev, fz, z)
         P, Ct = self.models(state, base)
         out = fz.clone()
         state.secant.zero_()
         blocks = (self.blocks, -1, 1)
-        scalars = base.tolist() if isinstance(base, Tensor) else [base] * fz.shape[0]
         for j in range(sweep.final, fz.shape[0]):
             secant = torch.bmm(Ct[j], torch.bmm(P[j], d.view(blocks))).view(-1)
             state.secant[j] = secant
-            b = scalars[j]
-            out[j] = torch.add(fz[j], d, alpha=b).add_(secant) if b else fz[j] + secant
+            out[j] = torch.add(fz[j], d, alpha=base).add_(secant) if base else fz[j] + secant
             d = out[j] - z[j]
         return out, state
-
-    def _base(self, sweep: Sweep) -> float | Tensor:
-        """The base model of each step in flight: ``I`` (cumulative) or ``0`` (step)."""
-        return 1.0 if sweep.cumulative else 0.0
 
     def restart(self, state: _History, mask: Tensor) -> _History:
         """Forget the history of the steps in ``mask``; their next evaluation gives no pair."""
