@@ -134,17 +134,17 @@ class Modelled(ChainSecant):
 
 
 RULES: dict[str, tuple[Any, ...]] = {
-    "Picard (beta 1, ParaDiGMS)": ("1", False),
-    "Picard, beta r_k (x0 part)": ("x0", False),
-    "Picard, beta a_k (eps part)": ("eps", False),
-    "ChainSecant (beta 1)": ("1", True),
-    "Secant on x0 part (beta r_k)": ("x0", True),
-    "Secant on eps part (beta a_k)": ("eps", True),
-    "ChainSecant m=6 (beta 1)": ("1", True, {"m": 6}),
-    "Fitted scalar (prior r_k)": ("x0", False, {"fit": True}),
-    "Fitted scalar (prior 1)": ("1", False, {"fit": True}),
-    "Fitted scalar + secant (prior r_k)": ("x0", True, {"fit": True}),
-    "Fitted scalar + secant (prior 1)": ("1", True, {"fit": True}),
+    "Picard: I (ParaDiGMS)": ("1", False),
+    "Picard: r_k I (x0 part nonlinear)": ("x0", False),
+    "Picard: a_k I (eps part nonlinear)": ("eps", False),
+    "ChainSecant: I + secants": ("1", True),
+    "r_k I + secants of the x0 part": ("x0", True),
+    "a_k I + secants of the eps part": ("eps", True),
+    "ChainSecant(m=6): I + 6 secants": ("1", True, {"m": 6}),
+    "fitted scalar (from r_k)": ("x0", False, {"fit": True}),
+    "fitted scalar (from 1)": ("1", False, {"fit": True}),
+    "fitted scalar (from r_k) + secants": ("x0", True, {"fit": True}),
+    "fitted scalar (from 1) + secants": ("1", True, {"fit": True}),
 }
 
 
@@ -188,7 +188,7 @@ def run(
 
 
 #: Stopping tests and windows, for Picard (ParaDiGMS) and the sampler's default rule.
-BASELINES = ("Picard (beta 1, ParaDiGMS)", "ChainSecant (beta 1)")
+BASELINES = ("Picard: I (ParaDiGMS)", "ChainSecant: I + secants")
 STOPS = [{"tau": 1e-6}, {"tau": 3e-6}, {"tau": 1e-5}, {"tol": 1e-6}, {"tol": 3e-6}, {"tol": 1e-5}]
 WINDOWS = (16, 25, 33, 50)
 
