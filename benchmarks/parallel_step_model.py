@@ -46,6 +46,7 @@ from fpdm.sampling import block_cost, sample
 from torch import Tensor, nn
 
 from benchmarks import harness, tables
+from benchmarks.chain_grid import GRID, grid_sweeps
 from benchmarks.fpdm_chains import ITERATIONS, STEPS, TRAIN, trained_model
 from implicitdiff import ChainRuleWarning, ChainSecant
 
@@ -86,15 +87,22 @@ class Trace:
 class Modelled(ChainSecant):
     r"""ChainSecant whose base model of step ``k`` (and sample ``b``) is ``beta I`` instead of ``I``.
 
-    ``beta`` is the prior (a number, or one per step); with ``fit`` it is fitted to the step's secant
-    pairs of each sample, :math:`\beta = \sum_i \langle\Delta x_i, \Delta s_i\rangle / \sum_i
-    \|\Delta x_i\|^2`, the prior standing until the first pair. With ``secant`` ChainSecant's multisecant
-    correction is fitted to what the base leaves, :math:`(\Delta x, \Delta s - \beta\Delta x)`;
+    ``beta`` is the prior (a number, one per step, or ``None``: the form's, ``1`` or ``0``); with ``fit``
+    it is fitted to the step's secant pairs of each sample,
+    :math:`\beta = \sum_i \langle\Delta x_i, \Delta s_i\rangle / \sum_i \|\Delta x_i\|^2`, the prior
+    standing until the first pair. With ``secant`` ChainSecant's multisecant correction is fitted to what
+    the base leaves, :math:`(\Delta x, \Delta s - \beta\Delta x)`;
     without, the base alone carries the change down the window.
     """
 
     def __init__(
-        self, beta: Tensor | float, secant: bool, trace: Trace, blocks: int, m: int = 3, fit: bool = False
+        self,
+        beta: Tensor | float | None,
+        secant: bool,
+        trace: Trace | None,
+        blocks: int,
+        m: int = 3,
+        fit: bool = False,
     ) -> None:
         super().__init__(m=m, blocks=blocks, safeguard=4.0 if secant else float("inf"))
         self.beta, self.secant_on, self.trace, self.fit = beta, secant, trace, fit
@@ -105,8 +113,9 @@ class Modelled(ChainSecant):
         rows, m, n = state.X.shape
         X = state.X.view(rows, m, self.blocks, -1).transpose(1, 2)  # (rows, blocks, m, n / blocks)
         S = state.S.view(rows, m, self.blocks, -1).transpose(1, 2)
-        if isinstance(self.beta, float):
-            beta = X.new_full((rows, self.blocks), self.beta)
+        if self.beta is None or isinstance(self.beta, float):
+            prior = (1.0 if sweep.cumulative else 0.0) if self.beta is None else self.beta
+            beta = X.new_full((rows, self.blocks), prior)
         else:
             assert sweep.steps is not None
             beta = self.beta.to(X.dtype)[sweep.steps][:, None].expand(rows, self.blocks)
@@ -129,7 +138,8 @@ class Modelled(ChainSecant):
             state.secant[j] = secant
             out[j] = fz[j] + per_entry[j] * d + secant
             d = out[j] - z[j]
-        self.trace(sweep, out)
+        if self.trace is not None:
+            self.trace(sweep, out)
         return out, state
 
 
@@ -211,6 +221,27 @@ def gain_summary() -> dict[str, Any] | None:
     }
 
 
+def grid_rows(quick: bool) -> dict[str, Any]:
+    """The fitted scalar with secants against Picard and ChainSecant on the chains of
+    ``benchmarks.chain_grid`` (every one checked against its rollout): how often it takes more sweeps."""
+    cases = GRID[::42] if quick else GRID
+    counts = {"chains": len(cases), "more_than_picard": 0, "more_than_chain_secant": 0}
+    counts.update(fewer_than_chain_secant=0, picard=0, chain_secant=0, fitted=0, worst=[])
+    for case in cases:
+        picard = grid_sweeps(case, None).sweeps
+        secant = grid_sweeps(case, ChainSecant()).sweeps
+        fitted = grid_sweeps(case, Modelled(None, True, None, 1, fit=True)).sweeps
+        counts["more_than_picard"] += fitted > picard
+        counts["more_than_chain_secant"] += fitted > secant
+        counts["fewer_than_chain_secant"] += fitted < secant
+        counts["picard"] += picard
+        counts["chain_secant"] += secant
+        counts["fitted"] += fitted
+        if fitted > picard:
+            counts["worst"].append({**case, "picard": picard, "chain_secant": secant, "fitted": fitted})
+    return counts
+
+
 def sections(quick: bool) -> dict[str, list[tuple[str, dict[str, Any]]]]:
     """Per section, the runs: (rule, ``sample_parallel`` options)."""
     rules = list(RULES)[:4] if quick else list(RULES)
@@ -248,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     record = {"steps": steps, "samples": samples, "iterations": ITERATIONS, "train": TRAIN}
-    record.update(max_diff=MAX_DIFF, gains=gain_summary(), rows=rows)
+    record.update(max_diff=MAX_DIFF, gains=gain_summary(), rows=rows, grid=grid_rows(args.quick))
     print(tables.render("parallel_step_model.json", record))
     out = harness.out_path(args)
     if out is not None:

@@ -287,6 +287,50 @@ def parallel_guess(data: dict[str, Any]) -> Facts:
     }
 
 
+def parallel_step_model(data: dict[str, Any]) -> Facts:
+    """``parallel_step_model.json``: the step models, stopping tests and windows on both digits models."""
+    rows = data["rows"]
+
+    def over_models(key: str, fmt: str, section: str, rule: str, **options: Any) -> str:
+        return span(
+            (
+                r[key]
+                for r in rows
+                if r["section"] == section and r["rule"] == rule and r["options"] == options
+            ),
+            fmt,
+        )
+
+    secant, picard = "ChainSecant: I + secants", "Picard: I (ParaDiGMS)"
+    default = [r for r in rows if r["section"] == "rules" and r["rule"] == secant]
+    return {
+        "picard": over_models("sweeps", "d", "rules", picard),
+        "x0": over_models("sweeps", "d", "rules", "Picard: r_k I (x0 part nonlinear)"),
+        "eps": over_models("sweeps", "d", "rules", "Picard: a_k I (eps part nonlinear)"),
+        "secant": over_models("sweeps", "d", "rules", secant),
+        "x0_secant": over_models("sweeps", "d", "rules", "r_k I + secants of the x0 part"),
+        "eps_secant": over_models("sweeps", "d", "rules", "a_k I + secants of the eps part"),
+        "fitted": over_models("sweeps", "d", "rules", "fitted scalar (from 1) + secants"),
+        "oracle": span((r["oracle_sweeps"] for r in default), "d"),
+        "confirm": span((r["sweeps"] - r["oracle_sweeps"] for r in default), "d"),
+        "uniform": over_models("sweeps", "d", "stopping", secant, tol=1e-6),
+        "uniform_diff": " to ".join(
+            short(f(r["max_diff"] for r in rows if r["options"] == {"tol": 1e-6} and r["rule"] == secant))
+            for f in (min, max)
+        ),
+        "uniform_3e6": over_models("sweeps", "d", "stopping", secant, tol=3e-6),
+        "uniform_3e6_diff": short(
+            max(r["max_diff"] for r in rows if r["options"] == {"tol": 3e-6} and r["rule"] == secant)
+        ),
+        "window16": over_models("sweeps", "d", "windows", secant, window=16),
+        "window16_ratio": over_models("evaluations", ".1f", "windows", secant, window=16),
+        "window50": over_models("sweeps", "d", "windows", secant, window=50),
+        "window50_ratio": over_models("evaluations", ".1f", "windows", secant, window=50),
+        "gains": f"{data['gains']['gain_min']:.2f} to {data['gains']['gain_max']:.2f}",
+        "spread": f"{data['gains']['noise_scaled_spread']:.0f}",
+    }
+
+
 FACTS: dict[str, Callable[[dict[str, Any]], Facts]] = {
     "chain.json": chain,
     "gradients.json": gradients,
@@ -297,6 +341,7 @@ FACTS: dict[str, Callable[[dict[str, Any]], Facts]] = {
     "fpdm_parallel_tau.json": fpdm_parallel_tau,
     "fpdm_chain_analysis.json": fpdm_chain_analysis,
     "parallel_guess.json": parallel_guess,
+    "parallel_step_model.json": parallel_step_model,
 }
 
 

@@ -28,9 +28,9 @@ def test_parallel_step_model_base_one_with_secants_is_chain_secant():
     z0 = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(2, 3)
     for window in (None, 5):
         trace = Trace(torch.zeros(6, dtype=torch.float64), 30)
-        ours = solve_chain(_tanh_chain, z0, 30, solver=ChainSecant(blocks=2), form="cumulative", window=window)
-        proto = Modelled(1.0, True, trace, blocks=2)
-        theirs = solve_chain(_tanh_chain, z0, 30, solver=proto, form="cumulative", window=window)
+        options = {"form": "cumulative", "window": window}
+        ours = solve_chain(_tanh_chain, z0, 30, solver=ChainSecant(blocks=2), **options)
+        theirs = solve_chain(_tanh_chain, z0, 30, solver=Modelled(1.0, True, trace, blocks=2), **options)
         assert theirs.sweeps == ours.sweeps and len(trace.distance) == ours.sweeps - 1
         torch.testing.assert_close(theirs.zs, ours.zs, rtol=0, atol=1e-12)
 
