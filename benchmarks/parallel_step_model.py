@@ -143,6 +143,28 @@ class Modelled(ChainSecant):
         return out, state
 
 
+class Traced:
+    """A rule of the library, its proposals traced."""
+
+    reads_chain = True
+    can_restart = True
+
+    def __init__(self, rule: ChainSecant, trace: Trace) -> None:
+        self.rule, self.trace = rule, trace
+
+    def start(self, sweep: Any) -> Any:
+        return self.rule.start(sweep)
+
+    def propose(self, state: Any, sweep: Any) -> tuple[Tensor, Any]:
+        out, state = self.rule.propose(state, sweep)
+        self.trace(sweep, out)
+        return out, state
+
+    def restart(self, state: Any, mask: Tensor) -> Any:
+        return self.rule.restart(state, mask)
+
+
+#: label: (base, secants, options); base "library" is ChainSecant itself with the options.
 RULES: dict[str, tuple[Any, ...]] = {
     "Picard: I (ParaDiGMS)": ("1", False),
     "Picard: r_k I (x0 part nonlinear)": ("x0", False),
@@ -154,7 +176,7 @@ RULES: dict[str, tuple[Any, ...]] = {
     "fitted scalar (from r_k)": ("x0", False, {"fit": True}),
     "fitted scalar (from 1)": ("1", False, {"fit": True}),
     "fitted scalar (from r_k) + secants": ("x0", True, {"fit": True}),
-    "fitted scalar (from 1) + secants": ("1", True, {"fit": True}),
+    "ChainSecant(base='fitted')": ("library", True, {"base": "fitted"}),
 }
 
 
@@ -173,15 +195,20 @@ def run(
     model: nn.Module, labels: Tensor, reference: Tensor, steps: int, rule: str, **options: Any
 ) -> dict[str, Any]:
     base, secant, *extra = RULES[rule]
-    beta = 1.0 if base == "1" else linear_parts(steps)[base]
     trace = Trace(reference.reshape(-1).double(), steps)
+    options_of_rule = extra[0] if extra else {}
+    if base == "library":
+        solver: Any = Traced(ChainSecant(blocks=labels.shape[0], **options_of_rule), trace)
+    else:
+        beta = 1.0 if base == "1" else linear_parts(steps)[base]
+        solver = Modelled(beta, secant, trace, labels.shape[0], **options_of_rule)
     kwargs = {"iterations": ITERATIONS} if block_cost(model)[1] else {}
     out = sample_parallel(
         model,
         DIFFUSION,
         labels,
         steps=steps,
-        solver=Modelled(beta, secant, trace, labels.shape[0], **(extra[0] if extra else {})),
+        solver=solver,
         generator=torch.Generator().manual_seed(0),
         **kwargs,
         **options,
@@ -222,7 +249,7 @@ def gain_summary() -> dict[str, Any] | None:
 
 
 def grid_rows(quick: bool) -> dict[str, Any]:
-    """The fitted scalar with secants against Picard and ChainSecant on the chains of
+    """``ChainSecant(base="fitted")`` against Picard and ChainSecant on the chains of
     ``benchmarks.chain_grid`` (every one checked against its rollout): how often it takes more sweeps."""
     cases = GRID[::42] if quick else GRID
     counts = {"chains": len(cases), "more_than_picard": 0, "more_than_chain_secant": 0}
@@ -230,7 +257,7 @@ def grid_rows(quick: bool) -> dict[str, Any]:
     for case in cases:
         picard = grid_sweeps(case, None).sweeps
         secant = grid_sweeps(case, ChainSecant()).sweeps
-        fitted = grid_sweeps(case, Modelled(None, True, None, 1, fit=True)).sweeps
+        fitted = grid_sweeps(case, ChainSecant(base="fitted")).sweeps
         counts["more_than_picard"] += fitted > picard
         counts["more_than_chain_secant"] += fitted > secant
         counts["fewer_than_chain_secant"] += fitted < secant
@@ -244,7 +271,7 @@ def grid_rows(quick: bool) -> dict[str, Any]:
 
 def sections(quick: bool) -> dict[str, list[tuple[str, dict[str, Any]]]]:
     """Per section, the runs: (rule, ``sample_parallel`` options)."""
-    rules = list(RULES)[:4] if quick else list(RULES)
+    rules = [*list(RULES)[:4], "ChainSecant(base='fitted')"] if quick else list(RULES)
     return {
         "rules": [(rule, {}) for rule in rules],
         "stopping": [(rule, stop) for rule in BASELINES for stop in (STOPS[1:2] if quick else STOPS)],

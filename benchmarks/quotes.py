@@ -310,7 +310,7 @@ def parallel_step_model(data: dict[str, Any]) -> Facts:
         "secant": over_models("sweeps", "d", "rules", secant),
         "x0_secant": over_models("sweeps", "d", "rules", "r_k I + secants of the x0 part"),
         "eps_secant": over_models("sweeps", "d", "rules", "a_k I + secants of the eps part"),
-        "fitted": over_models("sweeps", "d", "rules", "fitted scalar (from 1) + secants"),
+        "fitted": over_models("sweeps", "d", "rules", "ChainSecant(base='fitted')"),
         "oracle": span((r["oracle_sweeps"] for r in default), "d"),
         "confirm": span((r["sweeps"] - r["oracle_sweeps"] for r in default), "d"),
         "uniform": over_models("sweeps", "d", "stopping", secant, tol=1e-6),

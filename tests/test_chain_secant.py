@@ -17,6 +17,7 @@ from implicitdiff._chainrules import Sweep
         ({"lam": -1.0}, "lam must be"),
         ({"safeguard": 1.0}, "safeguard must be"),
         ({"safeguard": float("nan")}, "safeguard must be"),
+        ({"base": "identity"}, "base must be one of"),
     ],
 )
 def test_chain_secant_checks_its_arguments(kwargs, match):
@@ -69,6 +70,39 @@ def test_a_proposal_carries_the_change_down_the_window_through_each_blocks_own_s
             x, s = dz[j, block] / scale, ds[j, block] / scale
             correction[block] = (s - base * x) * (x @ d[block]) / (x @ x)
         expected[j] = second.images[j] + base * d + correction
+        d = expected[j] - second.estimates[j]
+    torch.testing.assert_close(proposal[1:], expected[1:], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cumulative", [False, True])
+def test_a_fitted_base_is_each_blocks_least_squares_multiple_of_the_identity(cumulative):
+    # base="fitted", one pair per step and block: block b's model is J d = beta_b d + (s_b - beta_b x_b)
+    # (x_b . d) / (x_b . x_b), beta_b = (x_b . s_b) / (x_b . x_b), so J x_b = s_b and J d = beta_b d for d
+    # orthogonal to x_b. Before the first pair, beta is the form's (1 cumulative, 0 step): Picard.
+    gen = torch.Generator().manual_seed(1)
+    rows, n, prior = 3, 4, 1.0 if cumulative else 0.0
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    rule = ChainSecant(m=1, lam=0.0, safeguard=float("inf"), blocks=2, base="fitted")
+    first = _sweep(rand(rows, n), rand(rows, n), rand(rows, n), 1, rand(n), cumulative)
+    state = rule.start(first)
+    proposal, state = rule.propose(state, first)
+    d, expected = first.change, first.images.clone()
+    for j in range(1, rows):
+        expected[j] = first.images[j] + prior * d
+        d = expected[j] - first.estimates[j]
+    torch.testing.assert_close(proposal[1:], expected[1:], rtol=0, atol=1e-15)
+
+    second = _sweep(rand(rows, n), rand(rows, n), rand(rows, n), 1, rand(n), cumulative)
+    proposal, state = rule.propose(state, second)
+    dz, ds = second.inputs - first.inputs, second.images - first.images
+    d, expected = second.change, second.images.clone()
+    for j in range(1, rows):
+        change = torch.empty(n, dtype=torch.float64)
+        for block in (slice(0, 2), slice(2, 4)):
+            x, s = dz[j, block], ds[j, block]
+            beta = (x @ s) / (x @ x)
+            change[block] = beta * d[block] + (s - beta * x) * (x @ d[block]) / (x @ x)
+        expected[j] = second.images[j] + change
         d = expected[j] - second.estimates[j]
     torch.testing.assert_close(proposal[1:], expected[1:], rtol=1e-12, atol=1e-12)
 

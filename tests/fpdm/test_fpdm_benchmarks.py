@@ -35,6 +35,18 @@ def test_parallel_step_model_base_one_with_secants_is_chain_secant():
         torch.testing.assert_close(theirs.zs, ours.zs, rtol=0, atol=1e-12)
 
 
+def test_chain_secant_with_a_fitted_base_is_the_prototype_measured():
+    # ChainSecant(base="fitted") is the rule the benchmark measured as "fitted scalar (from 1) + secants".
+    z0 = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(2, 3)
+    for form, window in (("cumulative", None), ("step", 5)):
+        options = {"form": form, "window": window}
+        ours = solve_chain(_tanh_chain, z0, 30, solver=ChainSecant(blocks=2, base="fitted"), **options)
+        proto = Modelled(None, True, None, blocks=2, fit=True)
+        theirs = solve_chain(_tanh_chain, z0, 30, solver=proto, **options)
+        assert theirs.sweeps == ours.sweeps
+        torch.testing.assert_close(theirs.zs, ours.zs, rtol=0, atol=1e-12)
+
+
 def test_parallel_step_model_exact_linear_part_is_newton_on_an_affine_chain():
     # z_{k+1} = a_k z_k + b_k: the base a_k I alone is the step's Jacobian, so each proposal of a step whose
     # predecessor's change is known is exact: one sweep to evaluate a window's fresh steps, one to confirm.
