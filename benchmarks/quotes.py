@@ -287,6 +287,52 @@ def parallel_guess(data: dict[str, Any]) -> Facts:
     }
 
 
+def parallel_step_model(data: dict[str, Any]) -> Facts:
+    """``parallel_step_model.json``: the step models, stopping tests and windows on both digits models."""
+    rows = data["rows"]
+
+    def over_models(key: str, fmt: str, section: str, rule: str, **options: Any) -> str:
+        return span(
+            (
+                r[key]
+                for r in rows
+                if r["section"] == section and r["rule"] == rule and r["options"] == options
+            ),
+            fmt,
+        )
+
+    secant, picard = "ChainSecant: I + secants", "Picard: I (ParaDiGMS)"
+    default = [r for r in rows if r["section"] == "rules" and r["rule"] == secant]
+    return {
+        "picard": over_models("sweeps", "d", "rules", picard),
+        "x0": over_models("sweeps", "d", "rules", "Picard: r_k I (x0 part nonlinear)"),
+        "eps": over_models("sweeps", "d", "rules", "Picard: a_k I (eps part nonlinear)"),
+        "secant": over_models("sweeps", "d", "rules", secant),
+        "x0_secant": over_models("sweeps", "d", "rules", "r_k I + secants of the x0 part"),
+        "eps_secant": over_models("sweeps", "d", "rules", "a_k I + secants of the eps part"),
+        "fitted": over_models("sweeps", "d", "rules", "ChainSecant(base='fitted')"),
+        "oracle": span((r["oracle_sweeps"] for r in default), "d"),
+        "confirm": span((r["sweeps"] - r["oracle_sweeps"] for r in default), "d"),
+        "uniform": over_models("sweeps", "d", "stopping", secant, tol=1e-6),
+        "uniform_diff": " to ".join(
+            short(f(r["max_diff"] for r in rows if r["options"] == {"tol": 1e-6} and r["rule"] == secant))
+            for f in (min, max)
+        ),
+        "uniform_3e6": over_models("sweeps", "d", "stopping", secant, tol=3e-6),
+        "uniform_3e6_diff": short(
+            max(r["max_diff"] for r in rows if r["options"] == {"tol": 3e-6} and r["rule"] == secant)
+        ),
+        "window16": over_models("sweeps", "d", "windows", secant, window=16),
+        "window16_ratio": over_models("evaluations", ".1f", "windows", secant, window=16),
+        "window50": over_models("sweeps", "d", "windows", secant, window=50),
+        "window50_ratio": over_models("evaluations", ".1f", "windows", secant, window=50),
+        "grid_worse": f"{data['grid']['more_than_picard']} of its {data['grid']['chains']}",
+        "grid_sweeps": f"{1 - data['grid']['fitted'] / data['grid']['chain_secant']:.0%}",
+        "gains": f"{data['gains']['gain_min']:.2f} to {data['gains']['gain_max']:.2f}",
+        "spread": f"{data['gains']['noise_scaled_spread']:.0f}",
+    }
+
+
 FACTS: dict[str, Callable[[dict[str, Any]], Facts]] = {
     "chain.json": chain,
     "gradients.json": gradients,
@@ -297,6 +343,7 @@ FACTS: dict[str, Callable[[dict[str, Any]], Facts]] = {
     "fpdm_parallel_tau.json": fpdm_parallel_tau,
     "fpdm_chain_analysis.json": fpdm_chain_analysis,
     "parallel_guess.json": parallel_guess,
+    "parallel_step_model.json": parallel_step_model,
 }
 
 
@@ -312,6 +359,7 @@ class Quote:
 PARALLEL, MEASUREMENTS = "docs/guides/parallel.md", "docs/fpdm-measurements.md"
 PERFORMANCE, SOLVERS = "docs/guides/performance.md", "docs/guides/solvers.md"
 EXAMPLE = "examples/fpdm/README.md"
+STEP_MODEL = "parallel_step_model.json"
 QUOTES = [
     Quote(PARALLEL, "parallel_guess.json", "it took {guess_rounds}"),
     Quote(PARALLEL, "parallel_guess.json", "spends {default_ratio} times the sequential evaluations"),
@@ -322,6 +370,27 @@ QUOTES = [
     Quote(PARALLEL, "parallel_guess.json", "ChainSecant takes {held_out}"),
     Quote(PARALLEL, "parallel_guess.json", "largest difference {processes_diff}"),
     Quote(PARALLEL, "parallel_guess.json", "wall-clock speed-up of {processes_speedup}"),
+    Quote(
+        PARALLEL,
+        STEP_MODEL,
+        "nonlinear part, Picard took {x0} rounds (ParaDiGMS {picard}); with the predicted noise, {eps}",
+    ),
+    Quote(
+        PARALLEL,
+        STEP_MODEL,
+        "secants on top, {x0_secant} and {eps_secant}, against {secant} for `ChainSecant`",
+    ),
+    Quote(PARALLEL, STEP_MODEL, "with the secants on top, {fitted}"),
+    Quote(PARALLEL, STEP_MODEL, "takes more sweeps than Picard on {grid_worse} test chains"),
+    Quote(PARALLEL, STEP_MODEL, "{grid_sweeps} fewer sweeps than `ChainSecant` in all"),
+    Quote(PARALLEL, STEP_MODEL, "spends {confirm} sweeps confirming"),
+    Quote(PARALLEL, STEP_MODEL, "the sequential samples after {oracle} sweeps"),
+    Quote(PARALLEL, STEP_MODEL, "moves the sample by {gains} times its size"),
+    Quote(PARALLEL, STEP_MODEL, "is {spread} times tighter at the last timestep"),
+    Quote(PARALLEL, STEP_MODEL, "`tol=1e-6` took {uniform} rounds (max diff {uniform_diff})"),
+    Quote(PARALLEL, STEP_MODEL, "`tol=3e-6` took {uniform_3e6}, still within {uniform_3e6_diff}"),
+    Quote(PARALLEL, STEP_MODEL, "16 timesteps in flight took {window16} rounds for {window16_ratio} times"),
+    Quote(PARALLEL, STEP_MODEL, "50 took {window50} for {window50_ratio}"),
     Quote(PARALLEL, "chain.json", "({tanh_full}, against 50 for the recurrence)"),
     Quote(
         PARALLEL,

@@ -769,6 +769,37 @@ def parallel_guess(data: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def parallel_step_model(data: dict[str, Any]) -> dict[str, str]:
+    """``benchmarks/results/parallel_step_model.json``: models of the DDIM step, stopping tests, windows."""
+
+    def stop(row: dict[str, Any]) -> str:
+        options = row.get("options", {})
+        if options.get("tol") is not None:
+            return f"uniform {short(options['tol'])}"
+        return f"$\\tau\\sigma_t$, $\\tau = {short(options.get('tau') or 1e-6)}$"
+
+    within = short(data.get("max_diff", 1e-3))
+    columns: list[Column] = [
+        ("model", "model", ""),
+        ("rule", "model of each step", ""),
+        ("stop", "tolerance", ""),
+        ("window", "window", ""),
+        ("sweeps", "sweeps", "d"),
+        ("evaluations", "x sequential evaluations", lambda v: f"{v:.2f}x"),
+        ("max_diff", "max diff", sci),
+        ("oracle_sweeps", f"first sweep within {within}", lambda v: "never" if v is None else f"{v}"),
+    ]
+    out = {}
+    for section in ("rules", "stopping", "windows"):
+        rows = [
+            {**r, "stop": stop(r), "window": (r.get("options") or {}).get("window") or "all"}
+            for r in data["rows"]
+            if r["section"] == section
+        ]
+        out[f"parallel_step_{section}"] = table(rows, columns, "llllrrrr")
+    return out
+
+
 def fpdm_chain_analysis(data: dict[str, Any]) -> dict[str, str]:
     """``benchmarks/results/fpdm_chain_analysis.json``: what the DDIM chain does with a defect."""
     gains = data["perturbation"]
@@ -915,6 +946,8 @@ SOURCES = [
     Source("fpdm_data.json", "python -m benchmarks.fpdm_data --baseline-ref main", fpdm_data, ("fpdm_data",)),
     Source("parallel_guess.json", "python -m benchmarks.parallel_guess", parallel_guess,
            ("parallel_guess", "parallel_held_out", "parallel_processes", "parallel_tolerance")),
+    Source("parallel_step_model.json", "python -m benchmarks.parallel_step_model", parallel_step_model,
+           ("parallel_step_rules", "parallel_step_stopping", "parallel_step_windows")),
     Source("fpdm_chain_analysis.json", "python -m benchmarks.fpdm_parallel --analysis", fpdm_chain_analysis,
            ("fpdm_perturbation", "fpdm_uniform_tolerance", "fpdm_newton", "fpdm_contraction")),
 ]  # fmt: skip

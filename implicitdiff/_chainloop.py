@@ -167,6 +167,7 @@ class Chain:
             cumulative=self.cumulative,
             stop_mode=self.stop_mode,
             samples=self.samples,
+            steps=torch.arange(self.lo, self.lo + self.rows, device=self.device),
         )
         if self.state is None:
             self.state = self.rule.start(sweep)

@@ -74,6 +74,9 @@ class Sweep:
     samples : int or None
         The leading dimension of ``z0`` (the samples of a batch that the steps move together; ``1`` for a
         0-d ``z0``), or ``None`` for a pytree ``z0``, whose flat state holds its leaves one after another.
+    steps : Tensor or None
+        ``(rows,)`` long: the index :math:`k` of each step in flight (what ``step(k, z)`` was called
+        with), for a rule with a model of each step (``None`` where the caller does not say).
     """
 
     inputs: Tensor
@@ -86,6 +89,7 @@ class Sweep:
     cumulative: bool
     stop_mode: str
     samples: int | None = None
+    steps: Tensor | None = None
 
 
 @runtime_checkable

@@ -361,13 +361,14 @@ def grid_sweeps(case: dict[str, Any], solver: Any) -> ChainResult:
 #: activation, form and window together); CI checks all 252 (``.ci/run`` exports ``CI=true``).
 
 
-def test_chain_secant_never_takes_more_sweeps_than_picard_on_the_test_grid():
+@pytest.mark.parametrize("base", ["form", "fitted"])
+def test_chain_secant_never_takes_more_sweeps_than_picard_on_the_test_grid(base):
     assert len(GRID) == 252
     cases = GRID if EVERYTHING else GRID[::7]
     fewer = 0
     for case in cases:
         picard = grid_sweeps(case, None).sweeps
-        secant = grid_sweeps(case, ChainSecant()).sweeps
+        secant = grid_sweeps(case, ChainSecant(base=base)).sweeps
         assert secant <= picard, (case, picard, secant)
         fewer += secant < picard
     assert fewer >= len(cases) // 4  # it couples the steps: not Picard under another name

@@ -17,6 +17,7 @@ from implicitdiff._chainrules import Sweep
         ({"lam": -1.0}, "lam must be"),
         ({"safeguard": 1.0}, "safeguard must be"),
         ({"safeguard": float("nan")}, "safeguard must be"),
+        ({"base": "identity"}, "base must be one of"),
     ],
 )
 def test_chain_secant_checks_its_arguments(kwargs, match):
@@ -39,6 +40,21 @@ def _sweep(inputs, images, estimates, final, change, cumulative):
     )
 
 
+def _picard_first(rule, rand, rows, n, cumulative):
+    """The first sweep of ``rule`` (no pairs yet) proposes Picard on the form: each row its image plus
+    ``B`` times the change (``B = I`` cumulative, ``0`` step). Returns the sweep and the rule's state."""
+    base = 1.0 if cumulative else 0.0
+    first = _sweep(rand(rows, n), rand(rows, n), rand(rows, n), 1, rand(n), cumulative)
+    state = rule.start(first)
+    proposal, state = rule.propose(state, first)
+    d, expected = first.change, first.images.clone()
+    for j in range(1, rows):
+        expected[j] = first.images[j] + base * d
+        d = expected[j] - first.estimates[j]
+    torch.testing.assert_close(proposal[1:], expected[1:], rtol=0, atol=1e-15)
+    return first, state
+
+
 @pytest.mark.parametrize("cumulative", [False, True])
 def test_a_proposal_carries_the_change_down_the_window_through_each_blocks_own_secant(cumulative):
     # Two sweeps of three steps, a state of two blocks of two entries, one pair per step and block:
@@ -48,15 +64,7 @@ def test_a_proposal_carries_the_change_down_the_window_through_each_blocks_own_s
     rows, n, base = 3, 4, 1.0 if cumulative else 0.0
     rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
     rule = ChainSecant(m=1, lam=0.0, safeguard=float("inf"), blocks=2)
-    first = _sweep(rand(rows, n), rand(rows, n), rand(rows, n), 1, rand(n), cumulative)
-    state = rule.start(first)
-    proposal, state = rule.propose(state, first)
-    # With no pairs yet the rule is Picard on the form: each row its image plus B times the change.
-    d, expected = first.change, first.images.clone()
-    for j in range(1, rows):
-        expected[j] = first.images[j] + base * d
-        d = expected[j] - first.estimates[j]
-    torch.testing.assert_close(proposal[1:], expected[1:], rtol=0, atol=1e-15)
+    first, state = _picard_first(rule, rand, rows, n, cumulative)
 
     second = _sweep(rand(rows, n), rand(rows, n), rand(rows, n), 1, rand(n), cumulative)
     proposal, state = rule.propose(state, second)
@@ -69,6 +77,32 @@ def test_a_proposal_carries_the_change_down_the_window_through_each_blocks_own_s
             x, s = dz[j, block] / scale, ds[j, block] / scale
             correction[block] = (s - base * x) * (x @ d[block]) / (x @ x)
         expected[j] = second.images[j] + base * d + correction
+        d = expected[j] - second.estimates[j]
+    torch.testing.assert_close(proposal[1:], expected[1:], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cumulative", [False, True])
+def test_a_fitted_base_is_each_blocks_least_squares_multiple_of_the_identity(cumulative):
+    # base="fitted", one pair per step and block: block b's model is J d = beta_b d + (s_b - beta_b x_b)
+    # (x_b . d) / (x_b . x_b), beta_b = (x_b . s_b) / (x_b . x_b), so J x_b = s_b and J d = beta_b d for d
+    # orthogonal to x_b. Before the first pair, beta is the form's (1 cumulative, 0 step): Picard.
+    gen = torch.Generator().manual_seed(1)
+    rows, n = 3, 4
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    rule = ChainSecant(m=1, lam=0.0, safeguard=float("inf"), blocks=2, base="fitted")
+    first, state = _picard_first(rule, rand, rows, n, cumulative)
+
+    second = _sweep(rand(rows, n), rand(rows, n), rand(rows, n), 1, rand(n), cumulative)
+    proposal, state = rule.propose(state, second)
+    dz, ds = second.inputs - first.inputs, second.images - first.images
+    d, expected = second.change, second.images.clone()
+    for j in range(1, rows):
+        change = torch.empty(n, dtype=torch.float64)
+        for block in (slice(0, 2), slice(2, 4)):
+            x, s = dz[j, block], ds[j, block]
+            beta = (x @ s) / (x @ x)
+            change[block] = beta * d[block] + (s - beta * x) * (x @ d[block]) / (x @ x)
+        expected[j] = second.images[j] + change
         d = expected[j] - second.estimates[j]
     torch.testing.assert_close(proposal[1:], expected[1:], rtol=1e-12, atol=1e-12)
 

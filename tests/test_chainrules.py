@@ -136,3 +136,57 @@ def test_a_rule_that_reads_the_chain_is_driven_through_the_same_protocol():
     theirs = solve_chain(step, z0, 25, solver=mine, tol=1e-11, window=6)
     assert theirs.sweeps == ours.sweeps and torch.equal(theirs.zs, ours.zs)
     assert len(mine.sweeps_seen) == ours.sweeps - 1 and min(mine.sweeps_seen) >= 1
+
+
+class AffineNewton:
+    """A user's rule with a model of each step, :math:`s(k, z) = a_k z + b_k(z)`: it reads which steps are in
+    flight (``sweep.steps``) to carry each change down the window through its step's own ``a_k``."""
+
+    reads_chain = True
+    can_restart = False
+
+    def __init__(self, a: Tensor) -> None:
+        self.a = a
+        self.steps_seen: list[list[int]] = []
+
+    def start(self, sweep):
+        return None
+
+    def propose(self, state, sweep):
+        assert sweep.steps is not None
+        self.steps_seen.append(sweep.steps.tolist())
+        out, d = sweep.images.clone(), sweep.change
+        for j in range(sweep.final, out.shape[0]):
+            out[j] = sweep.images[j] + self.a[sweep.steps[j]] * d
+            d = out[j] - sweep.estimates[j]
+        return out, state
+
+    def restart(self, state, mask):
+        return state
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_a_sweep_names_the_steps_in_flight_as_step_was_called_with_them(window):
+    # z_{k+1} = a_k z_k + 1 with |a_k| > 1 for some steps: no contraction, and a rule that uses the wrong
+    # step's a_k after the window slides leaves a residual it must sweep away. The exact per-step model is
+    # Newton's method: every proposal of a step whose predecessor's change is known is its sequential value.
+    num_steps = 12
+    a = 0.5 + 0.2 * torch.arange(num_steps, dtype=torch.float64)
+    called: list[list[int]] = []
+
+    def step(k: Tensor, z: Tensor) -> Tensor:
+        called.append(k.tolist())
+        return a[k][:, None] * z + 1.0
+
+    z0 = torch.zeros(1, dtype=torch.float64)
+    rule = AffineNewton(a)
+    out = solve_chain(step, z0, num_steps, solver=rule, tol=1e-12, window=window, form="step")
+    # Each proposal follows the sweep that evaluated the same steps (the last sweep proposes nothing).
+    assert rule.steps_seen == called[: len(rule.steps_seen)] and len(called) == out.sweeps
+    rollout = [z0]
+    for k in range(num_steps):
+        rollout.append(step(torch.tensor([k]), rollout[-1][None])[0])
+    torch.testing.assert_close(out.zs, torch.stack(rollout), rtol=1e-13, atol=0)
+    # Newton on an affine chain: one sweep to evaluate a window's fresh steps, one to confirm them.
+    fresh_windows = -(-num_steps // (window or num_steps))
+    assert out.all_converged and out.sweeps <= 2 * fresh_windows
