@@ -18,7 +18,7 @@ from spawned import gloo_group, run_workers
 from test_sampling import contractive_model
 from torch import nn
 
-from implicitdiff import Anderson, Picard
+from implicitdiff import Anderson, ChainSecant, Picard
 
 # Anderson is run on chains on purpose here (the library's tests check its warning).
 pytestmark = pytest.mark.filterwarnings("ignore::implicitdiff.ChainRuleWarning")
@@ -105,8 +105,12 @@ def default_rule() -> None:
     return None  # sample_parallel's own: ChainSecant with one secant model per sample
 
 
+def fitted_rule() -> ChainSecant:
+    return ChainSecant(blocks=3, base="fitted")  # the same with a base fitted per timestep and sample
+
+
 @pytest.mark.parametrize("form", ["cumulative", "step"])
-@pytest.mark.parametrize("solver", [default_rule, Picard, Anderson])
+@pytest.mark.parametrize("solver", [default_rule, fitted_rule, Picard, Anderson])
 def test_dit_matches_sequential_ddim_within_the_chains_bound(dit, solver, form):
     labels = torch.arange(3)
     trajectory = []
@@ -382,6 +386,16 @@ def test_max_sweeps_caps_the_rounds_and_reports_no_convergence(dit):
         ({"coarse": 1.5}, ValueError, "coarse must be an int >= 0, got 1.5"),
         ({"max_evals": 3}, ValueError, "max_evals=3 block evaluations per sample does not pay for"),
         ({"reuse": True, "group": object()}, ValueError, "reuse=True .* not with group"),
+        (
+            {"secant_base": "newton"},
+            ValueError,
+            r"secant_base must be one of \('form', 'fitted'\), got 'newton'",
+        ),
+        (
+            {"secant_base": "fitted", "solver": Picard()},
+            ValueError,
+            "secant_base='fitted' sets the default rule",
+        ),
     ],
 )
 def test_bad_arguments_are_clear_errors(fpdm, changes, error, message):
@@ -442,6 +456,20 @@ def test_sample_cli_parallel_mode(checkpoint, tmp_path, capsys):
     assert summary["reproduces"] == "sampling.sample(method='ddim', eta=0, reuse=False)"
     assert summary["spent_total"] > summary["sequential_block_evals"] == 6 * 4  # side by side, per sample
     assert summary["iterations_per_call"] == 2 and 1 <= summary["sweeps"] <= 6  # 24 // 6 - (1 pre + 1 post)
+
+
+@pytest.mark.parametrize(("rule", "named"), [("secant", "blocks=2)"), ("secant-fitted", "base='fitted')")])
+def test_sample_cli_chain_rules_secant_and_secant_fitted_are_chain_secant_with_their_base(
+    checkpoint, tmp_path, rule, named
+):
+    common = [str(checkpoint), *"--num 2 --batch-size 2 --budget 24 --steps 6 --no-progress".split()]
+    assert sample_cli.main([*common, "--out", str(tmp_path / "seq"), "--no-reuse"]) == 0
+    argv = [*common, "--out", str(tmp_path / "par"), "--parallel", "--chain-rule", rule, "--chain-tol", "0"]
+    assert sample_cli.main(argv) == 0
+    summary = json.loads((tmp_path / "par" / "summary.json").read_text())
+    assert summary["chain_rule"].startswith("ChainSecant(") and summary["chain_rule"].endswith(named)
+    seq, par = (np.load(tmp_path / name / "samples.npz") for name in ("seq", "par"))
+    assert np.abs(seq["images"] - par["images"]).max() < 1e-5  # tol 0: the sequential samples
 
 
 def test_sample_cli_max_evals_caps_what_the_parallel_sampler_spends(checkpoint, tmp_path):

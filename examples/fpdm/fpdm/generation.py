@@ -320,7 +320,8 @@ def _parallel_options(model: nn.Module, diffusion: GaussianDiffusion, args: argp
     if hasattr(model, "pre_depth"):
         options.update(iterations=min(plan), block_solver=make_solver(args.solver))
     options.update(
-        solver=None if args.chain_rule == "secant" else make_solver(args.chain_rule),
+        solver=None if args.chain_rule in SECANT_RULES else make_solver(args.chain_rule),
+        secant_base=SECANT_RULES.get(args.chain_rule, "form"),
         tol=args.chain_tol,
         tau=args.chain_tau,
         window=args.window,
@@ -698,6 +699,10 @@ BUDGET_HELP = (
     "transformer-block evaluations per sample (--parallel: of the sequential run it reproduces; it spends "
     "more, capped by --max-evals)"
 )
+CHAIN_RULE_HELP = (
+    "--parallel: the chain's update rule (default secant: ChainSecant, one secant model per sample; "
+    "secant-fitted: the same with a fitted base, base='fitted')"
+)
 MAX_EVALS_HELP = "--parallel: most block evaluations per sample, first guess included (default: no cap)"
 MAX_BATCH_HELP = "--parallel: timesteps per model call, 'auto' (default; fits CUDA memory) or 'none'"
 BATCH_SIZE_HELP = "images per batch (of each process; one batch for all with --spread timesteps)"
@@ -761,9 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--guidance", type=bounded_float(), default=2.0, help="classifier-free guidance scale (1: none)")
     add("--tol", type=bounded_float(0.0, low_open=True), default=None, help=TOL_HELP)
     add("--parallel", action="store_true", help="DDIM with every timestep solved at once (parallel.py)")
-    add(
-        "--chain-rule", default=None, choices=CHAIN_RULES, help="--parallel: the chain's update rule (secant)"
-    )
+    add("--chain-rule", default=None, choices=CHAIN_RULES, help=CHAIN_RULE_HELP)
     add("--chain-solver", dest="chain_rule", choices=CHAIN_RULES, action=_Renamed, new="--chain-rule")
     add("--chain-tol", type=bounded_float(0.0), default=None, help=CHAIN_TOL_HELP)
     add("--chain-tau", type=bounded_float(0.0), default=None, help=CHAIN_TAU_HELP)
@@ -786,8 +789,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: The rules of ``--chain-rule``: ``secant`` is :class:`implicitdiff.ChainSecant` with one model per
-#: sample (``sample_parallel``'s default), the others the solvers of :data:`fpdm.training.SOLVERS`.
-CHAIN_RULES = ("secant", *SOLVERS)
+#: sample (``sample_parallel``'s default), ``secant-fitted`` the same with ``base="fitted"``, the others
+#: the solvers of :data:`fpdm.training.SOLVERS`.
+SECANT_RULES = {"secant": "form", "secant-fitted": "fitted"}
+CHAIN_RULES = (*SECANT_RULES, *SOLVERS)
 
 #: Options that only ``--parallel`` uses, and their defaults there (``--chain-tol`` and ``--chain-tau`` stay
 #: ``None`` when not given: ``sample_parallel``'s noise-scaled tolerances with its ``DEFAULT_TAU``).

@@ -48,6 +48,7 @@ from fpdm.reverse import RunSummary, model_eps, sampling_run
 from fpdm.sampling import DEFAULT_ITERS_PER_STEP, block_cost
 from implicitdiff import ChainResult, ChainSecant, Solver, distributed_step, solve_chain
 from implicitdiff.chain import FORMS
+from implicitdiff.chain_secant import BASES
 
 __all__ = [
     "DEFAULT_TAU",
@@ -425,6 +426,7 @@ def sample_parallel(
     steps: int,
     iterations: int | None = None,
     solver: Any = None,
+    secant_base: str = "form",
     tol: float | list[float] | Tensor | None = None,
     tau: float | None = None,
     window: int | None = None,
@@ -460,6 +462,11 @@ def sample_parallel(
         secant model per sample (fewer rounds than Picard on the digits at the same tolerances;
         ``benchmarks/fpdm_parallel.py``). ``Picard()`` with the cumulative form is ParaDiGMS;
         ``Anderson()`` and ``Broyden()`` treat the timesteps as independent and warn so.
+    secant_base : {"form", "fitted"}
+        The ``base`` of the default rule, ``ChainSecant(blocks=B, base=secant_base)``: ``"fitted"``
+        models each timestep's response outside its secants by a multiple of the identity fitted to them
+        (one round fewer on the FPDM digits model, as many on DiT; ``benchmarks/parallel_step_model.py``).
+        Only with the default rule: give ``solver`` a ``ChainSecant`` of your own otherwise.
     tol : float or sequence of float, optional
         Root mean square tolerance of the timesteps' residuals, ``>= 0``: one for every timestep (``0``:
         exact, ``N`` Picard sweeps) or one per timestep, e.g. ParaDiGMS's criterion
@@ -520,7 +527,8 @@ def sample_parallel(
     ------
     ValueError
         Bad labels, steps, iterations (or iterations for DiT), tol, tau (or both given), max_batch,
-        max_evals, warmup, coarse, guidance, window, form or solver; ``reuse`` with ``group``.
+        max_evals, warmup, coarse, guidance, window, form, solver or secant_base (or both of the last
+        two); ``reuse`` with ``group``.
     """
     explicit, implicit = _check(model, labels, steps, iterations, guidance)
     max_batch = _check_max_batch(max_batch)
@@ -531,6 +539,13 @@ def sample_parallel(
     warmup, coarse = _check_count("warmup", warmup), _check_count("coarse", coarse)
     if warmup > steps:
         raise ValueError(f"warmup ({warmup}) exceeds steps ({steps})")
+    if secant_base not in BASES:
+        raise ValueError(f"secant_base must be one of {BASES}, got {secant_base!r}")
+    if solver is not None and secant_base != "form":
+        raise ValueError(
+            f"secant_base={secant_base!r} sets the default rule's base: with solver={solver!r} of your own, "
+            "give it the base (e.g. ChainSecant(blocks=B, base='fitted'))"
+        )
     if group is not None and reuse and implicit:
         raise ValueError(
             "reuse=True keeps each timestep's implicit state where it was evaluated: not with group"
@@ -564,7 +579,7 @@ def sample_parallel(
         if group is not None:
             chain_step, max_batch = distributed_step(chain_step, group, max_batch=max_batch), None
         scale = math.sqrt(x.numel())
-        rule = ChainSecant(blocks=labels.shape[0]) if solver is None else solver
+        rule = ChainSecant(blocks=labels.shape[0], base=secant_base) if solver is None else solver
         chain = solve_chain(
             chain_step,
             start,
