@@ -92,7 +92,9 @@ class ParallelResult(RunSummary):
     block_evals : int
         Transformer-block evaluations per sample over the run, first guess included: each timestep
         evaluated counts the blocks of one timestep (``pre + post + iterations`` for FPDM, ``depth`` for
-        DiT), on whichever rank evaluated it.
+        DiT), on whichever rank evaluated it. With ``group``, a rank whose share of a sweep is a timestep
+        short evaluates a repeat of one to keep the gather even (:func:`implicitdiff.distributed_step`);
+        those repeats are not counted: at most ``world - 1`` timesteps per sweep, over all ranks.
     sequential_block_evals : int
         What the sequential DDIM sampler with the same model options spends: ``len(timesteps)`` times the
         blocks of one timestep.
