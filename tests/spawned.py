@@ -1,6 +1,6 @@
 """Two (or more) CPU processes for a test: a gloo group per worker and a runner with a deadline.
 
-A worker is a module-level function ``worker(rank, *args, results)`` (spawned processes import it by
+A worker is a module-level function ``worker(rank, *args, results)`` (the new processes import it by
 name); it stores what it found in ``results[rank]``. Every process group is destroyed before its process
 exits (a live gloo group at interpreter exit can abort under load), every wait has a deadline, and a
 worker's failure comes back as its traceback.
@@ -39,13 +39,20 @@ def gloo_group(store_path: str, rank: int, world: int, results: Any) -> Iterator
         raise
 
 
+#: The workers are forked from a server process that has imported these once (multiprocessing's
+#: ``forkserver``, started at the first call and kept for the test run): a fresh interpreter, single-threaded
+#: when it forks, so each worker starts without importing torch again (``spawn`` imports it per worker).
+PRELOAD = ["torch", "torch.distributed", "implicitdiff"]
+
+
 def run_workers(worker: Callable[..., None], args: tuple, world: int, deadline_s: float = 300) -> dict:
-    """Run ``worker(rank, *args, results)`` on ``world`` spawned processes; their ``results`` by rank."""
-    ctx = mp.get_context("spawn")
+    """Run ``worker(rank, *args, results)`` on ``world`` new processes; their ``results`` by rank."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
     with ctx.Manager() as manager:
         results = manager.dict()
         workers = mp.start_processes(
-            worker, args=(*args, results), nprocs=world, start_method="spawn", join=False
+            worker, args=(*args, results), nprocs=world, start_method="forkserver", join=False
         )
         deadline = time.monotonic() + deadline_s
         try:
