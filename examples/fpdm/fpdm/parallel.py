@@ -389,6 +389,21 @@ def _sweep_cap(max_evals: int, cost: int, spent: int, steps: int, window: int | 
     return sweeps
 
 
+def _chain_rule(solver: Any, secant_base: str, samples: int) -> Any:
+    """The chain's rule: ``solver``, or the default ``ChainSecant`` with one model per sample and the base
+    ``secant_base``; ``ValueError`` on a bad ``secant_base`` or one beside a ``solver``."""
+    if secant_base not in BASES:
+        raise ValueError(f"secant_base must be one of {BASES}, got {secant_base!r}")
+    if solver is None:
+        return ChainSecant(blocks=samples, base=secant_base)
+    if secant_base != "form":
+        raise ValueError(
+            f"secant_base={secant_base!r} sets the default rule's base: with solver={solver!r} of your own, "
+            "give it the base (e.g. ChainSecant(blocks=B, base='fitted'))"
+        )
+    return solver
+
+
 def _check_count(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -541,13 +556,7 @@ def sample_parallel(
     warmup, coarse = _check_count("warmup", warmup), _check_count("coarse", coarse)
     if warmup > steps:
         raise ValueError(f"warmup ({warmup}) exceeds steps ({steps})")
-    if secant_base not in BASES:
-        raise ValueError(f"secant_base must be one of {BASES}, got {secant_base!r}")
-    if solver is not None and secant_base != "form":
-        raise ValueError(
-            f"secant_base={secant_base!r} sets the default rule's base: with solver={solver!r} of your own, "
-            "give it the base (e.g. ChainSecant(blocks=B, base='fitted'))"
-        )
+    rule = _chain_rule(solver, secant_base, labels.shape[0])
     if group is not None and reuse and implicit:
         raise ValueError(
             "reuse=True keeps each timestep's implicit state where it was evaluated: not with group"
@@ -581,7 +590,6 @@ def sample_parallel(
         if group is not None:
             chain_step, max_batch = distributed_step(chain_step, group, max_batch=max_batch), None
         scale = math.sqrt(x.numel())
-        rule = ChainSecant(blocks=labels.shape[0], base=secant_base) if solver is None else solver
         chain = solve_chain(
             chain_step,
             start,
