@@ -91,7 +91,7 @@ class Chain:
     def run(self, max_iter: int) -> None:
         """Sweep until every step is final, ``max_iter`` sweeps were made, or a step is not finite."""
         while self.lo < self.num_steps and self.sweeps < max_iter:
-            prev, fz = self.sweep()
+            k, prev, fz = self.sweep()
             res = residual_norm(fz, self.z, self.stop_mode)
             advance = self.finalise(fz, res)
             if self.lo + advance >= self.num_steps or self.sweeps >= max_iter or advance == 0:
@@ -100,10 +100,11 @@ class Chain:
                 self.zs[self.lo + advance + 1 : hi + 1] = self.z[advance:]
                 self.zs[hi + 1 :] = self.guess(hi + 1, self.num_steps + 1, self.zs[hi], hi)
                 break
-            self.slide(advance, self.propose(prev, fz, res, advance))
+            self.slide(advance, self.propose(k, prev, fz, res, advance))
 
-    def sweep(self) -> tuple[Tensor, Tensor]:
-        """Evaluate every step in flight once: their predecessors and images ``(rows, n)``."""
+    def sweep(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Evaluate every step in flight once: their indices ``(rows,)``, predecessors and images
+        ``(rows, n)``."""
         lo, rows = self.lo, self.rows
         k = torch.arange(lo, lo + rows, device=self.device)
         prev = torch.cat([self.zs[lo : lo + 1], self.z[:-1]])  # each step's predecessor
@@ -117,7 +118,7 @@ class Chain:
         self.sweeps += 1
         self.evaluations += rows
         self.per_step[lo : lo + rows] += 1
-        return prev, fz
+        return k, prev, fz
 
     def finalise(self, fz: Tensor, res: Tensor) -> int:
         """Make final the leading run of steps within the tolerance, and the next one at its image.
@@ -151,7 +152,7 @@ class Chain:
             self.residual[lo + advance] = math.inf
         return advance
 
-    def propose(self, prev: Tensor, fz: Tensor, res: Tensor, advance: int) -> Tensor:
+    def propose(self, k: Tensor, prev: Tensor, fz: Tensor, res: Tensor, advance: int) -> Tensor:
         """The rule's next estimates of the steps in flight; ``advance >= 1`` steps have just become final.
 
         A rule that produced non-finite values for a step falls back to its image and forgets it.
@@ -167,7 +168,7 @@ class Chain:
             cumulative=self.cumulative,
             stop_mode=self.stop_mode,
             samples=self.samples,
-            steps=torch.arange(self.lo, self.lo + self.rows, device=self.device),
+            steps=k,
         )
         if self.state is None:
             self.state = self.rule.start(sweep)
