@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-import torch._dynamo
 from everything import EVERYTHING
 
 from implicitdiff import (

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch._dynamo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
