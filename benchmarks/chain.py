@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from benchmarks import harness, tables
+from benchmarks import harness
 from benchmarks.chain_grid import GRID, grid_sweeps
 from implicitdiff import Anderson, Broyden, ChainRuleWarning, ChainSecant, Picard, solve_chain
 
@@ -192,10 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"steps": STEPS, "dim": DIM, "tol": TOL, "dtype": "float32 (ddim and the grid: float64)"}
     settings.update(reps=reps, ddim={"steps": DDIM_STEPS, "tau": DDIM_TAU, "samples": 64, "dim": 16})
     record = {"settings": settings, "rows": rows, "grid": grid_counts(GRID[::50] if args.quick else GRID)}
-    print(tables.render("chain.json", record))
-    if (out := harness.out_path(args)) is not None:
-        harness.write_results(out, record, started=started, quick=args.quick)
-    return 0
+    return harness.finish(args, "chain.json", record, started)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from fpdm.reverse import model_eps
 from fpdm.sampling import block_cost, sample
 from torch import Tensor, nn
 
-from benchmarks import harness, tables
+from benchmarks import harness
 from benchmarks.fpdm_chains import CONFIGS, ITERATIONS, STEPS, run_parallel, trained_model
 from implicitdiff import ChainRuleWarning, ChainSecant, Picard, solve_chain
 
@@ -210,10 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     xs = rollout(step, x0, steps)
     record.update(perturbation=perturbation(step, xs), newton=newton(step, x0, sigma, xs, NEWTON_TAUS))
     record["contraction"] = contraction(trained_model("FPDM-Digits/2", args.quick), labels, steps)
-    print(tables.render("fpdm_chain_analysis.json", record))
-    if (out := harness.out_path(args)) is not None:
-        harness.write_results(out, record, started=started, quick=args.quick)
-    return 0
+    return harness.finish(args, "fpdm_chain_analysis.json", record, started)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 from fpdm.diffusion import GaussianDiffusion
 from fpdm.models import compile_blocks, create_model
 
-from benchmarks import harness, tables
+from benchmarks import harness
 from implicitdiff import SJFB
 
 WARMUP = 4
@@ -110,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["vs_eager"] = row["step_ms"] / eager["step_ms"]
                 row["cpu_vs_eager"] = row["step_cpu_ms"] / eager["step_cpu_ms"]
     record = {"steps": steps, "backend": backend, "results": rows}
-    print(tables.render("fpdm_compile.json", record))
-    if (out := harness.out_path(args)) is not None:
-        harness.write_results(out, record, started=started, quick=args.quick)
-    return 0
+    return harness.finish(args, "fpdm_compile.json", record, started)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import harness, tables
+from benchmarks import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fpdm"
@@ -257,10 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             report["train"] = measure_training(work, args.rows, baseline, args.baseline_max_gib)
         if "extract" not in args.skip:
             report["extract"], report["throughput"] = measure_extraction(work, args.images, args.repeats)
-    print(tables.render("fpdm_data.json", report))
-    if (out := harness.out_path(args)) is not None:
-        harness.write_results(out, report, started=started, quick=args.quick)
-    return 0
+    return harness.finish(args, "fpdm_data.json", report, started)
 
 
 if __name__ == "__main__":

@@ -181,10 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = harness.start()
     report = run_all(args.batch, args.threads, args.only, args.quick)
-    print(tables.render("fpdm_memory.json", report))
-    if (out := harness.out_path(args)) is not None:
-        harness.write_results(out, report, started=started, quick=args.quick)
-    return 0
+    return harness.finish(args, "fpdm_memory.json", report, started)
 
 
 if __name__ == "__main__":

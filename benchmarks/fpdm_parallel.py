@@ -29,7 +29,7 @@ from fpdm.parallel import DEFAULT_TAU
 from fpdm.sampling import block_cost, sample
 from torch import Tensor, nn
 
-from benchmarks import harness, tables
+from benchmarks import harness
 from benchmarks.fpdm_chains import CONFIGS, ITERATIONS, STEPS, TRAIN, run_parallel, trained_model
 from implicitdiff import ChainRuleWarning
 
@@ -161,10 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = [row for name, model in models.items() for row in model_rows(name, model, labels, args.quick)]
         record.update(tau=DEFAULT_TAU, rows=rows)
-    print(tables.render("fpdm_parallel_tau.json" if args.tau_sweep else "fpdm_parallel.json", record))
-    if (out := harness.out_path(args)) is not None:
-        harness.write_results(out, record, started=started, quick=args.quick)
-    return 0
+    file = "fpdm_parallel_tau.json" if args.tau_sweep else "fpdm_parallel.json"
+    return harness.finish(args, file, record, started)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from fpdm.models import FPDM, create_model
 from fpdm.sampling import allocate, block_cost, pick_steps, sample
 from torch import Tensor
 
-from benchmarks import harness, tables
+from benchmarks import harness
 from implicitdiff.diagnostics import SyncCounter
 
 
@@ -163,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [bench_config(model, batch, budget, guidance, reps) for batch, budget, guidance in configs]
     name = "checkpoint " + args.checkpoint if args.checkpoint else "FPDM-Digits/2 hidden 64, random weights"
     record = {"model": name, "reps": reps, "results": rows}
-    print(tables.render("fpdm_sampling.json", record))
-    if (out := harness.out_path(args)) is not None:
-        harness.write_results(out, record, started=started, quick=args.quick)
-    return 0
+    return harness.finish(args, "fpdm_sampling.json", record, started)
 
 
 if __name__ == "__main__":

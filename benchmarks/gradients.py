@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from benchmarks import harness, tables
+from benchmarks import harness
 from implicitdiff import IFT, JFB, SJFB, Anderson, Broyden, DEQLayer, PhantomGradient, Picard
 
 D, BATCH, NORM, X_SCALE, SEED = 256, 32, 0.9, 0.1, 0
@@ -316,10 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     problem.update(z_ref_residual=ref_residual)
     record = {"problem": problem, "estimators": memory_rows, "ift_vs_torchdeq": torchdeq_rows}
-    print(tables.render("gradients.json", record))
-    if (out := harness.out_path(args)) is not None:
-        harness.write_results(out, record, started=started, quick=args.quick)
-    return 0
+    return harness.finish(args, "gradients.json", record, started)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,17 @@ def parser(doc: str | None, results: str) -> argparse.ArgumentParser:
     return parser
 
 
+def finish(args: argparse.Namespace, file: str, record: Mapping[str, Any], started: Started) -> int:
+    """The end of every script's ``main``: print ``file``'s tables rendered from ``record``
+    (:func:`benchmarks.tables.render`), write ``record`` where :func:`out_path` says; returns 0."""
+    from benchmarks import tables  # reads JSON only: no import cycle, nothing heavy
+
+    print(tables.render(file, dict(record)))
+    if (out := out_path(args)) is not None:
+        write_results(out, record, started=started, quick=args.quick)
+    return 0
+
+
 def out_path(args: argparse.Namespace) -> Path | None:
     """Where a run writes: ``--out``, else the results file, except for a quick run (nowhere)."""
     if args.out is not None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from benchmarks import harness, tables
+from benchmarks import harness
 from implicitdiff import Anderson, Broyden, Picard
 from implicitdiff.diagnostics import LaunchCounter
 
@@ -67,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = ("fixed", "tolerance")
     rows = {name: {mode: extra_launches(rule, mode) for mode in modes} for name, rule in RULES.items()}
     record = {"f_launches": F_LAUNCHES, "extra_launches_per_iteration": rows}
-    print(tables.render("launches.json", record))
-    if (out := harness.out_path(args)) is not None:
-        harness.write_results(out, record, started=started, quick=args.quick)
-    return 0
+    return harness.finish(args, "launches.json", record, started)
 
 
 if __name__ == "__main__":

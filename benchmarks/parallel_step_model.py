@@ -45,7 +45,7 @@ from fpdm.parallel import sample_parallel
 from fpdm.sampling import block_cost, sample
 from torch import Tensor, nn
 
-from benchmarks import harness, tables
+from benchmarks import harness
 from benchmarks.chain_grid import GRID, grid_sweeps
 from benchmarks.fpdm_chains import ITERATIONS, STEPS, TRAIN, trained_model
 from implicitdiff import ChainRuleWarning, ChainSecant
@@ -307,11 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     record = {"steps": steps, "samples": samples, "iterations": ITERATIONS, "train": TRAIN}
     record.update(max_diff=MAX_DIFF, gains=gain_summary(), rows=rows, grid=grid_rows(args.quick))
-    print(tables.render("parallel_step_model.json", record))
-    out = harness.out_path(args)
-    if out is not None:
-        harness.write_results(out, record, started=started, quick=args.quick)
-    return 0
+    return harness.finish(args, "parallel_step_model.json", record, started)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from benchmarks import harness, tables
+from benchmarks import harness
 from implicitdiff import JFB, Anderson, DEQLayer
 
 BATCH, FINE, COARSE = 32, (32, 16, 16), (64, 8, 8)
@@ -115,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"batch": batch, "leaves": {"fine": list(FINE), "coarse": list(COARSE)}}
     settings.update(solver="Anderson(m=5)", evaluations=MAX_ITER, repeats=repeats)
     record = {"settings": settings, "rows": rows}
-    print(tables.render("pytree.json", record))
-    if (out := harness.out_path(args)) is not None:
-        harness.write_results(out, record, started=started, quick=args.quick)
-    return 0
+    return harness.finish(args, "pytree.json", record, started)
 
 
 if __name__ == "__main__":

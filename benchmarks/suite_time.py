@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import harness, tables
+from benchmarks import harness
 
 SUITE = ["-q", "-p", "no:cacheprovider", "--ignore=tests/fpdm"]
 QUICK_SUITE = ["-q", "-p", "no:cacheprovider", "tests/test_validate.py"]
@@ -99,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, (revision, pytest_args) in entries.items()
     ]
     report = {"suite": " ".join(suite), "rounds": rounds, "results": rows}
-    print(tables.render("suite_time.json", report))
-    if (out := harness.out_path(args)) is not None:
-        harness.write_results(out, report, started=started, quick=args.quick)
-    return 0
+    return harness.finish(args, "suite_time.json", report, started)
 
 
 if __name__ == "__main__":
