@@ -4,6 +4,7 @@
   hundred steps (kept under ``runs/bench-parallel`` and reused);
 * :data:`CONFIGS` and :func:`run_parallel`: the parallel sampler's rows (rule, form, window), all with
   the default noise-scaled tolerances unless told otherwise;
+* :func:`mixture_chain`: a held-out DDIM chain (a Gaussian mixture with its exact noise prediction);
 * :func:`parallel_gpu_rows`: the wall-clock comparison of parallel and sequential DDIM for a GPU
   (``benchmarks.gpu``'s ``chain`` section).
 """
@@ -20,7 +21,7 @@ from fpdm.diffusion import GaussianDiffusion
 from fpdm.models import create_model
 from fpdm.parallel import sample_parallel
 from fpdm.sampling import block_cost, sample
-from torch import nn
+from torch import Tensor, nn
 
 from benchmarks import harness
 from implicitdiff import Anderson, Picard
@@ -146,3 +147,28 @@ def parallel_gpu_rows(device: str | torch.device = "cuda", quick: bool = False) 
                 row["max_diff"] = float((par.images - seq.images).abs().max())
                 rows.append(row)
     return rows
+
+
+def mixture_chain(
+    seed: int = 11, samples: int = 48, dim: int = 12, components: int = 8, var: float = 0.03
+) -> Any:
+    """DDIM (100 trailing timesteps, eta 0) on a Gaussian mixture whose noise prediction is exact: ``step``,
+    ``x0`` ``(samples, dim)`` float64, and the noise levels ``sigma_k`` of the timesteps."""
+    generator = torch.Generator().manual_seed(seed)
+    means = 1.5 * torch.randn(components, dim, generator=generator, dtype=torch.float64)
+    diffusion = GaussianDiffusion()
+    timesteps = diffusion.respace(STEPS)
+    abar = diffusion.alpha_bar(torch.tensor(timesteps))
+    abar_next = diffusion.alpha_bar(torch.tensor([*timesteps[1:], -1]))
+
+    def step(k: Tensor, x: Tensor) -> Tensor:
+        a, a_next = abar[k][:, None, None], abar_next[k][:, None, None]
+        offset = x[:, :, None] - a[..., None].sqrt() * means  # (K, samples, components, dim)
+        variance = (a * var + 1 - a)[..., None]
+        weights = torch.softmax(-(offset**2).sum(-1) / (2 * variance[..., 0]), dim=-1)
+        eps = (1 - a).sqrt() * (weights[..., None] * offset).sum(2) / variance[..., 0]
+        clean = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        return a_next.sqrt() * clean + (1 - a_next).sqrt() * eps
+
+    x0 = torch.randn(samples, dim, generator=generator, dtype=torch.float64)
+    return step, x0, (1 - abar).sqrt()

@@ -42,8 +42,8 @@ from fpdm.parallel import DEFAULT_TAU, paradigms_equivalent, paradigms_tolerance
 from fpdm.sampling import block_cost, sample
 from torch import Tensor, nn
 
-from benchmarks import harness, tables
-from benchmarks.fpdm_chains import ITERATIONS, STEPS, TRAIN, trained_model
+from benchmarks import harness
+from benchmarks.fpdm_chains import ITERATIONS, STEPS, TRAIN, mixture_chain, trained_model
 from implicitdiff import ChainRuleWarning, ChainSecant, Picard, solve_chain
 
 MAX_DIFF = 1e-3
@@ -121,30 +121,6 @@ def sampler_rows(
         rows.append(row)
         print(row["model"], row["method"], row["sweeps"], row["block_evals"], flush=True)
     return rows
-
-
-def mixture_chain(
-    seed: int = 11, samples: int = 48, dim: int = 12, components: int = 8, var: float = 0.03
-) -> Any:
-    """DDIM (100 trailing timesteps, eta 0) on a Gaussian mixture whose noise prediction is exact: ``step``,
-    ``x0`` ``(samples, dim)`` float64, and the noise levels ``sigma_k`` of the timesteps."""
-    generator = torch.Generator().manual_seed(seed)
-    means = 1.5 * torch.randn(components, dim, generator=generator, dtype=torch.float64)
-    timesteps = DIFFUSION.respace(STEPS)
-    abar = DIFFUSION.alpha_bar(torch.tensor(timesteps))
-    abar_next = DIFFUSION.alpha_bar(torch.tensor([*timesteps[1:], -1]))
-
-    def step(k: Tensor, x: Tensor) -> Tensor:
-        a, a_next = abar[k][:, None, None], abar_next[k][:, None, None]
-        offset = x[:, :, None] - a[..., None].sqrt() * means  # (K, samples, components, dim)
-        variance = (a * var + 1 - a)[..., None]
-        weights = torch.softmax(-(offset**2).sum(-1) / (2 * variance[..., 0]), dim=-1)
-        eps = (1 - a).sqrt() * (weights[..., None] * offset).sum(2) / variance[..., 0]
-        clean = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        return a_next.sqrt() * clean + (1 - a_next).sqrt() * eps
-
-    x0 = torch.randn(samples, dim, generator=generator, dtype=torch.float64)
-    return step, x0, (1 - abar).sqrt()
 
 
 def held_out_rows(quick: bool) -> list[dict[str, Any]]:
@@ -268,11 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "tolerance_conversion": tolerance_conversion(steps),
         "processes": [process_rows(name, num, steps, args.quick) for name in MODELS],
     }
-    print(tables.render("parallel_guess.json", record))
-    out = harness.out_path(args)
-    if out is not None:
-        harness.write_results(out, record, started=started, quick=args.quick)
-    return 0
+    return harness.finish(args, "parallel_guess.json", record, started)
 
 
 if __name__ == "__main__":

@@ -333,6 +333,37 @@ def parallel_step_model(data: dict[str, Any]) -> Facts:
     }
 
 
+def parallel_error_stop(data: dict[str, Any]) -> Facts:
+    """``parallel_error_stop.json``: the sampler stopped on its estimated error, and the grid's misses."""
+    rows = data["rows"]
+
+    def over_models(key: str, fmt: str, rule: str, error_tol: float | None) -> str:
+        return span((r[key] for r in rows if r["rule"] == rule and r["error_tol"] == error_tol), fmt)
+
+    grid, held = data["grid"], data["held_out"]
+    picard = pick(held, rule="picard", error_tol=1e-3)
+    return {
+        "held_secant": span(
+            (r["sweeps"] for r in held if r["rule"] != "picard" and r["error_tol"] == 1e-3), "d"
+        ),
+        "held_picard": str(pick(held, rule="picard", error_tol=None)["sweeps"]),
+        "held_picard_error": str(picard["sweeps"]),
+        "held_picard_diff": short(picard["max_diff"]),
+        "fitted_sweeps": over_models("sweeps", "d", "secant-fitted", 1e-3),
+        "fitted_evals": over_models("evaluations", ".1f", "secant-fitted", 1e-3),
+        "fitted_diff": short(
+            max(r["max_diff"] for r in rows if r["rule"] == "secant-fitted" and r["error_tol"] == 1e-3)
+        ),
+        "secant_sweeps": over_models("sweeps", "d", "secant", 1e-3),
+        "secant_residuals": over_models("sweeps", "d", "secant", None),
+        "picard_sweeps": over_models("sweeps", "d", "picard", 1e-3),
+        "picard_residuals": over_models("sweeps", "d", "picard", None),
+        "grid_missed": str(sum(g["missed"] for g in grid)),
+        "grid_solves": str(sum(g["chains"] for g in grid)),
+        "grid_worst": f"{max(g['worst_ratio'] for g in grid):.1f}",
+    }
+
+
 FACTS: dict[str, Callable[[dict[str, Any]], Facts]] = {
     "chain.json": chain,
     "gradients.json": gradients,
@@ -344,6 +375,7 @@ FACTS: dict[str, Callable[[dict[str, Any]], Facts]] = {
     "fpdm_chain_analysis.json": fpdm_chain_analysis,
     "parallel_guess.json": parallel_guess,
     "parallel_step_model.json": parallel_step_model,
+    "parallel_error_stop.json": parallel_error_stop,
 }
 
 
@@ -360,6 +392,7 @@ PARALLEL, MEASUREMENTS = "docs/guides/parallel.md", "docs/fpdm-measurements.md"
 PERFORMANCE, SOLVERS = "docs/guides/performance.md", "docs/guides/solvers.md"
 EXAMPLE = "examples/fpdm/README.md"
 STEP_MODEL = "parallel_step_model.json"
+ERROR_STOP = "parallel_error_stop.json"
 QUOTES = [
     Quote(PARALLEL, "parallel_guess.json", "it took {guess_rounds}"),
     Quote(PARALLEL, "parallel_guess.json", "spends {default_ratio} times the sequential evaluations"),
@@ -391,6 +424,20 @@ QUOTES = [
     Quote(PARALLEL, STEP_MODEL, "`tol=3e-6` took {uniform_3e6}, still within {uniform_3e6_diff}"),
     Quote(PARALLEL, STEP_MODEL, "16 timesteps in flight took {window16} rounds for {window16_ratio} times"),
     Quote(PARALLEL, STEP_MODEL, "50 took {window50} for {window50_ratio}"),
+    Quote(PARALLEL, ERROR_STOP, "`--chain-rule secant-fitted --error-tol 1e-3` took {fitted_sweeps} sweeps"),
+    Quote(PARALLEL, ERROR_STOP, "within {fitted_diff} of the sequential samples, for {fitted_evals} times"),
+    Quote(
+        PARALLEL, ERROR_STOP, "the default rule took {secant_sweeps} ({secant_residuals} on residuals alone)"
+    ),
+    Quote(PARALLEL, ERROR_STOP, "Picard {picard_sweeps} ({picard_residuals})"),
+    Quote(
+        PARALLEL, ERROR_STOP, "with `error_tol=1e-3` took {held_secant} sweeps against Picard's {held_picard}"
+    ),
+    Quote(
+        PARALLEL, ERROR_STOP, "({held_picard_error} with `error_tol`, and then {held_picard_diff} from the"
+    ),
+    Quote(PARALLEL, ERROR_STOP, "further than `error_tol` in {grid_missed} of {grid_solves} solves"),
+    Quote(PARALLEL, ERROR_STOP, "at worst {grid_worst} times `error_tol`"),
     Quote(PARALLEL, "chain.json", "({tanh_full}, against 50 for the recurrence)"),
     Quote(
         PARALLEL,

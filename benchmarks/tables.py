@@ -800,6 +800,44 @@ def parallel_step_model(data: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def parallel_error_stop(data: dict[str, Any]) -> dict[str, str]:
+    """``benchmarks/results/parallel_error_stop.json``: the sampler stopped on its estimated error."""
+
+    def with_stop(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {**r, "stop": "residuals only" if r["error_tol"] is None else short(r["error_tol"])} for r in rows
+        ]
+
+    common: list[Column] = [
+        ("stop", "`error_tol`", ""),
+        ("sweeps", "sweeps", "d"),
+        ("evaluations", "x sequential evaluations", lambda v: f"{v:.2f}x"),
+        ("max_diff", "max diff to sequential", sci),
+    ]
+    named = [("model", "model", ""), ("rule", "`--chain-rule`", "")]
+    digits = table(with_stop(data["rows"]), [*named, *common, ("error_estimate", "estimate", sci)], "lllrrrr")
+    held_out = table(with_stop(data["held_out"]), [("rule", "rule", ""), *common], "llrrr")
+    tol = short(data["grid_error_tol"])
+    grid = table(
+        data["grid"],
+        [
+            ("rule", "rule", ""),
+            ("chains", "chains", "d"),
+            ("sweeps", "sweeps, residuals only", "d"),
+            ("sweeps_error_tol", f"sweeps, `error_tol={tol}`", "d"),
+            ("stopped_early", "ended by the estimate", "d"),
+            ("missed", f"further than {tol}", "d"),
+            ("worst_ratio", "worst error / `error_tol`", ".2f"),
+        ],
+        "lrrrrrr",
+    )
+    return {
+        "parallel_error_stop": digits,
+        "parallel_error_stop_held_out": held_out,
+        "parallel_error_stop_grid": grid,
+    }
+
+
 def fpdm_chain_analysis(data: dict[str, Any]) -> dict[str, str]:
     """``benchmarks/results/fpdm_chain_analysis.json``: what the DDIM chain does with a defect."""
     gains = data["perturbation"]
@@ -948,6 +986,8 @@ SOURCES = [
            ("parallel_guess", "parallel_held_out", "parallel_processes", "parallel_tolerance")),
     Source("parallel_step_model.json", "python -m benchmarks.parallel_step_model", parallel_step_model,
            ("parallel_step_rules", "parallel_step_stopping", "parallel_step_windows")),
+    Source("parallel_error_stop.json", "python -m benchmarks.parallel_error_stop", parallel_error_stop,
+           ("parallel_error_stop", "parallel_error_stop_held_out", "parallel_error_stop_grid")),
     Source("fpdm_chain_analysis.json", "python -m benchmarks.fpdm_parallel --analysis", fpdm_chain_analysis,
            ("fpdm_perturbation", "fpdm_uniform_tolerance", "fpdm_newton", "fpdm_contraction")),
 ]  # fmt: skip

@@ -221,6 +221,9 @@ def _ok(k: Tensor, x: Tensor) -> Tensor:
         ({"max_iter": 0}, ValueError, "max_iter"),
         ({"window": 0}, ValueError, "window"),
         ({"window": 2.0}, TypeError, "window"),
+        ({"error_tol": -1e-3}, ValueError, "error_tol"),
+        ({"error_tol": float("inf")}, ValueError, "error_tol"),
+        ({"error_tol": "1e-3"}, TypeError, "error_tol"),
         ({"stop_mode": "max"}, ValueError, "stop_mode"),
         ({"form": "integral"}, ValueError, "form"),
         ({"solver": lambda g, z0, **kw: None}, TypeError, "solver must be an update rule"),
@@ -670,3 +673,109 @@ def test_chain_secant_refuses_blocks_that_cut_a_sample_and_takes_no_more_sweeps_
                 solve_chain(step, x0, 50, solver=ChainSecant(blocks=blocks), tol=1e-8, form=form).sweeps
                 <= picard
             )
+
+
+# --- error_tol: the proposal returned once its estimated error is small ---------------------------------
+
+
+def scalar_chain(a: float, dim: int = 3) -> tuple[Callable[[Tensor, Tensor], Tensor], Tensor, Tensor]:
+    """``z_{k+1} = a z_k + 1``: Picard on F from ``z_k = z_0`` has error ``a^s (1 - a^{k-s}) D`` at step
+    ``k >= s`` after ``s`` sweeps (``D = z_0 - 1 / (1 - a)``), so each sweep moves every step by
+    ``a^s (1 - a) |D|``, the observed rate is ``a`` and ``rho c_s / (1 - rho) = a^{s+1} |D|`` bounds the
+    next proposal's error: an estimate that is a bound here. Returns the step, ``z0`` and the fixed point."""
+    z0 = torch.linspace(-1.0, 2.0, dim, dtype=torch.float64)
+
+    def step(k: Tensor, z: Tensor) -> Tensor:
+        return a * z + 1.0
+
+    return step, z0, torch.full_like(z0, 1.0 / (1.0 - a))
+
+
+def exact_trajectory(a: float, z0: Tensor, steps: int) -> Tensor:
+    zs = [z0]
+    for _ in range(steps):
+        zs.append(a * zs[-1] + 1.0)
+    return torch.stack(zs)
+
+
+@pytest.mark.parametrize("a", [0.2, 0.5, 0.7])
+@pytest.mark.parametrize("error_tol", [1e-4, 1e-8])
+def test_error_tol_stops_early_and_returns_the_proposal_within_it(a, error_tol):
+    steps = 80
+    step, z0, _ = scalar_chain(a)
+    with SyncCounter() as syncs:
+        out = solve_chain(step, z0, steps, tol=0.0, error_tol=error_tol)
+    exact = exact_trajectory(a, z0, steps)
+    error = float((out.zs - exact).abs().max())
+    # tol=0 alone finalises one step per sweep (80 sweeps); the estimate stops once a^{s+1}|D| <= error_tol.
+    assert out.sweeps < steps and out.all_converged
+    assert error <= error_tol, (error, out.error_estimate)
+    assert out.error_estimate is not None and error <= out.error_estimate <= error_tol
+    # The steps the estimate made final were never evaluated at their returned values.
+    final_by_residual = int(torch.isfinite(out.residual).sum())
+    assert final_by_residual < steps and torch.isinf(out.residual[final_by_residual:]).all()
+    assert syncs.count <= 2 * out.sweeps, syncs.by_op
+    # The last estimates evaluated (one sweep earlier) are not within error_tol: the proposal is returned.
+    again = solve_chain(step, z0, steps, tol=0.0, max_iter=out.sweeps)
+    assert float((again.zs - exact).abs().max()) > error_tol
+
+
+def test_error_tol_waits_for_every_step_to_be_in_flight_and_to_have_moved_twice():
+    steps, a = 30, 0.5
+    step, z0, _ = scalar_chain(a)
+    calls: list[int] = []
+
+    def counted(k: Tensor, z: Tensor) -> Tensor:
+        calls.append(int(k[-1]))
+        return step(k, z)
+
+    out = solve_chain(counted, z0, steps, tol=0.0, window=6, error_tol=1e-3)
+    # The window slides one step per sweep (tol=0): the last step is first in flight at sweep 25, and
+    # the estimate needs two of its moves; before sweep 25 it is not even computed (no host read).
+    assert calls.index(steps - 1) == steps - 6
+    assert out.sweeps >= steps - 6 + 2
+    with SyncCounter() as syncs:  # the bare step: the host reads are the chain's
+        again = solve_chain(step, z0, steps, tol=0.0, window=6, error_tol=1e-3)
+    assert again.sweeps == out.sweeps
+    assert syncs.count <= out.sweeps + (out.sweeps - (steps - 6)), syncs.by_op
+    assert float((out.zs - exact_trajectory(a, z0, steps)).abs().max()) <= 1e-3
+    off = solve_chain(step, z0, steps, tol=0.0, window=6)
+    assert off.error_estimate is None and out.error_estimate is not None
+
+
+def test_error_tol_never_stops_a_chain_that_does_not_contract():
+    # z_{k+1} = 2 z_k + 1: every sweep moves the last steps more than the one before (rate > 1).
+    out = solve_chain(lambda k, z: 2.0 * z + 1.0, torch.zeros(1, dtype=torch.float64), 12, error_tol=1e9)
+    assert out.sweeps == 12 and out.all_converged
+    assert torch.isfinite(out.residual).all()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_error_tol_with_chain_secant_on_an_integrator_is_within_it(form):
+    steps = 60
+    step, z0 = euler_chain(steps, horizon=1.0)
+    exact = solve_chain(step, z0, steps, tol=0.0, form="cumulative").zs
+    full = solve_chain(step, z0, steps, solver=ChainSecant(), tol=1e-10, form=form)
+    early = solve_chain(step, z0, steps, solver=ChainSecant(), tol=1e-10, form=form, error_tol=1e-6)
+    assert early.sweeps < full.sweeps
+    assert float((early.zs - exact).abs().max()) <= 1e-6
+
+
+class Stalls(UpdateRule):
+    """Picard at the first sweep, then the estimates proposed unchanged: its proposals stop moving while
+    its residuals (and its distance to the trajectory) stay where they are."""
+
+    def init(self, z: Tensor, fz: Tensor) -> Tensor:
+        return torch.zeros((), dtype=torch.long)
+
+    def step(self, state: Tensor, z: Tensor, fz: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        return (fz if int(state) == 0 else z), state + 1
+
+
+def test_error_tol_is_not_fooled_by_a_rule_whose_proposals_stop_moving():
+    # The sweep moves each estimate to its image or to the proposal, whichever is further: a proposal
+    # that stays put while the residual does not is not convergence.
+    steps, a = 20, 0.5
+    step, z0, _ = scalar_chain(a)
+    out = solve_chain(step, z0, steps, solver=Stalls(), tol=0.0, error_tol=1e-3)
+    assert float((out.zs - exact_trajectory(a, z0, steps)).abs().max()) <= 1e-3

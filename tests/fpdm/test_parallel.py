@@ -519,6 +519,7 @@ def test_sample_cli_parallel_refuses_ddpm_and_eta(checkpoint, tmp_path, capsys):
         (["--max-batch", "many"], "expected 'auto', 'none' or an int >= 1, got 'many'"),
         (["--window", "0"], "--window"),
         (["--form", "sum"], "invalid choice"),
+        (["--error-tol", "-1"], "--error-tol"),
         (["--reuse"], "the parallel sampler reproduces sequential sampling with --no-reuse"),
     ):
         try:
@@ -914,3 +915,33 @@ def test_two_processes_give_the_samples_of_one(models64, float64, tmp_path):
     # Both ranks gathered the same images and made the same decisions: the same samples to the bit.
     for runs0, runs1 in zip(results[0], results[1], strict=True):
         assert all(torch.equal(a[0], b[0]) for a, b in zip(runs0, runs1, strict=True))
+
+
+def test_error_tol_stops_sooner_within_it_of_the_sequential_samples(float64):
+    model = ToyDenoiser(torch.float64)
+    labels = torch.arange(3)
+    reference = sequential(model, labels).images
+    full = sample_parallel(model, DIFFUSION, labels, steps=STEPS, tau=1e-12, generator=seeded())
+    early = sample_parallel(
+        model, DIFFUSION, labels, steps=STEPS, tau=1e-12, error_tol=1e-6, generator=seeded()
+    )
+    assert early.sweeps < full.sweeps and early.converged
+    assert float((early.images - reference).abs().max()) <= 1e-6
+    assert early.options["error_tol"] == 1e-6 and early.options["error_estimate"] <= 1e-6
+    assert full.options["error_tol"] is None and full.options["error_estimate"] is None
+    # The timesteps the estimate made final were never evaluated at their returned states.
+    assert math.isinf(early.residuals[-1]) and all(math.isfinite(r) for r in full.residuals)
+    assert early.block_evals < full.block_evals
+
+
+def test_sample_cli_error_tol_is_a_parallel_option_and_recorded(checkpoint, tmp_path, capsys):
+    common = [str(checkpoint), *"--num 2 --budget 24 --steps 6 --guidance 1 --no-progress".split()]
+    out = tmp_path / "early"
+    assert sample_cli.main([*common, "--out", str(out), "--parallel", "--error-tol", "1e-3"]) == 0
+    assert json.loads((out / "summary.json").read_text())["error_tol"] == 1e-3
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # a negative one is refused with the other --parallel options
+        sample_cli.main([*common, "--out", str(tmp_path / "refused"), "--error-tol", "1e-3"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--error-tol" in err and "is for --parallel only" in err, err
+    assert not (tmp_path / "refused").exists()

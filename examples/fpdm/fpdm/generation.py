@@ -329,6 +329,7 @@ def _parallel_options(model: nn.Module, diffusion: GaussianDiffusion, args: argp
         max_batch=None if args.max_batch == "none" else args.max_batch,
         guidance=args.guidance,
         max_evals=args.max_evals,
+        error_tol=args.error_tol,
     )
     return options
 
@@ -699,6 +700,10 @@ BUDGET_HELP = (
     "transformer-block evaluations per sample (--parallel: of the sequential run it reproduces; it spends "
     "more, capped by --max-evals)"
 )
+ERROR_TOL_HELP = (
+    "--parallel: also stop once the samples are estimated within this of the chain's solution, largest "
+    "entry (default: off)"
+)
 CHAIN_RULE_HELP = (
     "--parallel: the chain's update rule (default secant: ChainSecant, one secant model per sample; "
     "secant-fitted: the same with a fitted base, base='fitted')"
@@ -774,6 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--form", default=None, choices=FORMS, help="--parallel: the map iterated (default: cumulative)")
     add("--max-batch", type=_max_batch_option, default=None, help=MAX_BATCH_HELP)
     add("--max-evals", type=positive, default=None, help=MAX_EVALS_HELP)
+    add("--error-tol", type=bounded_float(0.0), default=None, help=ERROR_TOL_HELP)
     add("--spread", default=None, choices=SPREADS, help=SPREAD_HELP)
     add("--seed", type=bounded_int(0), default=0, help="seed of the noise")
     add("--labels", type=bounded_int(0), nargs="*", default=None, help="labels to cycle (default: all)")
@@ -804,6 +810,7 @@ PARALLEL_ONLY = {
     "form": "cumulative",
     "max_batch": "auto",
     "max_evals": None,
+    "error_tol": None,
     "spread": "samples",
 }
 #: What the processes of a ``torchrun`` launch share under ``--parallel`` (see ``_share``).

@@ -103,7 +103,8 @@ class ParallelResult(RunSummary):
     iterations : list[int]
         Per timestep, evaluations of the implicit block over all sweeps (``0`` for DiT).
     residuals : list[float]
-        Per timestep, the chain's residual (root mean square per entry) of the returned trajectory.
+        Per timestep, the chain's residual (root mean square per entry) of the returned trajectory;
+        ``inf`` where it was not evaluated (a timestep that ``error_tol`` made final at the proposal).
     tolerances : list[float]
         Per timestep, the tolerance its residual had to meet (root mean square per entry):
         ``tau * sigma_t`` (noise-scaled) or ``tol`` for every timestep.
@@ -449,6 +450,7 @@ def sample_parallel(
     window: int | None = None,
     max_sweeps: int | None = None,
     max_evals: int | None = None,
+    error_tol: float | None = None,
     form: str = "cumulative",
     max_batch: int | str | None = "auto",
     guidance: float = 1.0,
@@ -500,6 +502,13 @@ def sample_parallel(
         Cap on the block evaluations per sample of the whole run (the first guess included): the chain
         stops after the most sweeps that cannot spend more (each sweep counted at its most, every step in
         flight evaluated), and reports ``converged=False`` if it had not finished. Default: no cap.
+    error_tol : float, optional
+        Also stop once the chain's latest proposal is estimated within ``error_tol`` of the samples the
+        chain converges to, in the largest entry (pixels in ``[-1, 1]``, or latents), and return that
+        proposal (:func:`implicitdiff.solve_chain`'s ``error_tol``: the a-posteriori estimate of a
+        contraction, from the rate each sweep moves the trajectory; an estimate, not a bound: measured
+        by ``benchmarks/parallel_error_stop.py``, figures in the parallel guide). Default: off (the
+        residual test alone).
     form : {"cumulative", "step"}
         The map iterated: ParaDiGMS's cumulative map :math:`G` or Picard on the steps, :math:`F`.
     max_batch : int, "auto" or None
@@ -544,8 +553,8 @@ def sample_parallel(
     ------
     ValueError
         Bad labels, steps, iterations (or iterations for DiT), tol, tau (or both given), max_batch,
-        max_evals, warmup, coarse, guidance, window, form, solver or secant_base (or both of the last
-        two); ``reuse`` with ``group``.
+        max_evals, error_tol, warmup, coarse, guidance, window, form, solver or secant_base (or both of
+        the last two); ``reuse`` with ``group``.
     """
     explicit, implicit = _check(model, labels, steps, iterations, guidance)
     max_batch = _check_max_batch(max_batch)
@@ -601,15 +610,16 @@ def sample_parallel(
             form=form,
             max_batch=max_batch,
             init=None if guess is None else guess[warmup:],
+            error_tol=error_tol,
         )
     counts = _evaluations_per_timestep(steps, rows, warmup, chain)
     residuals = [0.0] * warmup + (chain.residual / scale).tolist()
     options = {"model": type(model).__name__, "method": "ddim", "eta": 0.0, "parallel": True}
     # "solver" is FPDM's fixed-point solver of each timestep, as in the sequential sampler's summary.
-    options.update(chain_rule=repr(rule), form=form)
-    options.update(tol=uniform, tau=scale_tau, window=window, max_batch=max_batch)
-    options.update(guidance=guidance, steps=steps, warmup=warmup, coarse=coarse, guess_rows=rows)
-    options.update(max_evals=max_evals, ranks=1 if group is None else _world(group))
+    options.update(chain_rule=repr(rule), form=form, tol=uniform, tau=scale_tau, window=window)
+    options.update(max_batch=max_batch, guidance=guidance, steps=steps, warmup=warmup, coarse=coarse)
+    options.update(guess_rows=rows, max_evals=max_evals, ranks=1 if group is None else _world(group))
+    options.update(error_tol=error_tol, error_estimate=chain.error_estimate)
     options["iterations_per_call"] = iters if implicit else None
     options.update(reuse=bool(reuse and implicit), solver=repr(block_solver) if block_solver else None)
     # The sequential sampler whose samples these are (none with reuse across sweeps).
