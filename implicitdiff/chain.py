@@ -83,11 +83,13 @@ class ChainResult:
     residual : Tensor
         ``(num_steps,)``: :math:`\|s(k, z_k) - z_{k+1}\|` of the returned trajectory (divided by
         :math:`\|s(k, z_k)\| + 10^{-9}` for ``stop_mode="rel"``), as last evaluated. ``inf`` where it
-        is not known: a step never evaluated, or one whose predecessor changed after its evaluation.
+        is not known: a step never evaluated, one whose predecessor changed after its evaluation, or
+        one that ``error_tol`` made final at the rule's proposal.
     converged : Tensor
         ``(num_steps,)`` bool: the step is final, i.e. every earlier step is final and its own
-        residual is at most ``tol`` (with ``tol=None``: it is exact at its image). Always a prefix of
-        the steps.
+        residual is at most ``tol`` (with ``tol=None``: it is exact at its image), or ``error_tol``
+        ended the solve with the step in flight (its residual is then ``inf``). Always a prefix of the
+        steps.
     sweeps : int
         Sequential rounds: batched calls of ``step``.
     total_evaluations : int
