@@ -198,14 +198,16 @@ def test_a_second_signal_during_the_checkpoint_stops_at_once_with_its_own_status
     def loss(self, *args, **kwargs):
         losses.append(1)
         if len(losses) == 2:
-            os.kill(os.getpid(), first)
+            # raise_signal, not os.kill(os.getpid()): the signal reaches this thread before the call returns,
+            # so the handler runs at once (os.kill may hand it to another of torch's threads first).
+            signal.raise_signal(first)
         return real_loss(self, *args, **kwargs)
 
     def save(obj, handle, *args, **kwargs):
         saves.append(1)
         if len(saves) == 2:  # the checkpoint of step 2
             handle.write(b"PK partial")
-            os.kill(os.getpid(), second)
+            signal.raise_signal(second)
             reached.append("the write went on after the second signal")
         real_save(obj, handle, *args, **kwargs)
 
@@ -235,9 +237,9 @@ def test_every_command_stopped_by_a_second_signal_exits_with_that_signals_status
 
     def command() -> int:
         with StopSignals() as stop:
-            os.kill(os.getpid(), signum)
+            signal.raise_signal(signum)
             assert stop.requested == signum  # the first one only asks
-            os.kill(os.getpid(), signum)
+            signal.raise_signal(signum)
             pytest.fail("a second signal did not stop the command at once")
         return 0
 

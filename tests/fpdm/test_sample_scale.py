@@ -156,7 +156,7 @@ def test_a_rerun_with_other_settings_is_refused_until_overwrite(checkpoint, tmp_
 
 
 def test_sigterm_keeps_the_shards_and_says_so(checkpoint, tmp_path, capsys, monkeypatch):
-    stop_after(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    stop_after(monkeypatch, 1, lambda: signal.raise_signal(signal.SIGTERM))
     argv = sample_argv(checkpoint, tmp_path / "s", "--num-samples", "4", "--batch-size", "2")
     status, err = exit_status(sample_cli.main, argv, capsys)
     assert status == EXIT_INTERRUPTED + signal.SIGTERM and one_line(err)
@@ -176,7 +176,9 @@ def test_a_stop_while_the_shards_are_merged_keeps_them_says_so_and_a_rerun_merge
 
     def merge(plan, path, **kwargs):
         path.write_bytes(b"PK partial")
-        os.kill(os.getpid(), signum)
+        # raise_signal, not os.kill(os.getpid()): the signal reaches this thread before the call returns,
+        # so the handler runs at once (os.kill may hand it to another of torch's threads first).
+        signal.raise_signal(signum)
         raise AssertionError("the merge went on after the signal")
 
     try:
@@ -209,15 +211,15 @@ def test_sigterm_before_sampling_or_again_during_the_clean_up_says_sigterm(
 
     def load_then_signal(*args, **kwargs):
         loaded = real_load(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
         return loaded
 
     def signal_again(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(sample_cli, "_load", load_then_signal)
     if when == "cleaning up":
-        stop_after(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
+        stop_after(monkeypatch, 1, lambda: signal.raise_signal(signal.SIGTERM))
         monkeypatch.setattr(sample_cli, "_load", real_load)
         monkeypatch.setattr(sample_cli, "_leave_nothing_empty", signal_again)
     previous = signal.signal(signal.SIGTERM, unhandled)
