@@ -172,6 +172,9 @@ def test_a_stop_while_the_shards_are_merged_keeps_them_says_so_and_a_rerun_merge
         raise AssertionError(f"{signal.Signals(signum).name} reached no handler of the sampler")
 
     previous = signal.signal(signal.SIGTERM, unhandled)
+    # SIGINT ignored, as a job started in the background by a shell without job control inherits it (Python
+    # then installs no KeyboardInterrupt): the sampler must install its own handler for it too.
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
     real_merge = sample_cli.merge_shards
 
     def merge(plan, path, **kwargs):
@@ -187,6 +190,7 @@ def test_a_stop_while_the_shards_are_merged_keeps_them_says_so_and_a_rerun_merge
         status, err = exit_status(sample_cli.main, argv, capsys)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     name = signal.Signals(signum).name
     assert status == EXIT_INTERRUPTED + signum and one_line(err)
     assert f"stopped by {name}: 3 of 3 batches (5 of 5 samples) are kept in " in err

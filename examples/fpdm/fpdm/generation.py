@@ -401,8 +401,8 @@ def _shard_arrays(
 
 
 class _Stopped(KeyboardInterrupt):
-    """SIGTERM during a run, raised in the main thread as Ctrl-C's ``KeyboardInterrupt`` is (and, like it,
-    held up by no ``except Exception``); ``signum`` names the signal in the message."""
+    """SIGINT or SIGTERM during a run, raised in the main thread as Ctrl-C's ``KeyboardInterrupt`` is (and,
+    like it, held up by no ``except Exception``); ``signum`` names the signal in the message."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -410,10 +410,12 @@ class _Stopped(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises :class:`_Stopped` while the block (the whole run) goes on (main thread only), as
-    Ctrl-C raises ``KeyboardInterrupt``: the finished shards are on disk either way, the message says so,
-    and a second signal during the clean-up is a message too, not a silent end."""
+def _stop_signals_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`_Stopped` while the block (the whole run) goes on (main thread
+    only): the finished shards are on disk either way, the message says so, and a second signal during
+    the clean-up is a message too, not a silent end. SIGINT gets this handler even where the process
+    inherited it ignored (a job started in the background by a shell without job control): Python then
+    installs no ``KeyboardInterrupt`` of its own, and ``kill -INT`` would not stop the run."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -421,11 +423,12 @@ def _sigterm_raises() -> Iterator[None]:
     def handle(signum: int, frame: Any) -> None:
         raise _Stopped(signum)
 
-    previous = signal.signal(signal.SIGTERM, handle)
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _settings(args: argparse.Namespace, decoder_name: str | None, latent: bool) -> dict[str, Any]:
@@ -493,7 +496,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     runtime = setup_runtime(args.device)
     ended_well = False
     try:
-        with _sigterm_raises():
+        with _stop_signals_raise():
             paths = _run(args, runtime)
         ended_well = True
         return paths
