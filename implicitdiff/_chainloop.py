@@ -114,7 +114,7 @@ class Chain:
                 self.zs[hi + 1 :] = self.guess(hi + 1, self.num_steps + 1, self.zs[hi], hi)
                 break
             z_next = self.propose(k, prev, fz, res, advance)
-            if self.error_tol is not None and self.settled(z_next, fz, advance):
+            if self.settled(z_next, fz, advance):
                 break
             self.slide(advance, z_next)
 
@@ -206,8 +206,8 @@ class Chain:
         beyond the window has no estimate) and each to have moved at the sweep before; ``rho >= 1``
         never stops. One host read.
         """
-        lo, rows = self.lo, self.rows
-        if lo + rows < self.num_steps or advance >= rows:
+        lo, rows, error_tol = self.lo, self.rows, self.error_tol
+        if error_tol is None or lo + rows < self.num_steps or advance >= rows:
             return False
         z = self.z[advance:]
         moved = torch.maximum((z_next[advance:] - z).abs(), (fz[advance:] - z).abs()).amax(dim=1)
@@ -219,7 +219,7 @@ class Chain:
         self.rate = torch.where(known, rate, 1.0)
         estimate = torch.where(known & (rate < 1), rate / (1 - rate).clamp_min(1e-30) * change, math.inf)
         self.error_estimate = float(estimate)
-        if not self.error_estimate <= self.error_tol:
+        if not self.error_estimate <= error_tol:
             return False
         self.zs[lo + advance + 1 : lo + rows + 1] = z_next[advance:]
         self.converged[lo + advance :] = True

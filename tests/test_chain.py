@@ -751,14 +751,19 @@ def test_error_tol_never_stops_a_chain_that_does_not_contract():
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_error_tol_with_chain_secant_on_an_integrator_is_within_it(form):
-    steps = 60
+def test_error_tol_with_chain_secant_on_an_integrator_stops_sooner_near_it(form):
+    # ChainSecant's rate is not a contraction's, so the estimate is no bound here (the scalar chain above
+    # is where it is one): measured 0.3-1.0 times error_tol on torch 2.4 and 2.13. On the step form the
+    # rule first diverges (to 1e12) and falls back: a stop taken right after that fall, the rate's memory
+    # ignored, ended 5e5 times error_tol away. Ten times error_tol separates the two by far.
+    steps, error_tol = 60, 1e-6
     step, z0 = euler_chain(steps, horizon=1.0)
     exact = solve_chain(step, z0, steps, tol=0.0, form="cumulative").zs
     full = solve_chain(step, z0, steps, solver=ChainSecant(), tol=1e-10, form=form)
-    early = solve_chain(step, z0, steps, solver=ChainSecant(), tol=1e-10, form=form, error_tol=1e-6)
+    early = solve_chain(step, z0, steps, solver=ChainSecant(), tol=1e-10, form=form, error_tol=error_tol)
     assert early.sweeps < full.sweeps
-    assert float((early.zs - exact).abs().max()) <= 1e-6
+    assert early.error_estimate is not None and early.error_estimate <= error_tol
+    assert float((early.zs - exact).abs().max()) <= 10 * error_tol
 
 
 class Stalls(UpdateRule):
