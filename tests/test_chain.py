@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -764,6 +765,49 @@ def test_error_tol_with_chain_secant_on_an_integrator_stops_sooner_near_it(form)
     assert early.sweeps < full.sweeps
     assert early.error_estimate is not None and early.error_estimate <= error_tol
     assert float((early.zs - exact).abs().max()) <= 10 * error_tol
+
+
+def reference_error_estimate(
+    step: Callable[[Tensor, Tensor], Tensor], z0: Tensor, steps: int, error_tol: float
+):
+    """The sweep and estimate at which Picard on F with ``tol=0`` (one step final per sweep, every step in
+    flight) stops for ``error_tol``, from the definition on the plain Picard iterates ``Z^{s+1}_{k+1} =
+    s(k, Z^s_k)`` (``Z^1`` all ``z0``): after sweep ``s`` the steps ``s .. N-1`` are in flight and step
+    ``k`` moves by ``|Z^{s+1}_{k+1} - Z^s_{k+1}|``; ``rho_s = max(c_s / c_{s-1}, 0.5 min(rho_{s-1}, 1))``
+    over the same steps, ``rho = 1`` before any is known."""
+    z = z0.expand(steps + 1, *z0.shape).clone()
+    last: dict[int, float] = {}
+    rate = 1.0
+    for s in range(1, steps):
+        images = torch.cat([z0[None], step(torch.arange(steps), z[:-1])])
+        moves = {k: float((images[k + 1] - z[k + 1]).abs().max()) for k in range(s, steps)}
+        z = images
+        before = max(last.get(k, math.inf) for k in moves)
+        last.update(moves)
+        change = max(moves.values())
+        new_rate = max(change / before, 0.5 * min(rate, 1.0))
+        rate = new_rate if math.isfinite(before) else 1.0
+        if math.isfinite(before) and new_rate < 1 and new_rate / (1 - new_rate) * change <= error_tol:
+            return s, new_rate / (1 - new_rate) * change
+    return None
+
+
+@pytest.mark.parametrize("gains", [[0.9] * 4 + [0.1] * 8, [0.1] * 12], ids=["falling", "flat"])
+def test_error_tol_estimate_is_the_rate_of_the_same_steps_with_memory_from_no_contraction(gains):
+    # Falling gains: the steps near the front move most, so the rate must compare each sweep's moves with
+    # the same steps' moves of the sweep before (not with a step just made final). Flat gains of 0.1: the
+    # first rate observed, 0.1, is held at half of "no contraction" (1), not at half of an earlier guess.
+    rates = torch.tensor(gains, dtype=torch.float64)
+
+    def step(k: Tensor, z: Tensor) -> Tensor:
+        return rates[k][:, None] * z + 1.0
+
+    z0 = torch.linspace(-1.0, 2.0, 3, dtype=torch.float64)
+    for error_tol in (1e-1, 1e-3, 1e-6):
+        expected = reference_error_estimate(step, z0, len(gains), error_tol)
+        assert expected is not None
+        out = solve_chain(step, z0, len(gains), tol=0.0, error_tol=error_tol)
+        assert (out.sweeps, out.error_estimate) == pytest.approx(expected, rel=1e-12), error_tol
 
 
 class Stalls(UpdateRule):
