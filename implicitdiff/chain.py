@@ -345,7 +345,7 @@ def solve_chain(
         total_evaluations=chain.evaluations,
         evaluations_per_step=chain.per_step,
         nonfinite=chain.nonfinite,
-        error_estimate=None if error_tol is None else chain.error_estimate,
+        error_estimate=chain.error_estimate,
     )
 
 
