@@ -100,9 +100,14 @@ def check_against_rollout(chain: ToyChain, out: ChainResult, tol: float) -> None
         raise AssertionError("; ".join(problems))
 
 
+def chain_of(case: dict[str, Any]) -> ToyChain:
+    """The chain of grid ``case``: 6 dimensions, the case's gain at every step."""
+    return ToyChain(case["steps"], 6, [case["gain"]] * case["steps"], case["seed"], case["act"])
+
+
 def grid_sweeps(case: dict[str, Any], solver: Any) -> ChainResult:
     """Solve the chain of grid ``case`` with ``solver`` (``None``: Picard), checked against its rollout."""
-    chain = ToyChain(case["steps"], 6, [case["gain"]] * case["steps"], case["seed"], case["act"])
+    chain = chain_of(case)
     out = solve_chain(
         chain.step, chain.z0, case["steps"], solver=solver, tol=TOL, form=case["form"], window=case["window"]
     )

@@ -37,7 +37,7 @@ from fpdm.parallel import sample_parallel
 from fpdm.sampling import block_cost, sample
 
 from benchmarks import harness
-from benchmarks.chain_grid import GRID, TOL, ToyChain
+from benchmarks.chain_grid import GRID, TOL, chain_of
 from benchmarks.fpdm_chains import ITERATIONS, STEPS, TRAIN, mixture_chain, trained_model
 from implicitdiff import ChainRuleWarning, ChainSecant, Picard, solve_chain
 
@@ -127,7 +127,7 @@ def grid_summary(quick: bool) -> list[dict[str, Any]]:
         counts = {"rule": rule, "chains": len(cases), "sweeps": 0, "sweeps_error_tol": 0, "stopped_early": 0}
         counts.update(missed=0, worst_ratio=0.0)
         for case in cases:
-            chain = ToyChain(case["steps"], 6, [case["gain"]] * case["steps"], case["seed"], case["act"])
+            chain = chain_of(case)
             solve = {"solver": make(), "tol": TOL, "form": case["form"], "window": case["window"]}
             plain = solve_chain(chain.step, chain.z0, case["steps"], **solve)
             solve["solver"] = make()

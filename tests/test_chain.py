@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from benchmarks.chain_grid import ROUNDING, ToyChain, check_against_rollout, error_bound
-from implicitdiff import Anderson, Broyden, ChainResult, ChainSecant, Picard, solve_chain
+from benchmarks.chain_grid import GRID, ROUNDING, ToyChain, check_against_rollout, error_bound, grid_sweeps
+from implicitdiff import Anderson, Broyden, ChainSecant, Picard, solve_chain
 from implicitdiff.chain import FORMS
 from implicitdiff.diagnostics import SyncCounter
 from implicitdiff.solvers import UpdateRule
@@ -338,27 +338,6 @@ def test_max_batch_bounds_each_call_and_changes_nothing_else(solver, max_batch):
     torch.testing.assert_close(b.zs, a.zs, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="max_batch must be an int >= 1"):
         solve_chain(_ok, torch.ones(2), 4, max_batch=0)
-
-
-#: The test grid: 12, 30 and 60 steps, gains 0.5 to 1.1, tanh and affine (an expanding affine chain
-#: overflows, so it is left out), both forms, the full window and 8, three seeds. 252 chains;
-#: ``benchmarks/chain.py`` counts every rule on it.
-GRID = [
-    {"steps": steps, "gain": gain, "act": act, "form": form, "window": window, "seed": seed}
-    for steps, gain, act, form, window, seed in itertools.product(
-        (12, 30, 60), (0.5, 0.8, 0.95, 1.1), ("tanh", "affine"), FORMS, (None, 8), (0, 1, 2)
-    )
-    if not (act == "affine" and gain > 1)
-]
-
-
-def grid_sweeps(case: dict[str, Any], solver: Any) -> ChainResult:
-    chain = ToyChain(case["steps"], 6, [case["gain"]] * case["steps"], case["seed"], case["act"])
-    out = solve_chain(
-        chain.step, chain.z0, case["steps"], solver=solver, tol=1e-8, form=case["form"], window=case["window"]
-    )
-    check_against_rollout(chain, out, 1e-8)
-    return out
 
 
 #: Every run checks every seventh chain of the grid (36 chains, every value of every factor, and each
