@@ -96,10 +96,12 @@ class Chain:
         self.finite = torch.ones(self.rows, dtype=torch.bool, device=self.device)  # of the last sweep
         self.state: Any = None  # the rule's state; None until the next sweep starts it
         self.error_tol = error_tol
-        # Per step, the largest entry its estimate moved at its last proposal (inf: not proposed yet).
-        self.moved = torch.full((num_steps,), math.inf, dtype=wdtype, device=self.device)
-        self.rate = torch.ones((), dtype=wdtype, device=self.device)  # no contraction assumed at first
-        self.error_estimate: float | None = None if error_tol is None else math.inf
+        self.error_estimate: float | None = None
+        if error_tol is not None:  # the error test's state, made only for it
+            self.error_estimate = math.inf
+            # Per step, the largest entry its estimate moved at its last proposal (inf: not proposed yet).
+            self.moved = torch.full((num_steps,), math.inf, dtype=wdtype, device=self.device)
+            self.rate = torch.ones((), dtype=wdtype, device=self.device)  # no contraction assumed at first
 
     def run(self, max_iter: int) -> None:
         """Sweep until every step is final, ``max_iter`` sweeps were made, or a step is not finite."""
